@@ -1,0 +1,138 @@
+"""Batch RegionSamples into UNITER's packed layout (DESIGN §2, §3).
+
+The model embeds text `[B, Lt]` and regions `[B, Ni]` separately, concatenates
+them to `[B, Lt + Ni, H]` and gathers with `gather_index` into `[B, L, H]`,
+where row i is `[txt_i | img_i | pad]` with no holes. Everything index-like is
+computed here on the host so the device never syncs on `nonzero`.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from data.masking import mask_tokens
+from data.shards import RegionSample
+
+
+def _pad_text(id_lists: Sequence[np.ndarray], cls_id: int, sep_id: int, pad_id: int) -> np.ndarray:
+    """`[CLS] ids [SEP]` per row, right-padded with pad_id: [B, Lt] int64."""
+    lt = max(len(ids) for ids in id_lists) + 2
+    out = np.full((len(id_lists), lt), pad_id, dtype=np.int64)
+    for i, ids in enumerate(id_lists):
+        out[i, 0] = cls_id
+        out[i, 1 : len(ids) + 1] = ids
+        out[i, len(ids) + 1] = sep_id
+    return out
+
+
+def _pad_images(images: Sequence[RegionSample]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Zero-padded features [B, Ni, D], boxes [B, Ni, 7] and region counts [B]."""
+    num_bbs = np.array([len(s.img_feat) for s in images], dtype=np.int64)
+    ni, dim = int(num_bbs.max()), images[0].img_feat.shape[1]
+    feat = np.zeros((len(images), ni, dim), dtype=np.float32)
+    pos = np.zeros((len(images), ni, 7), dtype=np.float32)
+    for i, s in enumerate(images):
+        feat[i, : num_bbs[i]] = s.img_feat
+        pos[i, : num_bbs[i]] = s.img_pos
+    return feat, pos, num_bbs
+
+
+def packed_layout(txt_lens: np.ndarray, num_bbs: np.ndarray, max_txt_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """UNITER's attn_masks and gather_index, both [B, L] int64 with L = max(txt_len + num_bb).
+
+    gather_index starts as arange(L) per row; the region slots of row i,
+    txt_len_i .. txt_len_i + nbb_i - 1, point at Lt .. Lt + nbb_i - 1 of the
+    concatenated `[txt padded to Lt | img padded to Ni]`.
+    """
+    total = txt_lens + num_bbs  # [B]
+    out_len = int(total.max())
+    cols = np.arange(out_len)  # [L]
+    attn = (cols[None, :] < total[:, None]).astype(np.int64)  # [B, L]
+    gather = np.tile(cols, (len(txt_lens), 1))  # [B, L]
+    for i, (tl, nbb) in enumerate(zip(txt_lens, num_bbs)):
+        gather[i, tl : tl + nbb] = np.arange(max_txt_len, max_txt_len + nbb)
+    return attn, gather
+
+
+def _batch(text_ids: Sequence[np.ndarray], images: Sequence[RegionSample],
+           samples: Sequence[RegionSample], tok, task: str) -> dict:
+    """The keys every task shares; `images[i]` is the image paired with text i."""
+    input_ids = _pad_text(text_ids, tok.cls_id, tok.sep_id, tok.pad_id)  # [B, Lt]
+    txt_lens = np.array([len(ids) + 2 for ids in text_ids], dtype=np.int64)  # [B]
+    feat, pos, num_bbs = _pad_images(images)
+    attn, gather = packed_layout(txt_lens, num_bbs, input_ids.shape[1])
+    return {
+        "input_ids": torch.from_numpy(input_ids),
+        "position_ids": torch.arange(input_ids.shape[1], dtype=torch.long).unsqueeze(0),  # [1, Lt]
+        "txt_lens": torch.from_numpy(txt_lens),
+        "img_feat": torch.from_numpy(feat),  # [B, Ni, D]
+        "img_pos_feat": torch.from_numpy(pos),  # [B, Ni, 7]
+        "num_bbs": torch.from_numpy(num_bbs),
+        "attn_masks": torch.from_numpy(attn),  # [B, L]
+        "gather_index": torch.from_numpy(gather),  # [B, L]
+        "keys": [s.key for s in samples],
+        "image_ids": [s.image_id for s in samples],
+        "task": task,
+    }
+
+
+def _check_samples(samples: Sequence[RegionSample]) -> None:
+    if not samples:
+        raise ValueError("cannot collate an empty batch")
+    dims = {s.img_feat.shape[1] for s in samples}
+    if len(dims) > 1:
+        raise ValueError(f"samples of one batch must share img_dim, got {sorted(dims)}")
+
+
+def collate_mlm(samples: Sequence[RegionSample], rng: np.random.Generator, tok, mlm_prob: float = 0.15) -> dict:
+    """MLM batch: text masked per sample in order, regions untouched (conditional masking).
+
+    Adds txt_labels [B, Lt] (-1 off target), and mlm_index / mlm_targets [N]:
+    the flat positions i * L + j of the targets in the packed [B, L] layout
+    (text occupies the same columns there as in input_ids) and their ids.
+    """
+    _check_samples(samples)
+    masked, labels = [], []
+    for s in samples:
+        m, lab = mask_tokens(s.input_ids, rng, tok.mask_id, tok.first_random_id, tok.vocab_size, mlm_prob)
+        masked.append(m)
+        labels.append(lab)
+    batch = _batch(masked, samples, samples, tok, "mlm")
+    txt_labels = _pad_text(labels, -1, -1, -1)  # [B, Lt]; CLS/SEP/pad are never targets
+    rows, cols = np.nonzero(txt_labels != -1)  # host-side, row-major
+    out_len = batch["attn_masks"].shape[1]
+    batch["txt_labels"] = torch.from_numpy(txt_labels)
+    batch["mlm_index"] = torch.from_numpy((rows * out_len + cols).astype(np.int64))  # [N]
+    batch["mlm_targets"] = torch.from_numpy(txt_labels[rows, cols])  # [N]
+    batch["n_items"] = int(len(rows))
+    return batch
+
+
+def _negative_partner(i: int, samples: Sequence[RegionSample], rng: np.random.Generator,
+                      neg_prob: float) -> Optional[int]:
+    """Index of the sample whose image replaces text i's, or None to keep the pair positive."""
+    if rng.random() >= neg_prob:
+        return None
+    candidates = [j for j, s in enumerate(samples) if s.image_id != samples[i].image_id]
+    if not candidates:  # every sample shows the same image: a swap would be a false negative
+        return None
+    return candidates[int(rng.integers(len(candidates)))]
+
+
+def collate_itm(samples: Sequence[RegionSample], rng: np.random.Generator, tok, neg_prob: float = 0.5) -> dict:
+    """ITM batch: each text keeps its image (target 1) or, with `neg_prob`, gets the
+    original image of another sample with a different image_id (target 0).
+
+    `image_ids` / `keys` stay those of the texts' own samples. Nothing is masked.
+    """
+    _check_samples(samples)
+    if not 0.0 <= neg_prob <= 1.0:
+        raise ValueError(f"neg_prob must be in [0, 1], got {neg_prob}")
+    partners = [_negative_partner(i, samples, rng, neg_prob) for i in range(len(samples))]
+    images = [samples[i if j is None else j] for i, j in enumerate(partners)]
+    batch = _batch([s.input_ids for s in samples], images, samples, tok, "itm")
+    batch["itm_targets"] = torch.tensor([1 if j is None else 0 for j in partners], dtype=torch.long)  # [B]
+    batch["n_items"] = len(samples)
+    return batch

@@ -1,0 +1,262 @@
+"""A deterministic, learnable demo dataset of synthetic "detector" scenes.
+
+Each scene holds 2-4 coloured objects plus 1-3 clutter regions on a unit
+canvas. Region features imitate a detector: `P_shape[s] + P_colour[c] + noise`
+from fixed random prototypes, so shape and colour are recoverable from the
+features, and captions ("a red cube left of a blue ball") are true to the
+boxes. A model can therefore learn MLM (colour/shape/relation words) and ITM
+(does the caption fit these regions?) on a laptop in minutes.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+
+from data.shards import encode_npz, write_manifest, write_shard
+
+DEMO_SHAPES = ("cube", "ball", "cone", "cylinder", "ring", "star", "pyramid", "disk")
+DEMO_COLOURS = ("red", "blue", "green", "yellow", "purple", "orange", "white", "black")
+RELATIONS = ("left of", "right of", "above", "below", "next to")
+# {a}/{b} are noun phrases ("a red cube"), {rel} one of RELATIONS.
+CAPTION_TEMPLATES = ("{a} {rel} {b}", "{a} is {rel} {b}", "there is {a} and {b}")
+TEMPLATE_PROBS = (0.4, 0.4, 0.2)
+LABEL_DIM = 1 + len(DEMO_SHAPES)  # class 0 = background, 1 + shape index otherwise
+NEAR_DIST = 0.15
+"""Centres closer than this on both axes are "next to" each other."""
+
+_SPLIT_STREAM = {"train": 1, "val": 2}  # child 0 of the seed draws the prototypes
+
+
+def noun_phrase(colour: str, shape: str) -> str:
+    """'a red cube' / 'an orange ball'."""
+    article = "an" if colour[0] in "aeiou" else "a"
+    return f"{article} {colour} {shape}"
+
+
+def spatial_relation(box_a: np.ndarray, box_b: np.ndarray) -> str:
+    """Relation of A to B from the centres of two `norm_bb` rows [x1, y1, x2, y2, ...].
+
+    Image y grows downwards, so a smaller centre y means "above". The dominant
+    axis decides; centres within NEAR_DIST on both axes are "next to".
+    """
+    a = np.asarray(box_a, dtype=np.float64)
+    b = np.asarray(box_b, dtype=np.float64)
+    dx = (a[0] + a[2]) / 2 - (b[0] + b[2]) / 2
+    dy = (a[1] + a[3]) / 2 - (b[1] + b[3]) / 2
+    if abs(dx) < NEAR_DIST and abs(dy) < NEAR_DIST:
+        return "next to"
+    if abs(dx) >= abs(dy):
+        return "left of" if dx < 0 else "right of"
+    return "above" if dy < 0 else "below"
+
+
+def render_caption(template: int, a: tuple[int, int], b: tuple[int, int], rel: str) -> str:
+    """Caption text for objects a, b given as (shape index, colour index)."""
+    phrase = [noun_phrase(DEMO_COLOURS[c], DEMO_SHAPES[s]) for s, c in (a, b)]
+    return CAPTION_TEMPLATES[template].format(a=phrase[0], b=phrase[1], rel=rel)
+
+
+def all_demo_captions() -> Iterator[str]:
+    """Every caption the generator can produce (the vocabulary's training corpus)."""
+    objects = list(itertools.product(range(len(DEMO_SHAPES)), range(len(DEMO_COLOURS))))
+    for a, b in itertools.permutations(objects, 2):
+        for t, template in enumerate(CAPTION_TEMPLATES):
+            rels = RELATIONS if "{rel}" in template else ("",)
+            for rel in rels:
+                yield render_caption(t, a, b, rel)
+
+
+@dataclass
+class DemoScene:
+    """One synthetic image: its regions and two captions."""
+
+    image_id: str
+    objects: list[Optional[tuple[int, int]]]
+    """Per region: (shape index, colour index), or None for a clutter region."""
+    features: np.ndarray  # [n, img_dim] float16
+    norm_bb: np.ndarray  # [n, 6] float32: x1, y1, x2, y2, w, h
+    conf: np.ndarray  # [n] float32
+    soft_labels: np.ndarray  # [n, LABEL_DIM] float16
+    captions: list[str]
+
+
+def demo_prototypes(seed: int, img_dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """The fixed "detector" prototypes ([8, img_dim] shape, [8, img_dim] colour).
+
+    Entries are N(0, 1), i.e. unit RMS per dimension, so `noise_std` is the
+    noise-to-prototype magnitude ratio. Train and val share them (same detector).
+    """
+    rng = np.random.default_rng(np.random.SeedSequence(seed).spawn(3)[0])
+    p_shape = rng.standard_normal((len(DEMO_SHAPES), img_dim))
+    p_colour = rng.standard_normal((len(DEMO_COLOURS), img_dim))
+    return p_shape, p_colour
+
+
+def _random_boxes(rng: np.random.Generator, n: int, lo: float, hi: float) -> np.ndarray:
+    wh = rng.uniform(lo, hi, size=(n, 2))  # [n, 2]
+    xy = rng.uniform(0.0, 1.0, size=(n, 2)) * (1.0 - wh)  # top-left keeps the box on the canvas
+    return np.concatenate([xy, xy + wh, wh], axis=1).astype(np.float32)  # [n, 6]
+
+
+def _soft_labels(rng: np.random.Generator, classes: np.ndarray) -> np.ndarray:
+    """Rows summing to 1 with 0.6-0.9 of the mass on `classes`, the rest spread at random."""
+    n = len(classes)
+    top = rng.uniform(0.6, 0.9, size=n)  # [n]
+    rest = rng.dirichlet(np.ones(LABEL_DIM - 1), size=n) * (1.0 - top)[:, None]  # [n, K-1]
+    out = np.empty((n, LABEL_DIM))
+    for i, k in enumerate(classes):
+        out[i, k] = top[i]
+        out[i, np.arange(LABEL_DIM) != k] = rest[i]
+    return out.astype(np.float16)
+
+
+def _pick_captions(
+    rng: np.random.Generator, scene_objects: list[Optional[tuple[int, int]]], norm_bb: np.ndarray
+) -> list[str]:
+    """Two captions about different object pairs where the scene has more than one pair."""
+    rows = [i for i, o in enumerate(scene_objects) if o is not None]
+    pairs = list(itertools.combinations(rows, 2))
+    order = rng.permutation(len(pairs))
+    chosen = [pairs[k] for k in order[:2]]
+    if len(chosen) == 1:  # two objects only: describe the pair from both sides
+        chosen.append(chosen[0][::-1])
+    else:
+        chosen = [p[::-1] if rng.random() < 0.5 else p for p in chosen]
+    captions = []
+    for i, j in chosen:
+        template = int(rng.choice(len(CAPTION_TEMPLATES), p=TEMPLATE_PROBS))
+        rel = spatial_relation(norm_bb[i], norm_bb[j])
+        captions.append(render_caption(template, scene_objects[i], scene_objects[j], rel))
+    return captions
+
+
+def make_scene(
+    rng: np.random.Generator, image_id: str, prototypes: tuple[np.ndarray, np.ndarray], noise_std: float
+) -> DemoScene:
+    """Draw one scene: objects and clutter in a shuffled region order, plus captions."""
+    p_shape, p_colour = prototypes
+    img_dim = p_shape.shape[1]
+    n_obj, n_clutter = int(rng.integers(2, 5)), int(rng.integers(1, 4))
+    n = n_obj + n_clutter
+    codes = rng.choice(len(DEMO_SHAPES) * len(DEMO_COLOURS), size=n_obj, replace=False)
+    objects = [(int(k) // len(DEMO_COLOURS), int(k) % len(DEMO_COLOURS)) for k in codes]
+    boxes = np.concatenate([_random_boxes(rng, n_obj, 0.1, 0.3), _random_boxes(rng, n_clutter, 0.05, 0.5)])
+    # Clutter has no prototype: random vectors of the same scale as an object's P_s + P_c.
+    signal = np.concatenate([
+        np.stack([p_shape[s] + p_colour[c] for s, c in objects]),
+        rng.standard_normal((n_clutter, img_dim)) * np.sqrt(2.0),
+    ])  # [n, img_dim]
+    feats = signal + noise_std * rng.standard_normal((n, img_dim))
+    conf = np.concatenate([rng.uniform(0.6, 1.0, n_obj), rng.uniform(0.05, 0.3, n_clutter)])
+    classes = np.array([1 + s for s, _ in objects] + [0] * n_clutter)
+    soft = _soft_labels(rng, classes)
+    perm = rng.permutation(n)  # a detector's region order says nothing about the caption
+    region_objects = [objects[k] if k < n_obj else None for k in perm]
+    norm_bb = boxes[perm]
+    captions = _pick_captions(rng, region_objects, norm_bb)
+    return DemoScene(
+        image_id=image_id,
+        objects=region_objects,
+        features=feats[perm].astype(np.float16),
+        norm_bb=norm_bb,
+        conf=conf[perm].astype(np.float32),
+        soft_labels=soft[perm],
+        captions=captions,
+    )
+
+
+def generate_scenes(
+    split: str, n_scenes: int, *, seed: int = 0, img_dim: int = 64, noise_std: float = 0.5
+) -> Iterator[DemoScene]:
+    """The scenes of `split` ('train' or 'val'), each split from its own seed stream."""
+    if split not in _SPLIT_STREAM:
+        raise ValueError(f"split must be one of {sorted(_SPLIT_STREAM)}, got {split!r}")
+    prototypes = demo_prototypes(seed, img_dim)
+    rng = np.random.default_rng(np.random.SeedSequence(seed).spawn(3)[_SPLIT_STREAM[split]])
+    for i in range(n_scenes):
+        yield make_scene(rng, f"{split}-scene-{i:06d}", prototypes, noise_std)
+
+
+def scene_samples(scene: DemoScene) -> list[dict]:
+    """One shard sample per (scene, caption) pair, in the vlpt-regions-v1 schema."""
+    arrays = {
+        "features": scene.features,
+        "norm_bb": scene.norm_bb,
+        "conf": scene.conf,
+        "soft_labels": scene.soft_labels,
+    }
+    npz = encode_npz(arrays)  # both captions share the scene's regions: encode once
+    samples = []
+    for c, caption in enumerate(scene.captions):
+        key = f"{scene.image_id}-{c}"
+        meta = {"image_id": scene.image_id, "caption": caption, "caption_id": key}
+        samples.append({"__key__": key, "json": meta, "npz": npz})
+    return samples
+
+
+def _write_split(
+    out_dir: Path, split: str, n_scenes: int, scenes_per_shard: int, seed: int, img_dim: int, noise_std: float
+) -> dict:
+    split_dir = out_dir / split
+    split_dir.mkdir(parents=True, exist_ok=True)
+    shard_paths, counts, batch = [], [], []
+    scenes = generate_scenes(split, n_scenes, seed=seed, img_dim=img_dim, noise_std=noise_std)
+    for k, scene in enumerate(scenes, start=1):
+        batch.extend(scene_samples(scene))
+        if k % scenes_per_shard == 0 or k == n_scenes:
+            path = split_dir / f"shard-{len(shard_paths):06d}.tar"
+            counts.append(write_shard(path, batch))
+            shard_paths.append(path)
+            batch = []
+    meta = {
+        "img_dim": img_dim, "label_dim": LABEL_DIM, "split": split, "num_scenes": n_scenes,
+        "generator": "vlpt-demo", "seed": seed, "noise_std": noise_std,
+    }
+    manifest = write_manifest(split_dir, shard_paths, meta, counts)
+    return {
+        "scenes": n_scenes,
+        "samples": manifest["num_samples"],
+        "shards": len(shard_paths),
+        "bytes": sum(s["bytes"] for s in manifest["shards"]),
+        "manifest": str(split_dir / "manifest.json"),
+    }
+
+
+def write_demo_dataset(
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    n_train_scenes: int = 2000,
+    n_val_scenes: int = 250,
+    img_dim: int = 64,
+    scenes_per_shard: int = 250,
+    noise_std: float = 0.5,
+) -> dict:
+    """Write `out_dir/train/` and `out_dir/val/` (shards + manifest.json); return a summary.
+
+    Same arguments give byte-identical shards. Val scenes come from a separate
+    seed stream, so they are held out from train.
+    """
+    if n_train_scenes < 1 or n_val_scenes < 1:
+        raise ValueError(f"need at least one scene per split, got train={n_train_scenes}, val={n_val_scenes}")
+    if scenes_per_shard < 1 or img_dim < 1 or noise_std < 0:
+        raise ValueError("scenes_per_shard and img_dim must be >= 1 and noise_std >= 0")
+    out = Path(out_dir)
+    splits = {
+        split: _write_split(out, split, n, scenes_per_shard, seed, img_dim, noise_std)
+        for split, n in (("train", n_train_scenes), ("val", n_val_scenes))
+    }
+    return {
+        "out_dir": str(out),
+        "seed": seed,
+        "img_dim": img_dim,
+        "label_dim": LABEL_DIM,
+        "num_samples": sum(s["samples"] for s in splits.values()),
+        "num_shards": sum(s["shards"] for s in splits.values()),
+        "bytes": sum(s["bytes"] for s in splits.values()),
+        **splits,
+    }

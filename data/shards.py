@@ -1,0 +1,327 @@
+"""On-disk region-feature format: webdataset tar shards plus a manifest.
+
+One tar member group per image-text pair (key `train-scene-000123-1`):
+
+    <key>.json  {"image_id": str, "caption": str, "caption_id": str}
+    <key>.npz   np.savez (uncompressed): features [n, img_dim] fp16, norm_bb [n, 6] fp32,
+                conf [n] fp32, soft_labels [n, label_dim] fp16
+
+`manifest.json` beside the shards lists them with sample counts, sizes and
+sha256 checksums. Decoding never raises on bad data: it returns
+(None, reason) so the loader can count skips by reason (DESIGN §5).
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Optional
+
+import numpy as np
+import webdataset as wds
+
+FORMAT = "vlpt-regions-v1"
+MANIFEST_NAME = "manifest.json"
+REGION_FIELDS = ("features", "norm_bb", "conf", "soft_labels")
+SKIP_REASONS = (
+    "missing_json", "bad_json", "missing_image_id", "missing_caption", "empty_caption",
+    "missing_npz", "bad_npz", "missing_field", "no_regions", "wrong_feature_dim",
+    "bad_shape", "nonfinite_features",
+)
+# webdataset's rule: key = everything up to the first dot of the basename.
+_KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
+
+
+# ---------------------------------------------------------------- writing
+
+def encode_npz(arrays: dict[str, np.ndarray]) -> bytes:
+    """np.savez bytes of `arrays` (deterministic: zip entries carry a fixed date)."""
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)  # uncompressed: fp16 features barely compress, and reads stay cheap
+    return buf.getvalue()
+
+
+def _encode_sample(sample: dict) -> dict[str, Any]:
+    out: dict[str, Any] = {"__key__": sample["__key__"]}
+    for ext, value in sample.items():
+        if ext == "__key__":
+            continue
+        if ext == "json" and not isinstance(value, (bytes, str)):
+            value = json.dumps(value, sort_keys=True, ensure_ascii=False)
+        elif ext == "npz" and isinstance(value, dict):
+            value = encode_npz(value)
+        out[ext] = value.encode("utf-8") if isinstance(value, str) else value
+    return out
+
+
+def write_shard(path: str | Path, samples: Iterable[dict]) -> int:
+    """Write samples to one tar; return the count.
+
+    A sample is {"__key__": str, "json": dict | str | bytes, "npz": dict of arrays | bytes};
+    other extensions must already be str or bytes.
+
+    Member metadata (mtime, owner, mode) is fixed so equal samples give equal bytes.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    count = 0
+    with path.open("wb") as f, wds.TarWriter(f, encoder=False, mtime=0.0) as writer:
+        for sample in samples:
+            if "__key__" not in sample or "." in sample["__key__"]:
+                raise ValueError(f"every sample needs a '__key__' without dots, got {sample.get('__key__')!r}")
+            writer.write(_encode_sample(sample))
+            count += 1
+    return count
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _count_keys(path: Path) -> int:
+    with tarfile.open(path, "r:") as tar:
+        keys = {_split_name(m.name)[0] for m in tar.getmembers() if m.isfile()}
+    return len(keys - {None})
+
+
+def write_manifest(
+    directory: str | Path, shard_paths: Iterable[str | Path], meta: dict, counts: Optional[list[int]] = None
+) -> dict:
+    """Write `directory/manifest.json` for the given shards; return the manifest dict.
+
+    `meta` must hold `img_dim` and `label_dim`; other keys (split, seed, ...) are kept.
+    Shard paths are stored relative to `directory`. `counts` (samples per shard,
+    as returned by write_shard) saves re-reading the tars to count their keys.
+    """
+    directory = Path(directory)
+    for k in ("img_dim", "label_dim"):
+        if not isinstance(meta.get(k), int) or meta[k] < 1:
+            raise ValueError(f"manifest meta needs a positive int {k!r}, got {meta.get(k)!r}")
+    paths = [Path(p) for p in shard_paths]
+    if counts is not None and len(counts) != len(paths):
+        raise ValueError(f"got {len(counts)} counts for {len(paths)} shards")
+    shards = []
+    for k, p in enumerate(paths):
+        shards.append({
+            "path": p.resolve().relative_to(directory.resolve()).as_posix(),
+            "num_samples": _count_keys(p) if counts is None else int(counts[k]),
+            "bytes": p.stat().st_size,
+            "sha256": file_sha256(p),
+        })
+    manifest = {
+        **meta,
+        "format": FORMAT,
+        "num_samples": sum(s["num_samples"] for s in shards),
+        "shards": shards,
+    }
+    (directory / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    return manifest
+
+
+# ---------------------------------------------------------------- manifest
+
+@dataclass(frozen=True)
+class Manifest:
+    """A parsed manifest.json; `shards` are absolute paths (or URLs kept as written)."""
+
+    root: Path
+    shards: list[str]
+    counts: list[int]
+    img_dim: int
+    label_dim: int
+    sha256: list[str]
+    meta: dict
+
+    @property
+    def num_samples(self) -> int:
+        return sum(self.counts)
+
+
+def _manifest_file(path: Path) -> Path:
+    return path if path.suffix == ".json" else path / MANIFEST_NAME
+
+
+def read_manifest(directory: str | Path) -> Manifest:
+    """Parse `directory/manifest.json` (or a manifest file path); ValueError naming the file if bad."""
+    file = _manifest_file(Path(directory))
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"manifest not found: {file} (write the dataset first, e.g. `vlpt shards demo`)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"manifest {file} is not readable JSON: {e}") from None
+    try:
+        return _parse_manifest(file, data)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"manifest {file} is invalid: {e}") from None
+
+
+def _parse_manifest(file: Path, data: dict) -> Manifest:
+    if data.get("format") != FORMAT:
+        raise ValueError(f"format is {data.get('format')!r}, expected {FORMAT!r}")
+    img_dim, label_dim = data["img_dim"], data["label_dim"]
+    if not (isinstance(img_dim, int) and isinstance(label_dim, int)):
+        raise ValueError("img_dim and label_dim must be integers")
+    root = file.parent.resolve()
+    paths, counts, sums = [], [], []
+    for s in data["shards"]:
+        p = str(s["path"])
+        paths.append(p if "://" in p or Path(p).is_absolute() else str(root / p))
+        if not isinstance(s["num_samples"], int) or s["num_samples"] < 0:
+            raise ValueError(f"shard {p}: num_samples must be a non-negative int")
+        counts.append(s["num_samples"])
+        sums.append(str(s.get("sha256", "")))
+    if not paths:
+        raise ValueError("it lists no shards")
+    meta = {k: v for k, v in data.items() if k != "shards"}
+    return Manifest(root, paths, counts, img_dim, label_dim, sums, meta)
+
+
+def verify_manifest(manifest: Manifest) -> list[str]:
+    """Local shards whose sha256 differs from the manifest (empty list = all good)."""
+    return [p for p, h in zip(manifest.shards, manifest.sha256) if "://" not in p and file_sha256(p) != h]
+
+
+# ---------------------------------------------------------------- reading
+
+def _split_name(name: str) -> tuple[Optional[str], Optional[str]]:
+    m = _KEY_EXT.match(name)
+    return (m.group(1), m.group(2)) if m else (None, None)
+
+
+def iter_shard(path: str | Path) -> Iterator[dict]:
+    """Raw samples of one local tar, in file order: {"__key__", "__url__", ext: bytes, ...}.
+
+    Consecutive members with the same key form one sample. A corrupt or
+    truncated tar raises tarfile.TarError after the complete samples before
+    the damage were yielded (the loader counts it and moves on).
+    """
+    current: Optional[dict] = None
+    with tarfile.open(path, "r|") as tar:  # streaming: no seek, same code path as a network stream
+        for member in tar:
+            if not member.isfile():
+                continue
+            key, ext = _split_name(member.name)
+            if key is None:
+                continue
+            data = tar.extractfile(member).read()
+            if current is not None and current["__key__"] != key:
+                yield current
+                current = None
+            if current is None:
+                current = {"__key__": key, "__url__": str(path)}
+            current[ext] = data
+    if current is not None:
+        yield current
+
+
+# ---------------------------------------------------------------- decoding
+
+@dataclass
+class RegionSample:
+    """One decoded image-text pair, ready for collate."""
+
+    key: str
+    image_id: str
+    input_ids: np.ndarray  # [T] int64 word pieces, no [CLS]/[SEP], T <= max_txt_len
+    img_feat: np.ndarray  # [n, img_dim] float32
+    img_pos: np.ndarray  # [n, 7] float32: x1, y1, x2, y2, w, h, w*h
+    soft_labels: np.ndarray  # [n, label_dim] float32
+
+
+def _decode_meta(raw: dict) -> tuple[Optional[dict], Optional[str]]:
+    if raw.get("json") is None:
+        return None, "missing_json"
+    try:
+        meta = json.loads(raw["json"])
+    except (ValueError, TypeError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        return None, "bad_json"
+    if not isinstance(meta, dict):
+        return None, "bad_json"
+    if not isinstance(meta.get("image_id"), str) or not meta["image_id"]:
+        return None, "missing_image_id"
+    if not isinstance(meta.get("caption"), str):
+        return None, "missing_caption"
+    if not meta["caption"].strip():
+        return None, "empty_caption"
+    return meta, None
+
+
+def _load_regions(raw: dict) -> tuple[Optional[dict], Optional[str]]:
+    if raw.get("npz") is None:
+        return None, "missing_npz"
+    try:
+        with np.load(io.BytesIO(raw["npz"]), allow_pickle=False) as z:
+            present = set(z.files)
+            arrays = {k: np.asarray(z[k]) for k in REGION_FIELDS if k in present}
+    except Exception:  # a damaged zip can fail in many ways; all mean the same here
+        return None, "bad_npz"
+    if len(arrays) < len(REGION_FIELDS):
+        return None, "missing_field"
+    return arrays, None
+
+
+def _check_regions(a: dict, img_dim: Optional[int], label_dim: Optional[int]) -> Optional[str]:
+    feats = a["features"]
+    if feats.ndim != 2 or (img_dim is not None and feats.shape[1] != img_dim):
+        return "wrong_feature_dim"
+    n = feats.shape[0]
+    if n == 0:
+        return "no_regions"
+    soft = a["soft_labels"]
+    if a["norm_bb"].shape != (n, 6) or a["conf"].shape != (n,) or soft.ndim != 2 or soft.shape[0] != n:
+        return "bad_shape"
+    if label_dim is not None and soft.shape[1] != label_dim:
+        return "bad_shape"
+    if not all(np.issubdtype(a[k].dtype, np.number) for k in REGION_FIELDS):
+        return "bad_shape"
+    if not all(np.isfinite(a[k]).all() for k in ("features", "norm_bb", "soft_labels")):
+        return "nonfinite_features"
+    return None
+
+
+def decode_region_sample(
+    raw: dict,
+    tokenizer,
+    max_txt_len: int,
+    img_dim: Optional[int] = None,
+    label_dim: Optional[int] = None,
+) -> tuple[Optional[RegionSample], Optional[str]]:
+    """Decode a raw sample from `iter_shard`; (sample, None) or (None, reason from SKIP_REASONS).
+
+    Bad data never raises. Captions longer than `max_txt_len` word pieces are
+    truncated; `img_dim`/`label_dim`, when given, are the expected widths.
+    """
+    if max_txt_len < 1:
+        raise ValueError(f"max_txt_len must be >= 1, got {max_txt_len}")
+    meta, reason = _decode_meta(raw)
+    if reason:
+        return None, reason
+    arrays, reason = _load_regions(raw)
+    if reason:
+        return None, reason
+    reason = _check_regions(arrays, img_dim, label_dim)
+    if reason:
+        return None, reason
+    ids = np.asarray(tokenizer.encode(meta["caption"])[:max_txt_len], dtype=np.int64)  # [T]
+    if ids.size == 0:  # e.g. only characters the normaliser drops
+        return None, "empty_caption"
+    bb = arrays["norm_bb"].astype(np.float32)  # [n, 6]
+    img_pos = np.concatenate([bb, bb[:, 4:5] * bb[:, 5:6]], axis=1)  # [n, 7], UNITER appends w*h
+    sample = RegionSample(
+        key=str(raw.get("__key__", meta.get("caption_id", ""))),
+        image_id=meta["image_id"],
+        input_ids=ids,
+        img_feat=arrays["features"].astype(np.float32),
+        img_pos=img_pos,
+        soft_labels=arrays["soft_labels"].astype(np.float32),
+    )
+    return sample, None

@@ -1,0 +1,28 @@
+"""vlpt: distributed vision-and-language pretraining (UNITER / ALBEF) on DeepSpeed."""
+from setuptools import setup
+
+setup(
+    name="vlpt",
+    version="0.1.0",
+    description="Distributed vision-and-language pretraining: UNITER and ALBEF on DeepSpeed ZeRO",
+    python_requires=">=3.10",
+    # The import packages are the top-level folders, as in UNITER's and ALBEF's repositories.
+    packages=["trainer", "trainer.models", "trainer.objectives", "kernels", "data", "cluster"],
+    package_data={"data": ["vocab/*.txt"]},
+    install_requires=[
+        "torch>=2.11",
+        "deepspeed>=0.16",
+        "transformers>=4.46",
+        "tokenizers>=0.20",
+        "safetensors",
+        "webdataset>=0.2.90",
+        "boto3",
+        "pot>=0.9",
+        "mlflow>=2.16",
+        "triton",
+        "tqdm",
+        "pyyaml",
+        "numpy",
+    ],
+    entry_points={"console_scripts": ["vlpt=trainer.cli:entry"]},
+)

@@ -1,0 +1,97 @@
+"""Shared fixtures: tiny demo shards, tiny configs, and running `vlpt` in subprocesses."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_MODEL = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+              "intermediate_size": 64}
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory) -> Path:
+    from data.demo import write_demo_dataset
+
+    out = tmp_path_factory.mktemp("demo_data")
+    write_demo_dataset(str(out), seed=0, n_train_scenes=240, n_val_scenes=40, img_dim=16,
+                       scenes_per_shard=40)
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_tiny_config(path: Path, data_dir: Path, run_dir: Path, **sections) -> Path:
+    """A tiny UNITER run on the test shards; `sections` deep-override (e.g. optim={...})."""
+    import yaml
+
+    from data.tokenizer import load_tokenizer
+    from trainer.config_loader import deep_merge
+
+    vocab = str(REPO / "data/vocab/demo-vocab.txt")
+    cfg = {
+        "model": {**TINY_MODEL, "vocab_size": load_tokenizer(vocab).vocab_size, "img_dim": 16,
+                  "img_label_dim": 9},
+        "data": {"train": str(data_dir / "train"), "val": str(data_dir / "val"), "vocab": vocab,
+                 "micro_batch_size": 8, "val_batch_size": 20, "shuffle_buffer": 32},
+        "tasks": {"mlm": 1, "itm": 1},
+        "optim": {"lr": 1e-3, "warmup_steps": 2},
+        "train": {"run_dir": str(run_dir), "max_steps": 6, "log_every": 1, "progress": False,
+                  "seed": 7},
+        "tracking": {"enabled": False},
+    }
+    path.write_text(yaml.safe_dump(deep_merge(cfg, sections)))
+    return path
+
+
+def subprocess_env(nthreads: int = 1) -> dict:
+    env = dict(os.environ)
+    env.update(DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO), OMP_NUM_THREADS=str(nthreads),
+               TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    return env
+
+
+def run_vlpt(args: list[str], launcher: str = "python", nproc: int = 1, timeout: int = 600,
+             check: bool = True) -> subprocess.CompletedProcess:
+    """Run `vlpt <args>` as one process, under torchrun, or under the DeepSpeed launcher."""
+    bin_dir = Path(sys.executable).parent
+    if launcher == "python":
+        cmd = [sys.executable, "-m", "trainer.cli", *args]
+    elif launcher == "torchrun":
+        cmd = [str(bin_dir / "torchrun"), f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
+               "-m", "trainer.cli", *args]
+    elif launcher == "deepspeed":
+        cmd = [str(bin_dir / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(free_port()),
+               "--module", "trainer.cli", *args]
+    else:
+        raise AssertionError(launcher)
+    proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n"
+                             f"{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    with open(run_dir / "metrics.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+def step_losses(run_dir: Path) -> dict[int, float]:
+    """Training loss of each step (whatever its task), last record per step."""
+    out = {}
+    for rec in read_metrics(run_dir):
+        if "task" in rec:
+            out[rec["step"]] = rec[f"{rec['task']}_loss"]
+    return out

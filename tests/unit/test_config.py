@@ -1,0 +1,104 @@
+"""Config flow: YAML + include → typed frozen dataclasses → dotted overrides."""
+import dataclasses
+
+import pytest
+
+from trainer.config import Config, load_config
+from trainer.config_loader import ConfigError, flatten, parse_override, to_dict
+
+
+def write(tmp_path, name, text):
+    p = tmp_path / name
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(text)
+    return str(p)
+
+
+def test_include_merges_depth_first_and_including_file_wins(tmp_path):
+    write(tmp_path, "model/m.yaml", "model:\n  hidden_size: 32\n  num_attention_heads: 2\n  intermediate_size: 64\n")
+    write(tmp_path, "base.yaml", "include: [model/m.yaml]\noptim:\n  lr: 1.0e-3\n")
+    top = write(tmp_path, "top.yaml", "include: base.yaml\nmodel:\n  num_hidden_layers: 2\n")
+    cfg = load_config(top)
+    assert cfg.model.hidden_size == 32 and cfg.model.num_hidden_layers == 2
+    assert cfg.optim.lr == 1e-3
+    assert cfg.model.vocab_size == 28996  # untouched default
+
+
+def test_overrides_are_typed(tmp_path):
+    top = write(tmp_path, "c.yaml", "train:\n  max_steps: 10\n")
+    cfg = load_config(top, ["--optim.lr=1e-4", "--train.max_steps=20", "--optim.betas=[0.9, 0.999]",
+                            "--tasks.mlm=3", "--train.progress=false"])
+    assert cfg.optim.lr == 1e-4 and isinstance(cfg.optim.lr, float)
+    assert cfg.train.max_steps == 20
+    assert cfg.optim.betas == (0.9, 0.999)
+    assert cfg.tasks["mlm"] == 3.0
+    assert cfg.train.progress is False
+
+
+def test_frozen(tmp_path):
+    cfg = load_config(write(tmp_path, "c.yaml", "{}"))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.optim.lr = 1.0
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("model:\n  hiden_size: 3\n", "model.hiden_size"),
+    ("optim:\n  lr: 1e-4\n  bogus: 1\n", "optim.bogus"),
+    ("nosuchsection: {}\n", "nosuchsection"),
+])
+def test_unknown_key_names_full_path(tmp_path, text, needle):
+    with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
+        load_config(write(tmp_path, "c.yaml", text))
+
+
+def test_unknown_key_suggests_close_match(tmp_path):
+    with pytest.raises(ConfigError, match="did you mean 'model.hidden_size'"):
+        load_config(write(tmp_path, "c.yaml", "model:\n  hiden_size: 3\n"))
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("--train.max_steps=abc", "train.max_steps"),
+    ("--optim.lr=true", "optim.lr"),
+    ("--train.progress=1", "train.progress"),
+    ("--precision.dtype=fp8", "precision.dtype"),
+    ("--parallel.zero_stage=4", "zero_stage"),
+    ("--model.hidden_size=1.5", "model.hidden_size"),
+])
+def test_wrongly_typed_override(tmp_path, override, needle):
+    with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
+        load_config(write(tmp_path, "c.yaml", "{}"), [override])
+
+
+def test_missing_file_and_missing_include(tmp_path):
+    with pytest.raises(ConfigError, match="nope.yaml"):
+        load_config(str(tmp_path / "nope.yaml"))
+    top = write(tmp_path, "c.yaml", "include: [gone.yaml]\n")
+    with pytest.raises(ConfigError, match="gone.yaml"):
+        load_config(top)
+
+
+def test_include_cycle(tmp_path):
+    write(tmp_path, "a.yaml", "include: b.yaml\n")
+    write(tmp_path, "b.yaml", "include: a.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(str(tmp_path / "a.yaml"))
+
+
+def test_bad_override_syntax():
+    with pytest.raises(ConfigError, match="--section.key=value"):
+        parse_override("--optim.lr")
+
+
+def test_round_trip_and_flatten(tmp_path):
+    cfg = load_config(write(tmp_path, "c.yaml", "{}"), ["--optim.lr=2e-4"])
+    tree = to_dict(cfg)
+    again = load_config(write(tmp_path, "d.yaml", __import__("yaml").safe_dump(tree)))
+    assert again == cfg
+    flat = flatten(tree)
+    assert flat["optim.lr"] == 2e-4 and flat["model.hidden_size"] == 768
+
+
+def test_shipped_configs_load():
+    import glob
+    for path in glob.glob("configs/pretrain/*.yaml"):
+        assert isinstance(load_config(path), Config)

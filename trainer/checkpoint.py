@@ -1,0 +1,135 @@
+"""Checkpoints: DeepSpeed state + our trainer state, config and per-rank RNG.
+
+Layout of `<run_dir>/checkpoints/`:
+
+    step_00000400/            DeepSpeed files (model, optimizer, LR schedule)
+        trainer_state.json    step, data positions, MLflow run id (written last)
+        config.yaml           the resolved config of the run
+        rng_rank{r}.pt        torch / numpy / python RNG of rank r (tensors and ints only)
+    latest                    name of the newest complete checkpoint
+
+A checkpoint counts only once `trainer_state.json` exists and `latest` names
+it; `latest` is replaced atomically, so an interrupted save leaves the previous
+checkpoint in charge. Nothing is unpickled on load: our files are JSON or
+loaded with `weights_only=True`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from trainer.distributed import DistInfo, barrier
+
+STATE_FILE = "trainer_state.json"
+
+
+def checkpoint_root(run_dir: str) -> str:
+    return os.path.join(run_dir, "checkpoints")
+
+
+def step_tag(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    py_version, py_internal, py_gauss = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "python": {"version": py_version, "internal": list(py_internal), "gauss": py_gauss},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"],
+                         n["has_gauss"], n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(engine, run_dir: str, step: int, trainer_state: dict, config_yaml: str,
+                    keep_last: int, dist_info: DistInfo) -> str:
+    """Collective: every rank calls it. Returns the checkpoint directory."""
+    root, tag = checkpoint_root(run_dir), step_tag(step)
+    path = os.path.join(root, tag)
+    engine.save_checkpoint(root, tag=tag, save_latest=False)
+    torch.save(rng_state(), os.path.join(path, f"rng_rank{dist_info.rank}.pt"))
+    barrier()
+    if dist_info.is_main:
+        with open(os.path.join(path, "config.yaml"), "w") as f:
+            f.write(config_yaml)
+        _write_atomic(os.path.join(path, STATE_FILE), json.dumps(trainer_state, indent=1))
+        _write_atomic(os.path.join(root, "latest"), tag)
+        prune_checkpoints(root, keep_last)
+    barrier()
+    return path
+
+
+def list_complete(root: str) -> list[str]:
+    if not os.path.isdir(root):
+        return []
+    tags = [t for t in os.listdir(root)
+            if t.startswith("step_") and os.path.isfile(os.path.join(root, t, STATE_FILE))]
+    return sorted(tags)
+
+
+def prune_checkpoints(root: str, keep_last: int) -> None:
+    for tag in list_complete(root)[:-keep_last]:
+        shutil.rmtree(os.path.join(root, tag), ignore_errors=False)
+
+
+def latest_tag(run_dir: str) -> Optional[str]:
+    root = checkpoint_root(run_dir)
+    pointer = os.path.join(root, "latest")
+    if not os.path.isfile(pointer):
+        return None
+    with open(pointer) as f:
+        tag = f.read().strip()
+    if not os.path.isfile(os.path.join(root, tag, STATE_FILE)):
+        raise ValueError(f"{pointer} names {tag!r}, which is not a complete checkpoint; "
+                         f"point it at one of {list_complete(root)} or delete it to start fresh")
+    return tag
+
+
+def load_checkpoint(engine, run_dir: str, tag: str, dist_info: DistInfo) -> dict:
+    """Collective. Restores engine state and returns the trainer state; RNG is
+    returned separately by `load_rng` so the caller restores it last."""
+    root = checkpoint_root(run_dir)
+    loaded, _ = engine.load_checkpoint(root, tag=tag, load_optimizer_states=True,
+                                       load_lr_scheduler_states=True)
+    if loaded is None:
+        raise ValueError(f"DeepSpeed could not load checkpoint {os.path.join(root, tag)}")
+    with open(os.path.join(root, tag, STATE_FILE)) as f:
+        return json.load(f)
+
+
+def load_rng(run_dir: str, tag: str, rank: int) -> Optional[dict]:
+    """This rank's RNG state, or None when the checkpoint came from a smaller world."""
+    path = os.path.join(checkpoint_root(run_dir), tag, f"rng_rank{rank}.pt")
+    if not os.path.isfile(path):
+        return None
+    return torch.load(path, map_location="cpu", weights_only=True)

@@ -1,0 +1,108 @@
+"""The `vlpt` command: pretrain, demo-data, convert, config.
+
+User errors (bad config key or type, missing file) end the process with one
+line on stderr and exit code 2, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from trainer.config_loader import ConfigError
+
+EXIT_USER_ERROR = 2
+
+
+def split_overrides(extra: list[str]) -> list[str]:
+    """Dotted `--section.key=value` overrides; launcher flags (`--local_rank`) are ignored."""
+    overrides = []
+    for arg in extra:
+        if arg.startswith("--local_rank") or arg.startswith("--local-rank"):
+            continue  # the DeepSpeed launcher adds it; we read LOCAL_RANK from the environment
+        if not (arg.startswith("--") and "=" in arg and "." in arg.split("=", 1)[0]):
+            raise ConfigError(f"unrecognised argument {arg!r}: overrides look like --optim.lr=1e-4")
+        overrides.append(arg)
+    return overrides
+
+
+def cmd_pretrain(args, extra: list[str]) -> int:
+    from trainer.config import load_config
+
+    cfg = load_config(args.config, split_overrides(extra))
+    from trainer.loop import pretrain
+
+    pretrain(cfg)
+    return 0
+
+
+def cmd_config(args, extra: list[str]) -> int:
+    from trainer.config import config_to_yaml, load_config
+
+    print(config_to_yaml(load_config(args.config, split_overrides(extra))), end="")
+    return 0
+
+
+def cmd_demo_data(args, extra: list[str]) -> int:
+    if extra:
+        raise ConfigError(f"unrecognised arguments: {' '.join(extra)}")
+    from data.demo import write_demo_dataset
+
+    if os.path.isfile(os.path.join(args.out, "train", "manifest.json")) and not args.force:
+        print(f"{args.out} already holds the demo data (use --force to rewrite it)")
+        return 0
+    summary = write_demo_dataset(args.out, seed=args.seed, n_train_scenes=args.scenes,
+                                 n_val_scenes=args.val_scenes, img_dim=args.img_dim)
+    print(f"demo data written to {args.out}: {summary}")
+    return 0
+
+
+def cmd_convert(args, extra: list[str]) -> int:
+    if extra:
+        raise ConfigError(f"unrecognised arguments: {' '.join(extra)}")
+    from trainer.models.convert_cli import run_convert
+
+    return run_convert(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vlpt", description="vision-and-language pretraining")
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, fn, text in (("pretrain", cmd_pretrain, "run pretraining from a YAML config"),
+                           ("config", cmd_config, "print the resolved config and exit")):
+        sp = sub.add_parser(name, help=text, description=f"{text}; add --section.key=value overrides")
+        sp.add_argument("--config", required=True, help="YAML file (may `include:` others)")
+        sp.set_defaults(fn=fn)
+    sp = sub.add_parser("demo-data", help="write the deterministic demo shards")
+    sp.add_argument("--out", default="demo_data")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--scenes", type=int, default=2000, help="training scenes (2 captions each)")
+    sp.add_argument("--val-scenes", type=int, default=250, help="held-out scenes")
+    sp.add_argument("--img-dim", type=int, default=64, help="region feature size")
+    sp.add_argument("--force", action="store_true", help="rewrite existing data")
+    sp.set_defaults(fn=cmd_demo_data)
+    sp = sub.add_parser("convert", help="import / export UNITER checkpoints")
+    sp.add_argument("direction", choices=["import", "export"],
+                    help="import: UNITER model_step_*.pt -> ours; export: ours -> UNITER key names")
+    sp.add_argument("--src", required=True, help="input file (state dict) or our checkpoint directory")
+    sp.add_argument("--dst", required=True, help="output .pt file")
+    sp.set_defaults(fn=cmd_convert)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    try:
+        return args.fn(args, extra)
+    except ConfigError as e:
+        print(f"vlpt: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,0 +1,160 @@
+"""The resolved run config: one frozen dataclass per section, composed here.
+
+Each builder receives only its own section (`build_model(cfg.model)`,
+`build_deepspeed_config(cfg.optim, cfg.parallel, cfg.precision, ...)`).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+import yaml
+
+from data.config import DataConfig
+from trainer.config_loader import (
+    ConfigError, apply_overrides, from_dict, load_yaml_with_includes, to_dict,
+)
+from trainer.models.config import ModelConfig
+
+KNOWN_TASKS = ("mlm", "itm")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 5e-5
+    """Peak learning rate (UNITER-base: 5e-5)."""
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    weight_decay: float = 0.01
+    """Applied to every weight except biases and LayerNorm parameters (as UNITER)."""
+    impl: Literal["auto", "torch", "torch_fused", "deepspeed", "apex"] = "auto"
+    """AdamW implementation; auto = apex FusedAdam if importable on GPU, else torch fused on GPU, torch on CPU."""
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    """Linear warmup, then linear decay to 0 / cosine decay to min_lr / constant."""
+    warmup_steps: int = 10000
+    total_steps: Optional[int] = None
+    """Length of the schedule; None = train.max_steps."""
+    min_lr: float = 0.0
+    grad_clip: float = 5.0
+    """Global grad-norm clip on the averaged gradient (0 disables); see README on UNITER's summed-gradient clip."""
+    global_batch_size: Optional[int] = None
+    """Samples per optimizer step over all ranks; None = micro_batch_size x world size (no accumulation)."""
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0 or self.eps <= 0 or self.weight_decay < 0 or self.grad_clip < 0:
+            raise ValueError("lr and eps must be > 0, weight_decay and grad_clip >= 0")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.global_batch_size is not None and self.global_batch_size <= 0:
+            raise ValueError(f"global_batch_size must be positive, got {self.global_batch_size}")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage 0-3."""
+    offload_optimizer: bool = False
+    """ZeRO-Offload of optimizer state to CPU (stage >= 1)."""
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    """auto = nccl on CUDA, gloo on CPU."""
+    timeout_minutes: int = 30
+    """Collective timeout; finite so a dead rank ends the job instead of hanging it."""
+
+    def __post_init__(self) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("offload_optimizer needs zero_stage >= 1")
+
+
+@dataclass(frozen=True)
+class PrecisionConfig:
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    initial_scale_power: int = 16
+    """fp16 only: dynamic loss scale starts at 2**initial_scale_power."""
+    loss_scale_window: int = 1000
+    min_loss_scale: float = 1.0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    run_dir: str = "runs/default"
+    """Everything of a run lives here: checkpoints, metrics.jsonl, the MLflow store."""
+    max_steps: int = 200000
+    """Optimizer steps of the whole run."""
+    stop_after_steps: Optional[int] = None
+    """Stop (with a checkpoint) after this step though the schedule runs to max_steps; for time-boxed jobs."""
+    seed: int = 42
+    log_every: int = 10
+    val_every: int = 0
+    """Validate every N steps (0 = only at the end)."""
+    save_every: int = 0
+    """Checkpoint every N steps (0 = only at the end)."""
+    keep_last: int = 3
+    """Checkpoints kept; older ones are deleted after a newer one is complete."""
+    resume: bool = True
+    """Resume from run_dir's latest checkpoint when there is one."""
+    progress: bool = True
+    """Progress bar on rank 0."""
+
+    def __post_init__(self) -> None:
+        if self.max_steps <= 0 or self.log_every <= 0 or self.keep_last <= 0:
+            raise ValueError("max_steps, log_every and keep_last must be positive")
+        if self.stop_after_steps is not None and self.stop_after_steps <= 0:
+            raise ValueError("stop_after_steps must be positive")
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    enabled: bool = True
+    uri: Optional[str] = None
+    """MLflow tracking URI; None = a local store in <run_dir>/mlruns."""
+    experiment: str = "vlpt"
+    run_name: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    tasks: dict[str, float] = field(default_factory=lambda: {"mlm": 1.0, "itm": 1.0})
+    """Task mix: one task per optimizer step, drawn with probability proportional to its ratio."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self) -> None:
+        if not self.tasks:
+            raise ValueError("tasks: give at least one task with a positive ratio")
+        for name, ratio in self.tasks.items():
+            if name not in KNOWN_TASKS:
+                raise ValueError(f"unknown task {name!r} in tasks; known: {', '.join(KNOWN_TASKS)}")
+            if ratio < 0:
+                raise ValueError(f"tasks.{name}: ratio must be >= 0, got {ratio}")
+        if sum(self.tasks.values()) <= 0:
+            raise ValueError("tasks: the ratios must not all be 0")
+
+
+def load_config(path: str, overrides: list[str] = ()) -> Config:
+    """YAML file (+ includes) + dotted overrides → frozen `Config`."""
+    raw = apply_overrides(load_yaml_with_includes(path), list(overrides))
+    return from_dict(Config, raw)
+
+
+def config_to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def save_config(cfg: Config, path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(config_to_yaml(cfg))
+
+
+__all__ = [
+    "Config", "ConfigError", "DataConfig", "ModelConfig", "OptimConfig", "ParallelConfig",
+    "PrecisionConfig", "TrackingConfig", "TrainConfig", "load_config", "save_config", "config_to_yaml",
+]

@@ -1,0 +1,152 @@
+"""DeepSpeed engine from the optim / parallel / precision sections."""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from trainer.config import OptimConfig, ParallelConfig, PrecisionConfig
+from trainer.config_loader import ConfigError
+
+log = logging.getLogger(__name__)
+
+# UNITER (and BERT) exclude biases and LayerNorm parameters from weight decay.
+NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "LayerNorm.bias", "layer_norm.bias")
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """How the global batch of one optimizer step is split."""
+
+    micro_batch_size: int
+    grad_accum: int
+    world_size: int
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.micro_batch_size * self.grad_accum * self.world_size
+
+    @property
+    def n_streams(self) -> int:
+        """Micro-batches per optimizer step over all ranks (one data stream each)."""
+        return self.grad_accum * self.world_size
+
+
+def batch_layout(optim: OptimConfig, micro_batch_size: int, world_size: int) -> BatchLayout:
+    global_bs = optim.global_batch_size or micro_batch_size * world_size
+    per_step = micro_batch_size * world_size
+    if global_bs % per_step:
+        raise ConfigError(
+            f"optim.global_batch_size={global_bs} must be a multiple of data.micro_batch_size "
+            f"x world size = {micro_batch_size} x {world_size} = {per_step}")
+    return BatchLayout(micro_batch_size, global_bs // per_step, world_size)
+
+
+def build_deepspeed_config(optim: OptimConfig, parallel: ParallelConfig, precision: PrecisionConfig,
+                           layout: BatchLayout) -> dict[str, Any]:
+    zero: dict[str, Any] = {"stage": parallel.zero_stage}
+    if parallel.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    cfg: dict[str, Any] = {
+        "train_batch_size": layout.global_batch_size,
+        "train_micro_batch_size_per_gpu": layout.micro_batch_size,
+        "gradient_accumulation_steps": layout.grad_accum,
+        "gradient_clipping": optim.grad_clip,
+        "zero_optimization": zero,
+        # Our AdamW is built here, not by DeepSpeed's name lookup, so ZeRO must accept it.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if precision.dtype == "bf16":
+        cfg["bf16"] = {"enabled": True}
+    elif precision.dtype == "fp16":
+        cfg["fp16"] = {"enabled": True, "loss_scale": 0,
+                       "initial_scale_power": precision.initial_scale_power,
+                       "loss_scale_window": precision.loss_scale_window,
+                       "min_loss_scale": precision.min_loss_scale}
+    return cfg
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if name.endswith(NO_DECAY) else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, optim: OptimConfig, device: torch.device,
+                    offload: bool) -> torch.optim.Optimizer:
+    groups = param_groups(model, optim.weight_decay)
+    kw = dict(lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps)
+    impl = optim.impl
+    if impl == "auto":
+        impl = "deepspeed" if offload else ("torch_fused" if device.type == "cuda" else "torch")
+        if device.type == "cuda" and not offload and _apex_available():
+            impl = "apex"
+    if impl == "apex":
+        from apex.optimizers import FusedAdam
+
+        return FusedAdam(groups, adam_w_mode=True, **kw)
+    if impl == "deepspeed":
+        if offload:
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            return DeepSpeedCPUAdam(groups, adamw_mode=True, **kw)
+        from deepspeed.ops.adam import FusedAdam as DSFusedAdam
+
+        return DSFusedAdam(groups, adam_w_mode=True, **kw)
+    return torch.optim.AdamW(groups, fused=(impl == "torch_fused"), **kw)
+
+
+def _apex_available() -> bool:
+    try:
+        import apex.optimizers  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def lr_lambda(optim: OptimConfig, total_steps: int):
+    """Multiplier of the peak lr at a step: linear warmup, then the configured decay."""
+    warmup = optim.warmup_steps
+    floor = optim.min_lr / optim.lr
+
+    def fn(index: int) -> float:
+        # LambdaLR asks for index k before the (k+1)-th update; UNITER counts that update as step k+1.
+        step = index + 1
+        if warmup and step < warmup:
+            return step / warmup
+        if optim.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        if optim.schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return fn
+
+
+def build_engine(model: nn.Module, optim: OptimConfig, parallel: ParallelConfig,
+                 precision: PrecisionConfig, layout: BatchLayout, total_steps: int,
+                 device: torch.device):
+    """deepspeed.initialize with our optimizer and LR schedule."""
+    import deepspeed
+
+    ds_config = build_deepspeed_config(optim, parallel, precision, layout)
+    model.to(device)
+    optimizer = build_optimizer(model, optim, device, parallel.offload_optimizer)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(optim, total_steps))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                           lr_scheduler=scheduler, config=ds_config)
+    log.info("DeepSpeed engine: ZeRO-%d, %s, global batch %d = %d micro x %d accum x %d ranks",
+             parallel.zero_stage, precision.dtype, layout.global_batch_size,
+             layout.micro_batch_size, layout.grad_accum, layout.world_size)
+    return engine, ds_config

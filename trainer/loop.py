@@ -1,0 +1,240 @@
+"""`vlpt pretrain`: the training run from a resolved config to a summary."""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from data.collate import collate_itm, collate_mlm
+from data.loader import ResumableTaskLoader, StreamSpec, TaskBatches, positions_from_state, validation_batches
+from data.shards import read_manifest
+from data.tokenizer import load_tokenizer
+from trainer import checkpoint as ckpt
+from trainer.config import Config, config_to_yaml
+from trainer.config_loader import ConfigError, flatten, to_dict
+from trainer.distributed import DistInfo, all_gather_objects, setup_distributed
+from trainer.engine import BatchLayout, batch_layout, build_engine
+from trainer.models.pretrain import build_model
+from trainer.progress import Progress
+from trainer.steps import draw_task, evaluate, train_step
+from trainer.summary import mlm_loss_drop, print_summary
+from trainer.tracking import Tracker
+
+log = logging.getLogger("vlpt")
+
+
+@dataclass
+class RunState:
+    step: int = 0
+    positions: dict[str, dict] = field(default_factory=dict)
+    task_counts: dict[str, int] = field(default_factory=dict)
+    mlflow_run_id: Optional[str] = None
+
+
+def check_inputs(cfg: Config) -> None:
+    """Fail before any heavy work when a file the config names is missing."""
+    need = {"data.vocab": cfg.data.vocab,
+            "data.train": os.path.join(cfg.data.train, "manifest.json")}
+    if cfg.data.val:
+        need["data.val"] = os.path.join(cfg.data.val, "manifest.json")
+    for key in ("init_from_bert", "init_from_uniter"):
+        if getattr(cfg.model, key):
+            need[f"model.{key}"] = getattr(cfg.model, key)
+    for key, path in need.items():
+        if not os.path.exists(path):
+            hint = " (make it with `vlpt demo-data`)" if key.startswith("data.") and "demo" in path else ""
+            raise ConfigError(f"{key}: file not found: {path}{hint}")
+
+
+def collate_for(task: str, cfg: Config, tok):
+    """(samples, rng) -> batch for `task`; a partial, so DataLoader workers can pickle it."""
+    if task == "mlm":
+        return functools.partial(collate_mlm, tok=tok, mlm_prob=cfg.data.mlm_prob)
+    return functools.partial(collate_itm, tok=tok, neg_prob=cfg.data.itm_neg_prob)
+
+
+def build_train_loaders(cfg: Config, tok, layout: BatchLayout, rank: int, positions: dict,
+                        img_dim: int) -> dict[str, ResumableTaskLoader]:
+    shards = tuple(read_manifest(cfg.data.train).shards)
+    mine = range(rank * layout.grad_accum, (rank + 1) * layout.grad_accum)
+    loaders = {}
+    for task, ratio in sorted(cfg.tasks.items()):
+        if ratio <= 0:
+            continue
+        spec = StreamSpec(shards=shards, task=task, seed=cfg.train.seed, n_streams=layout.n_streams,
+                          batch_size=layout.micro_batch_size, shuffle_buffer=cfg.data.shuffle_buffer,
+                          max_txt_len=cfg.data.max_txt_len, img_dim=img_dim)
+        dataset = TaskBatches(spec, tok, collate_for(task, cfg, tok), mine,
+                              positions_from_state(positions.get(task)))
+        loaders[task] = ResumableTaskLoader(dataset, cfg.data.num_workers, seed=cfg.train.seed)
+    return loaders
+
+
+def build_val_batches(cfg: Config, tok, info: DistInfo, img_dim: int) -> dict[str, list]:
+    if not cfg.data.val:
+        return {}
+    shards = read_manifest(cfg.data.val).shards
+    return {task: validation_batches(shards, tok, collate_for(task, cfg, tok), task=task,
+                                     seed=cfg.train.seed, rank=info.rank, world=info.world_size,
+                                     batch_size=cfg.data.val_batch_size,
+                                     max_txt_len=cfg.data.max_txt_len, img_dim=img_dim)
+            for task in sorted(cfg.tasks) if cfg.tasks[task] > 0}
+
+
+def validate_against_data(cfg: Config, tok) -> int:
+    manifest = read_manifest(cfg.data.train)
+    if tok.vocab_size != cfg.model.vocab_size:
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} but {cfg.data.vocab} has "
+                          f"{tok.vocab_size} tokens; set model.vocab_size={tok.vocab_size}")
+    if manifest.img_dim != cfg.model.img_dim:
+        raise ConfigError(f"model.img_dim={cfg.model.img_dim} but {cfg.data.train} has "
+                          f"{manifest.img_dim}-d region features")
+    if manifest.label_dim != cfg.model.img_label_dim:
+        raise ConfigError(f"model.img_label_dim={cfg.model.img_label_dim} but {cfg.data.train} has "
+                          f"{manifest.label_dim} soft-label classes")
+    return manifest.img_dim
+
+
+def setup_logging(info: DistInfo) -> None:
+    level = logging.INFO if info.is_main else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S", force=True)
+    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "alembic", "mlflow"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        from deepspeed.utils import logger as ds_logger
+
+        ds_logger.setLevel(logging.WARNING)
+    except ImportError:
+        pass
+
+
+def resolve_run_dir(cfg: Config) -> Config:
+    """Fill `{now}` in train.run_dir with rank 0's time, so all ranks agree."""
+    if "{now}" not in cfg.train.run_dir:
+        return cfg
+    now = all_gather_objects(time.strftime("%Y%m%d-%H%M%S"))[0]
+    return dataclasses.replace(cfg, train=dataclasses.replace(
+        cfg.train, run_dir=cfg.train.run_dir.replace("{now}", now)))
+
+
+def check_fresh_start(run_dir: str, resume: bool) -> None:
+    if not resume and ckpt.list_complete(ckpt.checkpoint_root(run_dir)):
+        raise ConfigError(f"train.run_dir={run_dir} already holds checkpoints and train.resume is false; "
+                          "set --train.resume=true to continue that run or choose a new train.run_dir")
+
+
+def pretrain(cfg: Config) -> dict:
+    check_inputs(cfg)
+    info = setup_distributed(cfg.parallel.backend, cfg.parallel.timeout_minutes)
+    setup_logging(info)
+    cfg = resolve_run_dir(cfg)
+    run_dir = os.path.abspath(cfg.train.run_dir)
+    check_fresh_start(run_dir, cfg.train.resume)
+    config_yaml = config_to_yaml(cfg)
+    if info.is_main:
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "config.yaml"), "w") as f:
+            f.write(config_yaml)
+        print(f"resolved config (saved to {run_dir}/config.yaml):\n{config_yaml}", flush=True)
+    tok = load_tokenizer(cfg.data.vocab)
+    img_dim = validate_against_data(cfg, tok)
+
+    torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
+    model = build_model(cfg.model)
+    layout = batch_layout(cfg.optim, cfg.data.micro_batch_size, info.world_size)
+    total_steps = cfg.optim.total_steps or cfg.train.max_steps
+    engine, _ = build_engine(model, cfg.optim, cfg.parallel, cfg.precision, layout, total_steps,
+                             info.device)
+
+    state, rng = RunState(), None
+    tag = ckpt.latest_tag(run_dir) if cfg.train.resume else None
+    if tag:
+        saved = ckpt.load_checkpoint(engine, run_dir, tag, info)
+        state = RunState(saved["step"], saved["positions"], saved["task_counts"], saved.get("mlflow_run_id"))
+        rng = ckpt.load_rng(run_dir, tag, info.rank)
+        log.info("resumed from %s at step %d", tag, state.step)
+    loaders = build_train_loaders(cfg, tok, layout, info.rank, state.positions, img_dim)
+    tracker = Tracker(cfg.tracking, run_dir, enabled=info.is_main, resume_run_id=state.mlflow_run_id)
+    if info.is_main and not tag:
+        tracker.log_params(flatten(to_dict(cfg)))
+        tracker.log_params({"run.world_size": info.world_size, "run.grad_accum": layout.grad_accum,
+                            "run.global_batch_size": layout.global_batch_size})
+        tracker.log_artifact(os.path.join(run_dir, "config.yaml"))
+    # Each rank gets its own dropout stream; restored last so nothing above consumes it.
+    torch.manual_seed(cfg.train.seed * 1000 + info.rank + 1)
+    if rng is not None:
+        ckpt.set_rng_state(rng)
+    return run_training(cfg, info, engine, loaders, layout, tracker, state, tok, img_dim, config_yaml)
+
+
+def run_training(cfg, info, engine, loaders, layout, tracker, state, tok, img_dim, config_yaml) -> dict:
+    run_dir = os.path.abspath(cfg.train.run_dir)
+    last_step = min(cfg.train.max_steps, cfg.train.stop_after_steps or cfg.train.max_steps)
+    progress = Progress(enabled=info.is_main and cfg.train.progress, start=state.step,
+                        total=cfg.train.max_steps, log_every=cfg.train.log_every)
+    val_metrics: dict[str, float] = {}
+    t0, start_step, path = time.time(), state.step, None
+    while state.step < last_step:
+        task = draw_task(cfg.train.seed, state.step, cfg.tasks)
+        stats = train_step(engine, loaders[task], task, layout, info.device)
+        state.step += 1
+        state.task_counts[task] = state.task_counts.get(task, 0) + 1
+        record = {"lr": engine.get_lr()[0], **{f"{task}_{k}": v for k, v in stats.items()}}
+        tracker.log_metrics(record, state.step, task=task)
+        progress.update(state.step, task, stats, layout.global_batch_size)
+        if cfg.train.val_every and state.step % cfg.train.val_every == 0 and state.step < last_step:
+            val_metrics = run_validation(cfg, info, engine, tok, img_dim, tracker, progress, state.step)
+        if cfg.train.save_every and state.step % cfg.train.save_every == 0 and state.step < last_step:
+            path = save(cfg, info, engine, loaders, state, tracker, config_yaml)
+    elapsed = time.time() - t0
+    progress.close()
+    if state.step > start_step or not val_metrics:
+        val_metrics = run_validation(cfg, info, engine, tok, img_dim, tracker, progress, state.step)
+    path = save(cfg, info, engine, loaders, state, tracker, config_yaml)
+    summary = {"steps": state.step, "steps_this_run": state.step - start_step, "seconds": elapsed,
+               "samples_per_s": (state.step - start_step) * layout.global_batch_size / max(elapsed, 1e-9),
+               "checkpoint": path, "mlflow_run_id": tracker.run_id, "mlflow_ui": tracker.ui_command(),
+               "task_counts": state.task_counts, **val_metrics}
+    if info.is_main:
+        summary.update(mlm_loss_drop(os.path.join(run_dir, "metrics.jsonl")))
+        final = {k: v for k, v in summary.items() if isinstance(v, float) and not k.startswith("val/")}
+        tracker.log_metrics(final, state.step)
+        tracker.log_artifact(os.path.join(path, "config.yaml"), "final_checkpoint")
+        tracker.log_artifact(os.path.join(path, ckpt.STATE_FILE), "final_checkpoint")
+        tracker.set_tag("final_checkpoint", path)
+        with open(os.path.join(run_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+        print_summary(summary, run_dir)
+    tracker.finish()
+    return summary
+
+
+def run_validation(cfg, info, engine, tok, img_dim, tracker, progress, step) -> dict:
+    batches = build_val_batches(cfg, tok, info, img_dim)
+    if not batches:
+        return {}
+    metrics = evaluate(engine, batches, info.device)
+    tracker.log_metrics(metrics, step)
+    progress.write("validation @ step %d: %s" % (step, "  ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items()))))
+    return metrics
+
+
+def save(cfg, info, engine, loaders, state, tracker, config_yaml) -> str:
+    # Each rank knows only its own streams' positions: gather them into one global map.
+    gathered = all_gather_objects({t: l.state_dict() for t, l in loaders.items()})
+    positions: dict[str, dict] = {}
+    for per_rank in gathered:
+        for task, pos in per_rank.items():
+            positions.setdefault(task, {}).update(pos)
+    trainer_state = {"step": state.step, "positions": positions, "task_counts": state.task_counts,
+                     "mlflow_run_id": tracker.run_id if info.is_main else None}
+    return ckpt.save_checkpoint(engine, os.path.abspath(cfg.train.run_dir), state.step, trainer_state,
+                                config_yaml, cfg.train.keep_last, info)

@@ -1,0 +1,104 @@
+"""UNITER with its pretraining heads (MLM, MRFR, MRC, ITM) and the model builder."""
+from __future__ import annotations
+
+from typing import Mapping, Optional
+
+from torch import Tensor, nn
+
+from trainer.models.bert import init_bert_weights
+from trainer.models.config import ModelConfig
+from trainer.models.convert import load_bert_directory, load_uniter_checkpoint
+from trainer.models.heads import MlmHead, RegionClassification, RegionFeatureRegression
+from trainer.models.uniter import UniterModel
+
+_TEXT_KEYS = ("input_ids", "position_ids", "attn_masks")
+_IMAGE_KEYS = ("img_feat", "img_pos_feat", "gather_index")
+
+
+class UniterForPretraining(nn.Module):
+    """UNITER backbone + heads; state-dict keys are UNITER's minus the two tied duplicates.
+
+    Registration order follows UNITER's key order so exported checkpoints list
+    keys in the same order as the originals.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        h = cfg.hidden_size
+        self.uniter = UniterModel(cfg)
+        self.cls = MlmHead(h, cfg.vocab_size)
+        self.feat_regress = RegionFeatureRegression(h, cfg.img_dim)
+        self.region_classifier = RegionClassification(h, cfg.img_label_dim)
+        self.itm_output = nn.Linear(h, 2)
+        for head in (self.cls, self.feat_regress, self.region_classifier, self.itm_output):
+            head.apply(lambda m: init_bert_weights(m, cfg.initializer_range))
+        nn.init.zeros_(self.cls.predictions.bias)
+        nn.init.zeros_(self.feat_regress.bias)
+
+    def forward(self, batch: dict, task: str):
+        """One pretraining task on a collated batch -> `TaskResult` (summed loss and stats).
+
+        As in UNITER, the model dispatches on the task, so the DeepSpeed engine wraps
+        one module whatever the task mix.
+        """
+        from trainer.objectives import OBJECTIVES
+
+        if task not in OBJECTIVES:
+            raise ValueError(f"unknown task {task!r}; known: {sorted(OBJECTIVES)}")
+        return OBJECTIVES[task](self, self._cast_features(batch))
+
+    def _cast_features(self, batch: dict) -> dict:
+        """Region features arrive as fp32; under bf16/fp16 engines they follow the weights."""
+        dtype = self.uniter.img_embeddings.img_linear.weight.dtype
+        out = dict(batch)
+        for key in ("img_feat", "img_pos_feat"):
+            if out.get(key) is not None and out[key].dtype != dtype:
+                out[key] = out[key].to(dtype)
+        return out
+
+    def encode(self, batch: Mapping[str, Optional[Tensor]], img_masks: Optional[Tensor] = None) -> Tensor:
+        """Run the backbone on a collated batch -> last hidden states [B, L, H].
+
+        Image keys may be absent or None for text-only batches.
+        """
+        missing = [k for k in _TEXT_KEYS if batch.get(k) is None]
+        if missing:
+            raise ValueError(f"batch is missing {missing}; expected keys {_TEXT_KEYS + _IMAGE_KEYS}")
+        return self.uniter(
+            batch["input_ids"],
+            batch["position_ids"],
+            batch.get("img_feat"),
+            batch.get("img_pos_feat"),
+            batch["attn_masks"],
+            batch.get("gather_index"),
+            img_masks=img_masks,
+        )
+
+    def mlm_logits(self, h: Tensor) -> Tensor:
+        """h [N, H] (masked text positions) -> vocabulary logits [N, V]."""
+        return self.cls(h, self.uniter.embeddings.word_embeddings.weight)
+
+    def mrfr_features(self, h: Tensor) -> Tensor:
+        """h [N, H] (masked regions) -> regressed features [N, img_dim]."""
+        return self.feat_regress(h, self.uniter.img_embeddings.img_linear.weight)
+
+    def mrc_logits(self, h: Tensor) -> Tensor:
+        """h [N, H] (masked regions) -> detector-class logits [N, img_label_dim]."""
+        return self.region_classifier(h)
+
+    def itm_logits(self, hidden: Tensor) -> Tensor:
+        """hidden [B, L, H] -> match / no-match logits [B, 2] from the pooled [CLS]."""
+        return self.itm_output(self.uniter.pooled(hidden))
+
+
+def build_model(cfg: ModelConfig) -> UniterForPretraining:
+    """Build the model and apply `init_from_bert`, then `init_from_uniter`, if set."""
+    if cfg.arch != "uniter":
+        raise ValueError(f"model.arch={cfg.arch!r} is not supported by this builder; use 'uniter'")
+    model = UniterForPretraining(cfg)
+    if cfg.init_from_bert:
+        load_bert_directory(model, cfg.init_from_bert)
+    if cfg.init_from_uniter:
+        load_uniter_checkpoint(model, cfg.init_from_uniter)
+    return model

@@ -1,0 +1,138 @@
+"""UNITER single-stream encoder: text + region embeddings, packed, BERT encoder (DESIGN §2)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from trainer.models.bert import LN_EPS, Encoder, init_bert_weights
+from trainer.models.config import ModelConfig
+
+TEXT_TYPE, IMAGE_TYPE = 0, 1
+
+
+class TextEmbeddings(nn.Module):
+    """`LN(word[ids] + pos[position_ids] + type[0])`, dropout."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        h = cfg.hidden_size
+        self.word_embeddings = nn.Embedding(cfg.vocab_size, h)
+        self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, h)
+        # Shared with the image embeddings (row 1), as in UNITER.
+        self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, h)
+        self.LayerNorm = nn.LayerNorm(h, eps=LN_EPS)
+        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+
+    def forward(self, input_ids: Tensor, position_ids: Tensor) -> Tensor:
+        """input_ids [B, Lt], position_ids [1, Lt] -> [B, Lt, H]."""
+        emb = (
+            self.word_embeddings(input_ids)  # [B, Lt, H]
+            + self.position_embeddings(position_ids)  # [1, Lt, H]
+            + self.token_type_embeddings.weight[TEXT_TYPE]  # [H]
+        )
+        return self.dropout(self.LayerNorm(emb))
+
+
+class ImageEmbeddings(nn.Module):
+    """`LN(LN_img(img_linear(f)) + LN_pos(pos_linear(p)) + type[1])`, dropout.
+
+    Attribute registration order follows UNITER's state-dict key order.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        h = cfg.hidden_size
+        self.img_linear = nn.Linear(cfg.img_dim, h)
+        self.img_layer_norm = nn.LayerNorm(h, eps=LN_EPS)
+        self.pos_layer_norm = nn.LayerNorm(h, eps=LN_EPS)
+        self.pos_linear = nn.Linear(7, h)
+        # Lives in feature space: row 1 is the learned [MASK] feature added to
+        # masked (zeroed) regions. Row 0 exists only for checkpoint compatibility;
+        # UNITER keeps it at zero, so reading it would be a no-op at best.
+        self.mask_embedding = nn.Embedding(2, cfg.img_dim)
+        self.LayerNorm = nn.LayerNorm(h, eps=LN_EPS)
+        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+
+    def forward(
+        self,
+        img_feat: Tensor,
+        img_pos_feat: Tensor,
+        type_emb: Tensor,
+        img_masks: Optional[Tensor] = None,
+    ) -> Tensor:
+        """img_feat [B, Ni, D], img_pos_feat [B, Ni, 7], type_emb [H], img_masks [B, Ni] -> [B, Ni, H]."""
+        if img_masks is not None:
+            m = img_masks[..., None].to(img_feat.dtype)  # [B, Ni, 1]
+            img_feat = img_feat + m * self.mask_embedding.weight[1]  # [B, Ni, D]
+        feat = self.img_layer_norm(self.img_linear(img_feat))  # [B, Ni, H]
+        pos = self.pos_layer_norm(self.pos_linear(img_pos_feat))  # [B, Ni, H]
+        return self.dropout(self.LayerNorm(feat + pos + type_emb))
+
+
+class Pooler(nn.Module):
+    """`tanh(dense(h[:, 0]))` on the [CLS] state."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        return torch.tanh(self.dense(hidden[:, 0]))  # [B, H]
+
+
+class UniterModel(nn.Module):
+    """UNITER backbone; state-dict keys are UNITER's `uniter.*` keys without the prefix."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embeddings = TextEmbeddings(cfg)
+        self.img_embeddings = ImageEmbeddings(cfg)
+        self.encoder = Encoder(cfg)
+        self.pooler = Pooler(cfg)
+        self.apply(lambda m: init_bert_weights(m, cfg.initializer_range))
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        position_ids: Tensor,
+        img_feat: Optional[Tensor],
+        img_pos_feat: Optional[Tensor],
+        attn_masks: Tensor,
+        gather_index: Optional[Tensor],
+        img_masks: Optional[Tensor] = None,
+    ) -> Tensor:
+        """Return the last hidden states [B, L, H] of the packed `[txt_i | img_i | pad]` sequence.
+
+        With `img_feat=None` the input is text only: L = Lt and no gather is done.
+        """
+        txt_emb = self.embeddings(input_ids, position_ids)  # [B, Lt, H]
+        if img_feat is None:
+            _check_same_shape("attn_masks", attn_masks, "input_ids", input_ids)
+            return self.encoder(txt_emb, attn_masks)
+        if img_pos_feat is None or gather_index is None:
+            raise ValueError("img_feat given without img_pos_feat/gather_index; pass all three or none")
+        _check_same_shape("gather_index", gather_index, "attn_masks", attn_masks)
+        type_emb = self.embeddings.token_type_embeddings.weight[IMAGE_TYPE]  # [H]
+        img_emb = self.img_embeddings(img_feat, img_pos_feat, type_emb, img_masks)  # [B, Ni, H]
+        # UNITER's gather trick: text and regions are padded separately; one
+        # gather moves each example's regions right after its own text so the
+        # sequence has no holes and padding only sits at the end.
+        emb = torch.cat([txt_emb, img_emb], dim=1)  # [B, Lt + Ni, H]
+        index = gather_index.unsqueeze(-1).expand(-1, -1, emb.size(-1))  # [B, L, H]
+        packed = torch.gather(emb, 1, index)  # [B, L, H]
+        return self.encoder(packed, attn_masks)
+
+    def pooled(self, hidden: Tensor) -> Tensor:
+        """hidden [B, L, H] -> pooled [CLS] representation [B, H]."""
+        return self.pooler(hidden)
+
+
+def _check_same_shape(name_a: str, a: Tensor, name_b: str, b: Tensor) -> None:
+    if a.shape != b.shape:
+        raise ValueError(
+            f"{name_a} has shape {tuple(a.shape)} but {name_b} has {tuple(b.shape)}; "
+            "both must be [B, L] over the same (packed) sequence"
+        )

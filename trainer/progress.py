@@ -1,0 +1,37 @@
+"""Rank-0 progress: a tqdm bar (step, per-task loss, samples/s, ETA) and periodic log lines."""
+from __future__ import annotations
+
+import sys
+import time
+
+from tqdm import tqdm
+
+
+class Progress:
+    def __init__(self, enabled: bool, start: int, total: int, log_every: int = 10):
+        self.enabled, self.log_every = enabled, log_every
+        self.bar = tqdm(total=total, initial=start, disable=not enabled, dynamic_ncols=True,
+                        mininterval=0.5, file=sys.stderr, unit="step")
+        self.window: dict[str, list[float]] = {}
+        self.samples, self.t0 = 0, time.time()
+
+    def update(self, step: int, task: str, stats: dict[str, float], batch_size: int) -> None:
+        for k, v in stats.items():
+            self.window.setdefault(f"{task}_{k}", []).append(v)
+        self.samples += batch_size
+        rate = self.samples / max(time.time() - self.t0, 1e-9)
+        self.bar.update(1)
+        self.bar.set_postfix_str(f"{task} loss {stats.get('loss', float('nan')):.3f} | {rate:.0f} samples/s",
+                                 refresh=False)
+        if step % self.log_every == 0:
+            parts = [f"{k} {sum(v) / len(v):.4f}" for k, v in sorted(self.window.items())]
+            self.write(f"step {step}: " + "  ".join(parts) + f"  | {rate:.0f} samples/s")
+            self.window.clear()
+
+    def write(self, line: str) -> None:
+        if self.enabled:
+            self.bar.write(line, file=sys.stdout)
+            sys.stdout.flush()
+
+    def close(self) -> None:
+        self.bar.close()

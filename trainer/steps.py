@@ -1,0 +1,72 @@
+"""One optimizer step and one validation pass, on a DeepSpeed engine."""
+from __future__ import annotations
+
+from typing import Iterable
+
+import numpy as np
+import torch
+
+from data.loader import ResumableTaskLoader, pin
+from trainer.distributed import all_reduce_sum
+from trainer.engine import BatchLayout
+
+
+def draw_task(seed: int, step: int, ratios: dict[str, float]) -> str:
+    """The task of optimizer step `step`: a pure function of (seed, step), so it is
+    the same on every rank and after a resume, without communication."""
+    names = sorted(ratios)
+    p = np.array([ratios[n] for n in names], dtype=np.float64)
+    rng = np.random.default_rng([seed, step, 7])
+    return names[int(rng.choice(len(names), p=p / p.sum()))]
+
+
+def train_step(engine, loader: ResumableTaskLoader, task: str, layout: BatchLayout,
+               device: torch.device) -> dict[str, float]:
+    """Run the micro-batches of one optimizer step; returns global means of the task's stats.
+
+    Each micro-batch loss is `sum * (world * accum) / N_step`, with N_step the number of
+    loss terms in the whole step over all ranks: DeepSpeed divides by accum and averages
+    over ranks, so the update is the gradient of the global mean.
+    """
+    batches = [loader.next() for _ in range(layout.grad_accum)]
+    local_n = torch.tensor([float(sum(b["n_items"] for b in batches))], dtype=torch.float64)
+    global_n = all_reduce_sum(local_n.to(device)).to(torch.float32)  # [1]
+    scale = layout.grad_accum * layout.world_size / global_n
+    sums: dict[str, torch.Tensor] = {}
+    for batch in batches:
+        result = engine(pin(batch, device), task)
+        engine.backward(result.loss_sum * scale.squeeze(0))
+        engine.step()
+        for k, v in result.stats.items():
+            sums[k] = sums.get(k, 0) + v.detach().float()
+    return global_means(sums, global_n)
+
+
+def global_means(sums: dict[str, torch.Tensor], global_n: torch.Tensor) -> dict[str, float]:
+    names = sorted(sums)
+    stacked = all_reduce_sum(torch.stack([sums[k].reshape(()) for k in names]))
+    values = (stacked / global_n).tolist()
+    return dict(zip(names, values))
+
+
+@torch.no_grad()
+def evaluate(engine, task_batches: dict[str, Iterable[dict]], device: torch.device) -> dict[str, float]:
+    """Mean loss / accuracy per task over the held-out split, over all ranks."""
+    engine.eval()
+    metrics: dict[str, float] = {}
+    try:
+        for task, batches in task_batches.items():
+            sums: dict[str, torch.Tensor] = {}
+            n = torch.zeros((), dtype=torch.float64, device=device)
+            for batch in batches:
+                result = engine(pin(batch, device), task)
+                for k, v in result.stats.items():
+                    sums[k] = sums.get(k, 0) + v.float()
+                n += batch["n_items"]
+            if not sums:
+                continue
+            for k, v in global_means(sums, all_reduce_sum(n).float()).items():
+                metrics[f"val/{task}_{k}"] = v
+    finally:
+        engine.train()
+    return metrics
