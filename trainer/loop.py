@@ -178,8 +178,8 @@ def pretrain(cfg: Config) -> dict:
 def run_training(cfg, info, engine, loaders, layout, tracker, state, tok, img_dim, config_yaml) -> dict:
     run_dir = os.path.abspath(cfg.train.run_dir)
     last_step = min(cfg.train.max_steps, cfg.train.stop_after_steps or cfg.train.max_steps)
-    progress = Progress(enabled=info.is_main and cfg.train.progress, start=state.step,
-                        total=cfg.train.max_steps, log_every=cfg.train.log_every)
+    progress = Progress(enabled=info.is_main, start=state.step, total=cfg.train.max_steps,
+                        log_every=cfg.train.log_every, bar=cfg.train.progress)
     val_metrics: dict[str, float] = {}
     t0, start_step, path = time.time(), state.step, None
     while state.step < last_step:

@@ -8,9 +8,10 @@ from tqdm import tqdm
 
 
 class Progress:
-    def __init__(self, enabled: bool, start: int, total: int, log_every: int = 10):
+    def __init__(self, enabled: bool, start: int, total: int, log_every: int = 10, bar: bool = True):
+        """`enabled`: this rank prints (rank 0); `bar`: draw the tqdm bar (log lines print regardless)."""
         self.enabled, self.log_every = enabled, log_every
-        self.bar = tqdm(total=total, initial=start, disable=not enabled, dynamic_ncols=True,
+        self.bar = tqdm(total=total, initial=start, disable=not (enabled and bar), dynamic_ncols=True,
                         mininterval=0.5, file=sys.stderr, unit="step")
         self.window: dict[str, list[float]] = {}
         self.samples, self.t0 = 0, time.time()

@@ -1,0 +1,232 @@
+"""`vlpt convert import/export`: UNITER file round trips and real DeepSpeed checkpoints."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import free_port
+from trainer.cli import main
+from trainer.config import Config, config_to_yaml
+from trainer.models.config import ModelConfig
+from trainer.models.convert import TIED_DUPLICATES, export_uniter_state_dict
+from trainer.models.pretrain import UniterForPretraining
+
+TINY = ModelConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                   vocab_size=50, img_dim=16, img_label_dim=9)
+TAG = "step_00000001"
+
+
+def tiny_model(seed: int = 0) -> UniterForPretraining:
+    torch.manual_seed(seed)
+    return UniterForPretraining(TINY)
+
+
+def assert_bit_identical(got: dict, want: dict) -> None:
+    assert sorted(got) == sorted(want)
+    for key, value in want.items():
+        assert got[key].dtype == value.dtype and got[key].shape == value.shape, key
+        assert torch.equal(got[key].contiguous().view(torch.uint8), value.contiguous().view(torch.uint8)), key
+
+
+def one_line(text: str) -> str:
+    lines = text.strip().splitlines()
+    assert len(lines) == 1, text
+    return lines[0]
+
+
+# ---------------------------------------------------------------- import
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_import_round_trip_is_bit_identical(tmp_path, capsys, suffix):
+    model = tiny_model()
+    uniter_sd = export_uniter_state_dict(model.state_dict())
+    src, dst = tmp_path / "model_step_1000.pt", tmp_path / f"ours{suffix}"
+    torch.save(uniter_sd, src)
+
+    assert main(["convert", "import", "--src", str(src), "--dst", str(dst)]) == 0
+
+    if suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        got = load_file(str(dst))
+    else:
+        got = torch.load(dst, map_location="cpu", weights_only=True)
+        assert list(got) == list(model.state_dict())  # UNITER's key order is kept
+    assert_bit_identical(got, model.state_dict())
+    line = one_line(capsys.readouterr().out)
+    n = len(model.state_dict())
+    assert f"{n + 2} keys in, {n} out" in line
+    assert all(dup in line for dup in TIED_DUPLICATES)
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_import_then_export_restores_the_uniter_file(tmp_path, suffix):
+    uniter_sd = export_uniter_state_dict(tiny_model().state_dict())
+    torch.save(uniter_sd, tmp_path / "uniter.pt")
+    ours = str(tmp_path / f"ours{suffix}")
+    assert main(["convert", "import", "--src", str(tmp_path / "uniter.pt"), "--dst", ours]) == 0
+    assert main(["convert", "export", "--src", ours, "--dst", str(tmp_path / "back.pt")]) == 0
+    back = torch.load(tmp_path / "back.pt", map_location="cpu", weights_only=True)
+    assert list(back) == list(uniter_sd)
+    assert_bit_identical(back, uniter_sd)
+
+
+# ---------------------------------------------------------------- export from DeepSpeed checkpoints
+
+
+@pytest.fixture(scope="session")
+def process_group():
+    """One gloo process group (world size 1) for the whole session, as the launchers would set up."""
+    deepspeed = pytest.importorskip("deepspeed")
+    created = not torch.distributed.is_initialized()
+    if created:
+        saved = dict(os.environ)
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0",
+                          WORLD_SIZE="1", LOCAL_RANK="0")
+        try:
+            deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+        finally:
+            # The rendezvous variables are only needed to connect; left set, they would leak into
+            # `vlpt` subprocesses of other tests and point them at this process's port.
+            os.environ.clear()
+            os.environ.update(saved)
+    yield deepspeed
+    if created and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+@pytest.fixture(scope="module", params=[(0, "fp32"), (2, "fp32"), (3, "fp32"), (0, "bf16")],
+                ids=["stage0", "stage2", "stage3", "stage0-bf16"])
+def ds_run(request, process_group, tmp_path_factory):
+    """A run dir with one DeepSpeed checkpoint and the model's weights at that point.
+
+    Stages 0 and 2 take one optimizer step first, so the fp32 master copies must have followed
+    the update; ZeRO-3 only computes gradients through the engine's forward (which needs a task
+    batch), so its checkpoint holds the initial weights. The weights come back as fp32 (bf16
+    ones upcast exactly).
+    """
+    deepspeed, (stage, dtype) = process_group, request.param
+    model = tiny_model()
+    config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": stage},
+              "zero_allow_untested_optimizer": True, "steps_per_print": 10**9,
+              "bf16": {"enabled": dtype == "bf16"}}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LOCAL_RANK", "0")  # DeepSpeedEngine asserts it is set, as a launcher would
+        engine, *_ = deepspeed.initialize(model=model, config=config,
+                                          optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2))
+    if stage < 3:
+        engine.backward(sum((p ** 2).sum() for p in engine.module.parameters()))
+        engine.step()
+    run_dir = tmp_path_factory.mktemp(f"run_stage{stage}_{dtype}")
+    root = run_dir / "checkpoints"
+    engine.save_checkpoint(str(root), tag=TAG, save_latest=False)
+    (root / "latest").write_text(TAG)
+    (root / TAG / "config.yaml").write_text(config_to_yaml(Config(model=TINY)))
+    with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), enabled=stage == 3):
+        want = {k: v.detach().float() for k, v in engine.module.state_dict().items()}
+    initial = tiny_model().state_dict()["itm_output.weight"]
+    moved = (want["itm_output.weight"] - initial).abs().max().item()  # Adam's first step: ~lr
+    assert (moved > 5e-3) == (stage < 3)
+    return stage, run_dir, want
+
+
+@pytest.mark.parametrize("which", ["run_dir", "checkpoints_dir", "tag_dir"])
+def test_export_from_deepspeed_checkpoint(ds_run, tmp_path, capsys, which):
+    stage, run_dir, want = ds_run
+    src = {"run_dir": run_dir, "checkpoints_dir": run_dir / "checkpoints",
+           "tag_dir": run_dir / "checkpoints" / TAG}[which]
+    dst = tmp_path / "uniter" / "model_step_1.pt"
+
+    assert main(["convert", "export", "--src", str(src), "--dst", str(dst)]) == 0
+
+    got = torch.load(dst, map_location="cpu", weights_only=True)
+    expected = export_uniter_state_dict(want)
+    assert list(got) == list(expected)
+    assert_bit_identical(got, expected)
+    line = one_line(capsys.readouterr().out)
+    assert str(run_dir / "checkpoints" / TAG) in line and f"{len(expected)} keys" in line
+    assert ("ZeRO" in line) == (stage > 0)
+
+
+def test_export_rejects_checkpoint_that_does_not_fit_its_config(ds_run, tmp_path, capsys):
+    _, run_dir, _ = ds_run
+    tag_dir = tmp_path / TAG
+    shutil.copytree(run_dir / "checkpoints" / TAG, tag_dir)
+    wider = dataclasses.replace(TINY, hidden_size=64)
+    (tag_dir / "config.yaml").write_text(config_to_yaml(Config(model=wider)))
+
+    assert main(["convert", "export", "--src", str(tag_dir), "--dst", str(tmp_path / "out.pt")]) == 2
+    assert str(tag_dir) in one_line(capsys.readouterr().err)
+    assert not (tmp_path / "out.pt").exists()
+
+
+def test_export_reads_stage0_model_states_that_pickle_objects(tmp_path, capsys):
+    """DeepSpeed's own model-states file may hold non-tensor objects (here its loss scaler)."""
+    loss_scaler = pytest.importorskip("deepspeed.runtime.fp16.loss_scaler")
+    model = tiny_model()
+    tag_dir = tmp_path / "checkpoints" / TAG
+    tag_dir.mkdir(parents=True)
+    torch.save({"module": model.state_dict(), "optimizer": {"loss_scaler": loss_scaler.LossScaler(1.0)}},
+               tag_dir / "mp_rank_00_model_states.pt")
+    (tmp_path / "checkpoints" / "latest").write_text(TAG + "\n")
+
+    assert main(["convert", "export", "--src", str(tmp_path), "--dst", str(tmp_path / "out.pt")]) == 0
+    assert_bit_identical(torch.load(tmp_path / "out.pt", weights_only=True),
+                         export_uniter_state_dict(model.state_dict()))
+    assert str(tag_dir) in one_line(capsys.readouterr().out)
+
+
+# ---------------------------------------------------------------- user errors
+
+
+def _error_case(tmp_path: Path, case: str) -> tuple[list[str], Path]:
+    """argv tail and the path the one-line error must name."""
+    if case == "import_missing_src":
+        return ["import", "--src", str(tmp_path / "nope.pt")], tmp_path / "nope.pt"
+    if case == "export_missing_src":
+        return ["export", "--src", str(tmp_path / "nope")], tmp_path / "nope"
+    if case == "dir_without_latest":
+        (tmp_path / "run").mkdir()
+        return ["export", "--src", str(tmp_path / "run")], tmp_path / "run"
+    if case == "latest_names_missing_tag":
+        (tmp_path / "checkpoints").mkdir()
+        (tmp_path / "checkpoints" / "latest").write_text("step_00000009")
+        return ["export", "--src", str(tmp_path)], tmp_path / "checkpoints" / "latest"
+    if case == "not_a_state_dict":
+        (tmp_path / "notes.pt").write_text("hello")
+        return ["import", "--src", str(tmp_path / "notes.pt")], tmp_path / "notes.pt"
+    if case == "pickled_object":
+        torch.save({"model": torch.nn.Linear(2, 2)}, tmp_path / "pickled.pt")
+        return ["import", "--src", str(tmp_path / "pickled.pt")], tmp_path / "pickled.pt"
+    if case == "not_uniter":
+        torch.save({"weight": torch.zeros(2)}, tmp_path / "other.pt")
+        return ["export", "--src", str(tmp_path / "other.pt")], tmp_path / "other.pt"
+    if case == "untied_duplicate":
+        sd = export_uniter_state_dict(tiny_model().state_dict())
+        sd["feat_regress.weight"] = sd["feat_regress.weight"] + 1
+        torch.save(sd, tmp_path / "untied.pt")
+        return ["import", "--src", str(tmp_path / "untied.pt")], tmp_path / "untied.pt"
+    if case == "export_already_uniter":
+        torch.save(export_uniter_state_dict(tiny_model().state_dict()), tmp_path / "uniter.pt")
+        return ["export", "--src", str(tmp_path / "uniter.pt")], tmp_path / "uniter.pt"
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize("case", ["import_missing_src", "export_missing_src", "dir_without_latest",
+                                  "latest_names_missing_tag", "not_a_state_dict", "pickled_object",
+                                  "not_uniter", "untied_duplicate", "export_already_uniter"])
+def test_user_errors_are_one_line_naming_the_path(tmp_path, capsys, case):
+    argv, named = _error_case(tmp_path, case)
+    dst = tmp_path / "out.pt"
+
+    assert main(["convert", *argv, "--dst", str(dst)]) == 2
+
+    line = one_line(capsys.readouterr().err)
+    assert line.startswith("vlpt: error: ") and str(named) in line
+    assert not dst.exists()
