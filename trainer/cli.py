@@ -1,4 +1,4 @@
-"""The `vlpt` command: pretrain, demo-data, convert, config.
+"""The `vlpt` command: pretrain, config, demo-data, convert, launch.
 
 User errors (bad config key or type, missing file) end the process with one
 line on stderr and exit code 2, never a traceback.
@@ -65,6 +65,13 @@ def cmd_convert(args, extra: list[str]) -> int:
     return run_convert(args)
 
 
+def cmd_launch(args, extra: list[str]) -> int:
+    from cluster.launch import launch
+
+    return launch(args.launcher, args.config, args.nproc, split_overrides(extra), args.dry_run,
+                  args.master_port)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vlpt", description="vision-and-language pretraining")
     sub = p.add_subparsers(dest="command", required=True)
@@ -87,6 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--src", required=True, help="input file (state dict) or our checkpoint directory")
     sp.add_argument("--dst", required=True, help="output .pt file")
     sp.set_defaults(fn=cmd_convert)
+    sp = sub.add_parser("launch", help="start `vlpt pretrain` on several local processes")
+    sp.add_argument("launcher", choices=["local", "deepspeed"], help="local = torchrun")
+    sp.add_argument("--config", required=True)
+    sp.add_argument("--nproc", type=int, default=2, help="processes (GPUs, or CPU ranks with gloo)")
+    sp.add_argument("--master-port", type=int, default=29500)
+    sp.add_argument("--dry-run", action="store_true", help="print the command only")
+    sp.set_defaults(fn=cmd_launch)
     return p
 
 

@@ -58,6 +58,8 @@ class ParallelConfig:
     """ZeRO-Offload of optimizer state to CPU (stage >= 1)."""
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     """auto = nccl on CUDA, gloo on CPU."""
+    zero3_persistence_threshold: int = 100000
+    """ZeRO-3: parameters with fewer elements stay unpartitioned (stage3_param_persistence_threshold)."""
     timeout_minutes: int = 30
     """Collective timeout; finite so a dead rank ends the job instead of hanging it."""
 

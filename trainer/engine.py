@@ -49,6 +49,8 @@ def batch_layout(optim: OptimConfig, micro_batch_size: int, world_size: int) -> 
 def build_deepspeed_config(optim: OptimConfig, parallel: ParallelConfig, precision: PrecisionConfig,
                            layout: BatchLayout) -> dict[str, Any]:
     zero: dict[str, Any] = {"stage": parallel.zero_stage}
+    if parallel.zero_stage == 3:
+        zero["stage3_param_persistence_threshold"] = parallel.zero3_persistence_threshold
     if parallel.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     cfg: dict[str, Any] = {

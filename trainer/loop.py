@@ -202,7 +202,9 @@ def run_training(cfg, info, engine, loaders, layout, tracker, state, tok, img_di
     summary = {"steps": state.step, "steps_this_run": state.step - start_step, "seconds": elapsed,
                "samples_per_s": (state.step - start_step) * layout.global_batch_size / max(elapsed, 1e-9),
                "checkpoint": path, "mlflow_run_id": tracker.run_id, "mlflow_ui": tracker.ui_command(),
-               "task_counts": state.task_counts, **val_metrics}
+               "task_counts": state.task_counts, "world_size": layout.world_size,
+               "grad_accum": layout.grad_accum, "global_batch_size": layout.global_batch_size,
+               **val_metrics}
     if info.is_main:
         summary.update(mlm_loss_drop(os.path.join(run_dir, "metrics.jsonl")))
         final = {k: v for k, v in summary.items() if isinstance(v, float) and not k.startswith("val/")}

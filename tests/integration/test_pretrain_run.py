@@ -82,3 +82,13 @@ def test_unknown_key_in_yaml_is_one_line(tmp_path, demo_data):
     cfg = write_tiny_config(tmp_path / "c.yaml", demo_data, tmp_path / "run", optim={"lrr": 1.0})
     proc = run_vlpt(["pretrain", "--config", str(cfg)], check=False)
     assert proc.returncode == 2 and "optim.lrr" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_bf16_on_cpu_runs_with_finite_losses(tmp_path, demo_data):
+    run_dir = tmp_path / "bf16"
+    cfg = write_tiny_config(tmp_path / "c.yaml", demo_data, run_dir, precision={"dtype": "bf16"},
+                            parallel={"zero_stage": 1}, train={"max_steps": 4})
+    run_vlpt(["pretrain", "--config", str(cfg)])
+    losses = step_losses(run_dir)
+    assert sorted(losses) == [1, 2, 3, 4]
+    assert all(0 < v < 20 for v in losses.values())

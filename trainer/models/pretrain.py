@@ -35,6 +35,7 @@ class UniterForPretraining(nn.Module):
             head.apply(lambda m: init_bert_weights(m, cfg.initializer_range))
         nn.init.zeros_(self.cls.predictions.bias)
         nn.init.zeros_(self.feat_regress.bias)
+        register_shared_parameters(self)
 
     def forward(self, batch: dict, task: str):
         """One pretraining task on a collated batch -> `TaskResult` (summed loss and stats).
@@ -90,6 +91,24 @@ class UniterForPretraining(nn.Module):
     def itm_logits(self, hidden: Tensor) -> Tensor:
         """hidden [B, L, H] -> match / no-match logits [B, 2] from the pooled [CLS]."""
         return self.itm_output(self.uniter.pooled(hidden))
+
+
+def register_shared_parameters(model: UniterForPretraining) -> None:
+    """Tell ZeRO-3 which modules read a parameter they do not own.
+
+    ZeRO-3 gathers a partitioned parameter only around its owner's forward; the
+    tied heads and the embedding rows read outside their owners must be gathered
+    for the reader too. Outside ZeRO-3 this only records the pairs.
+    """
+    try:
+        from deepspeed.zero import register_external_parameter
+    except ImportError:  # DeepSpeed is a dependency, but the model is usable without it
+        return
+    uniter = model.uniter
+    register_external_parameter(model.cls, uniter.embeddings.word_embeddings.weight)
+    register_external_parameter(model.feat_regress, uniter.img_embeddings.img_linear.weight)
+    register_external_parameter(uniter, uniter.embeddings.token_type_embeddings.weight)
+    register_external_parameter(uniter.img_embeddings, uniter.img_embeddings.mask_embedding.weight)
 
 
 def build_model(cfg: ModelConfig) -> UniterForPretraining:
