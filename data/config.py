@@ -18,7 +18,7 @@ class DataConfig:
     val_batch_size: int = 64
     """Samples per process per validation batch."""
     max_txt_len: int = 60
-    """Word pieces kept per caption (UNITER: 60), before [CLS]/[SEP]."""
+    """Longest caption in word pieces, before [CLS]/[SEP]; longer ones are skipped (UNITER: 60)."""
     shuffle_buffer: int = 512
     """Samples held in each stream's shuffle buffer; 0 or 1 disables shuffling."""
     num_workers: int = 0

@@ -30,7 +30,7 @@ REGION_FIELDS = ("features", "norm_bb", "conf", "soft_labels")
 SKIP_REASONS = (
     "missing_json", "bad_json", "missing_image_id", "missing_caption", "empty_caption",
     "missing_npz", "bad_npz", "missing_field", "no_regions", "wrong_feature_dim",
-    "bad_shape", "nonfinite_features",
+    "bad_shape", "nonfinite_features", "caption_too_long",
 )
 # webdataset's rule: key = everything up to the first dot of the basename.
 _KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
@@ -298,7 +298,8 @@ def decode_region_sample(
     """Decode a raw sample from `iter_shard`; (sample, None) or (None, reason from SKIP_REASONS).
 
     Bad data never raises. Captions longer than `max_txt_len` word pieces are
-    truncated; `img_dim`/`label_dim`, when given, are the expected widths.
+    dropped, as UNITER drops them (its text DB keeps only ids with len <= max_txt_len);
+    `img_dim`/`label_dim`, when given, are the expected widths.
     """
     if max_txt_len < 1:
         raise ValueError(f"max_txt_len must be >= 1, got {max_txt_len}")
@@ -311,9 +312,11 @@ def decode_region_sample(
     reason = _check_regions(arrays, img_dim, label_dim)
     if reason:
         return None, reason
-    ids = np.asarray(tokenizer.encode(meta["caption"])[:max_txt_len], dtype=np.int64)  # [T]
+    ids = np.asarray(tokenizer.encode(meta["caption"]), dtype=np.int64)  # [T]
     if ids.size == 0:  # e.g. only characters the normaliser drops
         return None, "empty_caption"
+    if ids.size > max_txt_len:
+        return None, "caption_too_long"
     bb = arrays["norm_bb"].astype(np.float32)  # [n, 6]
     img_pos = np.concatenate([bb, bb[:, 4:5] * bb[:, 5:6]], axis=1)  # [n, 7], UNITER appends w*h
     sample = RegionSample(

@@ -180,8 +180,7 @@ def run_training(cfg, info, engine, loaders, layout, tracker, state, tok, img_di
     last_step = min(cfg.train.max_steps, cfg.train.stop_after_steps or cfg.train.max_steps)
     progress = Progress(enabled=info.is_main, start=state.step, total=cfg.train.max_steps,
                         log_every=cfg.train.log_every, bar=cfg.train.progress)
-    val_metrics: dict[str, float] = {}
-    t0, start_step, path = time.time(), state.step, None
+    t0, start_step = time.time(), state.step
     while state.step < last_step:
         task = draw_task(cfg.train.seed, state.step, cfg.tasks)
         stats = train_step(engine, loaders[task], task, layout, info.device)
@@ -191,13 +190,12 @@ def run_training(cfg, info, engine, loaders, layout, tracker, state, tok, img_di
         tracker.log_metrics(record, state.step, task=task)
         progress.update(state.step, task, stats, layout.global_batch_size)
         if cfg.train.val_every and state.step % cfg.train.val_every == 0 and state.step < last_step:
-            val_metrics = run_validation(cfg, info, engine, tok, img_dim, tracker, progress, state.step)
+            run_validation(cfg, info, engine, tok, img_dim, tracker, progress, state.step)
         if cfg.train.save_every and state.step % cfg.train.save_every == 0 and state.step < last_step:
-            path = save(cfg, info, engine, loaders, state, tracker, config_yaml)
+            save(cfg, info, engine, loaders, state, tracker, config_yaml)
     elapsed = time.time() - t0
     progress.close()
-    if state.step > start_step or not val_metrics:
-        val_metrics = run_validation(cfg, info, engine, tok, img_dim, tracker, progress, state.step)
+    val_metrics = run_validation(cfg, info, engine, tok, img_dim, tracker, progress, state.step)
     path = save(cfg, info, engine, loaders, state, tracker, config_yaml)
     summary = {"steps": state.step, "steps_this_run": state.step - start_step, "seconds": elapsed,
                "samples_per_s": (state.step - start_step) * layout.global_batch_size / max(elapsed, 1e-9),

@@ -185,8 +185,11 @@ def test_decode_good_sample(tok):
     assert sample.input_ids.dtype == np.int64 and sample.img_feat.dtype == np.float32
     assert sample.img_pos.shape == (3, 7)
     np.testing.assert_allclose(sample.img_pos[:, 6], 0.16, rtol=1e-6)  # w * h
-    short, _ = decode_region_sample(_raw(), tok, max_txt_len=4)
-    assert short.input_ids.tolist() == sample.input_ids[:4].tolist()
+    n = len(sample.input_ids)
+    exact, _ = decode_region_sample(_raw(), tok, max_txt_len=n)
+    assert exact.input_ids.tolist() == sample.input_ids.tolist()
+    # UNITER drops, not truncates, captions over max_txt_len.
+    assert decode_region_sample(_raw(), tok, max_txt_len=n - 1) == (None, "caption_too_long")
 
 
 def _bad(kind: str) -> dict:
