@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from data.masking import mask_tokens
+from data.masking import mask_regions, mask_tokens
 from data.shards import RegionSample
 
 
@@ -135,4 +135,48 @@ def collate_itm(samples: Sequence[RegionSample], rng: np.random.Generator, tok, 
     batch = _batch([s.input_ids for s in samples], images, samples, tok, "itm")
     batch["itm_targets"] = torch.tensor([1 if j is None else 0 for j in partners], dtype=torch.long)  # [B]
     batch["n_items"] = len(samples)
+    return batch
+
+
+def collate_mrm(samples: Sequence[RegionSample], rng: np.random.Generator, tok, mrm_prob: float = 0.15,
+                task: str = "mrm") -> dict:
+    """Masked-region batch for MRFR, MRC and MRC-kl alike (DESIGN §3).
+
+    Conditional masking: the text is untouched; per sample, in order, the
+    regions are drawn with `mask_regions` (p = mrm_prob, at least one). The
+    input `img_feat` has the masked rows set to 0 (boxes unchanged; the model
+    adds `mask_embedding.weight[1]` where `img_masks` is set). Adds:
+
+      img_masks        [B, Ni] bool, False at pads
+      mrm_index        [N] long, flat packed positions i * L + txt_len_i + j of
+                       every masked region j of example i, row-major (i, then j)
+      mrfr_targets     [N, img_dim] float32, original features, same order
+      mrc_soft_labels  [N, label_dim] float32, soft labels, same order
+      n_items          N, the number of masked regions
+
+    `task` only labels the batch (e.g. "mrfr", "mrc", "mrc-kl").
+    """
+    _check_samples(samples)
+    label_dims = {s.soft_labels.shape[1] for s in samples}
+    if len(label_dims) > 1:
+        raise ValueError(f"samples of one batch must share label_dim, got {sorted(label_dims)}")
+    masks = [mask_regions(len(s.img_feat), rng, mrm_prob) for s in samples]
+    batch = _batch([s.input_ids for s in samples], samples, samples, tok, task)
+    bsz, ni = batch["img_feat"].shape[:2]
+    img_masks = np.zeros((bsz, ni), dtype=bool)  # [B, Ni]
+    for i, m in enumerate(masks):
+        img_masks[i, : len(m)] = m
+    rows, cols = np.nonzero(img_masks)  # host-side, row-major: same order as the targets below
+    out_len = batch["attn_masks"].shape[1]
+    txt_lens = batch["txt_lens"].numpy()
+    mrm_index = rows * out_len + txt_lens[rows] + cols  # [N]
+    targets = np.concatenate([s.img_feat[m] for s, m in zip(samples, masks)]).astype(np.float32)  # [N, D]
+    soft = np.concatenate([s.soft_labels[m] for s, m in zip(samples, masks)]).astype(np.float32)  # [N, K]
+    masks_t = torch.from_numpy(img_masks)
+    batch["img_feat"] = batch["img_feat"].masked_fill(masks_t[..., None], 0.0)  # [B, Ni, D]
+    batch["img_masks"] = masks_t
+    batch["mrm_index"] = torch.from_numpy(mrm_index.astype(np.int64))
+    batch["mrfr_targets"] = torch.from_numpy(np.ascontiguousarray(targets))
+    batch["mrc_soft_labels"] = torch.from_numpy(np.ascontiguousarray(soft))
+    batch["n_items"] = int(len(rows))
     return batch

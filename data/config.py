@@ -25,6 +25,8 @@ class DataConfig:
     """DataLoader worker processes per task loader (0 = in the training process)."""
     mlm_prob: float = 0.15
     """Probability a word piece is selected for MLM."""
+    mrm_prob: float = 0.15
+    """Probability a region is masked for MRFR / MRC / MRC-kl (at least one per image)."""
     itm_neg_prob: float = 0.5
     """Probability an ITM pair is made negative by swapping in another image."""
 
@@ -34,6 +36,6 @@ class DataConfig:
                 raise ValueError(f"data.{name} must be positive, got {getattr(self, name)}")
         if self.num_workers < 0 or self.shuffle_buffer < 0:
             raise ValueError("data.num_workers and data.shuffle_buffer must be >= 0")
-        for name in ("mlm_prob", "itm_neg_prob"):
+        for name in ("mlm_prob", "mrm_prob", "itm_neg_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"data.{name} must be in [0, 1], got {getattr(self, name)}")

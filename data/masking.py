@@ -1,6 +1,6 @@
-"""UNITER's MLM text masking (DESIGN §3), vectorised but draw-for-draw deterministic.
+"""UNITER's MLM text masking and region masking (DESIGN §3), vectorised but draw-for-draw deterministic.
 
-Random-number order, which defines the result for a given generator state:
+Random-number order of `mask_tokens`, which defines the result for a given generator state:
   1. `rng.random(T)`: one uniform per word piece, in token order;
   2. `rng.integers(first_random_id, vocab_size, size=K)`: one id per token
      that took the random-replacement branch, in token order (skipped if K=0).
@@ -51,3 +51,21 @@ def mask_tokens(
         masked[to_random] = rng.integers(first_random_id, vocab_size, size=n_random)
     labels[selected] = ids[selected]
     return masked, labels
+
+
+def mask_regions(num_bb: int, rng: np.random.Generator, prob: float = 0.15) -> np.ndarray:
+    """UNITER's `_get_img_mask` (DESIGN §3): which of `num_bb` regions to mask, [num_bb] bool.
+
+    Random-number order: `rng.random(num_bb)`, one uniform per region (selected
+    if < prob); only if none was selected, `rng.integers(num_bb)` picks the one
+    region that is masked, so every sample has at least one target.
+    """
+    num_bb = int(num_bb)
+    if num_bb < 1:
+        raise ValueError(f"mask_regions needs at least one region, got num_bb={num_bb}")
+    if not 0.0 < prob <= 1.0:
+        raise ValueError(f"mask probability must be in (0, 1], got {prob}")
+    mask = rng.random(num_bb) < prob  # [num_bb]
+    if not mask.any():
+        mask[int(rng.integers(num_bb))] = True
+    return mask

@@ -16,8 +16,9 @@ from trainer.config_loader import (
     ConfigError, apply_overrides, from_dict, load_yaml_with_includes, to_dict,
 )
 from trainer.models.config import ModelConfig
+from trainer.objectives.itm import WraConfig
 
-KNOWN_TASKS = ("mlm", "itm")
+KNOWN_TASKS = ("mlm", "itm", "mrfr", "mrc", "mrc-kl")
 
 
 @dataclass(frozen=True)
@@ -122,6 +123,8 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     tasks: dict[str, float] = field(default_factory=lambda: {"mlm": 1.0, "itm": 1.0})
     """Task mix: one task per optimizer step, drawn with probability proportional to its ratio."""
+    wra: WraConfig = field(default_factory=WraConfig)
+    """Word-region alignment (optimal transport) added to ITM."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)

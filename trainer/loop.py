@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from data.collate import collate_itm, collate_mlm
+from data.collate import collate_itm, collate_mlm, collate_mrm
 from data.loader import ResumableTaskLoader, StreamSpec, TaskBatches, positions_from_state, validation_batches
 from data.shards import read_manifest
 from data.tokenizer import load_tokenizer
@@ -22,6 +22,7 @@ from trainer.config_loader import ConfigError, flatten, to_dict
 from trainer.distributed import DistInfo, all_gather_objects, setup_distributed
 from trainer.engine import BatchLayout, batch_layout, build_engine
 from trainer.models.pretrain import build_model
+from trainer.objectives import build_objectives
 from trainer.progress import Progress
 from trainer.steps import draw_task, evaluate, train_step
 from trainer.summary import mlm_loss_drop, print_summary
@@ -57,7 +58,10 @@ def collate_for(task: str, cfg: Config, tok):
     """(samples, rng) -> batch for `task`; a partial, so DataLoader workers can pickle it."""
     if task == "mlm":
         return functools.partial(collate_mlm, tok=tok, mlm_prob=cfg.data.mlm_prob)
-    return functools.partial(collate_itm, tok=tok, neg_prob=cfg.data.itm_neg_prob)
+    if task == "itm":
+        return functools.partial(collate_itm, tok=tok, neg_prob=cfg.data.itm_neg_prob)
+    # MRFR, MRC and MRC-kl share the region masking; only their losses differ.
+    return functools.partial(collate_mrm, tok=tok, mrm_prob=cfg.data.mrm_prob, task=task)
 
 
 def build_train_loaders(cfg: Config, tok, layout: BatchLayout, rank: int, positions: dict,
@@ -149,6 +153,7 @@ def pretrain(cfg: Config) -> dict:
 
     torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
     model = build_model(cfg.model)
+    model.objectives = build_objectives(cfg.wra)
     layout = batch_layout(cfg.optim, cfg.data.micro_batch_size, info.world_size)
     total_steps = cfg.optim.total_steps or cfg.train.max_steps
     engine, _ = build_engine(model, cfg.optim, cfg.parallel, cfg.precision, layout, total_steps,

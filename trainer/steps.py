@@ -33,20 +33,32 @@ def train_step(engine, loader: ResumableTaskLoader, task: str, layout: BatchLayo
     global_n = all_reduce_sum(local_n.to(device)).to(torch.float32)  # [1]
     scale = layout.grad_accum * layout.world_size / global_n
     sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, torch.Tensor] = {}
     for batch in batches:
         result = engine(pin(batch, device), task)
         engine.backward(result.loss_sum * scale.squeeze(0))
         engine.step()
-        for k, v in result.stats.items():
-            sums[k] = sums.get(k, 0) + v.detach().float()
-    return global_means(sums, global_n)
+        accumulate(sums, counts, result)
+    return global_means(sums, counts, global_n)
 
 
-def global_means(sums: dict[str, torch.Tensor], global_n: torch.Tensor) -> dict[str, float]:
-    names = sorted(sums)
-    stacked = all_reduce_sum(torch.stack([sums[k].reshape(()) for k in names]))
-    values = (stacked / global_n).tolist()
-    return dict(zip(names, values))
+def accumulate(sums: dict, counts: dict, result) -> None:
+    for k, v in result.stats.items():
+        sums[k] = sums.get(k, 0) + v.detach().float()
+    for k, v in result.counts.items():
+        counts[k] = counts.get(k, 0) + v.detach().float()
+
+
+def global_means(sums: dict[str, torch.Tensor], counts: dict[str, torch.Tensor],
+                 global_n: torch.Tensor) -> dict[str, float]:
+    """Each stat's sum over ranks divided by its own count over ranks (default: the terms)."""
+    names, own = sorted(sums), sorted(counts)
+    stacked = all_reduce_sum(torch.stack([sums[k].reshape(()) for k in names] +
+                                         [counts[k].reshape(()) for k in own]))
+    totals = dict(zip(names, stacked[:len(names)]))
+    denominators = dict(zip(own, stacked[len(names):]))
+    return {k: (totals[k] / denominators.get(k, global_n.reshape(())).clamp_min(1e-12)).item()
+            for k in names}
 
 
 @torch.no_grad()
@@ -57,15 +69,14 @@ def evaluate(engine, task_batches: dict[str, Iterable[dict]], device: torch.devi
     try:
         for task, batches in task_batches.items():
             sums: dict[str, torch.Tensor] = {}
+            counts: dict[str, torch.Tensor] = {}
             n = torch.zeros((), dtype=torch.float64, device=device)
             for batch in batches:
-                result = engine(pin(batch, device), task)
-                for k, v in result.stats.items():
-                    sums[k] = sums.get(k, 0) + v.float()
+                accumulate(sums, counts, engine(pin(batch, device), task))
                 n += batch["n_items"]
             if not sums:
                 continue
-            for k, v in global_means(sums, all_reduce_sum(n).float()).items():
+            for k, v in global_means(sums, counts, all_reduce_sum(n).float()).items():
                 metrics[f"val/{task}_{k}"] = v
     finally:
         engine.train()

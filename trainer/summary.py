@@ -14,12 +14,9 @@ def mlm_loss_drop(metrics_path: str, window: int = WINDOW) -> dict[str, float]:
     checkpoint) keeps its last record.
     """
     by_step: dict[int, float] = {}
-    if os.path.isfile(metrics_path):
-        with open(metrics_path) as f:
-            for line in f:
-                rec = json.loads(line)
-                if rec.get("task") == "mlm" and "mlm_loss" in rec:
-                    by_step[rec["step"]] = rec["mlm_loss"]
+    for rec in _records(metrics_path):
+        if rec.get("task") == "mlm" and "mlm_loss" in rec:
+            by_step[rec["step"]] = rec["mlm_loss"]
     losses = [by_step[s] for s in sorted(by_step)]
     if len(losses) < 2 * window:
         return {}
@@ -27,6 +24,26 @@ def mlm_loss_drop(metrics_path: str, window: int = WINDOW) -> dict[str, float]:
     last = sum(losses[-window:]) / window
     return {"mlm_loss_first20": first, "mlm_loss_last20": last,
             "mlm_loss_drop": 1.0 - last / first}
+
+
+def _records(metrics_path: str):
+    if os.path.isfile(metrics_path):
+        with open(metrics_path) as f:
+            for line in f:
+                yield json.loads(line)
+
+
+def validation_trend(metrics_path: str) -> dict[str, tuple[float, float]]:
+    """Each validation metric at the first and the last validation of the whole run."""
+    by_step: dict[int, dict] = {}
+    for rec in _records(metrics_path):
+        vals = {k: v for k, v in rec.items() if k.startswith("val/")}
+        if vals:
+            by_step.setdefault(rec["step"], {}).update(vals)
+    if not by_step:
+        return {}
+    first, last = by_step[min(by_step)], by_step[max(by_step)]
+    return {k: (first[k], last[k]) for k in sorted(last) if k in first}
 
 
 def print_summary(summary: dict, run_dir: str) -> None:
@@ -38,8 +55,11 @@ def print_summary(summary: dict, run_dir: str) -> None:
         lines.append(f"MLM loss          first {WINDOW} MLM steps {summary['mlm_loss_first20']:.4f} -> "
                      f"last {WINDOW} {summary['mlm_loss_last20']:.4f} "
                      f"({100 * summary['mlm_loss_drop']:.1f}% lower)")
-    for k in sorted(k for k in summary if k.startswith("val/")):
-        lines.append(f"{k:<18}{summary[k]:.4f}   (held-out)")
+    trend = validation_trend(os.path.join(run_dir, "metrics.jsonl"))
+    if trend:
+        lines.append("held-out          first validation -> last")
+    for k, (first, last) in trend.items():
+        lines.append(f"  {k:<22}{first:9.4f} -> {last:.4f}")
     lines += [f"checkpoint        {summary['checkpoint']}",
               f"metrics           {os.path.join(run_dir, 'metrics.jsonl')}",
               f"MLflow run        {summary['mlflow_run_id']}",

@@ -36,6 +36,9 @@ class UniterForPretraining(nn.Module):
         nn.init.zeros_(self.cls.predictions.bias)
         nn.init.zeros_(self.feat_regress.bias)
         register_shared_parameters(self)
+        # Task -> objective with the run's settings (trainer.objectives.build_objectives);
+        # None uses the defaults. A plain attribute: no parameters, not in the state dict.
+        self.objectives: Optional[dict] = None
 
     def forward(self, batch: dict, task: str):
         """One pretraining task on a collated batch -> `TaskResult` (summed loss and stats).
@@ -45,9 +48,10 @@ class UniterForPretraining(nn.Module):
         """
         from trainer.objectives import OBJECTIVES
 
-        if task not in OBJECTIVES:
-            raise ValueError(f"unknown task {task!r}; known: {sorted(OBJECTIVES)}")
-        return OBJECTIVES[task](self, self._cast_features(batch))
+        objectives = self.objectives or OBJECTIVES
+        if task not in objectives:
+            raise ValueError(f"unknown task {task!r}; known: {sorted(objectives)}")
+        return objectives[task](self, self._cast_features(batch))
 
     def _cast_features(self, batch: dict) -> dict:
         """Region features arrive as fp32; under bf16/fp16 engines they follow the weights."""

@@ -5,10 +5,27 @@ them); the trainer divides by the number of terms in the whole optimizer step
 over all ranks, so the gradient is that of the global mean whatever the split
 into processes and micro-batches.
 """
+from __future__ import annotations
+
+import functools
+from typing import Callable, Optional
+
 from trainer.objectives.base import TaskResult
-from trainer.objectives.itm import itm_objective
+from trainer.objectives.itm import WraConfig, itm_objective
 from trainer.objectives.mlm import mlm_objective
+from trainer.objectives.mrm import mrc_kl_objective, mrc_objective, mrfr_objective
 
-OBJECTIVES = {"mlm": mlm_objective, "itm": itm_objective}
+Objective = Callable[..., TaskResult]
 
-__all__ = ["OBJECTIVES", "TaskResult", "itm_objective", "mlm_objective"]
+
+def build_objectives(wra: Optional[WraConfig] = None) -> dict[str, Objective]:
+    """Task name -> objective, with the run's objective settings bound."""
+    return {"mlm": mlm_objective,
+            "itm": functools.partial(itm_objective, wra=wra or WraConfig()),
+            "mrfr": mrfr_objective, "mrc": mrc_objective, "mrc-kl": mrc_kl_objective}
+
+
+OBJECTIVES = build_objectives()
+
+__all__ = ["OBJECTIVES", "Objective", "TaskResult", "WraConfig", "build_objectives",
+           "itm_objective", "mlm_objective", "mrc_kl_objective", "mrc_objective", "mrfr_objective"]
