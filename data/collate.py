@@ -138,6 +138,63 @@ def collate_itm(samples: Sequence[RegionSample], rng: np.random.Generator, tok, 
     return batch
 
 
+def _check_candidates(candidates) -> None:
+    if isinstance(candidates, bool) or not isinstance(candidates, (int, np.integer)) or candidates < 1:
+        raise ValueError(f"candidates must be an integer >= 1 (negative images scored per text), "
+                         f"got {candidates!r}; set data.itm_hard_candidates to 1 or more")
+
+
+def _hard_candidates(i: int, samples: Sequence[RegionSample], rng: np.random.Generator,
+                     candidates: int) -> list[int]:
+    """Up to `candidates` sample indices showing distinct images other than text i's, drawn
+    uniformly without replacement; one representative sample (the first) per image_id, so
+    the same image is never scored twice for a text."""
+    first: dict[str, int] = {}
+    for j, s in enumerate(samples):
+        first.setdefault(s.image_id, j)
+    eligible = [j for img, j in first.items() if img != samples[i].image_id]
+    if not eligible:  # every sample shows text i's image: any swap would be a false negative
+        return []
+    picks = rng.choice(len(eligible), size=min(candidates, len(eligible)), replace=False)
+    return [eligible[int(p)] for p in picks]
+
+
+def collate_itm_hard(samples: Sequence[RegionSample], rng: np.random.Generator, tok,
+                     candidates: int = 7) -> dict:
+    """Hard-negative ITM batch (UNITER fine-tuning style): every text with its own image,
+    plus up to `candidates` negative images per text for the objective to score.
+
+    Rows of every per-row tensor (input_ids, txt_lens, img_feat, img_pos_feat, num_bbs,
+    attn_masks, gather_index, itm_targets) are R = B + sum_i k_i pairs: the B positives
+    (text i, image i) first, then the candidates text-major (text i with candidate image j).
+    `keys` / `image_ids` stay those of the B texts' own samples. Adds:
+
+      itm_targets      [R] long, 1 for the B positives, 0 for the candidate rows
+      hard_candidates  [B, k] long, row indices of text i's candidates, -1 past its k_i
+                       (k = max k_i; a text without another image_id has an all -1 row)
+      hard_texts       [M] long, the texts with >= 1 candidate (host-computed, so the
+                       objective picks negatives with static shapes, no device sync)
+      n_items          B + M: the positives plus one hardest negative per text in hard_texts
+    """
+    _check_samples(samples)
+    _check_candidates(candidates)
+    b = len(samples)
+    picks = [_hard_candidates(i, samples, rng, int(candidates)) for i in range(b)]
+    texts = [s.input_ids for s in samples] + [samples[i].input_ids for i, js in enumerate(picks) for _ in js]
+    images = list(samples) + [samples[j] for js in picks for j in js]
+    batch = _batch(texts, images, samples, tok, "itm-hard")
+    index = np.full((b, max(len(js) for js in picks)), -1, dtype=np.int64)  # [B, k]
+    starts = b + np.cumsum([0] + [len(js) for js in picks])  # first candidate row per text
+    for i, js in enumerate(picks):
+        index[i, : len(js)] = np.arange(starts[i], starts[i] + len(js))
+    has_negative = [i for i, js in enumerate(picks) if js]
+    batch["itm_targets"] = torch.tensor([1] * b + [0] * (len(images) - b), dtype=torch.long)  # [R]
+    batch["hard_candidates"] = torch.from_numpy(index)
+    batch["hard_texts"] = torch.tensor(has_negative, dtype=torch.long)  # [M]
+    batch["n_items"] = b + len(has_negative)
+    return batch
+
+
 def collate_mrm(samples: Sequence[RegionSample], rng: np.random.Generator, tok, mrm_prob: float = 0.15,
                 task: str = "mrm") -> dict:
     """Masked-region batch for MRFR, MRC and MRC-kl alike (DESIGN §3).

@@ -1,16 +1,41 @@
 """Typed config of the data section (`data:` in the YAML)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from typing import Optional
+
+DATASET_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    """One training dataset of a multi-dataset mix (UNITER's `train_datasets`)."""
+
+    name: str
+    """Short name used in metric names and RNG streams ("coco", "vg", ...)."""
+    train: str
+    """Directory of the training shards, holding `manifest.json`."""
+    val: Optional[str] = None
+    """Held-out shard directory for validation; None skips this dataset's validation."""
+    tasks: dict[str, float] = field(default_factory=dict)
+    """This dataset's task ratios; empty = the top-level `tasks:`."""
+
+    def __post_init__(self) -> None:
+        if not DATASET_NAME.match(self.name):
+            raise ValueError(f"name {self.name!r} must be letters, digits, '_', '-' or '.'")
+        if not self.train:
+            raise ValueError(f"train: give the training shard directory of dataset {self.name!r}")
 
 
 @dataclass(frozen=True)
 class DataConfig:
     train: str = "demo_data/train"
-    """Directory of the training shards, holding `manifest.json`."""
+    """Directory of the training shards, holding `manifest.json` (single-dataset runs)."""
     val: Optional[str] = None
     """Held-out shard directory (with `manifest.json`) for validation; None skips it."""
+    datasets: list[DatasetConfig] = field(default_factory=list)
+    """Several datasets, each with its own task ratios; when given, `train` and `val` are not used."""
     vocab: str = "data/vocab/demo-vocab.txt"
     """Word-piece vocabulary file (one token a line)."""
     micro_batch_size: int = 32
@@ -29,6 +54,9 @@ class DataConfig:
     """Probability a region is masked for MRFR / MRC / MRC-kl (at least one per image)."""
     itm_neg_prob: float = 0.5
     """Probability an ITM pair is made negative by swapping in another image."""
+    itm_hard_candidates: int = 7
+    """For task "itm-hard": negative images drawn per text (distinct image_ids of the same
+    micro-batch, fewer if it has fewer); the model scores them and trains on the hardest."""
 
     def __post_init__(self) -> None:
         for name in ("micro_batch_size", "val_batch_size", "max_txt_len"):
@@ -36,6 +64,11 @@ class DataConfig:
                 raise ValueError(f"data.{name} must be positive, got {getattr(self, name)}")
         if self.num_workers < 0 or self.shuffle_buffer < 0:
             raise ValueError("data.num_workers and data.shuffle_buffer must be >= 0")
+        names = [d.name for d in self.datasets]
+        if len(set(names)) != len(names):
+            raise ValueError(f"datasets: names must be unique, got {names}")
+        if self.itm_hard_candidates < 1:
+            raise ValueError(f"data.itm_hard_candidates must be >= 1, got {self.itm_hard_candidates}")
         for name in ("mlm_prob", "mrm_prob", "itm_neg_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"data.{name} must be in [0, 1], got {getattr(self, name)}")

@@ -1,11 +1,17 @@
 """A deterministic, learnable demo dataset of synthetic "detector" scenes.
 
-Each scene holds 2-4 coloured objects plus 1-3 clutter regions on a unit
-canvas. Region features imitate a detector: `P_shape[s] + P_colour[c] + noise`
-from fixed random prototypes, so shape and colour are recoverable from the
-features, and captions ("a red cube left of a blue ball") are true to the
-boxes. A model can therefore learn MLM (colour/shape/relation words) and ITM
-(does the caption fit these regions?) on a laptop in minutes.
+Each scene holds 2-4 coloured objects plus 1-3 background ("stuff") regions on
+a unit canvas. Region features imitate a detector: `P_shape[s] + P_colour[c] +
+noise` from fixed random prototypes, so shape and colour are recoverable from
+the features, and captions ("a red cube left of a blue ball") are true to the
+boxes. As in real images, context predicts a hidden region: every shape has
+its typical box aspect ratio (towers are tall, disks wide), background looks
+like what is at its height (sky on top, floor at the bottom: one stuff
+prototype per horizontal band), and, like a real detector after NMS, every
+object is proposed twice by overlapping boxes with their own noise and soft
+labels. A model can therefore learn MLM (colour/shape/relation words), ITM
+(does the caption fit these regions?) and masked region modelling (what was
+under a masked box?) on a laptop in minutes.
 """
 from __future__ import annotations
 
@@ -28,6 +34,10 @@ LABEL_DIM = 1 + len(DEMO_SHAPES)  # class 0 = background, 1 + shape index otherw
 NEAR_DIST = 0.15
 """Centres closer than this on both axes are "next to" each other."""
 
+SHAPE_ASPECT = np.geomspace(1 / 2.5, 2.5, len(DEMO_SHAPES))
+"""Typical width / height of each shape's box (adjacent shapes differ by 30%)."""
+STUFF_BANDS = 4
+"""Background prototypes, one per horizontal band of the canvas."""
 _SPLIT_STREAM = {"train": 1, "val": 2}  # child 0 of the seed draws the prototypes
 
 
@@ -76,7 +86,7 @@ class DemoScene:
 
     image_id: str
     objects: list[Optional[tuple[int, int]]]
-    """Per region: (shape index, colour index), or None for a clutter region."""
+    """Per region: (shape index, colour index), or None for background (each object twice)."""
     features: np.ndarray  # [n, img_dim] float16
     norm_bb: np.ndarray  # [n, 6] float32: x1, y1, x2, y2, w, h
     conf: np.ndarray  # [n] float32
@@ -84,8 +94,8 @@ class DemoScene:
     captions: list[str]
 
 
-def demo_prototypes(seed: int, img_dim: int) -> tuple[np.ndarray, np.ndarray]:
-    """The fixed "detector" prototypes ([8, img_dim] shape, [8, img_dim] colour).
+def demo_prototypes(seed: int, img_dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The fixed "detector": prototypes per shape [8, img_dim], colour [8, img_dim], stuff band [4, img_dim].
 
     Entries are N(0, 1), i.e. unit RMS per dimension, so `noise_std` is the
     noise-to-prototype magnitude ratio. Train and val share them (same detector).
@@ -93,13 +103,38 @@ def demo_prototypes(seed: int, img_dim: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(np.random.SeedSequence(seed).spawn(3)[0])
     p_shape = rng.standard_normal((len(DEMO_SHAPES), img_dim))
     p_colour = rng.standard_normal((len(DEMO_COLOURS), img_dim))
-    return p_shape, p_colour
+    p_stuff = rng.standard_normal((STUFF_BANDS, img_dim))
+    return p_shape, p_colour, p_stuff
+
+
+def stuff_band(norm_bb: np.ndarray) -> np.ndarray:
+    """Band of each box's centre height, 0 (top) .. STUFF_BANDS - 1: [n, 6] -> [n] int."""
+    centre_y = (norm_bb[:, 1] + norm_bb[:, 3]) / 2
+    return np.minimum((centre_y * STUFF_BANDS).astype(np.int64), STUFF_BANDS - 1)
+
+
+def _object_boxes(rng: np.random.Generator, shapes: list[int]) -> np.ndarray:
+    """Boxes of side about 0.1-0.3 with each shape's aspect ratio (+-10%): [n, 6]."""
+    n = len(shapes)
+    side = rng.uniform(0.12, 0.22, size=n)  # [n] sqrt of the area
+    aspect = SHAPE_ASPECT[shapes] * np.exp(rng.uniform(-0.1, 0.1, size=n))  # [n]
+    wh = np.stack([side * np.sqrt(aspect), side / np.sqrt(aspect)], axis=1)  # [n, 2], at most 0.35
+    xy = rng.uniform(0.0, 1.0, size=(n, 2)) * (1.0 - wh)  # top-left keeps the box on the canvas
+    return np.concatenate([xy, xy + wh, wh], axis=1).astype(np.float32)  # [n, 6]
 
 
 def _random_boxes(rng: np.random.Generator, n: int, lo: float, hi: float) -> np.ndarray:
     wh = rng.uniform(lo, hi, size=(n, 2))  # [n, 2]
     xy = rng.uniform(0.0, 1.0, size=(n, 2)) * (1.0 - wh)  # top-left keeps the box on the canvas
     return np.concatenate([xy, xy + wh, wh], axis=1).astype(np.float32)  # [n, 6]
+
+
+def _overlapping_boxes(rng: np.random.Generator, boxes: np.ndarray) -> np.ndarray:
+    """A second proposal per box: corners moved by up to 15% of the side (IoU 0.3-1, mostly > 0.6)."""
+    wh = boxes[:, 4:6]  # [n, 2]
+    shift = rng.uniform(-0.15, 0.15, size=(len(boxes), 4)) * np.tile(wh, 2)  # [n, 4]
+    corners = np.clip(boxes[:, :4] + shift, 0.0, 1.0)  # [n, 4]
+    return np.concatenate([corners, corners[:, 2:] - corners[:, :2]], axis=1).astype(np.float32)
 
 
 def _soft_labels(rng: np.random.Generator, classes: np.ndarray) -> np.ndarray:
@@ -135,29 +170,33 @@ def _pick_captions(
 
 
 def make_scene(
-    rng: np.random.Generator, image_id: str, prototypes: tuple[np.ndarray, np.ndarray], noise_std: float
+    rng: np.random.Generator, image_id: str, prototypes: tuple[np.ndarray, np.ndarray, np.ndarray],
+    noise_std: float
 ) -> DemoScene:
-    """Draw one scene: objects and clutter in a shuffled region order, plus captions."""
-    p_shape, p_colour = prototypes
+    """Draw one scene: objects and background in a shuffled region order, plus captions."""
+    p_shape, p_colour, p_stuff = prototypes
     img_dim = p_shape.shape[1]
-    n_obj, n_clutter = int(rng.integers(2, 5)), int(rng.integers(1, 4))
-    n = n_obj + n_clutter
+    n_obj, n_stuff = int(rng.integers(2, 5)), int(rng.integers(1, 4))
     codes = rng.choice(len(DEMO_SHAPES) * len(DEMO_COLOURS), size=n_obj, replace=False)
     objects = [(int(k) // len(DEMO_COLOURS), int(k) % len(DEMO_COLOURS)) for k in codes]
-    boxes = np.concatenate([_random_boxes(rng, n_obj, 0.1, 0.3), _random_boxes(rng, n_clutter, 0.05, 0.5)])
-    # Clutter has no prototype: random vectors of the same scale as an object's P_s + P_c.
-    signal = np.concatenate([
-        np.stack([p_shape[s] + p_colour[c] for s, c in objects]),
-        rng.standard_normal((n_clutter, img_dim)) * np.sqrt(2.0),
-    ])  # [n, img_dim]
-    feats = signal + noise_std * rng.standard_normal((n, img_dim))
-    conf = np.concatenate([rng.uniform(0.6, 1.0, n_obj), rng.uniform(0.05, 0.3, n_clutter)])
-    classes = np.array([1 + s for s, _ in objects] + [0] * n_clutter)
+    obj_boxes = _object_boxes(rng, [s for s, _ in objects])  # [n_obj, 6]
+    stuff_boxes = _random_boxes(rng, n_stuff, 0.05, 0.5)  # [n_stuff, 6]
+    boxes = np.concatenate([obj_boxes, _overlapping_boxes(rng, obj_boxes), stuff_boxes])  # [n, 6]
+    n = 2 * n_obj + n_stuff
+    obj_signal = np.stack([p_shape[s] + p_colour[c] for s, c in objects])  # [n_obj, img_dim]
+    # Background: its band's prototype at the scale of an object's P_s + P_c.
+    stuff_signal = p_stuff[stuff_band(stuff_boxes)] * np.sqrt(2.0)  # [n_stuff, img_dim]
+    signal = np.concatenate([obj_signal, obj_signal, stuff_signal])  # [n, img_dim]
+    feats = signal + noise_std * rng.standard_normal((n, img_dim))  # [n, img_dim]
+    conf = np.concatenate([rng.uniform(0.6, 1.0, n_obj), rng.uniform(0.3, 0.6, n_obj),
+                           rng.uniform(0.05, 0.3, n_stuff)])
+    classes = np.array([1 + s for s, _ in objects] * 2 + [0] * n_stuff)
     soft = _soft_labels(rng, classes)
+    # Captions describe each object's more confident proposal (its twin sits close by).
+    captions = _pick_captions(rng, objects, obj_boxes)
     perm = rng.permutation(n)  # a detector's region order says nothing about the caption
-    region_objects = [objects[k] if k < n_obj else None for k in perm]
+    region_objects = [objects[k % n_obj] if k < 2 * n_obj else None for k in perm]
     norm_bb = boxes[perm]
-    captions = _pick_captions(rng, region_objects, norm_bb)
     return DemoScene(
         image_id=image_id,
         objects=region_objects,

@@ -18,7 +18,7 @@ from trainer.config_loader import (
 from trainer.models.config import ModelConfig
 from trainer.objectives.itm import WraConfig
 
-KNOWN_TASKS = ("mlm", "itm", "mrfr", "mrc", "mrc-kl")
+KNOWN_TASKS = ("mlm", "itm", "itm-hard", "mrfr", "mrc", "mrc-kl")
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,13 @@ class OptimConfig:
     """Length of the schedule; None = train.max_steps."""
     min_lr: float = 0.0
     grad_clip: float = 5.0
-    """Global grad-norm clip on the averaged gradient (0 disables); see README on UNITER's summed-gradient clip."""
+    """Global grad-norm clip (0 disables), on the gradient of the step's mean loss unless `accum_sum_semantics`."""
+    accum_sum_semantics: bool = False
+    """UNITER's convention: it sums (does not average) gradients over the accumulation
+    micro-steps, so its `grad_norm` and Adam eps apply to a gradient `grad_accum` times
+    ours. True divides grad_clip and eps by grad_accum, which gives UNITER's updates
+    exactly for any split of the global batch whose micro-batches hold equal numbers of
+    loss terms (README, "UNITER's summed-gradient clip")."""
     global_batch_size: Optional[int] = None
     """Samples per optimizer step over all ranks; None = micro_batch_size x world size (no accumulation)."""
 
@@ -132,15 +138,23 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
-        if not self.tasks:
-            raise ValueError("tasks: give at least one task with a positive ratio")
-        for name, ratio in self.tasks.items():
-            if name not in KNOWN_TASKS:
-                raise ValueError(f"unknown task {name!r} in tasks; known: {', '.join(KNOWN_TASKS)}")
-            if ratio < 0:
-                raise ValueError(f"tasks.{name}: ratio must be >= 0, got {ratio}")
-        if sum(self.tasks.values()) <= 0:
-            raise ValueError("tasks: the ratios must not all be 0")
+        _check_task_ratios("tasks", self.tasks, allow_empty=bool(self.data.datasets))
+        for d in self.data.datasets:
+            _check_task_ratios(f"data.datasets.{d.name}.tasks", d.tasks or self.tasks, allow_empty=False)
+
+
+def _check_task_ratios(where: str, ratios: dict[str, float], allow_empty: bool) -> None:
+    if not ratios and allow_empty:
+        return
+    if not ratios:
+        raise ValueError(f"{where}: give at least one task with a positive ratio")
+    for name, ratio in ratios.items():
+        if name not in KNOWN_TASKS:
+            raise ValueError(f"unknown task {name!r} in {where}; known: {', '.join(KNOWN_TASKS)}")
+        if ratio < 0:
+            raise ValueError(f"{where}.{name}: ratio must be >= 0, got {ratio}")
+    if sum(ratios.values()) <= 0:
+        raise ValueError(f"{where}: the ratios must not all be 0")
 
 
 def load_config(path: str, overrides: list[str] = ()) -> Config:

@@ -14,8 +14,10 @@ from trainer.config_loader import ConfigError
 
 log = logging.getLogger(__name__)
 
-# UNITER (and BERT) exclude biases and LayerNorm parameters from weight decay.
-NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "LayerNorm.bias", "layer_norm.bias")
+# UNITER's rule (optim/misc.py), case-sensitive: no decay for biases and `LayerNorm.*`.
+# The image embedder's `img_layer_norm.weight` / `pos_layer_norm.weight` and the heads'
+# LayerNorms inside nn.Sequential (`net.3.weight`) are therefore decayed, as in UNITER.
+NO_DECAY = ("bias", "LayerNorm.weight")
 
 
 @dataclass(frozen=True)
@@ -57,7 +59,7 @@ def build_deepspeed_config(optim: OptimConfig, parallel: ParallelConfig, precisi
         "train_batch_size": layout.global_batch_size,
         "train_micro_batch_size_per_gpu": layout.micro_batch_size,
         "gradient_accumulation_steps": layout.grad_accum,
-        "gradient_clipping": optim.grad_clip,
+        "gradient_clipping": optim.grad_clip / accum_sum_factor(optim, layout),
         "zero_optimization": zero,
         # Our AdamW is built here, not by DeepSpeed's name lookup, so ZeRO must accept it.
         "zero_allow_untested_optimizer": True,
@@ -74,20 +76,30 @@ def build_deepspeed_config(optim: OptimConfig, parallel: ParallelConfig, precisi
     return cfg
 
 
+def accum_sum_factor(optim: OptimConfig, layout: BatchLayout) -> int:
+    """How much larger the configured clip / eps's gradient is than the one DeepSpeed sees.
+
+    DeepSpeed's gradient is that of the step's mean loss; UNITER's is the sum of its
+    micro-steps' mean-loss gradients, `grad_accum` times ours (ranks are averaged in
+    both). Adam is invariant to the gradient's scale except through eps and the clip.
+    """
+    return layout.grad_accum if optim.accum_sum_semantics else 1
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if name.endswith(NO_DECAY) else decay).append(p)
+        (no_decay if any(part in name for part in NO_DECAY) else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0}]
 
 
 def build_optimizer(model: nn.Module, optim: OptimConfig, device: torch.device,
-                    offload: bool) -> torch.optim.Optimizer:
+                    offload: bool, eps_divisor: int = 1) -> torch.optim.Optimizer:
     groups = param_groups(model, optim.weight_decay)
-    kw = dict(lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps)
+    kw = dict(lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps / eps_divisor)
     impl = optim.impl
     if impl == "auto":
         impl = "deepspeed" if offload else ("torch_fused" if device.type == "cuda" else "torch")
@@ -105,7 +117,11 @@ def build_optimizer(model: nn.Module, optim: OptimConfig, device: torch.device,
         from deepspeed.ops.adam import FusedAdam as DSFusedAdam
 
         return DSFusedAdam(groups, adam_w_mode=True, **kw)
-    return torch.optim.AdamW(groups, fused=(impl == "torch_fused"), **kw)
+    if impl == "torch_fused":
+        return torch.optim.AdamW(groups, fused=True, **kw)
+    # torch only defaults to the multi-tensor path on accelerators; on CPU it is also
+    # several times faster than one kernel per parameter for small models.
+    return torch.optim.AdamW(groups, foreach=True, **kw)
 
 
 def _apex_available() -> bool:
@@ -144,7 +160,8 @@ def build_engine(model: nn.Module, optim: OptimConfig, parallel: ParallelConfig,
 
     ds_config = build_deepspeed_config(optim, parallel, precision, layout)
     model.to(device)
-    optimizer = build_optimizer(model, optim, device, parallel.offload_optimizer)
+    optimizer = build_optimizer(model, optim, device, parallel.offload_optimizer,
+                                eps_divisor=accum_sum_factor(optim, layout))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(optim, total_steps))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            lr_scheduler=scheduler, config=ds_config)

@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from data.collate import collate_itm, collate_mlm, collate_mrm
+from data.collate import collate_itm, collate_itm_hard, collate_mlm, collate_mrm
 from data.loader import ResumableTaskLoader, StreamSpec, TaskBatches, positions_from_state, validation_batches
 from data.shards import read_manifest
 from data.tokenizer import load_tokenizer
@@ -25,6 +25,7 @@ from trainer.models.pretrain import build_model
 from trainer.objectives import build_objectives
 from trainer.progress import Progress
 from trainer.steps import draw_task, evaluate, train_step
+from trainer.task_mix import mix_ratios, task_mix, task_of
 from trainer.summary import mlm_loss_drop, print_summary
 from trainer.tracking import Tracker
 
@@ -41,10 +42,9 @@ class RunState:
 
 def check_inputs(cfg: Config) -> None:
     """Fail before any heavy work when a file the config names is missing."""
-    need = {"data.vocab": cfg.data.vocab,
-            "data.train": os.path.join(cfg.data.train, "manifest.json")}
-    if cfg.data.val:
-        need["data.val"] = os.path.join(cfg.data.val, "manifest.json")
+    need = {"data.vocab": cfg.data.vocab}
+    for d in dataset_dirs(cfg):
+        need[d.where] = os.path.join(d.path, "manifest.json")
     for key in ("init_from_bert", "init_from_uniter"):
         if getattr(cfg.model, key):
             need[f"model.{key}"] = getattr(cfg.model, key)
@@ -54,56 +54,73 @@ def check_inputs(cfg: Config) -> None:
             raise ConfigError(f"{key}: file not found: {path}{hint}")
 
 
+@dataclass(frozen=True)
+class DatasetDir:
+    where: str
+    """The config key naming it, for error messages."""
+    path: str
+
+
+def dataset_dirs(cfg: Config) -> list[DatasetDir]:
+    """Every shard directory the run reads (train and val of each dataset)."""
+    if not cfg.data.datasets:
+        named = [("data.train", cfg.data.train), ("data.val", cfg.data.val)]
+    else:
+        named = [(f"data.datasets.{d.name}.{split}", getattr(d, split))
+                 for d in cfg.data.datasets for split in ("train", "val")]
+    return [DatasetDir(where, path) for where, path in named if path]
+
+
 def collate_for(task: str, cfg: Config, tok):
     """(samples, rng) -> batch for `task`; a partial, so DataLoader workers can pickle it."""
     if task == "mlm":
         return functools.partial(collate_mlm, tok=tok, mlm_prob=cfg.data.mlm_prob)
     if task == "itm":
         return functools.partial(collate_itm, tok=tok, neg_prob=cfg.data.itm_neg_prob)
+    if task == "itm-hard":
+        return functools.partial(collate_itm_hard, tok=tok, candidates=cfg.data.itm_hard_candidates)
     # MRFR, MRC and MRC-kl share the region masking; only their losses differ.
     return functools.partial(collate_mrm, tok=tok, mrm_prob=cfg.data.mrm_prob, task=task)
 
 
 def build_train_loaders(cfg: Config, tok, layout: BatchLayout, rank: int, positions: dict,
                         img_dim: int) -> dict[str, ResumableTaskLoader]:
-    shards = tuple(read_manifest(cfg.data.train).shards)
+    """One loader per mix key; the key (not the task) names its RNG streams, so two
+    datasets' MLM loaders draw different masks."""
     mine = range(rank * layout.grad_accum, (rank + 1) * layout.grad_accum)
     loaders = {}
-    for task, ratio in sorted(cfg.tasks.items()):
-        if ratio <= 0:
-            continue
-        spec = StreamSpec(shards=shards, task=task, seed=cfg.train.seed, n_streams=layout.n_streams,
+    for entry in task_mix(cfg):
+        spec = StreamSpec(shards=tuple(read_manifest(entry.train).shards), task=entry.key,
+                          seed=cfg.train.seed, n_streams=layout.n_streams,
                           batch_size=layout.micro_batch_size, shuffle_buffer=cfg.data.shuffle_buffer,
                           max_txt_len=cfg.data.max_txt_len, img_dim=img_dim)
-        dataset = TaskBatches(spec, tok, collate_for(task, cfg, tok), mine,
-                              positions_from_state(positions.get(task)))
-        loaders[task] = ResumableTaskLoader(dataset, cfg.data.num_workers, seed=cfg.train.seed)
+        dataset = TaskBatches(spec, tok, collate_for(entry.task, cfg, tok), mine,
+                              positions_from_state(positions.get(entry.key)))
+        loaders[entry.key] = ResumableTaskLoader(dataset, cfg.data.num_workers, seed=cfg.train.seed)
     return loaders
 
 
 def build_val_batches(cfg: Config, tok, info: DistInfo, img_dim: int) -> dict[str, list]:
-    if not cfg.data.val:
-        return {}
-    shards = read_manifest(cfg.data.val).shards
-    return {task: validation_batches(shards, tok, collate_for(task, cfg, tok), task=task,
-                                     seed=cfg.train.seed, rank=info.rank, world=info.world_size,
-                                     batch_size=cfg.data.val_batch_size,
-                                     max_txt_len=cfg.data.max_txt_len, img_dim=img_dim)
-            for task in sorted(cfg.tasks) if cfg.tasks[task] > 0}
+    return {e.key: validation_batches(read_manifest(e.val).shards, tok, collate_for(e.task, cfg, tok),
+                                      task=e.key, seed=cfg.train.seed, rank=info.rank,
+                                      world=info.world_size, batch_size=cfg.data.val_batch_size,
+                                      max_txt_len=cfg.data.max_txt_len, img_dim=img_dim)
+            for e in task_mix(cfg) if e.val}
 
 
 def validate_against_data(cfg: Config, tok) -> int:
-    manifest = read_manifest(cfg.data.train)
     if tok.vocab_size != cfg.model.vocab_size:
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} but {cfg.data.vocab} has "
                           f"{tok.vocab_size} tokens; set model.vocab_size={tok.vocab_size}")
-    if manifest.img_dim != cfg.model.img_dim:
-        raise ConfigError(f"model.img_dim={cfg.model.img_dim} but {cfg.data.train} has "
-                          f"{manifest.img_dim}-d region features")
-    if manifest.label_dim != cfg.model.img_label_dim:
-        raise ConfigError(f"model.img_label_dim={cfg.model.img_label_dim} but {cfg.data.train} has "
-                          f"{manifest.label_dim} soft-label classes")
-    return manifest.img_dim
+    for d in dataset_dirs(cfg):
+        manifest = read_manifest(d.path)
+        if manifest.img_dim != cfg.model.img_dim:
+            raise ConfigError(f"model.img_dim={cfg.model.img_dim} but {d.where}={d.path} has "
+                              f"{manifest.img_dim}-d region features")
+        if manifest.label_dim != cfg.model.img_label_dim:
+            raise ConfigError(f"model.img_label_dim={cfg.model.img_label_dim} but {d.where}={d.path} "
+                              f"has {manifest.label_dim} soft-label classes")
+    return cfg.model.img_dim
 
 
 def setup_logging(info: DistInfo) -> None:
@@ -185,15 +202,15 @@ def run_training(cfg, info, engine, loaders, layout, tracker, state, tok, img_di
     last_step = min(cfg.train.max_steps, cfg.train.stop_after_steps or cfg.train.max_steps)
     progress = Progress(enabled=info.is_main, start=state.step, total=cfg.train.max_steps,
                         log_every=cfg.train.log_every, bar=cfg.train.progress)
-    t0, start_step = time.time(), state.step
+    t0, start_step, ratios = time.time(), state.step, mix_ratios(cfg)
     while state.step < last_step:
-        task = draw_task(cfg.train.seed, state.step, cfg.tasks)
-        stats = train_step(engine, loaders[task], task, layout, info.device)
+        key = draw_task(cfg.train.seed, state.step, ratios)
+        stats = train_step(engine, loaders[key], task_of(key), layout, info.device)
         state.step += 1
-        state.task_counts[task] = state.task_counts.get(task, 0) + 1
-        record = {"lr": engine.get_lr()[0], **{f"{task}_{k}": v for k, v in stats.items()}}
-        tracker.log_metrics(record, state.step, task=task)
-        progress.update(state.step, task, stats, layout.global_batch_size)
+        state.task_counts[key] = state.task_counts.get(key, 0) + 1
+        record = {"lr": engine.get_lr()[0], **{f"{key}_{k}": v for k, v in stats.items()}}
+        tracker.log_metrics(record, state.step, task=key)
+        progress.update(state.step, key, stats, layout.global_batch_size)
         if cfg.train.val_every and state.step % cfg.train.val_every == 0 and state.step < last_step:
             run_validation(cfg, info, engine, tok, img_dim, tracker, progress, state.step)
         if cfg.train.save_every and state.step % cfg.train.save_every == 0 and state.step < last_step:

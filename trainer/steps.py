@@ -9,6 +9,7 @@ import torch
 from data.loader import ResumableTaskLoader, pin
 from trainer.distributed import all_reduce_sum
 from trainer.engine import BatchLayout
+from trainer.task_mix import task_of
 
 
 def draw_task(seed: int, step: int, ratios: dict[str, float]) -> str:
@@ -63,21 +64,21 @@ def global_means(sums: dict[str, torch.Tensor], counts: dict[str, torch.Tensor],
 
 @torch.no_grad()
 def evaluate(engine, task_batches: dict[str, Iterable[dict]], device: torch.device) -> dict[str, float]:
-    """Mean loss / accuracy per task over the held-out split, over all ranks."""
+    """Mean loss / accuracy per mix key ("mlm", "coco/itm") over the held-out split, over all ranks."""
     engine.eval()
     metrics: dict[str, float] = {}
     try:
-        for task, batches in task_batches.items():
+        for key, batches in task_batches.items():
             sums: dict[str, torch.Tensor] = {}
             counts: dict[str, torch.Tensor] = {}
             n = torch.zeros((), dtype=torch.float64, device=device)
             for batch in batches:
-                accumulate(sums, counts, engine(pin(batch, device), task))
+                accumulate(sums, counts, engine(pin(batch, device), task_of(key)))
                 n += batch["n_items"]
             if not sums:
                 continue
             for k, v in global_means(sums, counts, all_reduce_sum(n).float()).items():
-                metrics[f"val/{task}_{k}"] = v
+                metrics[f"val/{key}_{k}"] = v
     finally:
         engine.train()
     return metrics

@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import os
 
+from trainer.task_mix import task_of
+
 WINDOW = 20
 
 
@@ -15,8 +17,9 @@ def mlm_loss_drop(metrics_path: str, window: int = WINDOW) -> dict[str, float]:
     """
     by_step: dict[int, float] = {}
     for rec in _records(metrics_path):
-        if rec.get("task") == "mlm" and "mlm_loss" in rec:
-            by_step[rec["step"]] = rec["mlm_loss"]
+        key = rec.get("task")  # "mlm", or "coco/mlm" etc. with several datasets
+        if key and task_of(key) == "mlm" and f"{key}_loss" in rec:
+            by_step[rec["step"]] = rec[f"{key}_loss"]
     losses = [by_step[s] for s in sorted(by_step)]
     if len(losses) < 2 * window:
         return {}

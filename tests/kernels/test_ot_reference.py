@@ -75,6 +75,29 @@ def test_ipot_marginals_and_pads(seed, iterations, region_atol):
         assert (T[e, ny:, :] == 0).all() and (T[e, :, nx:] == 0).all()
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_ipot_marginals_within_1e4_after_50_iterations_on_wra_problems(seed):
+    """Random problems shaped like WRA's: cosine costs between random 768-d word and
+    region states, 12-60 words and 10-100 regions per example, ragged, fp32. After
+    UNITER's 50 iterations every word carries 1/n_x and every region 1/n_y to 1e-4."""
+    g = torch.Generator().manual_seed(seed)
+    b, nt, ni, h = 8, 60, 100, 768
+    txt_len = torch.randint(12, nt + 1, (b,), generator=g)  # [B]
+    img_len = torch.randint(10, ni + 1, (b,), generator=g)  # [B]
+    txt_pad = torch.arange(nt)[None] >= txt_len[:, None]  # [B, Nt]
+    img_pad = torch.arange(ni)[None] >= img_len[:, None]  # [B, Ni]
+    C = cosine_cost(torch.randn(b, nt, h, generator=g), torch.randn(b, ni, h, generator=g))  # [B, Nt, Ni]
+    T = ipot_plan(C.masked_fill(txt_pad[:, :, None] | img_pad[:, None, :], 0), txt_pad, img_pad,
+                  beta=0.5, iterations=50, k=1)  # [B, Ni, Nt]
+    for e in range(b):
+        nx, ny = int(txt_len[e]), int(img_len[e])
+        valid = T[e, :ny, :nx].double()
+        torch.testing.assert_close(valid.sum(0), torch.full((nx,), 1 / nx, dtype=torch.float64),
+                                   atol=1e-4, rtol=0)
+        torch.testing.assert_close(valid.sum(1), torch.full((ny,), 1 / ny, dtype=torch.float64),
+                                   atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("seed,beta,iterations",
                          [(10, 0.05, 1500), (11, 0.05, 1500), (12, 0.05, 1000), (13, 0.1, 1000)])
 def test_ipot_small_beta_reaches_exact_emd(seed, beta, iterations):

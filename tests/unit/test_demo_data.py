@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from data.demo import (
-    DEMO_COLOURS, DEMO_SHAPES, LABEL_DIM, all_demo_captions, demo_prototypes, generate_scenes,
+    DEMO_COLOURS, DEMO_SHAPES, LABEL_DIM, SHAPE_ASPECT, all_demo_captions, demo_prototypes, generate_scenes, stuff_band,
     write_demo_dataset,
 )
 from data.shards import FORMAT, file_sha256, iter_shard, read_manifest, verify_manifest
@@ -76,7 +76,7 @@ def test_sample_schema(demo_dirs):
         assert set(meta) == {"image_id", "caption", "caption_id"} and meta["caption_id"] == raw["__key__"]
         z = _npz(raw)
         n = len(z["features"])
-        assert 3 <= n <= 7
+        assert 5 <= n <= 11  # 2-4 objects proposed twice + 1-3 background regions
         assert z["features"].dtype == np.float16 and z["features"].shape == (n, 32)
         assert z["norm_bb"].dtype == np.float32 and z["norm_bb"].shape == (n, 6)
         assert z["conf"].dtype == np.float32 and z["conf"].shape == (n,)
@@ -127,7 +127,10 @@ def test_captions_true_to_boxes(demo_dirs):
         rows = []
         for article, colour, shape in phrases:
             assert article == ("an" if colour[0] in "aeiou" else "a")
-            rows.append(scene.objects.index((DEMO_SHAPES.index(shape), DEMO_COLOURS.index(colour))))
+            obj = (DEMO_SHAPES.index(shape), DEMO_COLOURS.index(colour))
+            twins = [i for i, o in enumerate(scene.objects) if o == obj]
+            assert len(twins) == 2
+            rows.append(max(twins, key=lambda i: scene.conf[i]))  # captions use the surer box
         if meta["caption"].startswith("there is"):
             continue
         relation = _relation(z["norm_bb"][rows[0]], z["norm_bb"][rows[1]])
@@ -144,15 +147,47 @@ def test_objects_and_clutter_regions(demo_dirs):
             if obj is None:
                 assert 0.05 <= scene.conf[i] <= 0.3 and soft[i].argmax() == 0
             else:
-                assert 0.6 <= scene.conf[i] <= 1.0 and soft[i].argmax() == 1 + obj[0]
-        n_obj = sum(o is not None for o in scene.objects)
-        assert 2 <= n_obj <= 4 and 1 <= len(scene.objects) - n_obj <= 3
-        assert len(set(o for o in scene.objects if o)) == n_obj  # distinct (shape, colour)
+                assert 0.3 <= scene.conf[i] <= 1.0 and soft[i].argmax() == 1 + obj[0]
+        objects = [o for o in scene.objects if o is not None]
+        n_obj = len(set(objects))  # distinct (shape, colour)
+        assert 2 <= n_obj <= 4 and 1 <= len(scene.objects) - len(objects) <= 3
+        for obj in set(objects):  # each object proposed twice: a sure box and an overlapping twin
+            i, j = sorted((k for k, o in enumerate(scene.objects) if o == obj), key=lambda k: -scene.conf[k])
+            assert 0.6 <= scene.conf[i] <= 1.0 and 0.3 <= scene.conf[j] <= 0.6
+            assert _iou(scene.norm_bb[i], scene.norm_bb[j]) > 0.25
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = w * h
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+def test_context_predicts_a_hidden_region():
+    """What masked region modelling can learn: a shape from its box's aspect ratio (the
+    surer proposal's aspect is nearest its shape's typical one), background from its height."""
+    p_shape, p_colour, p_stuff = demo_prototypes(0, 64)
+    shape_hits = shapes = stuff_hits = stuff = 0
+    for scene in generate_scenes("train", 150, seed=0, img_dim=64):
+        bb = scene.norm_bb
+        bands = stuff_band(bb)
+        for i, obj in enumerate(scene.objects):
+            if obj is None:
+                f = scene.features[i].astype(np.float64)
+                stuff_hits += int(((p_stuff * np.sqrt(2.0) - f) ** 2).sum(1).argmin()) == bands[i]
+                stuff += 1
+            elif scene.conf[i] >= 0.6:
+                aspect = bb[i, 4] / bb[i, 5]
+                shape_hits += int(np.abs(np.log(SHAPE_ASPECT) - np.log(aspect)).argmin()) == obj[0]
+                shapes += 1
+    assert stuff_hits == stuff > 100
+    assert shape_hits / shapes > 0.7 and shapes > 300
 
 
 def test_features_are_learnable():
     """A nearest-prototype readout recovers (shape, colour) from nearly every object region."""
-    p_shape, p_colour = demo_prototypes(0, 64)
+    p_shape, p_colour, _ = demo_prototypes(0, 64)
     centres = (p_shape[:, None] + p_colour[None]).reshape(-1, 64)  # [64, D]
     hits = total = 0
     for scene in generate_scenes("train", 150, seed=0, img_dim=64):

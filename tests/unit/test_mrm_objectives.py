@@ -99,7 +99,8 @@ def test_mrc_target_skips_background_and_ce_matches_loop():
     for r, t in enumerate(targets):
         lse = math.log(sum(math.exp(z) for z in logits[r]))
         ce += lse - logits[r][t]
-        acc += float(max(range(K), key=lambda k: logits[r][k]) == t)
+        # UNITER's validation accuracy for MRC ignores background on both sides.
+        acc += float(max(range(1, K), key=lambda k: logits[r][k]) == t)
     assert res.loss_sum.item() == pytest.approx(ce, rel=1e-6)
     assert res.stats["loss"].item() == pytest.approx(ce, rel=1e-6)
     assert res.stats["acc"].item() == acc
@@ -118,7 +119,9 @@ def test_mrc_kl_matches_loop_and_uniter_mean():
         terms = [0.0 if p == 0 else p * (math.log(p) - (logits[r][k] - lse)) for k, p in enumerate(soft[r])]
         per_region.append(sum(terms))
         kl_total += sum(terms)
-        target = max(range(1, K), key=lambda k: soft[r][k])
+        # UNITER's MRC-kl accuracy: argmax of the prediction vs argmax of the soft
+        # labels, background included (compute_accuracy_for_soft_targets).
+        target = max(range(K), key=lambda k: soft[r][k])
         acc += float(max(range(K), key=lambda k: logits[r][k]) == target)
     assert soft[1][2] == 0.0
     # the exact identities documented in trainer/objectives/mrm.py:

@@ -11,7 +11,7 @@ import functools
 from typing import Callable, Optional
 
 from trainer.objectives.base import TaskResult
-from trainer.objectives.itm import WraConfig, itm_objective
+from trainer.objectives.itm import WraConfig, itm_hard_objective, itm_objective
 from trainer.objectives.mlm import mlm_objective
 from trainer.objectives.mrm import mrc_kl_objective, mrc_objective, mrfr_objective
 
@@ -20,12 +20,14 @@ Objective = Callable[..., TaskResult]
 
 def build_objectives(wra: Optional[WraConfig] = None) -> dict[str, Objective]:
     """Task name -> objective, with the run's objective settings bound."""
+    wra = wra or WraConfig()
     return {"mlm": mlm_objective,
-            "itm": functools.partial(itm_objective, wra=wra or WraConfig()),
+            "itm": functools.partial(itm_objective, wra=wra),
+            "itm-hard": functools.partial(itm_hard_objective, wra=wra),
             "mrfr": mrfr_objective, "mrc": mrc_objective, "mrc-kl": mrc_kl_objective}
 
 
 OBJECTIVES = build_objectives()
 
-__all__ = ["OBJECTIVES", "Objective", "TaskResult", "WraConfig", "build_objectives",
+__all__ = ["OBJECTIVES", "Objective", "TaskResult", "WraConfig", "build_objectives", "itm_hard_objective",
            "itm_objective", "mlm_objective", "mrc_kl_objective", "mrc_objective", "mrfr_objective"]

@@ -5,6 +5,11 @@ swapping in the image of a different `image_id` with p = 0.5 (target 1 = match).
 WRA: IPOT optimal transport between the last-layer text states (with [CLS] and
 [SEP]) and region states, in fp32, plan without gradient:
 `itm_total = CE.mean() + weight * (sum d_pos - sum d_neg) / B`.
+
+Hard-negative ITM ("itm-hard", UNITER's retrieval fine-tuning recipe): collate packs
+each text with its own image and with up to k other images of the micro-batch; the
+model scores the candidates without gradient, and the same ITM + WRA loss is then
+trained on the B positives and each text's highest-scoring (hardest) negative.
 """
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from kernels.ot import ot_distance, wra_loss
 from trainer.objectives.base import TaskResult
@@ -65,3 +71,57 @@ def itm_objective(model, batch: dict, wra: Optional[WraConfig] = WraConfig()) ->
                  total=(ce_sum + wra.weight * ot_sum).detach())
     counts = {"ot_pos": n_pos, "ot_neg": n_neg}
     return TaskResult(ce_sum + wra.weight * ot_sum, stats, counts)
+
+
+# Per-pair tensors of a packed ITM batch; `position_ids` [1, Lt] is shared by all rows.
+_ROW_KEYS = ("input_ids", "txt_lens", "img_feat", "img_pos_feat", "num_bbs", "attn_masks",
+             "gather_index", "itm_targets")
+
+
+def take_rows(batch: dict, rows: Tensor) -> dict:
+    """The pairs `rows` [R'] (long, on the batch's device) of a packed batch, same columns.
+
+    Trailing all-pad columns are kept: trimming them needs the selected rows' max
+    length on the host (a sync); pads are masked out of attention, so they only cost compute.
+    """
+    out = dict(batch)
+    for key in _ROW_KEYS:
+        out[key] = batch[key].index_select(0, rows)
+    return out
+
+
+@torch.no_grad()
+def hardest_negatives(model, batch: dict) -> Tensor:
+    """Row of the highest-scoring candidate of each text in `hard_texts` -> [M] long.
+
+    Score = logit[1] - logit[0] (the log-odds of "match", monotone in softmax p(match)).
+    Like UNITER's `UniterForImageTextRetrievalHardNeg`, the candidates are scored in eval
+    mode, so the pick is the model's deterministic hardest negative and not dropout noise;
+    the previous train/eval mode is restored afterwards (also on error).
+    """
+    n_pos, n_rows = batch["hard_candidates"].size(0), batch["input_ids"].size(0)
+    cand = batch["hard_candidates"].index_select(0, batch["hard_texts"])  # [M, k]; -1 = none
+    rows = torch.arange(n_pos, n_rows, device=cand.device)  # [R - B] the candidate rows
+    was_training = model.training
+    model.eval()
+    try:
+        logits = model.itm_logits(model.encode(take_rows(batch, rows))).float()  # [R - B, 2]
+    finally:
+        model.train(was_training)
+    score = logits[:, 1] - logits[:, 0]  # [R - B]
+    per_text = score[(cand - n_pos).clamp_min(0)].masked_fill(cand < 0, float("-inf"))  # [M, k]
+    return cand.gather(1, per_text.argmax(1, keepdim=True)).squeeze(1)  # [M]
+
+
+def itm_hard_objective(model, batch: dict, wra: Optional[WraConfig] = WraConfig()) -> TaskResult:
+    """ITM + WRA on the B positives and each text's hardest negative (`collate_itm_hard`).
+
+    The scoring pass builds no autograd graph; the selected B + M rows are then encoded
+    again with gradient and go through `itm_objective` unchanged, so the loss has
+    `n_items` = B + M terms. Selection stays on the device (no host sync).
+    """
+    n_pos = batch["hard_candidates"].size(0)
+    rows = torch.arange(n_pos, device=batch["input_ids"].device)  # [B] the positives
+    if batch["hard_texts"].numel():  # a shape, not a value: no sync
+        rows = torch.cat([rows, hardest_negatives(model, batch)])  # [B + M]
+    return itm_objective(model, take_rows(batch, rows), wra)

@@ -58,12 +58,13 @@ def mrfr_objective(model, batch: dict) -> TaskResult:
 def mrc_objective(model, batch: dict) -> TaskResult:
     """Masked region classification: CE against argmax(soft[:, 1:]) + 1.
 
-    stats: loss (CE sum), acc (count of argmax(logits) == target).
+    stats: loss (CE sum), acc (count of argmax(logits[:, 1:]) == argmax(soft[:, 1:]):
+    as UNITER's validation, background is excluded on both sides).
     """
     logits = model.mrc_logits(_masked_hidden(model, batch)).float()  # [N, K]
     targets = mrc_targets(batch["mrc_soft_labels"].to(logits.device))  # [N]
     loss_sum = F.cross_entropy(logits, targets, reduction="sum")
-    correct = (logits.argmax(-1) == targets).sum().float()
+    correct = (logits[:, 1:].argmax(-1) + 1 == targets).sum().float()
     return TaskResult(loss_sum, {"loss": loss_sum.detach(), "acc": correct})
 
 
@@ -74,14 +75,15 @@ def mrc_kl_objective(model, batch: dict) -> TaskResult:
       loss  same as loss_sum: / N gives UNITER's elementwise-mean KL loss
       kl    KL(soft || softmax(z)) summed over classes and regions: / N gives the
             mean KL divergence per region; it equals K * loss
-      acc   count of argmax(logits) == argmax(soft[:, 1:]) + 1
+      acc   count of argmax(logits) == argmax(soft), background included (UNITER's
+            `compute_accuracy_for_soft_targets`)
     """
     logits = model.mrc_logits(_masked_hidden(model, batch)).float()  # [N, K]
     soft = batch["mrc_soft_labels"].to(device=logits.device, dtype=torch.float32)  # [N, K]
     kl = F.kl_div(F.log_softmax(logits, dim=-1), soft, reduction="none")  # [N, K]
     kl_sum = kl.sum()
     loss_sum = kl_sum / kl.size(-1)
-    correct = (logits.argmax(-1) == mrc_targets(soft)).sum().float()
+    correct = (logits.argmax(-1) == soft.argmax(-1)).sum().float()
     return TaskResult(loss_sum, {"loss": loss_sum.detach(), "kl": kl_sum.detach(), "acc": correct})
 
 
