@@ -31,6 +31,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture(scope="session")
+def process_group():
+    """One gloo process group (world size 1) for the whole session, as the launchers set up.
+
+    Session-scoped because DeepSpeed caches the group: one destroyed mid-session breaks
+    later in-process engines ("Group ... is not registered")."""
+    import torch
+
+    deepspeed = pytest.importorskip("deepspeed")
+    created = not torch.distributed.is_initialized()
+    if created:
+        saved = dict(os.environ)
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0",
+                          WORLD_SIZE="1", LOCAL_RANK="0")
+        try:
+            deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+        finally:
+            # The rendezvous variables are only needed to connect; left set, they would leak into
+            # `vlpt` subprocesses of other tests and point them at this process's port.
+            os.environ.clear()
+            os.environ.update(saved)
+    yield deepspeed
+    if created and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def write_tiny_config(path: Path, data_dir: Path, run_dir: Path, **sections) -> Path:
     """A tiny UNITER run on the test shards; `sections` deep-override (e.g. optim={...})."""
     import yaml

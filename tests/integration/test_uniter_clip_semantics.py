@@ -22,13 +22,11 @@ Each regime also runs with `accum_sum_semantics: false`:
 from __future__ import annotations
 
 import copy
-import os
 
 import numpy as np
 import pytest
 import torch
 
-from tests.conftest import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -53,30 +51,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="session")
-def process_group():
-    """A gloo process group of world size 1 (as `python -m trainer.cli` would set up).
-
-    Session-scoped, as in tests/unit/test_convert_cli.py: DeepSpeed caches the group, so one
-    destroyed mid-session breaks later in-process engines (ValueError: Group ... is not
-    registered)."""
-    deepspeed = pytest.importorskip("deepspeed")
-    created = not torch.distributed.is_initialized()
-    if created:
-        saved = dict(os.environ)
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0",
-                          WORLD_SIZE="1", LOCAL_RANK="0")
-        try:
-            deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
-        finally:
-            # Left set, the rendezvous variables would leak into other tests' subprocesses.
-            os.environ.clear()
-            os.environ.update(saved)
-    yield deepspeed
-    if created and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
 
 
 @pytest.fixture(scope="module")

@@ -2,14 +2,12 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import free_port
 from trainer.cli import main
 from trainer.config import Config, config_to_yaml
 from trainer.models.config import ModelConfig
@@ -78,27 +76,6 @@ def test_import_then_export_restores_the_uniter_file(tmp_path, suffix):
 
 
 # ---------------------------------------------------------------- export from DeepSpeed checkpoints
-
-
-@pytest.fixture(scope="session")
-def process_group():
-    """One gloo process group (world size 1) for the whole session, as the launchers would set up."""
-    deepspeed = pytest.importorskip("deepspeed")
-    created = not torch.distributed.is_initialized()
-    if created:
-        saved = dict(os.environ)
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0",
-                          WORLD_SIZE="1", LOCAL_RANK="0")
-        try:
-            deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
-        finally:
-            # The rendezvous variables are only needed to connect; left set, they would leak into
-            # `vlpt` subprocesses of other tests and point them at this process's port.
-            os.environ.clear()
-            os.environ.update(saved)
-    yield deepspeed
-    if created and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
 
 
 @pytest.fixture(scope="module", params=[(0, "fp32"), (2, "fp32"), (3, "fp32"), (0, "bf16")],
