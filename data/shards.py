@@ -26,6 +26,8 @@ import numpy as np
 import webdataset as wds
 
 FORMAT = "vlpt-regions-v1"
+PIXEL_FORMAT = "vlpt-pixels-v1"
+"""Pixel shards (data/builders.py): `<key>.jpg`/`.png` (original file bytes) + the same `<key>.json`."""
 MANIFEST_NAME = "manifest.json"
 REGION_FIELDS = ("features", "norm_bb", "conf", "soft_labels")
 SKIP_REASONS = (
@@ -94,16 +96,18 @@ def _count_keys(path: Path) -> int:
 
 
 def write_manifest(
-    directory: str | Path, shard_paths: Iterable[str | Path], meta: dict, counts: Optional[list[int]] = None
+    directory: str | Path, shard_paths: Iterable[str | Path], meta: dict, counts: Optional[list[int]] = None,
+    fmt: str = FORMAT,
 ) -> dict:
     """Write `directory/manifest.json` for the given shards; return the manifest dict.
 
-    `meta` must hold `img_dim` and `label_dim`; other keys (split, seed, ...) are kept.
+    `fmt` is the manifest's `format`. For region shards (FORMAT) `meta` must hold
+    `img_dim` and `label_dim`; other keys (split, seed, ...) are kept.
     Shard paths are stored relative to `directory`. `counts` (samples per shard,
     as returned by write_shard) saves re-reading the tars to count their keys.
     """
     directory = Path(directory)
-    for k in ("img_dim", "label_dim"):
+    for k in ("img_dim", "label_dim") if fmt == FORMAT else ():
         if not isinstance(meta.get(k), int) or meta[k] < 1:
             raise ValueError(f"manifest meta needs a positive int {k!r}, got {meta.get(k)!r}")
     paths = [Path(p) for p in shard_paths]
@@ -119,7 +123,7 @@ def write_manifest(
         })
     manifest = {
         **meta,
-        "format": FORMAT,
+        "format": fmt,
         "num_samples": sum(s["num_samples"] for s in shards),
         "shards": shards,
     }
@@ -150,25 +154,33 @@ def _manifest_file(path: Path) -> Path:
     return path if path.suffix == ".json" else path / MANIFEST_NAME
 
 
-def read_manifest(directory: str | Path) -> Manifest:
-    """Parse `directory/manifest.json` (or a manifest file path); ValueError naming the file if bad."""
+def read_manifest(directory: str | Path, expected_format: str = FORMAT) -> Manifest:
+    """Parse `directory/manifest.json` (or a manifest file path); ValueError naming the file if bad.
+
+    A manifest of another `format` than `expected_format` is rejected (a pixel
+    dataset is never read as region features). Non-region manifests need no
+    img_dim/label_dim; those fields are then 0 unless the manifest has them.
+    """
     file = _manifest_file(Path(directory))
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ValueError(f"manifest not found: {file} (write the dataset first, e.g. `vlpt shards demo`)") from None
+        raise ValueError(f"manifest not found: {file} (write the dataset first: `vlpt shards ...`, or `vlpt demo-data` for the demo)") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"manifest {file} is not readable JSON: {e}") from None
     try:
-        return _parse_manifest(file, data)
+        return _parse_manifest(file, data, expected_format)
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"manifest {file} is invalid: {e}") from None
 
 
-def _parse_manifest(file: Path, data: dict) -> Manifest:
-    if data.get("format") != FORMAT:
-        raise ValueError(f"format is {data.get('format')!r}, expected {FORMAT!r}")
-    img_dim, label_dim = data["img_dim"], data["label_dim"]
+def _parse_manifest(file: Path, data: dict, expected_format: str = FORMAT) -> Manifest:
+    if data.get("format") != expected_format:
+        raise ValueError(f"format is {data.get('format')!r}, expected {expected_format!r}")
+    if expected_format == FORMAT:
+        img_dim, label_dim = data["img_dim"], data["label_dim"]
+    else:
+        img_dim, label_dim = data.get("img_dim", 0), data.get("label_dim", 0)
     if not (isinstance(img_dim, int) and isinstance(label_dim, int)):
         raise ValueError("img_dim and label_dim must be integers")
     root = file.parent.resolve()

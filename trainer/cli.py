@@ -1,4 +1,4 @@
-"""The `vlpt` command: pretrain, config, demo-data, convert, launch.
+"""The `vlpt` command: pretrain, config, demo-data, shards, convert, launch.
 
 User errors (bad config key or type, missing file) end the process with one
 line on stderr and exit code 2, never a traceback.
@@ -57,6 +57,29 @@ def cmd_demo_data(args, extra: list[str]) -> int:
     return 0
 
 
+def cmd_shards(args, extra: list[str]) -> int:
+    if extra:
+        raise ConfigError(f"unrecognised arguments: {' '.join(extra)}")
+    from data import builders
+
+    common = dict(samples_per_shard=args.samples_per_shard, workers=args.workers, progress=not args.no_progress)
+    try:
+        if args.source == "coco":
+            summary = builders.build_coco_shards(args.captions, args.images, args.out, **common)
+        elif args.source == "regions":
+            summary = builders.build_region_shards(args.features, args.captions, args.out, conf_th=args.conf_th,
+                                                   min_bb=args.min_bb, max_bb=args.max_bb, **common)
+        else:
+            summary = builders.build_tsv_shards(args.tsv, args.out, **common)
+    except ValueError as e:  # bad arguments or unusable inputs; bad samples are counted, never raised
+        raise ConfigError(str(e)) from None
+    skipped = ", ".join(f"{k}={v}" for k, v in summary["skipped"].items()) or "none"
+    print(f"{summary['num_samples']} samples in {summary['num_shards']} shards ({summary['built']} built, "
+          f"{summary['reused']} already done), {summary['bytes']} bytes -> {summary['manifest']}")
+    print(f"skipped: {skipped}")
+    return 0
+
+
 def cmd_convert(args, extra: list[str]) -> int:
     if extra:
         raise ConfigError(f"unrecognised arguments: {' '.join(extra)}")
@@ -88,6 +111,25 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--img-dim", type=int, default=64, help="region feature size")
     sp.add_argument("--force", action="store_true", help="rewrite existing data")
     sp.set_defaults(fn=cmd_demo_data)
+    sp = sub.add_parser("shards", help="build webdataset shards + manifest from COCO, region npz or TSV data")
+    shard_sub = sp.add_subparsers(dest="source", required=True)
+    coco = shard_sub.add_parser("coco", help="COCO-captions JSON + image folder -> pixel shards")
+    coco.add_argument("--captions", required=True, help="captions_*.json ({images, annotations})")
+    coco.add_argument("--images", required=True, help="folder the images' file_name is relative to")
+    regions = shard_sub.add_parser("regions", help="<image_id>.npz region features + captions -> region shards")
+    regions.add_argument("--features", required=True, help="folder of <image_id>.npz files")
+    regions.add_argument("--captions", required=True, help="COCO captions JSON or a list of {image_id, caption}")
+    regions.add_argument("--conf-th", type=float, default=0.2, help="boxes above it count as confident")
+    regions.add_argument("--min-bb", type=int, default=10, help="keep at least this many boxes (if present)")
+    regions.add_argument("--max-bb", type=int, default=100, help="keep at most this many boxes")
+    tsv = shard_sub.add_parser("tsv", help="local_image_path<TAB>caption lines -> pixel shards")
+    tsv.add_argument("--tsv", required=True, help="relative image paths are resolved against its folder")
+    for q in (coco, regions, tsv):
+        q.add_argument("--out", required=True, help="output folder (shards, manifest.json)")
+        q.add_argument("--samples-per-shard", type=int, default=1000)
+        q.add_argument("--workers", type=int, default=1, help="processes building shards in parallel")
+        q.add_argument("--no-progress", action="store_true", help="no progress bar")
+        q.set_defaults(fn=cmd_shards)
     sp = sub.add_parser("convert", help="import / export UNITER checkpoints")
     sp.add_argument("direction", choices=["import", "export"],
                     help="import: UNITER model_step_*.pt -> ours; export: ours -> UNITER key names")

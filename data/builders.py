@@ -1,0 +1,489 @@
+"""Shard builders behind `vlpt shards coco|regions|tsv` (DESIGN §5).
+
+Three sources, one pipeline:
+
+- `build_coco_shards`: COCO-captions JSON + image folder -> pixel shards
+  (format PIXEL_FORMAT): per caption `<key>.jpg` (or `.png`/`.webp`: the
+  original file bytes, never re-encoded) + `<key>.json` {image_id, caption, caption_id}.
+- `build_region_shards`: one `<image_id>.npz` per image (UNITER's detector
+  output: features [n, D], norm_bb [n, 6], conf [n], soft_labels [n, K]) +
+  captions (COCO JSON or a list of {image_id, caption[, caption_id]}) ->
+  region shards (FORMAT, the schema `decode_region_sample` reads), keeping
+  num_bb = min(max_bb, max(min_bb, #(conf > conf_th))) most confident boxes.
+- `build_tsv_shards`: `local_image_path<TAB>caption` lines -> pixel shards;
+  the image_id is the normalised path, so one image on two lines keeps one id.
+
+How a build runs:
+
+1. Plan (main process): parse the captions, check that each source file exists,
+   and cut the surviving samples, in input order, into shards of
+   `samples_per_shard`. Malformed entries and missing files are counted by
+   reason here (`PLAN_SKIP_REASONS`).
+2. Build (a process pool of `workers`, one task per shard, tqdm bar over shards):
+   read the files, drop the ones that turn out unreadable or invalid (counted,
+   `BUILD_SKIP_REASONS`), and write the tar to a hidden temporary name, then
+   rename it into place (an interrupted build never leaves a half shard under a
+   shard's name). Only after the rename is the sidecar `.build/<shard>.json`
+   written: {plan digest, num_samples, bytes, sha256, skipped}.
+3. Manifest: `manifest.json` via `write_manifest` (counts, bytes, sha256), plus
+   the builder's parameters and the skip counts by reason.
+
+Re-running skips a shard when its sidecar exists, the sidecar's plan digest
+equals this run's (same samples, source paths, source sizes and mtimes, same
+parameters), and the shard's size and a *recomputed* sha256 match the sidecar
+(one sequential read per shard; a corrupted or truncated shard is rebuilt).
+Same inputs give byte-identical shards: members are in a fixed order with fixed
+metadata (`write_shard`), and the shard a sample lands in depends only on its
+position in the input, not on the number of workers.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import re
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import numpy as np
+
+from data.shards import (
+    FORMAT, MANIFEST_NAME, PIXEL_FORMAT, REGION_FIELDS, _check_regions, encode_npz, file_sha256, write_manifest,
+    write_shard,
+)
+
+BUILDER_VERSION = 1
+SIDECAR_DIR = ".build"
+IMAGE_EXTS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}
+"""Image file suffix -> shard member extension (the bytes are stored as they are)."""
+PLAN_SKIP_REASONS = (
+    "bad_caption_entry", "empty_caption", "duplicate_caption_id", "unknown_image_id", "bad_line",
+    "missing_image", "unsupported_image_type", "missing_npz",
+)
+BUILD_SKIP_REASONS = (
+    "unreadable_image", "bad_image", "bad_npz", "missing_field", "no_regions", "wrong_feature_dim", "bad_shape",
+    "nonfinite_features",
+)
+_REGION_DTYPES = {"features": np.float16, "norm_bb": np.float32, "conf": np.float32, "soft_labels": np.float16}
+_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One planned sample: the source file (image or npz) and its caption."""
+
+    key: str
+    source: str
+    image_id: str
+    caption: str
+    caption_id: str
+    size: int  # source size and mtime enter the plan digest: a changed file rebuilds its shards
+    mtime_ns: int
+
+
+# ---------------------------------------------------------------- captions
+
+def _safe(text: str) -> str:
+    """A key part without dots or slashes (webdataset splits keys at the first dot)."""
+    return _UNSAFE.sub("_", text)
+
+
+def _id(value: Any) -> Optional[str]:
+    """An id as a non-empty string; None for anything but a non-empty str or an int."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        return None
+    text = str(value)
+    return text if text else None
+
+
+def _load_json(path: Path, what: str) -> Any:
+    if not path.is_file():
+        raise ValueError(f"{what} not found: {path}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{what} {path} is not readable JSON: {e}") from None
+
+
+def load_captions(path: str | Path) -> tuple[list[tuple[str, str, str]], dict[str, str], Counter]:
+    """Captions of a COCO-captions JSON or of a list of {image_id, caption[, caption_id]}.
+
+    Returns ([(image_id, caption, caption_id)] in file order, {image_id: file_name}
+    (COCO `images`; empty for a list), skip counts). A caption without an id
+    gets `<image_id>-<k>`, k counting that image's captions. Malformed entries are
+    counted, never raised; a file that is no such JSON is a ValueError.
+    """
+    return _parse_captions(_load_json(Path(path), "captions file"), path)
+
+
+def _parse_captions(data: Any, path: str | Path) -> tuple[list[tuple[str, str, str]], dict[str, str], Counter]:
+    skipped: Counter = Counter()
+    file_names: dict[str, str] = {}
+    if isinstance(data, dict) and isinstance(data.get("annotations"), list):
+        for img in data.get("images") or []:
+            image_id = _id(img.get("id")) if isinstance(img, dict) else None
+            if image_id is not None and isinstance(img.get("file_name"), str) and img["file_name"]:
+                file_names[image_id] = img["file_name"]
+        entries = data["annotations"]
+    elif isinstance(data, list):
+        entries = data
+    else:
+        raise ValueError(f"captions file {path} is neither COCO captions ({{'images', 'annotations'}}) "
+                         f"nor a list of {{'image_id', 'caption'}}")
+    out, per_image = [], Counter()
+    for ann in entries:
+        image_id = _id(ann.get("image_id")) if isinstance(ann, dict) else None
+        if image_id is None or not isinstance(ann.get("caption"), str):
+            skipped["bad_caption_entry"] += 1
+            continue
+        if not ann["caption"].strip():
+            skipped["empty_caption"] += 1
+            continue
+        raw_id = ann.get("id", ann.get("caption_id"))
+        caption_id = _id(raw_id) if raw_id is not None else f"{image_id}-{per_image[image_id]}"
+        if caption_id is None:
+            skipped["bad_caption_entry"] += 1
+            continue
+        per_image[image_id] += 1
+        out.append((image_id, ann["caption"], caption_id))
+    return out, file_names, skipped
+
+
+def _stat(path: Path) -> Optional[os.stat_result]:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st if path.is_file() else None
+
+
+def _image_entry(key: str, path: Path, image_id: str, caption: str, caption_id: str,
+                 skipped: Counter) -> Optional[Entry]:
+    if path.suffix.lower() not in IMAGE_EXTS:
+        skipped["unsupported_image_type"] += 1
+        return None
+    st = _stat(path)
+    if st is None:
+        skipped["missing_image"] += 1
+        return None
+    return Entry(key, str(path), image_id, caption, caption_id, st.st_size, st.st_mtime_ns)
+
+
+def _dedupe(entries: list[Entry], skipped: Counter) -> list[Entry]:
+    seen, out = set(), []
+    for e in entries:
+        if e.key in seen:
+            skipped["duplicate_caption_id"] += 1
+        else:
+            seen.add(e.key)
+            out.append(e)
+    return out
+
+
+# ---------------------------------------------------------------- regions
+
+def select_regions(arrays: dict[str, np.ndarray], conf_th: float, min_bb: int, max_bb: int) -> dict[str, np.ndarray]:
+    """The num_bb = min(max_bb, max(min_bb, #(conf > conf_th))) most confident boxes, by conf descending.
+
+    Fewer boxes than num_bb: all of them (sorted the same way). Ties keep the
+    file order. Arrays are cast to the shard schema's dtypes.
+    """
+    conf = np.asarray(arrays["conf"], dtype=np.float32)
+    num_bb = min(max_bb, max(min_bb, int((conf > conf_th).sum())))
+    order = np.argsort(-conf, kind="stable")[:num_bb]
+    return {k: np.ascontiguousarray(arrays[k][order]).astype(_REGION_DTYPES[k]) for k in REGION_FIELDS}
+
+
+def _load_npz(path: str) -> tuple[Optional[dict], Optional[str]]:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if not all(k in z.files for k in REGION_FIELDS):
+                return None, "missing_field"
+            return {k: z[k] for k in REGION_FIELDS}, None
+    except Exception:  # unreadable, not a zip, pickled objects, damaged members: all the same here
+        return None, "bad_npz"
+
+
+def _region_npz(path: str, params: dict) -> tuple[Optional[bytes], Optional[str]]:
+    arrays, reason = _load_npz(path)
+    if reason:
+        return None, reason
+    reason = _check_regions(arrays, params["img_dim"], params["label_dim"])
+    if reason:
+        return None, reason
+    if not np.isfinite(arrays["conf"]).all():
+        return None, "nonfinite_features"
+    return encode_npz(select_regions(arrays, params["conf_th"], params["min_bb"], params["max_bb"])), None
+
+
+def _infer_dims(paths: list[str]) -> tuple[int, int]:
+    """img_dim and label_dim from the first npz (in plan order) that holds valid 2-d arrays."""
+    for path in paths:
+        arrays, reason = _load_npz(path)
+        if reason is None and arrays["features"].ndim == 2 and arrays["soft_labels"].ndim == 2 \
+                and arrays["features"].shape[1] > 0 and arrays["soft_labels"].shape[1] > 0:
+            return int(arrays["features"].shape[1]), int(arrays["soft_labels"].shape[1])
+    raise ValueError(f"none of the {len(paths)} npz files holds readable region features "
+                     f"({', '.join(REGION_FIELDS)})")
+
+
+# ---------------------------------------------------------------- shard building
+
+def _meta(e: Entry) -> dict:
+    return {"image_id": e.image_id, "caption": e.caption, "caption_id": e.caption_id}
+
+
+def _image_ok(data: bytes, ext: str) -> bool:
+    if ext == "jpg":
+        return data[:3] == b"\xff\xd8\xff"
+    if ext == "png":
+        return data[:8] == b"\x89PNG\r\n\x1a\n"
+    return data[:4] == b"RIFF" and data[8:12] == b"WEBP"
+
+
+def _pixel_samples(entries: list[Entry], skipped: Counter) -> Iterator[dict]:
+    for e in entries:
+        ext = IMAGE_EXTS[Path(e.source).suffix.lower()]
+        try:
+            data = Path(e.source).read_bytes()
+        except OSError:
+            skipped["unreadable_image"] += 1
+            continue
+        if not _image_ok(data, ext):  # a magic-number check: empty, truncated-at-start or mislabelled files
+            skipped["bad_image"] += 1
+            continue
+        yield {"__key__": e.key, ext: data, "json": _meta(e)}
+
+
+def _region_samples(entries: list[Entry], params: dict, skipped: Counter) -> Iterator[dict]:
+    cache: dict[str, tuple[Optional[bytes], Optional[str]]] = {}  # npz per image, for this shard's captions
+    for e in entries:
+        if e.source not in cache:
+            cache[e.source] = _region_npz(e.source, params)
+        npz, reason = cache[e.source]
+        if reason:
+            skipped[reason] += 1
+            continue
+        yield {"__key__": e.key, "json": _meta(e), "npz": npz}
+
+
+def _sidecar(path: Path) -> Path:
+    return path.parent / SIDECAR_DIR / f"{path.name}.json"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _build_shard(job: dict) -> dict:
+    """Write one shard (temporary name, then rename) and its sidecar; return the sidecar record."""
+    path = Path(job["path"])
+    skipped: Counter = Counter()
+    if job["kind"] == "regions":
+        samples = _region_samples(job["entries"], job["params"], skipped)
+    else:
+        samples = _pixel_samples(job["entries"], skipped)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        count = write_shard(tmp, samples)
+        record = {"plan": job["digest"], "num_samples": count, "bytes": tmp.stat().st_size,
+                  "sha256": file_sha256(tmp), "skipped": dict(sorted(skipped.items()))}
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _sidecar(path).parent.mkdir(exist_ok=True)
+    _write_atomic(_sidecar(path), json.dumps(record, sort_keys=True) + "\n")
+    return record
+
+
+def _up_to_date(path: Path, digest: str) -> Optional[dict]:
+    """The sidecar record when `path` is a finished shard of this very plan, else None."""
+    try:
+        record = json.loads(_sidecar(path).read_text())
+        if record["plan"] != digest or path.stat().st_size != record["bytes"]:
+            return None
+        return record if file_sha256(path) == record["sha256"] else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _digest(kind: str, params: dict, entries: list[Entry]) -> str:
+    plan = {"builder": kind, "version": BUILDER_VERSION, "params": params, "entries": [asdict(e) for e in entries]}
+    return hashlib.sha256(json.dumps(plan, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def _check_common(out: Path, samples_per_shard: int, workers: int) -> None:
+    if not isinstance(samples_per_shard, int) or samples_per_shard < 1:
+        raise ValueError(f"samples_per_shard must be an integer >= 1, got {samples_per_shard!r}")
+    if not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output path exists and is not a directory: {out}")
+
+
+def _run(kind: str, out: Path, entries: list[Entry], skipped: Counter, params: dict, meta: dict, fmt: str,
+         samples_per_shard: int, workers: int, progress: bool) -> dict:
+    if not entries:
+        raise ValueError(f"no usable samples for {out} (skipped: {dict(sorted(skipped.items())) or 'none'})")
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(".shard-*.tmp"):  # left by an interrupted build
+        stale.unlink(missing_ok=True)
+    jobs = []
+    for i, start in enumerate(range(0, len(entries), samples_per_shard)):
+        chunk = entries[start:start + samples_per_shard]
+        jobs.append({"kind": kind, "path": str(out / f"shard-{i:06d}.tar"), "entries": chunk, "params": params,
+                     "digest": _digest(kind, params, chunk)})
+    records: dict[int, dict] = {}
+    pending = []
+    for i, job in enumerate(jobs):
+        record = _up_to_date(Path(job["path"]), job["digest"])
+        if record is None:
+            pending.append(i)
+        else:
+            records[i] = record
+    from tqdm import tqdm
+
+    with tqdm(total=len(jobs), initial=len(records), desc=f"vlpt shards {kind}", unit="shard",
+              disable=not progress, dynamic_ncols=True) as bar:
+        if workers == 1 or len(pending) <= 1:
+            for i in pending:
+                records[i] = _build_shard(jobs[i])
+                bar.update(1)
+        else:
+            # spawn: workers never inherit the parent's threads or locks (torch, tokenizers, tests)
+            ctx = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(max_workers=min(workers, len(pending)), mp_context=ctx) as pool:
+                futures = {pool.submit(_build_shard, jobs[i]): i for i in pending}
+                for fut in as_completed(futures):
+                    records[futures[fut]] = fut.result()
+                    bar.update(1)
+    for i in sorted(records):
+        skipped.update(records[i].get("skipped", {}))
+    skipped = Counter({k: v for k, v in skipped.items() if v})
+    paths = [job["path"] for job in jobs]
+    counts = [records[i]["num_samples"] for i in range(len(jobs))]
+    manifest_meta = {**meta, "builder": kind, "params": params, "skipped": dict(sorted(skipped.items()))}
+    manifest = write_manifest(out, paths, manifest_meta, counts, fmt=fmt)
+    return {
+        "out_dir": str(out),
+        "manifest": str(out / MANIFEST_NAME),
+        "format": fmt,
+        "num_samples": manifest["num_samples"],
+        "num_shards": len(jobs),
+        "built": len(pending),
+        "reused": len(jobs) - len(pending),
+        "bytes": sum(s["bytes"] for s in manifest["shards"]),
+        "skipped": dict(sorted(skipped.items())),
+    }
+
+
+# ---------------------------------------------------------------- the three builders
+
+def build_coco_shards(captions: str | Path, images: str | Path, out: str | Path, *, samples_per_shard: int = 1000,
+                      workers: int = 1, progress: bool = False) -> dict:
+    """COCO-captions JSON + image folder -> pixel shards in `out` (one sample per caption); a summary dict."""
+    out, images = Path(out), Path(os.path.abspath(images))
+    _check_common(out, samples_per_shard, workers)
+    if not images.is_dir():
+        raise ValueError(f"image folder not found: {images}")
+    data = _load_json(Path(captions), "captions file")
+    if not (isinstance(data, dict) and isinstance(data.get("annotations"), list)):
+        raise ValueError(f"captions file {captions} is not COCO captions ({{'images': [...], 'annotations': [...]}})")
+    rows, file_names, skipped = _parse_captions(data, captions)
+    entries = []
+    for image_id, caption, caption_id in rows:
+        if image_id not in file_names:
+            skipped["unknown_image_id"] += 1
+            continue
+        e = _image_entry(f"{_safe(image_id)}-{_safe(caption_id)}", images / file_names[image_id], image_id,
+                         caption, caption_id, skipped)
+        if e is not None:
+            entries.append(e)
+    meta = {"source": "coco", "captions": str(Path(captions).resolve()), "images": str(images.resolve())}
+    return _run("coco", out, _dedupe(entries, skipped), skipped, {}, meta, PIXEL_FORMAT, samples_per_shard,
+                workers, progress)
+
+
+def build_region_shards(features: str | Path, captions: str | Path, out: str | Path, *, conf_th: float = 0.2,
+                        min_bb: int = 10, max_bb: int = 100, samples_per_shard: int = 1000, workers: int = 1,
+                        progress: bool = False) -> dict:
+    """`<image_id>.npz` region features + captions -> region shards in `out`; a summary dict.
+
+    img_dim / label_dim come from the first readable npz; files of other widths are skipped.
+    """
+    out, features = Path(out), Path(os.path.abspath(features))
+    _check_common(out, samples_per_shard, workers)
+    if not features.is_dir():
+        raise ValueError(f"feature folder not found: {features}")
+    for name, v in (("min_bb", min_bb), ("max_bb", max_bb)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+    if min_bb > max_bb:
+        raise ValueError(f"min_bb ({min_bb}) must not exceed max_bb ({max_bb})")
+    if not np.isfinite(conf_th):
+        raise ValueError(f"conf_th must be a finite number, got {conf_th!r}")
+    rows, _, skipped = load_captions(captions)
+    entries, stats = [], {}
+    for image_id, caption, caption_id in rows:
+        path = features / f"{image_id}.npz"
+        if path not in stats:
+            stats[path] = _stat(path)
+        st = stats[path]
+        if st is None:
+            skipped["missing_npz"] += 1
+            continue
+        entries.append(Entry(f"{_safe(image_id)}-{_safe(caption_id)}", str(path), image_id, caption, caption_id,
+                             st.st_size, st.st_mtime_ns))
+    entries = _dedupe(entries, skipped)
+    img_dim, label_dim = _infer_dims(list(dict.fromkeys(e.source for e in entries))) if entries else (0, 0)
+    params = {"conf_th": float(conf_th), "min_bb": min_bb, "max_bb": max_bb, "img_dim": img_dim,
+              "label_dim": label_dim}
+    meta = {"source": "regions", "img_dim": img_dim, "label_dim": label_dim,
+            "captions": str(Path(captions).resolve()), "features": str(features.resolve())}
+    return _run("regions", out, entries, skipped, params, meta, FORMAT, samples_per_shard, workers, progress)
+
+
+def build_tsv_shards(tsv: str | Path, out: str | Path, *, samples_per_shard: int = 1000, workers: int = 1,
+                     progress: bool = False) -> dict:
+    """`local_image_path<TAB>caption` lines -> pixel shards in `out`; a summary dict.
+
+    Relative paths are resolved against the TSV's folder. The image_id is the
+    normalised path as written (`./a/../x.jpg` -> `x.jpg`); key and caption_id
+    are `line-<line number>`. Blank lines are ignored.
+    """
+    out, tsv = Path(out), Path(os.path.abspath(tsv))
+    _check_common(out, samples_per_shard, workers)
+    if not tsv.is_file():
+        raise ValueError(f"TSV file not found: {tsv}")
+    skipped: Counter = Counter()
+    entries = []
+    with tsv.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError:
+                skipped["bad_line"] += 1
+                continue
+            if not line.strip():
+                continue
+            image_path, sep, caption = line.partition("\t")
+            if not sep or not image_path.strip():
+                skipped["bad_line"] += 1
+                continue
+            if not caption.strip():
+                skipped["empty_caption"] += 1
+                continue
+            image_id = Path(os.path.normpath(image_path)).as_posix()
+            path = Path(image_id) if Path(image_id).is_absolute() else tsv.parent / image_id
+            key = f"line-{lineno:09d}"
+            e = _image_entry(key, path, image_id, caption, key, skipped)
+            if e is not None:
+                entries.append(e)
+    meta = {"source": "tsv", "tsv": str(tsv.resolve())}
+    return _run("tsv", out, entries, skipped, {}, meta, PIXEL_FORMAT, samples_per_shard, workers, progress)
