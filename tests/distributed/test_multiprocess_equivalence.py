@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from tests.conftest import run_vlpt, step_losses, write_tiny_config
+from tests.conftest import read_metrics, run_vlpt, step_losses, write_tiny_config
 
 pytestmark = pytest.mark.slow
 NO_DROPOUT = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
@@ -52,19 +52,20 @@ def test_torchrun_two_processes(tmp_path, demo_data, single_process):
 
 
 def test_zero3_two_processes_with_partitioned_shared_weights(tmp_path, demo_data):
-    """ZeRO-3 with every parameter partitioned (threshold 0) gives the losses of one
-    unpartitioned process on MLM, whose decoder reads the word embeddings outside their
-    module. (ITM is off: see the note on task mixing under ZeRO-3 in the README.)"""
-    cfg = write_tiny_config(tmp_path / "z3.yaml", demo_data, tmp_path / "z3", model=NO_DROPOUT,
-                            optim={"global_batch_size": 16}, train={"max_steps": 3},
-                            tasks={"mlm": 1, "itm": 0},
-                            parallel={"zero_stage": 3, "zero3_persistence_threshold": 0})
+    """ZeRO-3 with every parameter partitioned (threshold 0) on 2 processes gives the losses
+    of one unpartitioned process, with tied heads read outside their modules (MLM decoder,
+    MRFR) and task switches: MRFR returns after an MLM step, which is where ZeRO-3 would
+    reuse the MRFR head's stale gradient without the model's zero term for unreached heads."""
+    common = dict(model=NO_DROPOUT, optim={"global_batch_size": 16}, train={"max_steps": 6},
+                  tasks={"mlm": 1, "itm": 1, "mrfr": 1})
+    cfg = write_tiny_config(tmp_path / "z3.yaml", demo_data, tmp_path / "z3",
+                            parallel={"zero_stage": 3, "zero3_persistence_threshold": 0}, **common)
     run_vlpt(["pretrain", "--config", str(cfg)], launcher="torchrun", nproc=2)
-    ref_cfg = write_tiny_config(tmp_path / "z0.yaml", demo_data, tmp_path / "z0", model=NO_DROPOUT,
-                                optim={"global_batch_size": 16}, train={"max_steps": 3},
-                                tasks={"mlm": 1, "itm": 0})
-    run_vlpt(["pretrain", "--config", str(ref_cfg)])
-    assert_same_steps(step_losses(tmp_path / "z0"), step_losses(tmp_path / "z3"), 3)
+    run_vlpt(["pretrain", "--config", str(write_tiny_config(tmp_path / "z0.yaml", demo_data,
+                                                           tmp_path / "z0", **common))])
+    tasks = [r["task"] for r in read_metrics(tmp_path / "z0") if "task" in r]
+    assert any(t != tasks[i - 1] and t in tasks[:i - 1] for i, t in enumerate(tasks) if i > 1), tasks
+    assert_same_steps(step_losses(tmp_path / "z0"), step_losses(tmp_path / "z3"), 6)
 
 
 def assert_same_steps(ref, got, n):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Mapping, Optional
 
+import torch
 from torch import Tensor, nn
 
 from trainer.models.bert import init_bert_weights
@@ -51,7 +52,25 @@ class UniterForPretraining(nn.Module):
         objectives = self.objectives or OBJECTIVES
         if task not in objectives:
             raise ValueError(f"unknown task {task!r}; known: {sorted(objectives)}")
-        return objectives[task](self, self._cast_features(batch))
+        result = objectives[task](self, self._cast_features(batch))
+        result.loss_sum = result.loss_sum + self._zero_for_unreached(result.loss_sum.device)
+        return result
+
+    def _zero_for_unreached(self, device: torch.device) -> Tensor:
+        """0 x (every head and the mask embedding on a zero input): an exact 0.
+
+        A task reaches only its own head. Stages 0-2 of ZeRO give the others a zero
+        gradient (as UNITER, whose zero_grad zeroes rather than frees gradients), but
+        ZeRO-3 keeps the gradient of the last step that reached them, so a head's update
+        repeats after a task switch. With this term every parameter is part of every
+        step's graph with an exact zero gradient: all stages agree, the loss is unchanged.
+        """
+        dtype = self.uniter.embeddings.word_embeddings.weight.dtype
+        x = torch.zeros(1, 1, self.config.hidden_size, dtype=dtype, device=device)  # [1, 1, H]
+        mask_row = torch.ones(1, dtype=torch.long, device=device)  # [1]
+        outputs = (self.itm_logits(x), self.mlm_logits(x[0]), self.mrfr_features(x[0]),
+                   self.mrc_logits(x[0]), self.uniter.img_embeddings.mask_embedding(mask_row))
+        return sum(o.float().sum() for o in outputs) * 0.0
 
     def _cast_features(self, batch: dict) -> dict:
         """Region features arrive as fp32; under bf16/fp16 engines they follow the weights."""
