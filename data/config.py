@@ -57,6 +57,11 @@ class DataConfig:
     itm_hard_candidates: int = 7
     """For task "itm-hard": negative images drawn per text (distinct image_ids of the same
     micro-batch, fewer if it has fewer); the model scores them and trains on the hardest."""
+    max_bad_per_1000: float = 10.0
+    """Abort (one-line error, exit 2) when more than this many per 1,000 training samples
+    read so far, over all ranks, were skipped as bad (any reason, corrupt shards included)."""
+    min_samples_for_bad_rate: int = 1000
+    """The bad-sample limit is checked only once this many samples were read in total."""
 
     def __post_init__(self) -> None:
         for name in ("micro_batch_size", "val_batch_size", "max_txt_len"):
@@ -67,6 +72,10 @@ class DataConfig:
         names = [d.name for d in self.datasets]
         if len(set(names)) != len(names):
             raise ValueError(f"datasets: names must be unique, got {names}")
+        if not self.max_bad_per_1000 >= 0:  # also rejects NaN
+            raise ValueError(f"data.max_bad_per_1000 must be >= 0, got {self.max_bad_per_1000}")
+        if self.min_samples_for_bad_rate < 0:
+            raise ValueError(f"data.min_samples_for_bad_rate must be >= 0, got {self.min_samples_for_bad_rate}")
         if self.itm_hard_candidates < 1:
             raise ValueError(f"data.itm_hard_candidates must be >= 1, got {self.itm_hard_candidates}")
         for name in ("mlm_prob", "mrm_prob", "itm_neg_prob"):

@@ -17,6 +17,8 @@ decoding them.
 """
 from __future__ import annotations
 
+import logging
+import tarfile
 import zlib
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Sequence
@@ -28,6 +30,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from data.shards import decode_region_sample, iter_shard
 
 Collate = Callable[[list, np.random.Generator], dict]
+log = logging.getLogger(__name__)
+SHARD_READ_ERRORS = (tarfile.TarError, OSError, EOFError)
 
 
 def stable_id(name: str) -> int:
@@ -50,12 +54,46 @@ class StreamSpec:
 
 
 class StreamReader:
-    """Yields (epoch, index, samples) micro-batches of one stream, forever."""
+    """Yields (epoch, index, samples) micro-batches of one stream, forever.
+
+    Bad input never stops it (DESIGN §5): undecodable samples are dropped and a
+    corrupt or truncated shard is abandoned at the damage (the complete samples
+    before it are used), each counted by reason. `take_counts()` returns what was
+    skipped and how many raw samples were decoded since its previous call, so the
+    counts can travel with each batch (also out of DataLoader workers). Batches
+    skipped on resume are neither decoded nor counted again.
+    """
 
     def __init__(self, spec: StreamSpec, tokenizer, stream: int, epoch: int = 0, skip: int = 0):
         self.spec, self.tok, self.stream = spec, tokenizer, stream
         self.epoch, self.skip = epoch, skip
         self.skipped_samples: dict[str, int] = {}
+        """Totals by reason over this reader's life."""
+        self._new_skips: dict[str, int] = {}
+        self._new_seen = 0
+        self._counting = True
+
+    def _count_skip(self, reason: str) -> None:
+        if not self._counting:
+            return
+        self.skipped_samples[reason] = self.skipped_samples.get(reason, 0) + 1
+        self._new_skips[reason] = self._new_skips.get(reason, 0) + 1
+
+    def take_counts(self) -> tuple[dict[str, int], int]:
+        """(skips by reason, raw samples decoded) since the previous call."""
+        out = (self._new_skips, self._new_seen)
+        self._new_skips, self._new_seen = {}, 0
+        return out
+
+    def _read_shard(self, path: str, count: bool = True) -> Iterator[dict]:
+        """iter_shard(path), ending quietly at damage; `count`: this stream reports it."""
+        try:
+            yield from iter_shard(path)
+        except SHARD_READ_ERRORS as e:
+            if count and self._counting:
+                log.warning("skipping the rest of corrupt shard %s (task %s, stream %d): %s: %s",
+                            path, self.spec.task, self.stream, type(e).__name__, e)
+                self._count_skip("corrupt_tar")
 
     def _raw_samples(self, epoch: int) -> Iterator[dict]:
         spec = self.spec
@@ -63,12 +101,13 @@ class StreamReader:
         shards = [spec.shards[i] for i in order]
         if len(shards) >= spec.n_streams:
             for path in shards[self.stream::spec.n_streams]:
-                yield from iter_shard(path)
+                yield from self._read_shard(path)
             return
         # Fewer shards than streams: split by sample so every stream has data.
+        # Every stream reads every shard; stream 0 alone reports a corrupt one.
         i = 0
         for path in shards:
-            for raw in iter_shard(path):
+            for raw in self._read_shard(path, count=self.stream == 0):
                 if i % spec.n_streams == self.stream:
                     yield raw
                 i += 1
@@ -92,7 +131,7 @@ class StreamReader:
     def _decode(self, raw: dict):
         sample, reason = decode_region_sample(raw, self.tok, self.spec.max_txt_len, self.spec.img_dim)
         if sample is None:
-            self.skipped_samples[reason] = self.skipped_samples.get(reason, 0) + 1
+            self._count_skip(reason)
         return sample
 
     def batches(self) -> Iterator[tuple[int, int, list]]:
@@ -100,15 +139,18 @@ class StreamReader:
         epoch, skip = self.epoch, self.skip
         while True:
             index, pending = 0, []
+            self._counting = index >= skip
             for raw in self._shuffled(epoch):
                 pending.append(raw)
                 if len(pending) < self.spec.batch_size:
                     continue
                 if index >= skip:
+                    self._new_seen += len(pending)
                     samples = [s for s in map(self._decode, pending) if s is not None]
                     if samples:
                         yield epoch, index, samples
                 index, pending = index + 1, []
+                self._counting = index >= skip
             if index == 0:
                 raise ValueError(
                     f"stream {self.stream} of task {self.spec.task!r} has fewer samples than one "
@@ -121,6 +163,9 @@ class TaskBatches(IterableDataset):
 
     In a DataLoader with workers, worker w serves the rank's streams w, w+W, ...;
     the DataLoader's round-robin over workers then returns the streams in order.
+
+    Each batch carries `data_skipped` ({reason: count}) and `data_seen` (raw samples
+    decoded, good and bad) since its stream's previous batch.
     """
 
     def __init__(self, spec: StreamSpec, tokenizer, collate: Collate, streams: Sequence[int],
@@ -135,14 +180,16 @@ class TaskBatches(IterableDataset):
         readers = []
         for s in mine:
             epoch, skip = self.state.get(s, (0, 0))
-            readers.append((s, StreamReader(self.spec, self.tok, s, epoch, skip).batches()))
+            reader = StreamReader(self.spec, self.tok, s, epoch, skip)
+            readers.append((s, reader, reader.batches()))
         while True:
-            for stream, it in readers:
+            for stream, reader, it in readers:
                 epoch, index, samples = next(it)
                 rng = np.random.default_rng(
                     [self.spec.seed, stable_id(self.spec.task), stream, epoch, index, 2])
                 batch = self.collate(samples, rng)
                 batch["stream"], batch["epoch"], batch["index"] = stream, epoch, index
+                batch["data_skipped"], batch["data_seen"] = reader.take_counts()
                 yield batch
 
 
@@ -164,6 +211,10 @@ class ResumableTaskLoader:
         self.positions: dict[int, tuple[int, int]] = dict(dataset.state)
         self._it: Optional[Iterator[dict]] = None
         self._consumed = 0
+        self.skip_counts: dict[str, int] = {}
+        """Samples skipped by reason in the batches consumed through this loader."""
+        self.seen = 0
+        """Raw samples (good and bad) behind the batches consumed through this loader."""
 
     def _iterator(self) -> Iterator[dict]:
         if self.num_workers == 0:
@@ -177,6 +228,9 @@ class ResumableTaskLoader:
         if self._it is None:
             self._it = self._iterator()
         batch = next(self._it)
+        for reason, n in batch.pop("data_skipped", {}).items():
+            self.skip_counts[reason] = self.skip_counts.get(reason, 0) + int(n)
+        self.seen += int(batch.pop("data_seen", 0))
         self.positions[batch["stream"]] = (batch["epoch"], batch["index"] + 1)
         self._consumed += 1
         return batch

@@ -33,8 +33,11 @@ REGION_FIELDS = ("features", "norm_bb", "conf", "soft_labels")
 SKIP_REASONS = (
     "missing_json", "bad_json", "missing_image_id", "missing_caption", "empty_caption",
     "missing_npz", "bad_npz", "missing_field", "no_regions", "wrong_feature_dim",
-    "bad_shape", "nonfinite_features", "caption_too_long",
+    "bad_shape", "nonfinite_features", "caption_too_long", "corrupt_tar",
 )
+"""Why a sample was skipped. All but "corrupt_tar" are per sample (decode_region_sample);
+"corrupt_tar" is counted once per unreadable shard read by the loader (the samples lost
+after the damage are not counted, being never seen)."""
 # webdataset's rule: key = everything up to the first dot of the basename.
 _KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
 

@@ -38,6 +38,58 @@ class RunState:
     positions: dict[str, dict] = field(default_factory=dict)
     task_counts: dict[str, int] = field(default_factory=dict)
     mlflow_run_id: Optional[str] = None
+    data_skipped: dict[str, int] = field(default_factory=dict)
+    """Bad training samples by reason over all ranks, up to the checkpoint this run resumed from."""
+    data_seen: int = 0
+    """Raw training samples read over all ranks, up to that checkpoint."""
+
+
+@dataclass(frozen=True)
+class DataCounts:
+    skipped: dict[str, int]
+    seen: int
+
+    @property
+    def bad(self) -> int:
+        return sum(self.skipped.values())
+
+    @property
+    def per_1000(self) -> float:
+        return 1000.0 * self.bad / max(self.seen, 1)
+
+
+def data_counts(loaders: dict, state: RunState) -> DataCounts:
+    """Collective. The run's bad/seen sample totals: the resumed-from totals plus what
+    every task loader of every rank has consumed since this process started."""
+    local_skipped: dict[str, int] = {}
+    local_seen = 0
+    for loader in loaders.values():
+        for reason, n in loader.skip_counts.items():
+            local_skipped[reason] = local_skipped.get(reason, 0) + n
+        local_seen += loader.seen
+    skipped, seen = dict(state.data_skipped), state.data_seen
+    for rank_skipped, rank_seen in all_gather_objects((local_skipped, local_seen)):
+        for reason, n in rank_skipped.items():
+            skipped[reason] = skipped.get(reason, 0) + n
+        seen += rank_seen
+    return DataCounts({k: skipped[k] for k in sorted(skipped) if skipped[k]}, seen)
+
+
+def data_metrics(counts: DataCounts) -> dict[str, float]:
+    return {**{f"data/skipped_{k}": float(v) for k, v in counts.skipped.items()},
+            "data/skipped": float(counts.bad), "data/seen": float(counts.seen),
+            "data/skipped_per_1000": counts.per_1000}
+
+
+def bad_rate_error(cfg: Config, counts: DataCounts) -> Optional[str]:
+    """The one-line abort message when the bad-sample limit is exceeded, else None.
+    Decided from the all-gathered totals, so every rank agrees."""
+    limit = cfg.data.max_bad_per_1000
+    if counts.seen < max(cfg.data.min_samples_for_bad_rate, 1) or counts.per_1000 <= limit:
+        return None
+    reasons = ", ".join(f"{k}={v:,}" for k, v in sorted(counts.skipped.items(), key=lambda kv: (-kv[1], kv[0])))
+    return (f"data: {counts.bad:,} of {counts.seen:,} samples were bad ({counts.per_1000:.1f} per 1,000 > "
+            f"data.max_bad_per_1000={limit:g}): {reasons}; fix the shards or raise data.max_bad_per_1000")
 
 
 def check_inputs(cfg: Config) -> None:
@@ -180,7 +232,9 @@ def pretrain(cfg: Config) -> dict:
     tag = ckpt.latest_tag(run_dir) if cfg.train.resume else None
     if tag:
         saved = ckpt.load_checkpoint(engine, run_dir, tag, info)
-        state = RunState(saved["step"], saved["positions"], saved["task_counts"], saved.get("mlflow_run_id"))
+        state = RunState(saved["step"], saved["positions"], saved["task_counts"], saved.get("mlflow_run_id"),
+                         {k: int(v) for k, v in saved.get("data_skipped", {}).items()},
+                         int(saved.get("data_seen", 0)))
         rng = ckpt.load_rng(run_dir, tag, info.rank)
         log.info("resumed from %s at step %d", tag, state.step)
     loaders = build_train_loaders(cfg, tok, layout, info.rank, state.positions, img_dim)
@@ -210,12 +264,16 @@ def run_training(cfg, info, engine, loaders, layout, tracker, state, tok, img_di
         state.task_counts[key] = state.task_counts.get(key, 0) + 1
         record = {"lr": engine.get_lr()[0], **{f"{key}_{k}": v for k, v in stats.items()}}
         tracker.log_metrics(record, state.step, task=key)
+        if state.step % cfg.train.log_every == 0:
+            check_data(cfg, data_counts(loaders, state), tracker, progress, state.step)
         progress.update(state.step, key, stats, layout.global_batch_size)
         if cfg.train.val_every and state.step % cfg.train.val_every == 0 and state.step < last_step:
             run_validation(cfg, info, engine, tok, img_dim, tracker, progress, state.step)
         if cfg.train.save_every and state.step % cfg.train.save_every == 0 and state.step < last_step:
             save(cfg, info, engine, loaders, state, tracker, config_yaml)
     elapsed = time.time() - t0
+    counts = data_counts(loaders, state)
+    check_data(cfg, counts, tracker, progress, state.step)
     progress.close()
     val_metrics = run_validation(cfg, info, engine, tok, img_dim, tracker, progress, state.step)
     path = save(cfg, info, engine, loaders, state, tracker, config_yaml)
@@ -225,6 +283,9 @@ def run_training(cfg, info, engine, loaders, layout, tracker, state, tok, img_di
                "task_counts": state.task_counts, "world_size": layout.world_size,
                "grad_accum": layout.grad_accum, "global_batch_size": layout.global_batch_size,
                **val_metrics}
+    if counts.bad:
+        summary.update(data_skipped=counts.skipped, data_seen=counts.seen,
+                       data_skipped_per_1000=counts.per_1000)
     if info.is_main:
         summary.update(mlm_loss_drop(os.path.join(run_dir, "metrics.jsonl")))
         final = {k: v for k, v in summary.items() if isinstance(v, float) and not k.startswith("val/")}
@@ -237,6 +298,18 @@ def run_training(cfg, info, engine, loaders, layout, tracker, state, tok, img_di
         print_summary(summary, run_dir)
     tracker.finish()
     return summary
+
+
+def check_data(cfg, counts: DataCounts, tracker, progress, step: int) -> None:
+    """Log the data counters; over the bad-sample limit, end the run with a ConfigError
+    (on every rank at the same step: the counts are global)."""
+    tracker.log_metrics(data_metrics(counts), step)
+    progress.skipped = counts.bad
+    error = bad_rate_error(cfg, counts)
+    if error:
+        progress.close()
+        tracker.finish("FAILED")
+        raise ConfigError(error)
 
 
 def run_validation(cfg, info, engine, tok, img_dim, tracker, progress, step) -> dict:
@@ -256,7 +329,9 @@ def save(cfg, info, engine, loaders, state, tracker, config_yaml) -> str:
     for per_rank in gathered:
         for task, pos in per_rank.items():
             positions.setdefault(task, {}).update(pos)
+    counts = data_counts(loaders, state)
     trainer_state = {"step": state.step, "positions": positions, "task_counts": state.task_counts,
-                     "mlflow_run_id": tracker.run_id if info.is_main else None}
+                     "mlflow_run_id": tracker.run_id if info.is_main else None,
+                     "data_skipped": counts.skipped, "data_seen": counts.seen}
     return ckpt.save_checkpoint(engine, os.path.abspath(cfg.train.run_dir), state.step, trainer_state,
                                 config_yaml, cfg.train.keep_last, info)

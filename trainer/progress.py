@@ -15,6 +15,8 @@ class Progress:
                         mininterval=0.5, file=sys.stderr, unit="step")
         self.window: dict[str, list[float]] = {}
         self.samples, self.t0 = 0, time.time()
+        self.skipped = 0
+        """Bad samples skipped so far in the whole run (all ranks), set by the loop."""
 
     def update(self, step: int, task: str, stats: dict[str, float], batch_size: int) -> None:
         for k, v in stats.items():
@@ -26,7 +28,8 @@ class Progress:
                                  refresh=False)
         if step % self.log_every == 0:
             parts = [f"{k} {sum(v) / len(v):.4f}" for k, v in sorted(self.window.items())]
-            self.write(f"step {step}: " + "  ".join(parts) + f"  | {rate:.0f} samples/s")
+            skipped = f"  | {self.skipped:,} bad samples skipped" if self.skipped else ""
+            self.write(f"step {step}: " + "  ".join(parts) + f"  | {rate:.0f} samples/s" + skipped)
             self.window.clear()
 
     def write(self, line: str) -> None:

@@ -58,6 +58,10 @@ def print_summary(summary: dict, run_dir: str) -> None:
         lines.append(f"MLM loss          first {WINDOW} MLM steps {summary['mlm_loss_first20']:.4f} -> "
                      f"last {WINDOW} {summary['mlm_loss_last20']:.4f} "
                      f"({100 * summary['mlm_loss_drop']:.1f}% lower)")
+    if summary.get("data_skipped"):
+        reasons = ", ".join(f"{k}={v:,}" for k, v in summary["data_skipped"].items())
+        lines.append(f"bad samples       {sum(summary['data_skipped'].values()):,} of {summary['data_seen']:,} "
+                     f"skipped ({summary['data_skipped_per_1000']:.1f} per 1,000): {reasons}")
     trend = validation_trend(os.path.join(run_dir, "metrics.jsonl"))
     if trend:
         lines.append("held-out          first validation -> last")

@@ -1,0 +1,77 @@
+"""DESIGN §5 bad input end to end: every skip reason counted exactly, and the abort threshold."""
+import json
+
+import pytest
+
+from tests.bad_input_data import epoch_shard_order, write_bad_dataset
+from tests.conftest import read_metrics, run_vlpt, write_tiny_config
+
+pytestmark = pytest.mark.slow
+SEED, BATCH, STEPS = 7, 8, 6
+
+
+@pytest.fixture(scope="module")
+def bad_data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bad_run_data")
+    # The corrupt shard is read first, so its damage is met inside the epoch's batches.
+    expected = write_bad_dataset(out, batch_size=BATCH, n_batches=STEPS,
+                                 corrupt_first=epoch_shard_order(3, SEED, "mlm")[0])
+    return out, expected
+
+
+def config(tmp_path, data_dir, run_dir, **data):
+    """Exactly one epoch of one MLM stream: STEPS batches of BATCH raw samples."""
+    return write_tiny_config(tmp_path / "c.yaml", data_dir, run_dir, tasks={"mlm": 1, "itm": 0},
+                             data={"val": None, "micro_batch_size": BATCH, "shuffle_buffer": 0, **data},
+                             train={"max_steps": STEPS, "log_every": 2, "seed": SEED},
+                             tracking={"enabled": True})
+
+
+def test_every_bad_sample_is_counted_and_the_run_finishes(tmp_path, bad_data):
+    data_dir, expected = bad_data
+    run_dir = tmp_path / "run"
+    cfg = config(tmp_path, data_dir, run_dir)
+    # Stop half-way and resume: the totals of the first part must survive the restart.
+    first = run_vlpt(["pretrain", "--config", str(cfg), "--train.stop_after_steps=3"])
+    assert "skipping the rest of corrupt shard" in first.stderr  # read in the first batch
+    part = json.loads((run_dir / "checkpoints" / "step_00000003" / "trainer_state.json").read_text())
+    assert 0 < part["data_seen"] < expected["seen"]
+    proc = run_vlpt(["pretrain", "--config", str(cfg)])
+    assert "vlpt pretrain: done" in proc.stdout and "bad samples" in proc.stdout
+    assert part["data_skipped"]["corrupt_tar"] == 1
+
+    state = json.loads((run_dir / "checkpoints" / "step_00000006" / "trainer_state.json").read_text())
+    assert state["data_skipped"] == expected["skipped"]
+    assert state["data_seen"] == expected["seen"]
+    assert state["positions"] == {"mlm": {"0": [0, STEPS]}}  # exactly one epoch, format unchanged
+    last = [r for r in read_metrics(run_dir) if "data/skipped_per_1000" in r][-1]
+    assert last["step"] == STEPS
+    assert {k[len("data/skipped_"):]: v for k, v in last.items()
+            if k.startswith("data/skipped_") and k != "data/skipped_per_1000"} == expected["skipped"]
+    bad = sum(expected["skipped"].values())
+    assert last["data/skipped_per_1000"] == pytest.approx(1000 * bad / expected["seen"])
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["data_skipped"] == expected["skipped"] and summary["data_seen"] == expected["seen"]
+
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir}/mlflow.db")
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["data/skipped_nonfinite_features"] == 1
+
+
+def test_too_many_bad_samples_is_one_line_exit_2(tmp_path, bad_data):
+    data_dir, _ = bad_data
+    run_dir = tmp_path / "run"
+    cfg = config(tmp_path, data_dir, run_dir, max_bad_per_1000=1, min_samples_for_bad_rate=8)
+    proc = run_vlpt(["pretrain", "--config", str(cfg)], check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr + proc.stdout
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("vlpt: error:")]
+    assert len(errors) == 1 and "data.max_bad_per_1000=1" in errors[0], proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == errors[0]
+    assert " of 16 samples were bad" in errors[0]  # log_every=2: decided at step 2
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("vlpt").experiment_id])
+    assert run.info.status == "FAILED"
