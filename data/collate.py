@@ -144,14 +144,19 @@ def _check_candidates(candidates) -> None:
                          f"got {candidates!r}; set data.itm_hard_candidates to 1 or more")
 
 
-def _hard_candidates(i: int, samples: Sequence[RegionSample], rng: np.random.Generator,
-                     candidates: int) -> list[int]:
-    """Up to `candidates` sample indices showing distinct images other than text i's, drawn
-    uniformly without replacement; one representative sample (the first) per image_id, so
-    the same image is never scored twice for a text."""
+def _first_sample_per_image(samples: Sequence[RegionSample]) -> dict[str, int]:
+    """image_id -> index of its first sample, in batch order."""
     first: dict[str, int] = {}
     for j, s in enumerate(samples):
         first.setdefault(s.image_id, j)
+    return first
+
+
+def _hard_candidates(i: int, samples: Sequence[RegionSample], first: dict[str, int],
+                     rng: np.random.Generator, candidates: int) -> list[int]:
+    """Up to `candidates` sample indices showing distinct images other than text i's, drawn
+    uniformly without replacement; one representative sample (`first`, the first) per
+    image_id, so the same image is never scored twice for a text."""
     eligible = [j for img, j in first.items() if img != samples[i].image_id]
     if not eligible:  # every sample shows text i's image: any swap would be a false negative
         return []
@@ -179,7 +184,8 @@ def collate_itm_hard(samples: Sequence[RegionSample], rng: np.random.Generator, 
     _check_samples(samples)
     _check_candidates(candidates)
     b = len(samples)
-    picks = [_hard_candidates(i, samples, rng, int(candidates)) for i in range(b)]
+    first = _first_sample_per_image(samples)
+    picks = [_hard_candidates(i, samples, first, rng, int(candidates)) for i in range(b)]
     texts = [s.input_ids for s in samples] + [samples[i].input_ids for i, js in enumerate(picks) for _ in js]
     images = list(samples) + [samples[j] for js in picks for j in js]
     batch = _batch(texts, images, samples, tok, "itm-hard")

@@ -67,8 +67,6 @@ class StreamReader:
     def __init__(self, spec: StreamSpec, tokenizer, stream: int, epoch: int = 0, skip: int = 0):
         self.spec, self.tok, self.stream = spec, tokenizer, stream
         self.epoch, self.skip = epoch, skip
-        self.skipped_samples: dict[str, int] = {}
-        """Totals by reason over this reader's life."""
         self._new_skips: dict[str, int] = {}
         self._new_seen = 0
         self._counting = True
@@ -76,7 +74,6 @@ class StreamReader:
     def _count_skip(self, reason: str) -> None:
         if not self._counting:
             return
-        self.skipped_samples[reason] = self.skipped_samples.get(reason, 0) + 1
         self._new_skips[reason] = self._new_skips.get(reason, 0) + 1
 
     def take_counts(self) -> tuple[dict[str, int], int]:
