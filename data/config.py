@@ -5,6 +5,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Optional
 
+from data.storage import S3Options
+
 DATASET_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
@@ -20,12 +22,20 @@ class DatasetConfig:
     """Held-out shard directory for validation; None skips this dataset's validation."""
     tasks: dict[str, float] = field(default_factory=dict)
     """This dataset's task ratios; empty = the top-level `tasks:`."""
+    weight: Optional[float] = None
+    """Mix datasets sample by sample instead: give every dataset a weight (e.g. 1, 2, 1) and
+    no per-dataset `tasks`; each task's batches then draw each sample's dataset by weight."""
 
     def __post_init__(self) -> None:
         if not DATASET_NAME.match(self.name):
             raise ValueError(f"name {self.name!r} must be letters, digits, '_', '-' or '.'")
         if not self.train:
             raise ValueError(f"train: give the training shard directory of dataset {self.name!r}")
+        if self.weight is not None and not self.weight >= 0:
+            raise ValueError(f"weight of dataset {self.name!r} must be >= 0, got {self.weight}")
+        if self.weight is not None and self.tasks:
+            raise ValueError(f"dataset {self.name!r}: give either a sample-mixing weight or per-dataset "
+                             f"tasks, not both (weighted datasets share the top-level tasks)")
 
 
 @dataclass(frozen=True)
@@ -45,9 +55,19 @@ class DataConfig:
     max_txt_len: int = 60
     """Longest caption in word pieces, before [CLS]/[SEP]; longer ones are skipped (UNITER: 60)."""
     shuffle_buffer: int = 512
-    """Samples held in each stream's shuffle buffer; 0 or 1 disables shuffling."""
+    """Samples a reader shuffles together (a block); 0 or 1 disables shuffling."""
     num_workers: int = 0
-    """DataLoader worker processes per task loader (0 = in the training process)."""
+    """DataLoader worker processes per task loader (0 = in the training process). Each worker
+    reads its own part of every epoch, so resume with the same value."""
+    resampled: bool = False
+    """Draw shards with replacement (deterministic from the seed) instead of cycling through
+    every sample once per epoch: for very large or very unequal data."""
+    token_budget: int = 0
+    """> 0: UNITER's token-budget batches (longest row x size <= budget, sizes multiples of 8)
+    instead of micro_batch_size samples; 0 = fixed-size batches."""
+    s3: S3Options = field(default_factory=S3Options)
+    """Endpoint, region, retries and timeouts for s3:// shard URLs; credentials come only from
+    the standard AWS chain (environment, ~/.aws, instance role), never from this file."""
     mlm_prob: float = 0.15
     """Probability a word piece is selected for MLM."""
     mrm_prob: float = 0.15
@@ -69,7 +89,14 @@ class DataConfig:
                 raise ValueError(f"data.{name} must be positive, got {getattr(self, name)}")
         if self.num_workers < 0 or self.shuffle_buffer < 0:
             raise ValueError("data.num_workers and data.shuffle_buffer must be >= 0")
+        if self.token_budget < 0:
+            raise ValueError(f"data.token_budget must be >= 0, got {self.token_budget}")
         names = [d.name for d in self.datasets]
+        weighted = [d.weight is not None for d in self.datasets]
+        if any(weighted) and not all(weighted):
+            raise ValueError("datasets: give every dataset a weight (sample mixing) or none (task mixing)")
+        if any(weighted) and not sum(d.weight for d in self.datasets) > 0:
+            raise ValueError("datasets: the weights must not all be 0")
         if len(set(names)) != len(names):
             raise ValueError(f"datasets: names must be unique, got {names}")
         if not self.max_bad_per_1000 >= 0:  # also rejects NaN
@@ -81,3 +108,8 @@ class DataConfig:
         for name in ("mlm_prob", "mrm_prob", "itm_neg_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"data.{name} must be in [0, 1], got {getattr(self, name)}")
+
+    @property
+    def sample_mixing(self) -> bool:
+        """Datasets mixed sample by sample (weights given) rather than step by step."""
+        return bool(self.datasets) and all(d.weight is not None for d in self.datasets)

@@ -1,37 +1,42 @@
 """Deterministic, resumable, world-size-invariant batch streams for one task.
 
 The global batch of one optimizer step is made of `n_streams = world x accum`
-micro-batches, one from each *stream*. Stream `s` owns the shards
-`shuffled(shards, seed, epoch)[s::n_streams]` (or, with fewer shards than
-streams, every `n_streams`-th sample), its own seeded shuffle buffer and a
-per-batch RNG keyed by (seed, task, stream, epoch, batch). Rank `r` reads
-streams `r*accum .. r*accum+accum-1`, one per micro-step. So the samples, the
-masking and the ITM negatives of a step do not depend on how the global batch
-is split over processes: 1 process with accumulation 2 sees exactly what 2
-processes without accumulation see.
+micro-batches, one from each *stream*; rank r reads streams r*accum ..
+r*accum+accum-1, one per micro-step. A stream is served by `parts` *readers*
+(one per DataLoader worker, at least one), taking turns batch by batch; reader
+`stream * parts + part` owns 1/(n_streams*parts) of each epoch (data/sources.py).
+So the samples, masks and negatives of a step depend on the seed, the global
+batch and `parts`, never on how the streams are spread over processes: one
+process with accumulation 2 sees what two processes without accumulation see.
 
-Resume: a stream's position is (epoch, batches consumed in that epoch). The
-trainer records it from the batches it actually consumed; a restarted stream
-replays the same shard order and shuffle and skips that many batches without
-decoding them.
+A reader reads a *block* of raw samples (about `shuffle_buffer`), shuffles it
+with an RNG keyed by (seed, task, reader, epoch, block) and cuts it into
+batches: fixed sizes from `batch_schedule` (equal batch counts on every reader,
+every sample once per epoch) or token-budget buckets. Its *position* after a
+batch is (epoch, batch index, block start cursor, batches used of the block):
+a resumed reader re-opens the shard at the block's byte offset, rebuilds the
+block and continues with exactly the batches the uninterrupted run would have
+given. Bad input never stops a reader (DESIGN §5): skips are counted by reason
+and travel with the batches, also out of DataLoader workers.
 """
 from __future__ import annotations
 
 import logging
-import tarfile
 import zlib
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data.shards import decode_region_sample, iter_shard
+from data.batching import SIZE_MULTIPLE, batch_schedule, batches_per_epoch, token_buckets
+from data.shards import RegionSample, decode_region_sample, iter_shard
+from data.sources import DatasetShards, MixedSource, ShardSource, reader_share
+from data.storage import S3Options
 
 Collate = Callable[[list, np.random.Generator], dict]
 log = logging.getLogger(__name__)
-SHARD_READ_ERRORS = (tarfile.TarError, OSError, EOFError)
 
 
 def stable_id(name: str) -> int:
@@ -41,9 +46,10 @@ def stable_id(name: str) -> int:
 
 @dataclass(frozen=True)
 class StreamSpec:
-    """What one stream reads and how it batches."""
+    """What a task's readers read and how they batch."""
 
-    shards: tuple[str, ...]
+    datasets: tuple[DatasetShards, ...]
+    """One dataset, or several mixed sample by sample by their weights."""
     task: str
     seed: int
     n_streams: int
@@ -51,196 +57,364 @@ class StreamSpec:
     shuffle_buffer: int
     max_txt_len: int
     img_dim: int
+    parts: int = 1
+    """Readers per stream (= DataLoader workers, at least 1)."""
+    resampled: bool = False
+    """Draw shards with replacement instead of cycling through each epoch."""
+    token_budget: int = 0
+    """> 0: token-budget batches (max length x size <= budget, multiples of 8) instead of fixed sizes."""
+    s3: Optional[S3Options] = None
+    epochs: Optional[int] = None
+    """Stop after this many epochs (None: forever; training is driven by steps)."""
+
+    def __post_init__(self) -> None:
+        if self.parts < 1 or self.n_streams < 1 or self.batch_size < 1:
+            raise ValueError("parts, n_streams and batch_size must be >= 1")
+        if self.token_budget < 0:
+            raise ValueError(f"data.token_budget must be >= 0, got {self.token_budget}")
+
+    @property
+    def n_readers(self) -> int:
+        return self.n_streams * self.parts
+
+    @property
+    def mixed(self) -> bool:
+        return len(self.datasets) > 1
+
+    @property
+    def total_samples(self) -> int:
+        return sum(d.num_samples for d in self.datasets)
+
+    def name_id(self, ds: DatasetShards) -> int:
+        """Seed component of a dataset's shard order (its task key alone when unmixed)."""
+        return stable_id(self.task if not self.mixed else f"{self.task}@{ds.name}")
+
+    def epoch_batches(self) -> int:
+        """Batches every reader yields per epoch with fixed-size batches."""
+        most = -(-self.total_samples // self.n_readers)
+        return batches_per_epoch(most, self.batch_size)
+
+
+def single_dataset(name: str, shards: Sequence[str], counts: Sequence[int]) -> tuple[DatasetShards, ...]:
+    return (DatasetShards(name, tuple(str(s) for s in shards), tuple(int(c) for c in counts)),)
+
+
+@dataclass
+class Block:
+    """A shuffled group of samples cut into batches; `start` is the position it was read from."""
+
+    start: dict
+    batches: list[list]
+    decoded: bool
+    raw_count: int
 
 
 class StreamReader:
-    """Yields (epoch, index, samples) micro-batches of one stream, forever.
+    """Yields (epoch, index, samples, position-after) batches of one reader.
 
-    Bad input never stops it (DESIGN §5): undecodable samples are dropped and a
-    corrupt or truncated shard is abandoned at the damage (the complete samples
-    before it are used), each counted by reason. `take_counts()` returns what was
-    skipped and how many raw samples were decoded since its previous call, so the
-    counts can travel with each batch (also out of DataLoader workers). Batches
-    skipped on resume are neither decoded nor counted again.
+    `samples` are RegionSamples (bad ones dropped). `take_counts()` returns what was
+    skipped (by reason) and how many raw samples were read since its previous call.
+    A block rebuilt on resume after some of its batches were used is not counted
+    again: its counts went out with those batches.
     """
 
-    def __init__(self, spec: StreamSpec, tokenizer, stream: int, epoch: int = 0, skip: int = 0):
-        self.spec, self.tok, self.stream = spec, tokenizer, stream
-        self.epoch, self.skip = epoch, skip
+    def __init__(self, spec: StreamSpec, tokenizer, reader: int, position: Optional[dict] = None):
+        if spec.total_samples < spec.n_readers:
+            raise ValueError(
+                f"task {spec.task!r}: {spec.total_samples} samples cannot feed {spec.n_readers} readers "
+                f"(world x grad_accum x max(1, num_workers)); use more data or fewer readers")
+        self.spec, self.tok, self.reader = spec, tokenizer, reader
+        self.position = position
+        self.retries: dict[str, int] = {}
+        """S3 retries by reason, filled by the storage layer as they happen."""
         self._new_skips: dict[str, int] = {}
         self._new_seen = 0
         self._counting = True
 
+    # ------------------------------------------------------------ counts
     def _count_skip(self, reason: str) -> None:
-        if not self._counting:
-            return
-        self._new_skips[reason] = self._new_skips.get(reason, 0) + 1
+        if self._counting:
+            self._new_skips[reason] = self._new_skips.get(reason, 0) + 1
 
-    def take_counts(self) -> tuple[dict[str, int], int]:
-        """(skips by reason, raw samples decoded) since the previous call."""
-        out = (self._new_skips, self._new_seen)
+    def _count_seen(self, n: int) -> None:
+        if self._counting:
+            self._new_seen += n
+
+    def _on_corrupt(self, url: str, e: Exception) -> None:
+        if self._counting:
+            log.warning("skipping the rest of corrupt shard %s (task %s, reader %d): %s: %s",
+                        url, self.spec.task, self.reader, type(e).__name__, e)
+        self._count_skip("corrupt_tar")
+
+    def take_counts(self) -> tuple[dict[str, int], int, dict[str, int]]:
+        """(skips by reason, raw samples read, S3 retries by reason) since the previous call."""
+        out = (self._new_skips, self._new_seen, dict(self.retries))
         self._new_skips, self._new_seen = {}, 0
+        self.retries.clear()
         return out
 
-    def _read_shard(self, path: str, count: bool = True) -> Iterator[dict]:
-        """iter_shard(path), ending quietly at damage; `count`: this stream reports it."""
-        try:
-            yield from iter_shard(path)
-        except SHARD_READ_ERRORS as e:
-            if count and self._counting:
-                log.warning("skipping the rest of corrupt shard %s (task %s, stream %d): %s: %s",
-                            path, self.spec.task, self.stream, type(e).__name__, e)
-                self._count_skip("corrupt_tar")
-
-    def _raw_samples(self, epoch: int) -> Iterator[dict]:
+    # ------------------------------------------------------------ source
+    def _source(self, state: Optional[dict]) -> Union[ShardSource, MixedSource]:
         spec = self.spec
-        order = np.random.default_rng([spec.seed, stable_id(spec.task), epoch]).permutation(len(spec.shards))
-        shards = [spec.shards[i] for i in order]
-        if len(shards) >= spec.n_streams:
-            for path in shards[self.stream::spec.n_streams]:
-                yield from self._read_shard(path)
-            return
-        # Fewer shards than streams: split by sample so every stream has data.
-        # Every stream reads every shard; stream 0 alone reports a corrupt one.
-        i = 0
-        for path in shards:
-            for raw in self._read_shard(path, count=self.stream == 0):
-                if i % spec.n_streams == self.stream:
-                    yield raw
-                i += 1
+        subs = [ShardSource(ds, seed=spec.seed, name_id=spec.name_id(ds), reader=self.reader,
+                            n_readers=spec.n_readers, resampled=spec.resampled, cycle=spec.mixed,
+                            s3=spec.s3, stats=self.retries, on_corrupt=self._on_corrupt,
+                            state=(state["sources"][k] if spec.mixed else state) if state else None)
+                for k, ds in enumerate(spec.datasets)]
+        if not spec.mixed:
+            return subs[0]
+        return MixedSource(subs, [d.weight for d in spec.datasets], seed=spec.seed,
+                           name_id=stable_id(spec.task), reader=self.reader, state=state)
 
-    def _shuffled(self, epoch: int) -> Iterator[dict]:
-        size = self.spec.shuffle_buffer
-        if size <= 1:
-            yield from self._raw_samples(epoch)
-            return
-        rng = np.random.default_rng([self.spec.seed, stable_id(self.spec.task), self.stream, epoch, 1])
-        buf: list[dict] = []
-        for raw in self._raw_samples(epoch):
-            buf.append(raw)
-            if len(buf) >= size:
-                j = int(rng.integers(len(buf)))
-                buf[j], buf[-1] = buf[-1], buf[j]
-                yield buf.pop()
-        rng.shuffle(buf)
-        yield from buf
+    def _epoch_quota(self) -> int:
+        """Raw samples of one epoch: this reader's exact share, or nominal when resampled/mixed."""
+        spec = self.spec
+        if spec.resampled or spec.mixed:
+            return spec.epoch_batches() * spec.batch_size
+        return reader_share(spec.total_samples, self.reader, spec.n_readers)
 
-    def _decode(self, raw: dict):
+    # ------------------------------------------------------------ blocks
+    def _decode(self, raw: dict) -> Optional[RegionSample]:
         sample, reason = decode_region_sample(raw, self.tok, self.spec.max_txt_len, self.spec.img_dim)
         if sample is None:
             self._count_skip(reason)
+        else:
+            sample.dataset = raw.get("__dataset__", "")
         return sample
 
-    def batches(self) -> Iterator[tuple[int, int, list]]:
-        """(epoch, batch index in epoch, decoded samples); the last partial batch is dropped."""
-        epoch, skip = self.epoch, self.skip
-        while True:
-            index, pending = 0, []
-            self._counting = index >= skip
-            for raw in self._shuffled(epoch):
-                pending.append(raw)
-                if len(pending) < self.spec.batch_size:
-                    continue
-                if index >= skip:
-                    self._new_seen += len(pending)
-                    samples = [s for s in map(self._decode, pending) if s is not None]
-                    if samples:
-                        yield epoch, index, samples
-                index, pending = index + 1, []
-                self._counting = index >= skip
+    def _read(self, source, n: int) -> list[dict]:
+        out = []
+        while len(out) < n:
+            raw = source.next()
+            if raw is None:
+                break
+            out.append(raw)
+        return out
+
+    def _block_rng(self, epoch: int, block: int) -> np.random.Generator:
+        return np.random.default_rng([self.spec.seed, stable_id(self.spec.task), self.reader, epoch, block, 1])
+
+    def _fixed_block(self, source, sizes: list[int], rng) -> tuple[list[list], int]:
+        raws = self._read(source, sum(sizes))
+        if self.spec.shuffle_buffer > 1:
+            rng.shuffle(raws)
+        batches, at = [], 0
+        for size in sizes:
+            if at < len(raws):
+                batches.append(raws[at:at + size])
+            at += size
+        return batches, len(raws)
+
+    def _token_block(self, source, quota: int, rng) -> tuple[list[list], int]:
+        """Decode ~shuffle_buffer raw samples (more until the good ones are a multiple of 8)."""
+        raws = self._read(source, min(quota, max(self.spec.shuffle_buffer, SIZE_MULTIPLE)))
+        self._count_seen(len(raws))
+        good = [s for s in map(self._decode, raws) if s is not None]
+        while len(good) % SIZE_MULTIPLE and len(raws) < quota:
+            more = self._read(source, 1)
+            if not more:
+                break
+            raws += more
+            self._count_seen(1)
+            good += [s for s in map(self._decode, more) if s is not None]
+        rng.shuffle(good)
+        lengths = [len(s.input_ids) + 2 + len(s.img_feat) for s in good]
+        batches = [[good[i] for i in idx] for idx in token_buckets(lengths, self.spec.token_budget)]
+        rng.shuffle(batches)
+        return batches, len(raws)
+
+    def _block(self, source, start: dict, sizes: list[int], quota_left: int) -> Block:
+        rng = self._block_rng(start["epoch"], start["block"])
+        if self.spec.token_budget:
+            batches, n = self._token_block(source, quota_left, rng)
+            return Block(start, batches, True, n)
+        batches, n = self._fixed_block(source, sizes, rng)
+        return Block(start, batches, False, n)
+
+    # ------------------------------------------------------------ batches
+    def _samples_of(self, block: Block, batch: list) -> list:
+        if block.decoded:
+            return batch
+        self._count_seen(len(batch))
+        return [s for s in map(self._decode, batch) if s is not None]
+
+    def batches(self) -> Iterator[tuple[int, int, list, dict]]:
+        """(epoch, batch index in epoch, samples, position after this batch), epoch after epoch."""
+        spec, pos = self.spec, self.position
+        source = self._source(pos["source"] if pos else None)
+        epoch = pos["epoch"] if pos else 0
+        n_batches = spec.epoch_batches()
+        while spec.epochs is None or epoch < spec.epochs:
+            quota = self._epoch_quota()
+            sizes = batch_schedule(quota, n_batches, spec.batch_size) if not spec.token_budget else []
+            per_block = max(1, spec.shuffle_buffer // spec.batch_size)
+            start = pos if pos and pos["epoch"] == epoch else {
+                "epoch": epoch, "index": 0, "block": 0, "raw": 0, "source": source.state(), "in_block": 0}
+            index, block_no, raw = start["index"], start["block"], start["raw"]
+            skip, pos = start["in_block"], None
+            while raw < quota and (spec.token_budget or index < len(sizes)):
+                head = {"epoch": epoch, "index": index, "block": block_no, "raw": raw, "source": source.state()}
+                self._counting = skip == 0
+                block = self._block(source, head, sizes[index:index + per_block], quota - raw)
+                self._counting = True
+                if block.raw_count == 0:
+                    break  # the source ended early (damaged shards, short manifest counts)
+                for k, batch in enumerate(block.batches):
+                    if k < skip:
+                        continue
+                    samples = self._samples_of(block, batch)
+                    after = {**head, "in_block": k + 1}
+                    if samples:  # a batch with only bad samples is left out
+                        yield epoch, index + k, samples, after
+                index, raw, block_no, skip = index + len(block.batches), raw + block.raw_count, block_no + 1, 0
+            if isinstance(source, ShardSource) and not spec.resampled:
+                source.start_epoch(epoch + 1)
             if index == 0:
-                raise ValueError(
-                    f"stream {self.stream} of task {self.spec.task!r} has fewer samples than one "
-                    f"batch of {self.spec.batch_size}; use more data or a smaller micro_batch_size")
-            epoch, skip = epoch + 1, 0
+                raise ValueError(f"reader {self.reader} of task {spec.task!r} read no samples in epoch {epoch}; "
+                                 f"are its shards readable?")
+            epoch += 1
 
 
 class TaskBatches(IterableDataset):
-    """The micro-batches of one rank for one task: its streams in turn, collated.
+    """The micro-batches of one rank for one task, collated, in step order.
 
-    In a DataLoader with workers, worker w serves the rank's streams w, w+W, ...;
-    the DataLoader's round-robin over workers then returns the streams in order.
+    Output k (counting from the resume point) is micro-step k % A of step k // A, taken
+    from stream `streams[k % A]` by its reader `(k // A) % parts`. With W = parts
+    DataLoader workers, worker w produces outputs w, w+W, ...: the DataLoader's
+    round-robin over workers then returns them in order, and each reader lives in
+    exactly one worker.
 
-    Each batch carries `data_skipped` ({reason: count}) and `data_seen` (raw samples
-    decoded, good and bad) since its stream's previous batch.
+    Each batch carries `data_skipped` ({reason: count}), `data_seen` (raw samples
+    read) and `data_retries` (S3 retries by reason) since its reader's previous batch.
     """
 
     def __init__(self, spec: StreamSpec, tokenizer, collate: Collate, streams: Sequence[int],
-                 state: Optional[dict[int, tuple[int, int]]] = None):
+                 state: Optional[dict] = None):
         self.spec, self.tok, self.collate = spec, tokenizer, collate
         self.streams = list(streams)
-        self.state = dict(state or {})
+        self.state = check_state(state, spec, self.streams)
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
-        mine = self.streams if info is None else self.streams[info.id::info.num_workers]
-        readers = []
-        for s in mine:
-            epoch, skip = self.state.get(s, (0, 0))
-            reader = StreamReader(self.spec, self.tok, s, epoch, skip)
-            readers.append((s, reader, reader.batches()))
-        while True:
-            for stream, reader, it in readers:
-                epoch, index, samples = next(it)
-                rng = np.random.default_rng(
-                    [self.spec.seed, stable_id(self.spec.task), stream, epoch, index, 2])
-                batch = self.collate(samples, rng)
-                batch["stream"], batch["epoch"], batch["index"] = stream, epoch, index
-                batch["data_skipped"], batch["data_seen"] = reader.take_counts()
-                yield batch
+        workers, worker = (1, 0) if info is None else (info.num_workers, info.id)
+        assert workers in (1, self.spec.parts), (workers, self.spec.parts)
+        first = self.state["steps"] * len(self.streams)
+        readers: dict[int, tuple[StreamReader, Iterator]] = {}
+        for k in range(first + worker, 2 ** 62, workers):
+            step, micro = divmod(k, len(self.streams))
+            rid = self.streams[micro] * self.spec.parts + step % self.spec.parts
+            if rid not in readers:
+                reader = StreamReader(self.spec, self.tok, rid, self.state["readers"].get(rid))
+                readers[rid] = (reader, reader.batches())
+            reader, it = readers[rid]
+            try:
+                epoch, index, samples, position = next(it)
+            except StopIteration:  # finite epochs: every reader ends after the same batch count
+                yield from _leftover_counts(r for r, _ in readers.values())
+                return
+            rng = np.random.default_rng([self.spec.seed, stable_id(self.spec.task), rid, epoch, index, 2])
+            batch = self.collate(samples, rng)
+            batch.update(stream=self.streams[micro], reader=rid, epoch=epoch, index=index, position=position)
+            batch["data_skipped"], batch["data_seen"], batch["data_retries"] = reader.take_counts()
+            batch["datasets"] = [getattr(s, "dataset", "") for s in samples]
+            yield batch
 
 
-def usable_workers(requested: int, n_streams_on_rank: int) -> int:
-    """Largest worker count <= requested that divides this rank's stream count,
-    so the DataLoader's round-robin keeps the stream order."""
-    for w in range(min(requested, n_streams_on_rank), 0, -1):
-        if n_streams_on_rank % w == 0:
-            return w
-    return 0
+def _leftover_counts(readers: Iterable[StreamReader]) -> Iterator[dict]:
+    """Counts-only items for what finished readers counted after their last batch (a trailing
+    batch of only bad samples); the loader adds them up and yields no batch for them."""
+    for reader in readers:
+        skipped, seen, retries = reader.take_counts()
+        if skipped or seen or retries:
+            yield {"counts_only": True, "data_skipped": skipped, "data_seen": seen, "data_retries": retries}
+
+
+def check_state(state: Optional[dict], spec: StreamSpec, streams: Sequence[int]) -> dict:
+    """A loader state for these streams: {"steps": micro-batches per stream used, "readers": {id: position}}."""
+    if not state:
+        return {"steps": 0, "readers": {}}
+    readers = {int(r): p for r, p in state.get("readers", {}).items()}
+    if state.get("n_readers", spec.n_readers) != spec.n_readers:
+        raise ValueError(
+            f"task {spec.task!r}: the checkpoint's data positions were taken with {state['n_readers']} readers, "
+            f"this run has {spec.n_readers} (world x grad_accum x max(1, data.num_workers)); resume with the "
+            f"same global batch and data.num_workers")
+    steps = {int(s): int(n) for s, n in state.get("steps", {}).items()}
+    mine = {steps.get(s, 0) for s in streams}
+    if len(mine) != 1:
+        raise ValueError(f"task {spec.task!r}: inconsistent data positions in the checkpoint: {steps}")
+    return {"steps": mine.pop(), "readers": readers}
 
 
 class ResumableTaskLoader:
-    """Iterates a task's micro-batches and remembers each stream's position."""
+    """Iterates a task's micro-batches and remembers each reader's position."""
 
     def __init__(self, dataset: TaskBatches, num_workers: int, seed: int = 0):
         self.dataset, self.seed = dataset, seed
-        self.num_workers = usable_workers(num_workers, len(dataset.streams))
-        self.positions: dict[int, tuple[int, int]] = dict(dataset.state)
+        if max(1, num_workers) != dataset.spec.parts:
+            raise ValueError(f"{num_workers} DataLoader workers for streams of {dataset.spec.parts} readers; "
+                             f"StreamSpec.parts must be max(1, num_workers)")
+        self.num_workers = num_workers
+        self.positions: dict[int, dict] = dict(dataset.state["readers"])
+        self.steps: dict[int, int] = {s: dataset.state["steps"] for s in dataset.streams}
         self._it: Optional[Iterator[dict]] = None
-        self._consumed = 0
         self.skip_counts: dict[str, int] = {}
         """Samples skipped by reason in the batches consumed through this loader."""
         self.seen = 0
         """Raw samples (good and bad) behind the batches consumed through this loader."""
+        self.retries: dict[str, int] = {}
+        """S3 retries by reason behind the batches consumed through this loader."""
 
     def _iterator(self) -> Iterator[dict]:
         if self.num_workers == 0:
             return iter(self.dataset)
         # An own generator: creating workers must not consume the global (dropout) RNG.
         loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
-                            prefetch_factor=4, generator=torch.Generator().manual_seed(self.seed))
+                            prefetch_factor=4, generator=torch.Generator().manual_seed(self.seed),
+                            persistent_workers=False)
         return iter(loader)
 
     def next(self) -> dict:
         if self._it is None:
             self._it = self._iterator()
         batch = next(self._it)
-        for reason, n in batch.pop("data_skipped", {}).items():
-            self.skip_counts[reason] = self.skip_counts.get(reason, 0) + int(n)
-        self.seen += int(batch.pop("data_seen", 0))
-        self.positions[batch["stream"]] = (batch["epoch"], batch["index"] + 1)
-        self._consumed += 1
+        while True:
+            for reason, n in batch.pop("data_skipped", {}).items():
+                self.skip_counts[reason] = self.skip_counts.get(reason, 0) + int(n)
+            self.seen += int(batch.pop("data_seen", 0))
+            for reason, n in batch.pop("data_retries", {}).items():
+                self.retries[reason] = self.retries.get(reason, 0) + int(n)
+            if not batch.get("counts_only"):
+                break
+            batch = next(self._it)
+        self.positions[batch["reader"]] = batch.pop("position")
+        self.steps[batch["stream"]] += 1
         return batch
 
+    def __iter__(self) -> Iterator[dict]:
+        while True:
+            try:
+                yield self.next()
+            except StopIteration:
+                return
+
     def state_dict(self) -> dict:
-        """Stream positions. Taken between optimizer steps, when every stream of the
-        rank has given the same number of batches, so a restart may begin at stream 0."""
-        assert self._consumed % len(self.dataset.streams) == 0, "state taken mid-step"
-        return {str(s): list(pos) for s, pos in sorted(self.positions.items())}
+        """Reader positions and per-stream batch counts. Taken between optimizer steps,
+        when every stream of the rank has given the same number of batches."""
+        assert len(set(self.steps.values())) == 1, f"state taken mid-step: {self.steps}"
+        return {"n_readers": self.dataset.spec.n_readers,
+                "steps": {str(s): n for s, n in sorted(self.steps.items())},
+                "readers": {str(r): p for r, p in sorted(self.positions.items())}}
 
 
-def positions_from_state(state: Optional[dict]) -> dict[int, tuple[int, int]]:
-    return {int(s): (int(e), int(i)) for s, (e, i) in (state or {}).items()}
+def merge_states(per_rank: Sequence[dict]) -> dict:
+    """One task's loader state from the states of all ranks (each knows its own streams)."""
+    out: dict = {"n_readers": None, "steps": {}, "readers": {}}
+    for state in per_rank:
+        out["n_readers"] = state["n_readers"]
+        out["steps"].update(state["steps"])
+        out["readers"].update(state["readers"])
+    return out
 
 
 def pin(batch: dict, device: torch.device) -> dict:
@@ -258,14 +432,14 @@ def pin(batch: dict, device: torch.device) -> dict:
 
 def validation_batches(shards: Sequence[str], tokenizer, collate: Collate, *, task: str, seed: int,
                        rank: int, world: int, batch_size: int, max_txt_len: int,
-                       img_dim: int) -> Iterator[dict]:
+                       img_dim: int, s3: Optional[S3Options] = None) -> Iterator[dict]:
     """The held-out split for one rank, in file order, with fixed per-batch RNG.
 
     Rank r takes samples r, r+world, ... of the first world*(n//world) samples, so
     every rank runs the same number of batches (collectives inside the model, as
     under ZeRO-3, cannot hang) and each kept sample is seen exactly once.
     """
-    raws = [raw for path in shards for raw in iter_shard(path)]
+    raws = [raw for path in shards for raw in iter_shard(path, s3=s3)]
     usable = len(raws) // world * world
     mine = raws[rank:usable:world]
     for index, start in enumerate(range(0, len(mine), batch_size)):

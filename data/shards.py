@@ -25,6 +25,8 @@ from typing import Any, Iterable, Iterator, Optional
 import numpy as np
 import webdataset as wds
 
+from data.storage import S3Options, join, open_stream, read_bytes
+
 FORMAT = "vlpt-regions-v1"
 PIXEL_FORMAT = "vlpt-pixels-v1"
 """Pixel shards (data/builders.py): `<key>.jpg`/`.png` (original file bytes) + the same `<key>.json`."""
@@ -138,9 +140,9 @@ def write_manifest(
 
 @dataclass(frozen=True)
 class Manifest:
-    """A parsed manifest.json; `shards` are absolute paths (or URLs kept as written)."""
+    """A parsed manifest.json; `shards` are absolute paths or URLs (s3://...)."""
 
-    root: Path
+    root: str
     shards: list[str]
     counts: list[int]
     img_dim: int
@@ -153,20 +155,27 @@ class Manifest:
         return sum(self.counts)
 
 
-def _manifest_file(path: Path) -> Path:
-    return path if path.suffix == ".json" else path / MANIFEST_NAME
+def _manifest_location(where: str) -> str:
+    where = str(where)
+    if where.endswith(".json"):
+        return where
+    if where.startswith("s3://"):
+        return where.rstrip("/") + "/" + MANIFEST_NAME
+    return str(Path(where) / MANIFEST_NAME)
 
 
-def read_manifest(directory: str | Path, expected_format: str = FORMAT) -> Manifest:
+def read_manifest(directory: str | Path, expected_format: str = FORMAT, s3: Optional[S3Options] = None) -> Manifest:
     """Parse `directory/manifest.json` (or a manifest file path); ValueError naming the file if bad.
 
-    A manifest of another `format` than `expected_format` is rejected (a pixel
-    dataset is never read as region features). Non-region manifests need no
-    img_dim/label_dim; those fields are then 0 unless the manifest has them.
+    `directory` may be a local directory or an `s3://bucket/prefix` (read with the
+    options `s3`); shard paths in the manifest are relative to it. A manifest of
+    another `format` than `expected_format` is rejected (a pixel dataset is never
+    read as region features). Non-region manifests need no img_dim/label_dim;
+    those fields are then 0 unless the manifest has them.
     """
-    file = _manifest_file(Path(directory))
+    file = _manifest_location(str(directory))
     try:
-        data = json.loads(file.read_text(encoding="utf-8"))
+        data = json.loads(read_bytes(file, s3).decode("utf-8"))
     except FileNotFoundError:
         raise ValueError(f"manifest not found: {file} (write the dataset first: `vlpt shards ...`, or `vlpt demo-data` for the demo)") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -177,7 +186,7 @@ def read_manifest(directory: str | Path, expected_format: str = FORMAT) -> Manif
         raise ValueError(f"manifest {file} is invalid: {e}") from None
 
 
-def _parse_manifest(file: Path, data: dict, expected_format: str = FORMAT) -> Manifest:
+def _parse_manifest(file: str, data: dict, expected_format: str = FORMAT) -> Manifest:
     if data.get("format") != expected_format:
         raise ValueError(f"format is {data.get('format')!r}, expected {expected_format!r}")
     if expected_format == FORMAT:
@@ -186,11 +195,11 @@ def _parse_manifest(file: Path, data: dict, expected_format: str = FORMAT) -> Ma
         img_dim, label_dim = data.get("img_dim", 0), data.get("label_dim", 0)
     if not (isinstance(img_dim, int) and isinstance(label_dim, int)):
         raise ValueError("img_dim and label_dim must be integers")
-    root = file.parent.resolve()
+    root = file.rsplit("/", 1)[0] if file.startswith("s3://") else str(Path(file).parent.resolve())
     paths, counts, sums = [], [], []
     for s in data["shards"]:
         p = str(s["path"])
-        paths.append(p if "://" in p or Path(p).is_absolute() else str(root / p))
+        paths.append(join(root, p))
         if not isinstance(s["num_samples"], int) or s["num_samples"] < 0:
             raise ValueError(f"shard {p}: num_samples must be a non-negative int")
         counts.append(s["num_samples"])
@@ -213,15 +222,20 @@ def _split_name(name: str) -> tuple[Optional[str], Optional[str]]:
     return (m.group(1), m.group(2)) if m else (None, None)
 
 
-def iter_shard(path: str | Path) -> Iterator[dict]:
-    """Raw samples of one local tar, in file order: {"__key__", "__url__", ext: bytes, ...}.
+def iter_shard(url: str | Path, offset: int = 0, s3: Optional[S3Options] = None,
+               stats: Optional[dict[str, int]] = None) -> Iterator[dict]:
+    """Raw samples of one tar (local path or s3:// URL), in file order, from byte `offset`.
 
-    Consecutive members with the same key form one sample. A corrupt or
-    truncated tar raises tarfile.TarError after the complete samples before
-    the damage were yielded (the loader counts it and moves on).
+    A sample is {"__key__", "__url__", "__offset__", "__end__", ext: bytes, ...}:
+    consecutive members with the same key, `__offset__` the byte where its first
+    member's header starts and `__end__` the byte after its last member, so a reader
+    can later re-open the shard at a sample boundary. `offset` must be such a
+    boundary. A corrupt or truncated tar raises tarfile.TarError after the complete
+    samples before the damage were yielded (the loader counts it and moves on).
     """
     current: Optional[dict] = None
-    with tarfile.open(path, "r|") as tar:  # streaming: no seek, same code path as a network stream
+    with open_stream(str(url), offset, s3, stats) as f, tarfile.open(fileobj=f, mode="r|") as tar:
+        # streaming mode: no seeks, the same code path for a file and a network stream
         for member in tar:
             if not member.isfile():
                 continue
@@ -233,8 +247,9 @@ def iter_shard(path: str | Path) -> Iterator[dict]:
                 yield current
                 current = None
             if current is None:
-                current = {"__key__": key, "__url__": str(path)}
+                current = {"__key__": key, "__url__": str(url), "__offset__": offset + member.offset}
             current[ext] = data
+            current["__end__"] = offset + member.offset_data + -(-member.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
     if current is not None:
         yield current
 
@@ -251,6 +266,8 @@ class RegionSample:
     img_feat: np.ndarray  # [n, img_dim] float32
     img_pos: np.ndarray  # [n, 7] float32: x1, y1, x2, y2, w, h, w*h
     soft_labels: np.ndarray  # [n, label_dim] float32
+    dataset: str = ""
+    """Name of the dataset it came from (several may be mixed in one batch)."""
 
 
 def _decode_meta(raw: dict) -> tuple[Optional[dict], Optional[str]]:

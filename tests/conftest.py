@@ -121,3 +121,93 @@ def step_losses(run_dir: Path) -> dict[int, float]:
         if "task" in rec:
             out[rec["step"]] = rec[f"{rec['task']}_loss"]
     return out
+
+
+# ---------------------------------------------------------------- S3 (moto server, fault proxy)
+
+S3_TEST_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+               "AWS_DEFAULT_REGION": "us-east-1"}
+# Would otherwise steer boto3 away from the fake credentials or the local endpoint.
+S3_TEST_ENV_UNSET = ("AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL",
+                     "AWS_ENDPOINT_URL_S3", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE")
+
+
+class S3Server:
+    """A running moto S3 server (`endpoint_url`); credentials come from the environment."""
+
+    def __init__(self, endpoint_url: str):
+        self.endpoint_url = endpoint_url
+
+    def client(self):
+        return s3_test_client(self.endpoint_url)
+
+
+def s3_test_client(endpoint_url: str):
+    """A plain boto3 client on `endpoint_url`, credentials from the standard chain (env)."""
+    import boto3
+
+    return boto3.session.Session().client("s3", endpoint_url=endpoint_url)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """moto's standalone S3 server in a subprocess, fake credentials in os.environ meanwhile."""
+    pytest.importorskip("boto3")
+    pytest.importorskip("moto.server")
+    from tests.s3_server import start_moto_server
+
+    saved = {k: os.environ.get(k) for k in (*S3_TEST_ENV, *S3_TEST_ENV_UNSET)}
+    empty = tmp_path_factory.mktemp("aws_config") / "none"
+    os.environ.update(S3_TEST_ENV)
+    for k in S3_TEST_ENV_UNSET:
+        os.environ.pop(k, None)
+    # No ~/.aws files of whoever runs the tests: point the shared files at nothing.
+    os.environ["AWS_CONFIG_FILE"] = os.environ["AWS_SHARED_CREDENTIALS_FILE"] = str(empty)
+    try:
+        endpoint_url, stop = start_moto_server()
+        try:
+            yield S3Server(endpoint_url)
+        finally:
+            stop()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture
+def fault_proxy(s3_server):
+    """A FaultProxy in front of the moto server, no faults planned; closed afterwards."""
+    from tests.s3_server import FaultProxy
+
+    proxy = FaultProxy(s3_server.endpoint_url)
+    try:
+        yield proxy
+    finally:
+        proxy.close()
+
+
+def make_bucket(endpoint_url: str, name: str) -> str:
+    """Create bucket `name` (no error if it exists already); returns the name."""
+    client = s3_test_client(endpoint_url)
+    try:
+        client.create_bucket(Bucket=name)
+    except client.exceptions.BucketAlreadyOwnedByYou:
+        pass
+    return name
+
+
+def upload_dir(endpoint_url: str, local_dir, bucket: str, prefix: str = "") -> list[str]:
+    """Upload every file under `local_dir` to s3://bucket/prefix/<relative path>, directly to
+    `endpoint_url` (the moto server, not a proxy); returns the keys, sorted."""
+    client = s3_test_client(endpoint_url)
+    root = Path(local_dir)
+    keys = []
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        rel = path.relative_to(root).as_posix()
+        key = f"{prefix.strip('/')}/{rel}" if prefix.strip("/") else rel
+        client.upload_file(str(path), bucket, key)
+        keys.append(key)
+    return keys

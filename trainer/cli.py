@@ -1,4 +1,4 @@
-"""The `vlpt` command: pretrain, config, demo-data, shards, convert, launch.
+"""The `vlpt` command: pretrain, config, demo-data, shards, convert, launch, bench.
 
 User errors (bad config key or type, missing file) end the process with one
 line on stderr and exit code 2, never a traceback.
@@ -95,6 +95,26 @@ def cmd_launch(args, extra: list[str]) -> int:
                   args.master_port)
 
 
+def cmd_bench_data(args, extra: list[str]) -> int:
+    if extra:
+        raise ConfigError(f"unrecognised arguments: {' '.join(extra)}")
+    from data.bench import BenchConfig, format_result, run_bench, write_result
+    from data.storage import S3Options
+
+    sources = tuple(s for s in (args.data, args.s3) if s)
+    try:
+        cfg = BenchConfig(sources=sources, vocab=args.vocab, task=args.task, batch_size=args.batch_size,
+                          token_budget=args.token_budget, workers=args.workers,
+                          shuffle_buffer=args.shuffle_buffer, max_samples=args.max_samples,
+                          s3=S3Options(endpoint_url=args.endpoint_url, region=args.region))
+        result = run_bench(cfg)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    print(format_result(result))
+    print(f"written to {write_result(result, args.out)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vlpt", description="vision-and-language pretraining")
     sub = p.add_subparsers(dest="command", required=True)
@@ -143,6 +163,22 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--master-port", type=int, default=29500)
     sp.add_argument("--dry-run", action="store_true", help="print the command only")
     sp.set_defaults(fn=cmd_launch)
+    sp = sub.add_parser("bench", help="measure a part of the system")
+    bench = sp.add_subparsers(dest="what", required=True)
+    data = bench.add_parser("data", help="input pipeline samples/s (local, S3) and padding of the batchings")
+    data.add_argument("--data", default="demo_data/train", help="local shard directory (with manifest.json)")
+    data.add_argument("--s3", help="also read this s3://bucket/prefix (the same data, uploaded)")
+    data.add_argument("--endpoint-url", help="S3 API endpoint (MinIO, moto, ...); credentials from the AWS chain")
+    data.add_argument("--region")
+    data.add_argument("--vocab", default="data/vocab/demo-vocab.txt")
+    data.add_argument("--task", choices=["mlm", "itm"], default="mlm", help="masking + collate to include")
+    data.add_argument("--batch-size", type=int, default=32, help="fixed-size batches")
+    data.add_argument("--token-budget", type=int, default=2048, help="token buckets: longest row x size")
+    data.add_argument("--workers", type=int, default=1, help="DataLoader workers")
+    data.add_argument("--shuffle-buffer", type=int, default=512)
+    data.add_argument("--max-samples", type=int, default=0, help="stop each pass here (0: one epoch)")
+    data.add_argument("--out", help="JSON path (default benchmarks/results/data-<time>.json)")
+    data.set_defaults(fn=cmd_bench_data)
     return p
 
 

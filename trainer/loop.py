@@ -13,8 +13,10 @@ from typing import Optional
 import torch
 
 from data.collate import collate_itm, collate_itm_hard, collate_mlm, collate_mrm
-from data.loader import ResumableTaskLoader, StreamSpec, TaskBatches, positions_from_state, validation_batches
+from data.loader import ResumableTaskLoader, StreamSpec, TaskBatches, merge_states, validation_batches
 from data.shards import read_manifest
+from data.sources import DatasetShards
+from data.storage import is_s3
 from data.tokenizer import load_tokenizer
 from trainer import checkpoint as ckpt
 from trainer.config import Config, config_to_yaml
@@ -48,6 +50,8 @@ class RunState:
 class DataCounts:
     skipped: dict[str, int]
     seen: int
+    retries: dict[str, int] = field(default_factory=dict)
+    """S3 retries by reason, this process's run only (not carried over a resume)."""
 
     @property
     def bad(self) -> int:
@@ -62,23 +66,30 @@ def data_counts(loaders: dict, state: RunState) -> DataCounts:
     """Collective. The run's bad/seen sample totals: the resumed-from totals plus what
     every task loader of every rank has consumed since this process started."""
     local_skipped: dict[str, int] = {}
+    local_retries: dict[str, int] = {}
     local_seen = 0
     for loader in loaders.values():
-        for reason, n in loader.skip_counts.items():
-            local_skipped[reason] = local_skipped.get(reason, 0) + n
+        add_counts(local_skipped, loader.skip_counts)
+        add_counts(local_retries, loader.retries)
         local_seen += loader.seen
-    skipped, seen = dict(state.data_skipped), state.data_seen
-    for rank_skipped, rank_seen in all_gather_objects((local_skipped, local_seen)):
-        for reason, n in rank_skipped.items():
-            skipped[reason] = skipped.get(reason, 0) + n
+    skipped, seen, retries = dict(state.data_skipped), state.data_seen, {}
+    for rank_skipped, rank_seen, rank_retries in all_gather_objects((local_skipped, local_seen, local_retries)):
+        add_counts(skipped, rank_skipped)
+        add_counts(retries, rank_retries)
         seen += rank_seen
-    return DataCounts({k: skipped[k] for k in sorted(skipped) if skipped[k]}, seen)
+    return DataCounts({k: skipped[k] for k in sorted(skipped) if skipped[k]}, seen, dict(sorted(retries.items())))
+
+
+def add_counts(total: dict[str, int], more: dict[str, int]) -> None:
+    for reason, n in more.items():
+        total[reason] = total.get(reason, 0) + n
 
 
 def data_metrics(counts: DataCounts) -> dict[str, float]:
     return {**{f"data/skipped_{k}": float(v) for k, v in counts.skipped.items()},
             "data/skipped": float(counts.bad), "data/seen": float(counts.seen),
-            "data/skipped_per_1000": counts.per_1000}
+            "data/skipped_per_1000": counts.per_1000,
+            **{f"data/{k}": float(v) for k, v in counts.retries.items()}}
 
 
 def bad_rate_error(cfg: Config, counts: DataCounts) -> Optional[str]:
@@ -96,7 +107,8 @@ def check_inputs(cfg: Config) -> None:
     """Fail before any heavy work when a file the config names is missing."""
     need = {"data.vocab": cfg.data.vocab}
     for d in dataset_dirs(cfg):
-        need[d.where] = os.path.join(d.path, "manifest.json")
+        if not is_s3(d.path):  # remote manifests are checked when read
+            need[d.where] = os.path.join(d.path, "manifest.json")
     for key in ("init_from_bert", "init_from_uniter"):
         if getattr(cfg.model, key):
             need[f"model.{key}"] = getattr(cfg.model, key)
@@ -140,24 +152,30 @@ def build_train_loaders(cfg: Config, tok, layout: BatchLayout, rank: int, positi
     """One loader per mix key; the key (not the task) names its RNG streams, so two
     datasets' MLM loaders draw different masks."""
     mine = range(rank * layout.grad_accum, (rank + 1) * layout.grad_accum)
+    d = cfg.data
     loaders = {}
     for entry in task_mix(cfg):
-        spec = StreamSpec(shards=tuple(read_manifest(entry.train).shards), task=entry.key,
-                          seed=cfg.train.seed, n_streams=layout.n_streams,
-                          batch_size=layout.micro_batch_size, shuffle_buffer=cfg.data.shuffle_buffer,
-                          max_txt_len=cfg.data.max_txt_len, img_dim=img_dim)
-        dataset = TaskBatches(spec, tok, collate_for(entry.task, cfg, tok), mine,
-                              positions_from_state(positions.get(entry.key)))
-        loaders[entry.key] = ResumableTaskLoader(dataset, cfg.data.num_workers, seed=cfg.train.seed)
+        datasets = []
+        for source in entry.sources:
+            manifest = read_manifest(source.train, s3=d.s3)
+            datasets.append(DatasetShards(source.name, tuple(manifest.shards), tuple(manifest.counts),
+                                          source.weight))
+        spec = StreamSpec(datasets=tuple(datasets), task=entry.key, seed=cfg.train.seed,
+                          n_streams=layout.n_streams, batch_size=layout.micro_batch_size,
+                          shuffle_buffer=d.shuffle_buffer, max_txt_len=d.max_txt_len, img_dim=img_dim,
+                          parts=max(1, d.num_workers), resampled=d.resampled, token_budget=d.token_budget,
+                          s3=d.s3)
+        dataset = TaskBatches(spec, tok, collate_for(entry.task, cfg, tok), mine, positions.get(entry.key))
+        loaders[entry.key] = ResumableTaskLoader(dataset, d.num_workers, seed=cfg.train.seed)
     return loaders
 
 
 def build_val_batches(cfg: Config, tok, info: DistInfo, img_dim: int) -> dict[str, list]:
-    return {e.key: validation_batches(read_manifest(e.val).shards, tok, collate_for(e.task, cfg, tok),
-                                      task=e.key, seed=cfg.train.seed, rank=info.rank,
-                                      world=info.world_size, batch_size=cfg.data.val_batch_size,
-                                      max_txt_len=cfg.data.max_txt_len, img_dim=img_dim)
-            for e in task_mix(cfg) if e.val}
+    return {key: validation_batches(read_manifest(source.val, s3=cfg.data.s3).shards, tok,
+                                    collate_for(e.task, cfg, tok), task=key, seed=cfg.train.seed,
+                                    rank=info.rank, world=info.world_size, batch_size=cfg.data.val_batch_size,
+                                    max_txt_len=cfg.data.max_txt_len, img_dim=img_dim, s3=cfg.data.s3)
+            for e in task_mix(cfg) for key, source in e.val_keys()}
 
 
 def validate_against_data(cfg: Config, tok) -> int:
@@ -165,7 +183,7 @@ def validate_against_data(cfg: Config, tok) -> int:
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} but {cfg.data.vocab} has "
                           f"{tok.vocab_size} tokens; set model.vocab_size={tok.vocab_size}")
     for d in dataset_dirs(cfg):
-        manifest = read_manifest(d.path)
+        manifest = read_manifest(d.path, s3=cfg.data.s3)
         if manifest.img_dim != cfg.model.img_dim:
             raise ConfigError(f"model.img_dim={cfg.model.img_dim} but {d.where}={d.path} has "
                               f"{manifest.img_dim}-d region features")
@@ -304,7 +322,7 @@ def check_data(cfg, counts: DataCounts, tracker, progress, step: int) -> None:
     """Log the data counters; over the bad-sample limit, end the run with a ConfigError
     (on every rank at the same step: the counts are global)."""
     tracker.log_metrics(data_metrics(counts), step)
-    progress.skipped = counts.bad
+    progress.skipped, progress.retries = counts.bad, sum(counts.retries.values())
     error = bad_rate_error(cfg, counts)
     if error:
         progress.close()
@@ -325,10 +343,7 @@ def run_validation(cfg, info, engine, tok, img_dim, tracker, progress, step) -> 
 def save(cfg, info, engine, loaders, state, tracker, config_yaml) -> str:
     # Each rank knows only its own streams' positions: gather them into one global map.
     gathered = all_gather_objects({t: l.state_dict() for t, l in loaders.items()})
-    positions: dict[str, dict] = {}
-    for per_rank in gathered:
-        for task, pos in per_rank.items():
-            positions.setdefault(task, {}).update(pos)
+    positions = {task: merge_states([per_rank[task] for per_rank in gathered]) for task in loaders}
     counts = data_counts(loaders, state)
     trainer_state = {"step": state.step, "positions": positions, "task_counts": state.task_counts,
                      "mlflow_run_id": tracker.run_id if info.is_main else None,

@@ -17,6 +17,8 @@ class Progress:
         self.samples, self.t0 = 0, time.time()
         self.skipped = 0
         """Bad samples skipped so far in the whole run (all ranks), set by the loop."""
+        self.retries = 0
+        """S3 retries so far in this process's run (all ranks), set by the loop."""
 
     def update(self, step: int, task: str, stats: dict[str, float], batch_size: int) -> None:
         for k, v in stats.items():
@@ -29,7 +31,8 @@ class Progress:
         if step % self.log_every == 0:
             parts = [f"{k} {sum(v) / len(v):.4f}" for k, v in sorted(self.window.items())]
             skipped = f"  | {self.skipped:,} bad samples skipped" if self.skipped else ""
-            self.write(f"step {step}: " + "  ".join(parts) + f"  | {rate:.0f} samples/s" + skipped)
+            retries = f"  | {self.retries:,} S3 retries" if self.retries else ""
+            self.write(f"step {step}: " + "  ".join(parts) + f"  | {rate:.0f} samples/s" + skipped + retries)
             self.window.clear()
 
     def write(self, line: str) -> None:

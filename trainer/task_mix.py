@@ -6,7 +6,9 @@ VG and CC 9 / 12 / 6 / 6, SBU 6 / 8 / 4 / 4). With one dataset (`data.train`)
 the pairs are just the tasks of `tasks:` and each is keyed by its task name
 ("mlm"); with `data.datasets` each pair is keyed "dataset/task" ("coco/mlm").
 The key names the loader, its resume position, its RNG streams and its
-metrics (`coco/mlm_loss`, `val/coco/mlm_acc`).
+metrics (`coco/mlm_loss`, `val/coco/mlm_acc`). With weights on the datasets
+(ALBEF/open_clip style), each task's batches instead mix the datasets sample
+by sample (data/sources.py: MixedSource) and the key is the task name.
 """
 from __future__ import annotations
 
@@ -19,17 +21,37 @@ SEPARATOR = "/"
 
 
 @dataclass(frozen=True)
+class MixSource:
+    """A dataset one mix entry reads."""
+
+    name: str
+    train: str
+    """Training shards (directory or s3:// prefix holding manifest.json)."""
+    val: Optional[str]
+    """Held-out shards, or None."""
+    weight: float = 1.0
+    """Share of the entry's samples (sample mixing; 1.0 otherwise)."""
+
+
+@dataclass(frozen=True)
 class MixEntry:
     key: str
-    """"mlm" (single dataset) or "coco/mlm": loader, metric and RNG name."""
+    """"mlm" (single dataset or sample mixing) or "coco/mlm": loader, metric and RNG name."""
     task: str
     """The objective ("mlm", "itm", "mrfr", ...)."""
-    dataset: str
-    train: str
-    """Training shard directory (with manifest.json)."""
-    val: Optional[str]
-    """Held-out shard directory, or None."""
     ratio: float
+    sources: tuple[MixSource, ...]
+    """One dataset, or several mixed sample by sample by weight."""
+
+    @property
+    def dataset(self) -> str:
+        return "+".join(s.name for s in self.sources)
+
+    def val_keys(self) -> list[tuple[str, MixSource]]:
+        """(metric key, dataset) of each held-out split: per dataset when mixed."""
+        if len(self.sources) == 1:
+            return [(self.key, self.sources[0])] if self.sources[0].val else []
+        return [(f"{s.name}{SEPARATOR}{self.task}", s) for s in self.sources if s.val]
 
 
 def task_of(key: str) -> str:
@@ -38,13 +60,21 @@ def task_of(key: str) -> str:
 
 
 def task_mix(cfg: Config) -> list[MixEntry]:
-    """Every (dataset, task) pair with a positive ratio, sorted by key."""
-    if not cfg.data.datasets:
-        entries = [MixEntry(task, task, "train", cfg.data.train, cfg.data.val, ratio)
-                   for task, ratio in cfg.tasks.items()]
+    """Every mix entry with a positive ratio, sorted by key.
+
+    Weighted datasets (`data.datasets[*].weight`) give one entry per task that mixes
+    the datasets sample by sample; otherwise each (dataset, task) pair is an entry.
+    """
+    data = cfg.data
+    if not data.datasets:
+        one = (MixSource("train", data.train, data.val),)
+        entries = [MixEntry(task, task, ratio, one) for task, ratio in cfg.tasks.items()]
+    elif data.sample_mixing:
+        mixed = tuple(MixSource(d.name, d.train, d.val, float(d.weight)) for d in data.datasets if d.weight > 0)
+        entries = [MixEntry(task, task, ratio, mixed) for task, ratio in cfg.tasks.items()]
     else:
-        entries = [MixEntry(f"{d.name}{SEPARATOR}{task}", task, d.name, d.train, d.val, ratio)
-                   for d in cfg.data.datasets
+        entries = [MixEntry(f"{d.name}{SEPARATOR}{task}", task, ratio, (MixSource(d.name, d.train, d.val),))
+                   for d in data.datasets
                    for task, ratio in (d.tasks or cfg.tasks).items()]
     return sorted((e for e in entries if e.ratio > 0), key=lambda e: e.key)
 

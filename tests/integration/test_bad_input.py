@@ -7,20 +7,23 @@ from tests.bad_input_data import epoch_shard_order, write_bad_dataset
 from tests.conftest import read_metrics, run_vlpt, write_tiny_config
 
 pytestmark = pytest.mark.slow
-SEED, BATCH, STEPS = 7, 8, 6
+SEED, BATCH, READABLE_BATCHES = 7, 8, 6
+# The manifest lists the truncated shard's 10 samples (7 readable): 51 samples make an
+# epoch of 7 batches (5 x 8, then 6 + 5 planned; the last holds the 2 left).
+STEPS = 7
 
 
 @pytest.fixture(scope="module")
 def bad_data(tmp_path_factory):
     out = tmp_path_factory.mktemp("bad_run_data")
     # The corrupt shard is read first, so its damage is met inside the epoch's batches.
-    expected = write_bad_dataset(out, batch_size=BATCH, n_batches=STEPS,
+    expected = write_bad_dataset(out, batch_size=BATCH, n_batches=READABLE_BATCHES,
                                  corrupt_first=epoch_shard_order(3, SEED, "mlm")[0])
     return out, expected
 
 
 def config(tmp_path, data_dir, run_dir, **data):
-    """Exactly one epoch of one MLM stream: STEPS batches of BATCH raw samples."""
+    """Exactly one epoch of one MLM reader: STEPS batches."""
     return write_tiny_config(tmp_path / "c.yaml", data_dir, run_dir, tasks={"mlm": 1, "itm": 0},
                              data={"val": None, "micro_batch_size": BATCH, "shuffle_buffer": 0, **data},
                              train={"max_steps": STEPS, "log_every": 2, "seed": SEED},
@@ -40,10 +43,12 @@ def test_every_bad_sample_is_counted_and_the_run_finishes(tmp_path, bad_data):
     assert "vlpt pretrain: done" in proc.stdout and "bad samples" in proc.stdout
     assert part["data_skipped"]["corrupt_tar"] == 1
 
-    state = json.loads((run_dir / "checkpoints" / "step_00000006" / "trainer_state.json").read_text())
+    state = json.loads((run_dir / "checkpoints" / f"step_{STEPS:08d}" / "trainer_state.json").read_text())
     assert state["data_skipped"] == expected["skipped"]
     assert state["data_seen"] == expected["seen"]
-    assert state["positions"] == {"mlm": {"0": [0, STEPS]}}  # exactly one epoch, format unchanged
+    mlm = state["positions"]["mlm"]
+    assert mlm["steps"] == {"0": STEPS} and mlm["n_readers"] == 1
+    assert mlm["readers"]["0"]["epoch"] == 0  # exactly the first epoch, read to its end
     last = [r for r in read_metrics(run_dir) if "data/skipped_per_1000" in r][-1]
     assert last["step"] == STEPS
     assert {k[len("data/skipped_"):]: v for k, v in last.items()

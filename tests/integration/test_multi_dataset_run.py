@@ -74,8 +74,8 @@ def test_config_resolves_to_the_expected_mix(tmp_path, demo_data, second_data):
     assert mix_ratios(cfg) == MIX
     entries = {e.key: e for e in task_mix(cfg)}
     assert entries["c/mrc"].task == "mrc" and entries["c/mrc"].dataset == "c"
-    assert entries["c/mlm"].val is None and entries["b/mrfr"].val == str(second_data / "val")
-    assert entries["a/mlm"].train == str(demo_data / "train")
+    assert entries["c/mlm"].sources[0].val is None and entries["b/mrfr"].sources[0].val == str(second_data / "val")
+    assert entries["a/mlm"].sources[0].train == str(demo_data / "train")
     assert set(expected_draws()) == set(MIX), "seed 7 no longer draws every key in 12 steps"
 
 
@@ -121,7 +121,9 @@ def test_run_metrics_state_and_summary_use_mix_keys(full_run):
     assert set(state["positions"]) == set(MIX)  # every loader, drawn or not
     assert state["task_counts"] == summary["task_counts"]
     for key in MIX:  # one stream (no accumulation, one rank), advanced once per draw
-        assert state["positions"][key] == {"0": [0, summary["task_counts"][key]]}, (key, state["positions"])
+        pos = state["positions"][key]
+        assert pos["steps"] == {"0": summary["task_counts"].get(key, 0)}, (key, pos)
+        assert set(pos["readers"]) == ({"0"} if key in summary["task_counts"] else set())
 
     from mlflow.tracking import MlflowClient
     client = MlflowClient(tracking_uri=f"sqlite:///{run_dir}/mlflow.db")

@@ -7,20 +7,23 @@ from collections import Counter
 import pytest
 
 from data.collate import collate_mlm
-from data.loader import ResumableTaskLoader, StreamReader, StreamSpec, TaskBatches
-from data.shards import SKIP_REASONS, iter_shard, read_manifest, write_shard
+from data.loader import StreamReader, TaskBatches, single_dataset
+from data.shards import SKIP_REASONS, iter_shard, write_manifest, write_shard
 from data.tokenizer import load_tokenizer
-from tests.bad_input_data import (bad_sample, epoch_shard_order, good_samples, truncate_mid_member,
+from tests.bad_input_data import (IMG_DIM, bad_sample, epoch_shard_order, good_samples, truncate_mid_member,
                                   write_bad_dataset)
-from tests.conftest import REPO
+from tests.loader_util import VOCAB, make_loader
+from tests.loader_util import spec_for as loader_spec
 
-VOCAB = str(REPO / "data/vocab/demo-vocab.txt")
 SEED, TASK = 7, "mlm"
 
 
-def spec_for(shards, batch=8, n_streams=1):
-    return StreamSpec(shards=tuple(shards), task=TASK, seed=SEED, n_streams=n_streams, batch_size=batch,
-                      shuffle_buffer=0, max_txt_len=60, img_dim=16)
+def spec_for(data, **kw):
+    """One reader, no shuffling, 8-sample batches over a shard directory or a list of shards."""
+    kw = {"task": TASK, "seed": SEED, "shuffle_buffer": 0, **kw}
+    if isinstance(data, (list, tuple)):
+        return loader_spec(datasets=single_dataset("train", data, [10] * len(data)), **kw)
+    return loader_spec(data, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -54,16 +57,10 @@ def test_reader_skips_rest_of_corrupt_shard_and_counts_it_once(tmp_path, caplog)
     write_shard(a, good_samples(6))
     readable = truncate_mid_member(a, 2 * 4 + 1)
     write_shard(b, good_samples(10, split="val"))
-    tok = load_tokenizer(VOCAB)
-    reader = StreamReader(spec_for([a, b], batch=2), tok, 0)
+    write_manifest(tmp_path, [a, b], {"img_dim": IMG_DIM, "label_dim": 1601}, counts=[6, 10])
+    reader = StreamReader(spec_for(tmp_path, batch_size=2, epochs=1), load_tokenizer(VOCAB), 0)
     with caplog.at_level(logging.WARNING, logger="data.loader"):
-        it = reader.batches()
-        keys = []
-        while True:
-            epoch, index, samples = next(it)
-            if epoch > 0:
-                break
-            keys += [s.key for s in samples]
+        keys = [s.key for _, _, samples, _ in reader.batches() for s in samples]
     assert len(keys) == readable + 10 and len(set(keys)) == len(keys)
     assert reader.take_counts()[0] == {"corrupt_tar": 1}  # nothing taken yet: the whole read
     assert sum(str(a) in r.getMessage() for r in caplog.records) == 1
@@ -72,55 +69,41 @@ def test_reader_skips_rest_of_corrupt_shard_and_counts_it_once(tmp_path, caplog)
 def test_batches_carry_count_deltas_and_loader_sums_them(bad_data):
     out, expected = bad_data
     tok = load_tokenizer(VOCAB)
-    spec = spec_for(read_manifest(out / "train").shards)
-    collate = functools.partial(collate_mlm, tok=tok)
+    spec = spec_for(out / "train", epochs=1)
     # Raw batches: deltas per batch, summing to the planted counts over one epoch.
-    ds = TaskBatches(spec, tok, collate, [0])
-    per_batch_seen, skipped = [], Counter()
-    for batch in ds:
-        if batch["epoch"] > 0:
-            break
-        per_batch_seen.append(batch["data_seen"])
+    skipped, seen = Counter(), 0
+    for batch in TaskBatches(spec, tok, functools.partial(collate_mlm, tok=tok), [0]):
+        seen += batch["data_seen"]
         skipped.update(batch["data_skipped"])
-        assert batch["data_seen"] == 8
-        assert len(batch["keys"]) == 8 - sum(batch["data_skipped"].values()) + batch["data_skipped"].get("corrupt_tar", 0)
-    assert sum(per_batch_seen) == expected["seen"] and dict(skipped) == expected["skipped"]
-    # Through the loader: popped from the batch, accumulated; positions unchanged in format.
-    loader = ResumableTaskLoader(TaskBatches(spec, tok, collate, [0]), 0)
-    for _ in range(expected["seen"] // 8):
-        batch = loader.next()
-        assert "data_skipped" not in batch and "data_seen" not in batch
+        assert len(batch["keys"]) == batch["data_seen"] - sum(batch["data_skipped"].values()) + \
+            batch["data_skipped"].get("corrupt_tar", 0)
+    assert seen == expected["seen"] and dict(skipped) == expected["skipped"]
+    # Through the loader: popped from the batch, accumulated.
+    loader = make_loader(spec, [0])
+    batches = list(loader)
+    assert all("data_skipped" not in b and "data_seen" not in b for b in batches)
     assert loader.skip_counts == expected["skipped"] and loader.seen == expected["seen"]
-    assert loader.state_dict() == {"0": [0, expected["seen"] // 8]}
 
 
-def test_resumed_stream_does_not_recount_skipped_batches(bad_data):
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_resumed_reader_does_not_recount(bad_data, k):
     out, expected = bad_data
-    tok = load_tokenizer(VOCAB)
-    spec = spec_for(read_manifest(out / "train").shards)
-    collate = functools.partial(collate_mlm, tok=tok)
-    first = ResumableTaskLoader(TaskBatches(spec, tok, collate, [0]), 0)
-    for _ in range(3):
+    spec = spec_for(out / "train", epochs=1)
+    first = make_loader(spec, [0])
+    for _ in range(k):
         first.next()
-    second = ResumableTaskLoader(TaskBatches(spec, tok, collate, [0], {0: (0, 3)}), 0)
-    for _ in range(3):
-        second.next()
+    second = make_loader(spec, [0], state=first.state_dict())
+    list(second)
     total = Counter(first.skip_counts) + Counter(second.skip_counts)
     assert dict(total) == expected["skipped"] and first.seen + second.seen == expected["seen"]
 
 
 def test_counts_come_back_from_workers(bad_data):
     out, expected = bad_data
-    tok = load_tokenizer(VOCAB)
-    spec = spec_for(read_manifest(out / "train").shards, batch=4, n_streams=2)
-    loader = ResumableTaskLoader(TaskBatches(spec, tok, functools.partial(collate_mlm, tok=tok), [0, 1]), 2)
-    assert loader.num_workers == 2
-    while True:
-        b = loader.next()
-        if b["epoch"] > 0:
-            break
-    # Every bad sample is read by exactly one of the two streams (3 shards over 2 streams);
-    # only the streams' last partial batches may go unread.
-    assert set(loader.skip_counts) <= set(SKIP_REASONS)
-    assert loader.skip_counts.get("corrupt_tar", 0) <= 1 and loader.seen > expected["seen"] - 8
-    assert sum(loader.skip_counts.values()) >= 10
+    spec = spec_for(out / "train", batch_size=4, n_streams=2, parts=2, epochs=1)
+    loaders = [make_loader(spec, [rank], workers=2) for rank in range(2)]
+    for loader in loaders:
+        list(loader)
+    # Every sample is read by exactly one reader; the corrupt shard reported by the one holding the damage.
+    assert sum((Counter(l.skip_counts) for l in loaders), Counter()) == Counter(expected["skipped"])
+    assert sum(l.seen for l in loaders) == expected["seen"]

@@ -1,80 +1,144 @@
-"""Streams: world-size invariance, exact resume by position, task draws."""
-import functools
+"""Readers: exactly-once epochs, equal batch counts, world-size invariance, exact resume, mixing."""
 from collections import Counter
 
-import numpy as np
 import pytest
 
-from data.collate import collate_itm, collate_mlm
-from data.loader import ResumableTaskLoader, StreamSpec, TaskBatches, validation_batches
+from data.collate import collate_itm
+from data.loader import StreamReader, validation_batches
 from data.shards import read_manifest
-from data.tokenizer import load_tokenizer
-from tests.conftest import REPO
+from data.sources import MixedSource, ShardSource, epoch_segments
+from tests.loader_util import (UNEQUAL_SIZES, dataset_of, fingerprint, make_loader, spec_for, take,
+                               tokenizer, write_sized_shards)
 from trainer.steps import draw_task
 
-VOCAB = str(REPO / "data/vocab/demo-vocab.txt")
+
+@pytest.fixture(scope="module")
+def seven(tmp_path_factory):
+    """7 shards of unequal size (5 .. 61 samples, 173 in all)."""
+    return write_sized_shards(tmp_path_factory.mktemp("seven"), UNEQUAL_SIZES)
 
 
-def make_loader(demo_data, task, n_streams, streams, state=None, batch=8, workers=0):
-    tok = load_tokenizer(VOCAB)
-    shards = tuple(read_manifest(demo_data / "train").shards)
-    spec = StreamSpec(shards=shards, task=task, seed=3, n_streams=n_streams, batch_size=batch,
-                      shuffle_buffer=16, max_txt_len=60, img_dim=16)
-    collate = (functools.partial(collate_mlm, tok=tok) if task == "mlm"
-               else functools.partial(collate_itm, tok=tok))
-    return ResumableTaskLoader(TaskBatches(spec, tok, collate, streams, state), workers, seed=3)
+def one_epoch_per_rank(data, world, workers, **kw):
+    """Every rank's batches of epoch 0 (`epochs=1`: the loaders end there)."""
+    spec = spec_for(data, n_streams=world, parts=max(1, workers), epochs=1, **kw)
+    return [list(make_loader(spec, [rank], workers=workers)) for rank in range(world)]
 
 
-def fingerprint(batch):
-    return (tuple(batch["keys"]), batch["input_ids"].numpy().tobytes(),
-            batch.get("itm_targets", batch.get("mlm_targets")).numpy().tobytes())
+@pytest.mark.parametrize("world,workers", [(2, 2), (3, 0), (1, 2)])
+def test_epoch_sees_every_key_once_with_equal_batch_counts(seven, world, workers):
+    per_rank = one_epoch_per_rank(seven, world, workers)
+    keys = Counter(k for batches in per_rank for b in batches for k in b["keys"])
+    total = read_manifest(seven).num_samples
+    assert len(keys) == total and set(keys.values()) == {1}
+    assert len({len(batches) for batches in per_rank}) == 1  # no rank waits on another at the end
+    assert all(len(b["keys"]) <= 8 for batches in per_rank for b in batches)
+
+
+def test_shard_order_is_shuffled_before_the_split(seven):
+    ds = dataset_of(seven)
+    firsts = {tuple(epoch_segments(ds, 3, 1, epoch, 0, 4)[0][:2]) for epoch in range(6)}
+    assert len(firsts) > 1  # reader 0 does not always read the same shard
+    for epoch in range(3):  # the readers' pieces tile the epoch exactly
+        pieces = [p for r in range(4) for p in epoch_segments(ds, 3, 1, epoch, r, 4)]
+        assert sum(b - a for _, a, b in pieces) == ds.num_samples
 
 
 @pytest.mark.parametrize("task", ["mlm", "itm"])
 def test_one_rank_two_accum_equals_two_ranks(demo_data, task):
-    one = make_loader(demo_data, task, 2, [0, 1])
-    r0, r1 = make_loader(demo_data, task, 2, [0]), make_loader(demo_data, task, 2, [1])
-    for _ in range(12):  # crosses an epoch boundary of the smaller stream
+    spec = spec_for(demo_data / "train", task=task, n_streams=2)
+    one = make_loader(spec, [0, 1])
+    r0, r1 = make_loader(spec, [0]), make_loader(spec, [1])
+    for _ in range(12):
         assert fingerprint(one.next()) == fingerprint(r0.next())
         assert fingerprint(one.next()) == fingerprint(r1.next())
 
 
-def test_streams_partition_an_epoch(demo_data):
-    loaders = [make_loader(demo_data, "mlm", 3, [s], batch=4) for s in range(3)]
-    seen = Counter()
-    for s, loader in enumerate(loaders):
-        while True:
-            b = loader.next()
-            if b["epoch"] > 0:
-                break
-            seen.update(b["keys"])
-    total = read_manifest(demo_data / "train").num_samples
-    assert max(seen.values()) == 1  # nothing repeated inside an epoch
-    assert sum(seen.values()) > total * 0.8  # only each stream's last partial batch is dropped
+@pytest.mark.parametrize("mode", [{}, {"token_budget": 480}, {"resampled": True}, {"shuffle_buffer": 0}])
+@pytest.mark.parametrize("k", [3, 7, 12])
+def test_resume_after_k_batches_replays_exactly(seven, mode, k):
+    spec = spec_for(seven, **mode)
+    whole = take(make_loader(spec, [0]), 24)  # crosses epoch boundaries (173 samples, 8 a batch)
+    first = make_loader(spec, [0])
+    head = take(first, k)
+    resumed = make_loader(spec, [0], state=first.state_dict())
+    assert head + take(resumed, 24 - k) == whole
 
 
-def test_resume_from_positions_replays_exactly(demo_data):
-    ref = make_loader(demo_data, "itm", 2, [0, 1])
-    stream = [fingerprint(ref.next()) for _ in range(20)]
-    first = make_loader(demo_data, "itm", 2, [0, 1])
-    for _ in range(8):  # four optimizer steps of 2 micro-batches
-        first.next()
-    state = {int(s): tuple(p) for s, p in first.state_dict().items()}
-    resumed = make_loader(demo_data, "itm", 2, [0, 1], state=state)
-    assert [fingerprint(resumed.next()) for _ in range(12)] == stream[8:]
+@pytest.mark.slow
+def test_resume_across_two_ranks_and_two_workers(seven):
+    spec = spec_for(seven, n_streams=2, parts=2)
+    for k in (5, 11):  # batches per rank before the "kill": mid-shard for most readers
+        whole, head, states = {}, {}, []
+        for rank in range(2):
+            whole[rank] = take(make_loader(spec, [rank], workers=2), 20)
+            loader = make_loader(spec, [rank], workers=2)
+            head[rank] = take(loader, k)
+            states.append(loader.state_dict())
+        from data.loader import merge_states
+        merged = merge_states(states)  # what the checkpoint holds
+        for rank in range(2):
+            resumed = make_loader(spec, [rank], state=merged, workers=2)
+            assert head[rank] + take(resumed, 20 - k) == whole[rank]
 
 
-def test_workers_keep_stream_order(demo_data):
-    plain = make_loader(demo_data, "mlm", 2, [0, 1])
-    workers = make_loader(demo_data, "mlm", 2, [0, 1], workers=2)
-    assert workers.num_workers == 2
-    for _ in range(6):
-        assert fingerprint(plain.next()) == fingerprint(workers.next())
+def test_resume_with_other_worker_count_is_an_actionable_error(seven):
+    loader = make_loader(spec_for(seven), [0])
+    take(loader, 2)
+    with pytest.raises(ValueError, match="num_workers"):
+        make_loader(spec_for(seven, parts=2), [0], state=loader.state_dict(), workers=2)
+
+
+def test_position_reopens_the_shard_at_a_byte_offset(seven):
+    reader = StreamReader(spec_for(seven, shuffle_buffer=0, batch_size=4), tokenizer(), 0)
+    it = reader.batches()
+    for _ in range(3):
+        *_, position = next(it)
+    assert position["source"]["offset"] > 0 and position["source"]["sample"] > 0
+
+
+def test_mixing_three_datasets_1_2_1(tmp_path):
+    weights = {"a": 1.0, "b": 2.0, "c": 1.0}
+    sizes = {"a": (30, 11), "b": (7, 20, 9), "c": (50,)}
+    sets = {n: dataset_of(write_sized_shards(tmp_path / n, sizes[n], key_prefix=f"{n}-"), n, w)
+            for n, w in weights.items()}
+    sources = [ShardSource(ds, seed=1, name_id=i, reader=0, n_readers=1, resampled=False, cycle=True,
+                           s3=None, stats={}, on_corrupt=lambda *a: None) for i, ds in enumerate(sets.values())]
+    mixed = MixedSource(sources, list(weights.values()), seed=1, name_id=9, reader=0)
+    drawn = Counter(mixed.next()["__dataset__"] for _ in range(10_000))
+    for name, w in weights.items():
+        assert abs(drawn[name] / 10_000 - w / 4) < 0.03, drawn
+    # Through a loader: batches carry each sample's dataset, and resume keeps the mix exact.
+    spec = spec_for(datasets=tuple(sets.values()))
+    loader = make_loader(spec, [0])
+    batch = loader.next()
+    assert set(batch["datasets"]) <= set(weights) and len(batch["datasets"]) == len(batch["keys"])
+    whole = take(make_loader(spec, [0]), 10)
+    first = make_loader(spec, [0])
+    head = take(first, 4)
+    assert head + take(make_loader(spec, [0], state=first.state_dict()), 6) == whole
+
+
+def test_resampled_is_deterministic_and_differs_by_reader(seven):
+    spec = spec_for(seven, resampled=True, n_streams=2)
+    a, b = take(make_loader(spec, [0]), 6), take(make_loader(spec, [0]), 6)
+    assert a == b and a != take(make_loader(spec, [1]), 6)
+    assert a != take(make_loader(spec_for(seven, resampled=True, n_streams=2, seed=4), [0]), 6)
+
+
+def test_token_budget_batches_fit_and_are_multiples_of_8(seven):
+    budget = 400
+    loader = make_loader(spec_for(seven, token_budget=budget, shuffle_buffer=64), [0])
+    for _ in range(20):
+        b = loader.next()
+        n = len(b["keys"])
+        rows = b["attn_masks"].shape[1]  # the longest text + regions row
+        assert n % 8 == 0 and rows * n <= budget
 
 
 def test_validation_split_is_exact_and_equal(demo_data):
-    tok = load_tokenizer(VOCAB)
+    tok = tokenizer()
     shards = read_manifest(demo_data / "val").shards
+    import functools
     collate = functools.partial(collate_itm, tok=tok)
     per_rank = [list(validation_batches(shards, tok, collate, task="itm", seed=1, rank=r, world=2,
                                         batch_size=7, max_txt_len=60, img_dim=16)) for r in range(2)]
@@ -94,7 +158,12 @@ def test_task_draw_is_deterministic_and_follows_ratios():
     assert a != [draw_task(6, s, ratios) for s in range(4000)]
 
 
-def test_too_small_stream_is_an_actionable_error(demo_data):
-    loader = make_loader(demo_data, "mlm", 1, [0], batch=10_000)
-    with pytest.raises(ValueError, match="micro_batch_size"):
+def test_more_readers_than_samples_is_an_actionable_error(seven):
+    loader = make_loader(spec_for(seven, n_streams=200), [0])
+    with pytest.raises(ValueError, match="fewer readers"):
         loader.next()
+
+
+def test_mix_weights_are_checked():
+    with pytest.raises(ValueError, match="weights"):
+        MixedSource([object()], [0.0], seed=0, name_id=0, reader=0)

@@ -165,7 +165,7 @@ def test_coco_cli_round_trip(coco, tmp_path, capsys):
     for s in samples:
         image_id = int(json.loads(s["json"])["image_id"])
         ext = "png" if image_id == 3 else "jpg"
-        assert set(s) == {"__key__", "__url__", "json", ext}
+        assert set(s) == {"__key__", "__url__", "__offset__", "__end__", "json", ext}
         assert s[ext] == coco["files"][image_id]  # original bytes, not re-encoded
     with pytest.raises(ValueError, match="expected 'vlpt-regions-v1'"):
         read_manifest(out)  # a pixel dataset is never read as region features

@@ -21,7 +21,7 @@ def test_single_dataset_keys_are_task_names(tmp_path):
     cfg = config(tmp_path, {"data": {"train": "t", "val": "v"}, "tasks": {"mlm": 2, "itm": 1, "mrfr": 0}})
     mix = task_mix(cfg)
     assert [e.key for e in mix] == ["itm", "mlm"]  # ratio 0 dropped, sorted
-    assert all(e.task == e.key and e.train == "t" and e.val == "v" for e in mix)
+    assert all(e.task == e.key and e.sources[0].train == "t" and e.sources[0].val == "v" for e in mix)
     assert mix_ratios(cfg) == {"itm": 1.0, "mlm": 2.0}
 
 
@@ -35,8 +35,8 @@ def test_datasets_carry_their_own_ratios_or_inherit(tmp_path):
     by_key = {e.key: e for e in task_mix(cfg)}
     assert set(by_key) == {"coco/itm", "coco/mrc-kl", "vg/mlm", "vg/itm"}
     assert by_key["coco/mrc-kl"].task == "mrc-kl" and by_key["coco/mrc-kl"].ratio == 4
-    assert by_key["coco/itm"].val == "c/val" and by_key["vg/mlm"].val is None
-    assert by_key["vg/mlm"].ratio == 3 and by_key["vg/mlm"].train == "v/train"
+    assert by_key["coco/itm"].sources[0].val == "c/val" and by_key["vg/mlm"].sources[0].val is None
+    assert by_key["vg/mlm"].ratio == 3 and by_key["vg/mlm"].sources[0].train == "v/train"
     assert task_of("coco/mrc-kl") == "mrc-kl" and task_of("mlm") == "mlm"
 
 
@@ -89,3 +89,28 @@ def test_ready_uniter_configs_hold_uniters_recipe(name, datasets, ratios, accum)
     assert layout.grad_accum == accum and accum_sum_factor(o, layout) == accum
     ds = build_deepspeed_config(o, cfg.parallel, cfg.precision, layout)
     assert ds["gradient_clipping"] == pytest.approx(5.0 / accum)
+
+
+def test_weighted_datasets_mix_sample_by_sample(tmp_path):
+    cfg = config(tmp_path, {
+        "tasks": {"mlm": 2, "itm": 1},
+        "data": {"datasets": [
+            {"name": "coco", "train": "c/train", "val": "c/val", "weight": 1},
+            {"name": "cc", "train": "cc/train", "weight": 3},
+        ]}})
+    by_key = {e.key: e for e in task_mix(cfg)}
+    assert set(by_key) == {"mlm", "itm"} and by_key["mlm"].ratio == 2
+    assert [(s.name, s.weight) for s in by_key["mlm"].sources] == [("coco", 1.0), ("cc", 3.0)]
+    assert by_key["itm"].val_keys() == [("coco/itm", by_key["itm"].sources[0])]
+
+
+@pytest.mark.parametrize("datasets,needle", [
+    ([{"name": "a", "train": "t", "weight": 1}, {"name": "b", "train": "t"}], "every dataset a weight"),
+    ([{"name": "a", "train": "t", "weight": 1, "tasks": {"mlm": 1}}], "not both"),
+    ([{"name": "a", "train": "t", "weight": 0}], "not all be 0"),
+    ([{"name": "a", "train": "t", "weight": -1}], "must be >= 0"),
+])
+def test_bad_weights_are_refused(tmp_path, datasets, needle):
+    with pytest.raises(ConfigError) as e:
+        config(tmp_path, {"data": {"datasets": datasets}})
+    assert needle in str(e.value)

@@ -1,0 +1,117 @@
+"""`vlpt bench data`: how fast the input pipeline is, and how much padding each batching wastes.
+
+One pass of the training pipeline (read, decode, tokenize, mask, collate) per
+source (local directory and/or s3:// prefix), timed, with `workers` DataLoader
+workers; then the same data batched in fixed-size batches and in token-budget
+buckets, with the padded share of `[B, L]` slots of each. Figures go to stdout
+and to a JSON file (default benchmarks/results/).
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from data.collate import collate_itm, collate_mlm
+from data.loader import ResumableTaskLoader, StreamSpec, TaskBatches, single_dataset
+from data.shards import read_manifest
+from data.storage import S3Options
+from data.tokenizer import load_tokenizer
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    sources: tuple[str, ...]
+    vocab: str
+    task: str = "mlm"
+    batch_size: int = 32
+    token_budget: int = 2048
+    workers: int = 1
+    shuffle_buffer: int = 512
+    max_txt_len: int = 60
+    max_samples: int = 0
+    """Stop each pass after about this many samples (0: one whole epoch)."""
+    s3: S3Options = S3Options()
+
+
+def _spec(cfg: BenchConfig, source: str, token_budget: int) -> StreamSpec:
+    m = read_manifest(source, s3=cfg.s3)
+    return StreamSpec(datasets=single_dataset("bench", m.shards, m.counts), task=cfg.task, seed=0,
+                      n_streams=1, batch_size=cfg.batch_size, shuffle_buffer=cfg.shuffle_buffer,
+                      max_txt_len=cfg.max_txt_len, img_dim=m.img_dim, parts=max(1, cfg.workers),
+                      token_budget=token_budget, s3=cfg.s3, epochs=1)
+
+
+def one_pass(cfg: BenchConfig, source: str, token_budget: int = 0) -> dict:
+    """Time one epoch (or max_samples) of the pipeline; samples/s and padding of its batches."""
+    tok = load_tokenizer(cfg.vocab)
+    collate = (functools.partial(collate_itm, tok=tok) if cfg.task == "itm"
+               else functools.partial(collate_mlm, tok=tok))
+    loader = ResumableTaskLoader(TaskBatches(_spec(cfg, source, token_budget), tok, collate, [0]), cfg.workers)
+    samples = batches = used = slots = 0
+    sizes: list[int] = []
+    t0 = time.perf_counter()
+    for batch in loader:
+        attn = batch["attn_masks"]  # [B, L]: 1 on real text + region slots
+        samples, batches = samples + attn.shape[0], batches + 1
+        used, slots = used + int(attn.sum()), slots + attn.numel()
+        sizes.append(attn.shape[0])
+        if cfg.max_samples and samples >= cfg.max_samples:
+            break
+    seconds = time.perf_counter() - t0
+    return {"source": source, "samples": samples, "batches": batches, "seconds": round(seconds, 3),
+            "samples_per_s": round(samples / seconds, 1),
+            "samples_per_s_per_worker": round(samples / seconds / max(1, cfg.workers), 1),
+            "padding_fraction": round(1 - used / max(slots, 1), 4),
+            "mean_batch_size": round(samples / max(batches, 1), 2), "max_batch_size": max(sizes, default=0),
+            "retries": loader.retries, "skipped": loader.skip_counts}
+
+
+def git_commit() -> Optional[str]:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or None
+    except OSError:
+        return None
+
+
+def run_bench(cfg: BenchConfig) -> dict:
+    throughput = [one_pass(cfg, source) for source in cfg.sources]
+    fixed = throughput[0]
+    buckets = one_pass(cfg, cfg.sources[0], token_budget=cfg.token_budget)
+    return {
+        "benchmark": "data", "commit": git_commit(), "command": " ".join(["vlpt", *sys.argv[1:]]),
+        "device": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                   "python": platform.python_version()},
+        "config": {"task": cfg.task, "batch_size": cfg.batch_size, "token_budget": cfg.token_budget,
+                   "workers": cfg.workers, "shuffle_buffer": cfg.shuffle_buffer},
+        "throughput": throughput,
+        "padding": {"fixed_size": fixed["padding_fraction"], "token_buckets": buckets["padding_fraction"],
+                    "fixed_mean_batch": fixed["mean_batch_size"], "buckets_mean_batch": buckets["mean_batch_size"],
+                    "buckets_max_batch": buckets["max_batch_size"]},
+    }
+
+
+def write_result(result: dict, out: Optional[str]) -> str:
+    path = Path(out) if out else Path("benchmarks/results") / f"data-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    return str(path)
+
+
+def format_result(result: dict) -> str:
+    lines = [f"{r['source']}: {r['samples_per_s']:.0f} samples/s ({r['samples_per_s_per_worker']:.0f} per worker, "
+             f"{r['samples']} samples in {r['seconds']:.2f} s, retries {sum(r['retries'].values())})"
+             for r in result["throughput"]]
+    p = result["padding"]
+    lines.append(f"padding: fixed-size batches {p['fixed_size']:.1%} (mean {p['fixed_mean_batch']}) vs token "
+                 f"buckets {p['token_buckets']:.1%} (mean {p['buckets_mean_batch']}, max {p['buckets_max_batch']})")
+    return "\n".join(lines)

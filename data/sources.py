@@ -1,0 +1,193 @@
+"""Raw-sample sources of one reader: which shards it reads, in which order, and where it is.
+
+A *reader* is the unit that owns part of the data: one per (stream, DataLoader
+worker). `ShardSource` gives a reader its share of one dataset:
+
+- non-resampled: the epoch's shard order is a permutation drawn from
+  (seed, name, epoch), the same in every process; the concatenated samples are
+  cut into `n_readers` contiguous ranges of equal size (±1), so across all
+  ranks and workers every sample is read exactly once per epoch, whatever the
+  shard sizes (a reader may start or stop inside a shard);
+- resampled: shard j of the reader is drawn with replacement from
+  (seed, name, reader, j), for data too large or unequal to cycle through.
+
+`MixedSource` interleaves several datasets' sources sample by sample with
+given weights (draw i from (seed, name, reader, i // 1024)).
+
+A source's `state()` is a small JSON-able cursor (segment, sample index and byte
+offset of the next sample); a source built from it continues exactly there,
+re-opening the shard at that byte (a ranged GET on S3), not from its start.
+"""
+from __future__ import annotations
+
+import logging
+import tarfile
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional, Sequence
+
+import numpy as np
+
+from data.shards import iter_shard
+from data.storage import S3Options
+
+log = logging.getLogger(__name__)
+CORRUPT_SHARD_ERRORS = (tarfile.TarError, EOFError)
+"""What a damaged or truncated tar raises; network failures past the retry budget are not among them."""
+DRAW_CHUNK = 1024
+
+
+@dataclass(frozen=True)
+class DatasetShards:
+    """One dataset as a reader sees it: shard URLs with their manifest sample counts."""
+
+    name: str
+    shards: tuple[str, ...]
+    counts: tuple[int, ...]
+    weight: float = 1.0
+
+    @property
+    def num_samples(self) -> int:
+        return sum(self.counts)
+
+
+def epoch_shard_order(n_shards: int, seed: int, name_id: int, epoch: int) -> np.ndarray:
+    """The shard permutation of an epoch: a function of the seed only, never of the rank."""
+    return np.random.default_rng([seed, name_id, epoch]).permutation(n_shards)
+
+
+def epoch_segments(ds: DatasetShards, seed: int, name_id: int, epoch: int, reader: int,
+                   n_readers: int) -> list[tuple[int, int, int]]:
+    """(shard index, first sample, end sample) pieces holding this reader's share of an epoch."""
+    total = ds.num_samples
+    lo, hi = reader * total // n_readers, (reader + 1) * total // n_readers
+    segments, start = [], 0
+    for i in epoch_shard_order(len(ds.shards), seed, name_id, epoch):
+        count = ds.counts[i]
+        a, b = max(lo, start), min(hi, start + count)
+        if a < b:
+            segments.append((int(i), a - start, b - start))
+        start += count
+    return segments
+
+
+def reader_share(total: int, reader: int, n_readers: int) -> int:
+    return (reader + 1) * total // n_readers - reader * total // n_readers
+
+
+class ShardSource:
+    """One dataset's raw samples for one reader, as a resumable cursor.
+
+    `next()` returns the next raw sample, or None at the end of a non-resampled
+    epoch when `cycle` is False (the caller starts the next with `start_epoch`).
+    `on_corrupt(url)` is called once per damaged shard, by the reader whose
+    range holds the damage.
+    """
+
+    def __init__(self, ds: DatasetShards, *, seed: int, name_id: int, reader: int, n_readers: int,
+                 resampled: bool, cycle: bool, s3: Optional[S3Options], stats: dict,
+                 on_corrupt: Callable[[str, Exception], None], state: Optional[dict] = None):
+        if not ds.shards:
+            raise ValueError(f"dataset {ds.name!r} has no shards")
+        self.ds, self.seed, self.name_id = ds, seed, name_id
+        self.reader, self.n_readers = reader, n_readers
+        self.resampled, self.cycle, self.s3, self.stats = resampled, cycle, s3, stats
+        self.on_corrupt = on_corrupt
+        self._draws: dict[int, np.ndarray] = {}
+        self._it: Optional[Iterator[dict]] = None
+        if state is None:
+            self.start_epoch(0)
+        else:
+            self.epoch, self.seg = int(state["epoch"]), int(state["seg"])
+            self.sample, self.offset = int(state["sample"]), int(state["offset"])
+            self._segments = self._plan(self.epoch)
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "seg": self.seg, "sample": self.sample, "offset": self.offset}
+
+    def start_epoch(self, epoch: int) -> None:
+        self.epoch, self._segments = epoch, self._plan(epoch)
+        self._enter(0)
+        self._it = None
+
+    def _plan(self, epoch: int) -> list[tuple[int, int, int]]:
+        if self.resampled:
+            return []  # segments are drawn on demand
+        return epoch_segments(self.ds, self.seed, self.name_id, epoch, self.reader, self.n_readers)
+
+    def _segment(self, j: int) -> Optional[tuple[int, int, int]]:
+        if not self.resampled:
+            return self._segments[j] if j < len(self._segments) else None
+        chunk = j // DRAW_CHUNK
+        if chunk not in self._draws:
+            self._draws = {chunk: np.random.default_rng(
+                [self.seed, self.name_id, self.reader, 5, chunk]).integers(len(self.ds.shards), size=DRAW_CHUNK)}
+        i = int(self._draws[chunk][j % DRAW_CHUNK])
+        return i, 0, self.ds.counts[i]
+
+    def _enter(self, j: int) -> None:
+        segment = self._segment(j)
+        self.seg, self.sample, self.offset = j, (segment[1] if segment else 0), -1
+
+    def _read_segment(self) -> Iterator[dict]:
+        """From the cursor to the segment's end; advances the cursor past each sample."""
+        shard, first, end = self._segment(self.seg)
+        url = self.ds.shards[shard]
+        known = self.offset >= 0
+        index = self.sample if known else 0
+        try:
+            for raw in iter_shard(url, self.offset if known else 0, self.s3, self.stats):
+                if index >= end:
+                    return
+                index += 1
+                if index > first:
+                    self.sample, self.offset = index, raw["__end__"]
+                    raw["__dataset__"] = self.ds.name
+                    yield raw
+        except CORRUPT_SHARD_ERRORS as e:
+            if index >= first:  # the damage lies in this reader's range: it alone reports it
+                self.on_corrupt(url, e)
+
+    def _samples(self) -> Iterator[dict]:
+        while True:
+            if self._segment(self.seg) is None:
+                if not self.cycle:
+                    return
+                self.start_epoch(self.epoch + 1)
+                if not self._segments:
+                    raise ValueError(f"dataset {self.ds.name!r} gives reader {self.reader} no samples")
+                continue
+            yield from self._read_segment()
+            self._enter(self.seg + 1)
+
+    def next(self) -> Optional[dict]:
+        if self._it is None:
+            self._it = self._samples()
+        return next(self._it, None)
+
+
+class MixedSource:
+    """Several sources interleaved sample by sample, dataset i drawn with probability ∝ weight_i."""
+
+    def __init__(self, sources: Sequence[ShardSource], weights: Sequence[float], *, seed: int,
+                 name_id: int, reader: int, state: Optional[dict] = None):
+        if len(sources) != len(weights) or not sources:
+            raise ValueError("MixedSource needs one weight per source")
+        w = np.asarray(weights, dtype=np.float64)
+        if not (np.isfinite(w).all() and (w >= 0).all() and w.sum() > 0):
+            raise ValueError(f"dataset weights must be >= 0 and not all 0, got {list(weights)}")
+        self.sources, self.p = list(sources), w / w.sum()
+        self.key = [seed, name_id, reader, 4]
+        self.draws = int(state["draws"]) if state else 0
+        self._chunk: tuple[int, np.ndarray] = (-1, np.empty(0))
+
+    def state(self) -> dict:
+        return {"draws": self.draws, "sources": [s.state() for s in self.sources]}
+
+    def next(self) -> Optional[dict]:
+        chunk = self.draws // DRAW_CHUNK
+        if self._chunk[0] != chunk:
+            rng = np.random.default_rng(self.key + [chunk])
+            self._chunk = (chunk, rng.choice(len(self.sources), size=DRAW_CHUNK, p=self.p))
+        pick = int(self._chunk[1][self.draws % DRAW_CHUNK])
+        self.draws += 1
+        return self.sources[pick].next()
