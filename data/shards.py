@@ -180,6 +180,10 @@ def read_manifest(directory: str | Path, expected_format: str = FORMAT, s3: Opti
         raise ValueError(f"manifest not found: {file} (write the dataset first: `vlpt shards ...`, or `vlpt demo-data` for the demo)") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"manifest {file} is not readable JSON: {e}") from None
+    except Exception as e:  # botocore: no credentials, access denied, unknown endpoint, ...
+        if type(e).__module__.startswith("botocore"):
+            raise ValueError(f"manifest {file} could not be read: {type(e).__name__}: {e}") from None
+        raise
     try:
         return _parse_manifest(file, data, expected_format)
     except (KeyError, TypeError, ValueError) as e:

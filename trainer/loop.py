@@ -183,7 +183,10 @@ def validate_against_data(cfg: Config, tok) -> int:
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} but {cfg.data.vocab} has "
                           f"{tok.vocab_size} tokens; set model.vocab_size={tok.vocab_size}")
     for d in dataset_dirs(cfg):
-        manifest = read_manifest(d.path, s3=cfg.data.s3)
+        try:
+            manifest = read_manifest(d.path, s3=cfg.data.s3)
+        except ValueError as e:  # missing, unreadable or invalid: one line naming the key
+            raise ConfigError(f"{d.where}: {e}") from None
         if manifest.img_dim != cfg.model.img_dim:
             raise ConfigError(f"model.img_dim={cfg.model.img_dim} but {d.where}={d.path} has "
                               f"{manifest.img_dim}-d region features")

@@ -103,3 +103,13 @@ def test_bench_data_reports_local_and_s3_throughput_and_padding(s3_seven, s3_ser
     assert 0 <= pad["token_buckets"] < pad["fixed_size"] < 1
     assert pad["buckets_max_batch"] % 8 == 0
     assert "padding: fixed-size batches" in capsys.readouterr().out
+
+
+def test_unreachable_or_missing_s3_manifest_is_one_line(s3_server, demo_data, tmp_path):
+    make_bucket(s3_server.endpoint_url, "vlpt-empty")
+    cfg = write_tiny_config(tmp_path / "c.yaml", demo_data, tmp_path / "run",
+                            data={"train": "s3://vlpt-empty/nothing", "val": None,
+                                  "s3": {"endpoint_url": s3_server.endpoint_url}})
+    proc = run_vlpt(["pretrain", "--config", str(cfg)], check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "data.train: manifest not found: s3://vlpt-empty/nothing/manifest.json" in proc.stderr
