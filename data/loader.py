@@ -333,6 +333,9 @@ def check_state(state: Optional[dict], spec: StreamSpec, streams: Sequence[int])
     """A loader state for these streams: {"steps": micro-batches per stream used, "readers": {id: position}}."""
     if not state:
         return {"steps": 0, "readers": {}}
+    if "readers" not in state or "steps" not in state:
+        raise ValueError(f"task {spec.task!r}: the checkpoint's data positions {state} are from an older "
+                         f"vlpt; start a new run_dir (or set train.resume=false)")
     readers = {int(r): p for r, p in state.get("readers", {}).items()}
     if state.get("n_readers", spec.n_readers) != spec.n_readers:
         raise ValueError(

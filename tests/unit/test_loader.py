@@ -167,3 +167,8 @@ def test_more_readers_than_samples_is_an_actionable_error(seven):
 def test_mix_weights_are_checked():
     with pytest.raises(ValueError, match="weights"):
         MixedSource([object()], [0.0], seed=0, name_id=0, reader=0)
+
+
+def test_old_position_format_is_refused(seven):
+    with pytest.raises(ValueError, match="older vlpt"):
+        make_loader(spec_for(seven), [0], state={"0": [0, 6]})
