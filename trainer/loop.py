@@ -165,7 +165,10 @@ def build_train_loaders(cfg: Config, tok, layout: BatchLayout, rank: int, positi
                           shuffle_buffer=d.shuffle_buffer, max_txt_len=d.max_txt_len, img_dim=img_dim,
                           parts=max(1, d.num_workers), resampled=d.resampled, token_budget=d.token_budget,
                           s3=d.s3)
-        dataset = TaskBatches(spec, tok, collate_for(entry.task, cfg, tok), mine, positions.get(entry.key))
+        try:
+            dataset = TaskBatches(spec, tok, collate_for(entry.task, cfg, tok), mine, positions.get(entry.key))
+        except ValueError as e:  # positions that do not fit this run: one line, exit 2
+            raise ConfigError(str(e)) from None
         loaders[entry.key] = ResumableTaskLoader(dataset, d.num_workers, seed=cfg.train.seed)
     return loaders
 
