@@ -39,6 +39,12 @@ Collate = Callable[[list, np.random.Generator], dict]
 log = logging.getLogger(__name__)
 
 
+def add_counts(total: dict[str, int], more: dict[str, int]) -> None:
+    """Add per-reason counts into `total` (skips, retries)."""
+    for reason, n in more.items():
+        total[reason] = total.get(reason, 0) + int(n)
+
+
 def stable_id(name: str) -> int:
     """A seed component from a name that is the same in every process and run."""
     return zlib.crc32(name.encode())
@@ -101,12 +107,13 @@ def single_dataset(name: str, shards: Sequence[str], counts: Sequence[int]) -> t
 
 @dataclass
 class Block:
-    """A shuffled group of samples cut into batches; `start` is the position it was read from."""
+    """A shuffled group of samples cut into batches."""
 
-    start: dict
     batches: list[list]
-    decoded: bool
     raw_count: int
+    """Raw samples read for it (good and bad)."""
+    decoded: bool
+    """True when `batches` hold decoded samples (token buckets), False for raw ones."""
 
 
 class StreamReader:
@@ -134,7 +141,7 @@ class StreamReader:
     # ------------------------------------------------------------ counts
     def _count_skip(self, reason: str) -> None:
         if self._counting:
-            self._new_skips[reason] = self._new_skips.get(reason, 0) + 1
+            add_counts(self._new_skips, {reason: 1})
 
     def _count_seen(self, n: int) -> None:
         if self._counting:
@@ -223,13 +230,11 @@ class StreamReader:
         rng.shuffle(batches)
         return batches, len(raws)
 
-    def _block(self, source, start: dict, sizes: list[int], quota_left: int) -> Block:
-        rng = self._block_rng(start["epoch"], start["block"])
+    def _block(self, source, epoch: int, block: int, sizes: list[int], quota_left: int) -> Block:
+        rng = self._block_rng(epoch, block)
         if self.spec.token_budget:
-            batches, n = self._token_block(source, quota_left, rng)
-            return Block(start, batches, True, n)
-        batches, n = self._fixed_block(source, sizes, rng)
-        return Block(start, batches, False, n)
+            return Block(*self._token_block(source, quota_left, rng), decoded=True)
+        return Block(*self._fixed_block(source, sizes, rng), decoded=False)
 
     # ------------------------------------------------------------ batches
     def _samples_of(self, block: Block, batch: list) -> list:
@@ -255,7 +260,7 @@ class StreamReader:
             while raw < quota and (spec.token_budget or index < len(sizes)):
                 head = {"epoch": epoch, "index": index, "block": block_no, "raw": raw, "source": source.state()}
                 self._counting = skip == 0
-                block = self._block(source, head, sizes[index:index + per_block], quota - raw)
+                block = self._block(source, epoch, block_no, sizes[index:index + per_block], quota - raw)
                 self._counting = True
                 if block.raw_count == 0:
                     break  # the source ended early (damaged shards, short manifest counts)
@@ -316,7 +321,7 @@ class TaskBatches(IterableDataset):
             batch = self.collate(samples, rng)
             batch.update(stream=self.streams[micro], reader=rid, epoch=epoch, index=index, position=position)
             batch["data_skipped"], batch["data_seen"], batch["data_retries"] = reader.take_counts()
-            batch["datasets"] = [getattr(s, "dataset", "") for s in samples]
+            batch["datasets"] = [s.dataset for s in samples]
             yield batch
 
 
@@ -336,13 +341,13 @@ def check_state(state: Optional[dict], spec: StreamSpec, streams: Sequence[int])
     if "readers" not in state or "steps" not in state:
         raise ValueError(f"task {spec.task!r}: the checkpoint's data positions {state} are from an older "
                          f"vlpt; start a new run_dir (or set train.resume=false)")
-    readers = {int(r): p for r, p in state.get("readers", {}).items()}
+    readers = {int(r): p for r, p in state["readers"].items()}
     if state.get("n_readers", spec.n_readers) != spec.n_readers:
         raise ValueError(
             f"task {spec.task!r}: the checkpoint's data positions were taken with {state['n_readers']} readers, "
             f"this run has {spec.n_readers} (world x grad_accum x max(1, data.num_workers)); resume with the "
             f"same global batch and data.num_workers")
-    steps = {int(s): int(n) for s, n in state.get("steps", {}).items()}
+    steps = {int(s): int(n) for s, n in state["steps"].items()}
     mine = {steps.get(s, 0) for s in streams}
     if len(mine) != 1:
         raise ValueError(f"task {spec.task!r}: inconsistent data positions in the checkpoint: {steps}")
@@ -382,11 +387,9 @@ class ResumableTaskLoader:
             self._it = self._iterator()
         batch = next(self._it)
         while True:
-            for reason, n in batch.pop("data_skipped", {}).items():
-                self.skip_counts[reason] = self.skip_counts.get(reason, 0) + int(n)
+            add_counts(self.skip_counts, batch.pop("data_skipped", {}))
             self.seen += int(batch.pop("data_seen", 0))
-            for reason, n in batch.pop("data_retries", {}).items():
-                self.retries[reason] = self.retries.get(reason, 0) + int(n)
+            add_counts(self.retries, batch.pop("data_retries", {}))
             if not batch.get("counts_only"):
                 break
             batch = next(self._it)

@@ -20,7 +20,6 @@ re-opening the shard at that byte (a ranged GET on S3), not from its start.
 """
 from __future__ import annotations
 
-import logging
 import tarfile
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Sequence
@@ -30,7 +29,6 @@ import numpy as np
 from data.shards import iter_shard
 from data.storage import S3Options
 
-log = logging.getLogger(__name__)
 CORRUPT_SHARD_ERRORS = (tarfile.TarError, EOFError)
 """What a damaged or truncated tar raises; network failures past the retry budget are not among them."""
 DRAW_CHUNK = 1024

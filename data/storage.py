@@ -111,7 +111,7 @@ def retry_reason(exc: BaseException) -> Optional[str]:
 
     if isinstance(exc, bx.ClientError):
         err = exc.response.get("Error", {})
-        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+        status = _status(exc)
         code = str(err.get("Code", ""))
         if code in ("SlowDown", "Throttling", "ThrottlingException") or status == 429:
             return "throttled"

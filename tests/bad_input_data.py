@@ -127,9 +127,11 @@ def write_bad_dataset(out: Path, batch_size: int = 8, n_batches: int = 6, corrup
 
 
 def epoch_shard_order(n_shards: int, seed: int, task: str) -> list[int]:
+    """Epoch 0's shard order of a single-dataset task, as the loader draws it."""
     from data.loader import stable_id
+    from data.sources import epoch_shard_order as shard_order
 
-    return [int(i) for i in np.random.default_rng([seed, stable_id(task), 0]).permutation(n_shards)]
+    return [int(i) for i in shard_order(n_shards, seed, stable_id(task), 0)]
 
 
 def dump(obj) -> str:

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from data.collate import collate_itm, collate_itm_hard, collate_mlm, collate_mrm
-from data.loader import ResumableTaskLoader, StreamSpec, TaskBatches, merge_states, validation_batches
+from data.loader import ResumableTaskLoader, StreamSpec, TaskBatches, add_counts, merge_states, validation_batches
 from data.shards import read_manifest
 from data.sources import DatasetShards
 from data.storage import is_s3
@@ -78,11 +78,6 @@ def data_counts(loaders: dict, state: RunState) -> DataCounts:
         add_counts(retries, rank_retries)
         seen += rank_seen
     return DataCounts({k: skipped[k] for k in sorted(skipped) if skipped[k]}, seen, dict(sorted(retries.items())))
-
-
-def add_counts(total: dict[str, int], more: dict[str, int]) -> None:
-    for reason, n in more.items():
-        total[reason] = total.get(reason, 0) + n
 
 
 def data_metrics(counts: DataCounts) -> dict[str, float]:

@@ -4,7 +4,7 @@ from collections import Counter
 import pytest
 
 from data.collate import collate_itm
-from data.loader import StreamReader, validation_batches
+from data.loader import StreamReader, merge_states, validation_batches
 from data.shards import read_manifest
 from data.sources import MixedSource, ShardSource, epoch_segments
 from tests.loader_util import (UNEQUAL_SIZES, dataset_of, fingerprint, make_loader, spec_for, take,
@@ -74,7 +74,6 @@ def test_resume_across_two_ranks_and_two_workers(seven):
             loader = make_loader(spec, [rank], workers=2)
             head[rank] = take(loader, k)
             states.append(loader.state_dict())
-        from data.loader import merge_states
         merged = merge_states(states)  # what the checkpoint holds
         for rank in range(2):
             resumed = make_loader(spec, [rank], state=merged, workers=2)
