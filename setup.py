@@ -19,7 +19,7 @@ setup(
         "boto3",
         "pot>=0.9",
         "mlflow>=2.16",
-        "triton",
+        "triton; platform_system == 'Linux'",  # no wheels elsewhere: the ops fall back to torch
         "tqdm",
         "pyyaml",
         "numpy",

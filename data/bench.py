@@ -9,15 +9,8 @@ and to a JSON file (default benchmarks/results/).
 from __future__ import annotations
 
 import functools
-import json
-import os
-import platform
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Optional
 
 from data.collate import collate_itm, collate_mlm
 from data.loader import ResumableTaskLoader, StreamSpec, TaskBatches, single_dataset
@@ -74,23 +67,11 @@ def one_pass(cfg: BenchConfig, source: str, token_budget: int = 0) -> dict:
             "retries": loader.retries, "skipped": loader.skip_counts}
 
 
-def git_commit() -> Optional[str]:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or None
-    except OSError:
-        return None
-
-
 def run_bench(cfg: BenchConfig) -> dict:
     throughput = [one_pass(cfg, source) for source in cfg.sources]
     fixed = throughput[0]
     buckets = one_pass(cfg, cfg.sources[0], token_budget=cfg.token_budget)
     return {
-        "benchmark": "data", "commit": git_commit(), "command": " ".join(["vlpt", *sys.argv[1:]]),
-        "device": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                   "python": platform.python_version()},
         "config": {"task": cfg.task, "batch_size": cfg.batch_size, "token_budget": cfg.token_budget,
                    "workers": cfg.workers, "shuffle_buffer": cfg.shuffle_buffer},
         "throughput": throughput,
@@ -98,13 +79,6 @@ def run_bench(cfg: BenchConfig) -> dict:
                     "fixed_mean_batch": fixed["mean_batch_size"], "buckets_mean_batch": buckets["mean_batch_size"],
                     "buckets_max_batch": buckets["max_batch_size"]},
     }
-
-
-def write_result(result: dict, out: Optional[str]) -> str:
-    path = Path(out) if out else Path("benchmarks/results") / f"data-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1) + "\n")
-    return str(path)
 
 
 def format_result(result: dict) -> str:

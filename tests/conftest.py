@@ -10,6 +10,15 @@ from pathlib import Path
 
 import pytest
 
+# The kernel tests run the Triton kernels on CPU in Triton's interpreter, which Triton
+# honours only if it is requested before Triton is imported; a GPU machine keeps the
+# compiler (run `TRITON_INTERPRET=1 pytest tests/kernels` there for the CPU half).
+if "TRITON_INTERPRET" not in os.environ:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
 REPO = Path(__file__).resolve().parents[1]
 TINY_MODEL = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
               "intermediate_size": 64}
@@ -88,7 +97,7 @@ def subprocess_env(nthreads: int = 1) -> dict:
 
 
 def run_vlpt(args: list[str], launcher: str = "python", nproc: int = 1, timeout: int = 600,
-             check: bool = True) -> subprocess.CompletedProcess:
+             check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run `vlpt <args>` as one process, under torchrun, or under the DeepSpeed launcher."""
     bin_dir = Path(sys.executable).parent
     if launcher == "python":
@@ -101,7 +110,7 @@ def run_vlpt(args: list[str], launcher: str = "python", nproc: int = 1, timeout:
                "--module", "trainer.cli", *args]
     else:
         raise AssertionError(launcher)
-    proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
+    proc = subprocess.run(cmd, cwd=REPO, env={**subprocess_env(), **(env or {})}, capture_output=True, text=True,
                           timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n"

@@ -98,8 +98,9 @@ def cmd_launch(args, extra: list[str]) -> int:
 def cmd_bench_data(args, extra: list[str]) -> int:
     if extra:
         raise ConfigError(f"unrecognised arguments: {' '.join(extra)}")
-    from data.bench import BenchConfig, format_result, run_bench, write_result
+    from data.bench import BenchConfig, format_result, run_bench
     from data.storage import S3Options
+    from trainer.bench_record import stamp, write_record
 
     sources = tuple(s for s in (args.data, args.s3) if s)
     try:
@@ -111,8 +112,54 @@ def cmd_bench_data(args, extra: list[str]) -> int:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     print(format_result(result))
-    print(f"written to {write_result(result, args.out)}")
+    print(f"written to {write_record(stamp('data', result), args.out)}")
     return 0
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def cmd_bench_kernels(args, extra: list[str]) -> int:
+    if extra:
+        raise ConfigError(f"unrecognised arguments: {' '.join(extra)}")
+    from kernels.bench import KernelBenchConfig, format_kernel_result, run_kernel_bench
+    from trainer.bench_record import stamp, write_record
+
+    try:
+        cfg = KernelBenchConfig(
+            **({"device": args.device} if args.device else {}), batch_sizes=args.batch_sizes,
+            words=args.words, regions=args.regions, ragged_batch=args.ragged_batch, hidden=args.hidden,
+            iterations=args.iterations, reps=args.reps, warmup=args.warmup, pot=not args.no_pot,
+            ops=tuple(args.ops.split(",")), gather_dtype=args.gather_dtype)
+        result = run_kernel_bench(cfg)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    print(format_kernel_result(result))
+    print(f"written to {write_record(stamp('kernels', result), args.out)}")
+    return 0
+
+
+def _add_bench_kernels(bench) -> None:
+    sp = bench.add_parser("kernels", help="fused IPOT / Sinkhorn / masked gather vs eager torch and POT")
+    sp.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when available")
+    sp.add_argument("--batch-sizes", type=_ints, default=(32, 64, 128, 256))
+    sp.add_argument("--words", type=_ints, default=(20, 40, 60))
+    sp.add_argument("--regions", type=_ints, default=(36, 64, 100))
+    sp.add_argument("--ragged-batch", type=int, default=128, help="B of the extra ragged case (0: none)")
+    sp.add_argument("--hidden", type=int, default=768)
+    sp.add_argument("--iterations", type=int, default=50, help="IPOT / Sinkhorn iterations (all solvers)")
+    sp.add_argument("--reps", type=int, default=20, help="timed calls per measurement (median)")
+    sp.add_argument("--warmup", type=int, default=3)
+    sp.add_argument("--no-pot", action="store_true", help="leave POT's batched solvers out")
+    sp.add_argument("--ops", default="ipot,sinkhorn,gather")
+    sp.add_argument("--gather-dtype", choices=["", "bf16", "fp16", "fp32"], default="",
+                    help="hidden dtype for the gather (default bf16 on CUDA, fp32 on CPU)")
+    sp.add_argument("--out", help="JSON path (default benchmarks/results/kernels-<time>.json)")
+    sp.set_defaults(fn=cmd_bench_kernels)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -179,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--max-samples", type=int, default=0, help="stop each pass here (0: one epoch)")
     data.add_argument("--out", help="JSON path (default benchmarks/results/data-<time>.json)")
     data.set_defaults(fn=cmd_bench_data)
+    _add_bench_kernels(bench)
     return p
 
 

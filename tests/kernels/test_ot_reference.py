@@ -10,7 +10,9 @@ import torch
 
 ot = pytest.importorskip("ot")
 
-from kernels.ot import cosine_cost, ipot_plan, ot_distance, sinkhorn, wra_loss  # noqa: E402
+from kernels.ipot import ipot_plan  # noqa: E402
+from kernels.ot import cosine_cost, ot_distance, wra_loss  # noqa: E402
+from kernels.sinkhorn import sinkhorn_plan  # noqa: E402
 
 # B = 4 ragged batch: example 0 fully valid, the others padded on one or both sides.
 NT, NI = 7, 9
@@ -213,7 +215,7 @@ def test_sinkhorn_matches_pot(n, m, reg, n_iter):
     b = torch.rand(m, generator=g, dtype=torch.float64) + 0.1
     a, b = a / a.sum(), b / b.sum()
     M = torch.rand(n, m, generator=g, dtype=torch.float64)
-    P = sinkhorn(a[None], b[None], M[None], reg, n_iter)[0]
+    P = sinkhorn_plan(a[None], b[None], M[None], reg, n_iter)[0]
     assert P.dtype == torch.float64
     torch.testing.assert_close(P, torch.from_numpy(pot_sinkhorn(a, b, M, reg, n_iter)),
                                atol=1e-5, rtol=1e-5)
@@ -229,13 +231,13 @@ def test_sinkhorn_batched_ragged_matches_pot():
     a, b = a / a.sum(1, keepdim=True), b / b.sum(1, keepdim=True)
     M = torch.rand(4, N, Mx, generator=g, dtype=torch.float64)
     M = M.masked_fill((a == 0)[:, :, None] | (b == 0)[:, None, :], float("nan"))  # must not leak
-    P = sinkhorn(a, b, M, reg, n_iter)
+    P = sinkhorn_plan(a, b, M, reg, n_iter)
     for e, (n, m) in enumerate(zip(n_len, m_len)):
         ref = pot_sinkhorn(a[e, :n], b[e, :m], M[e, :n, :m], reg, n_iter)
         torch.testing.assert_close(P[e, :n, :m], torch.from_numpy(ref), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(P[e, :n, :m], torch.from_numpy(ref), atol=1e-12, rtol=1e-8)
         assert (P[e, n:] == 0).all() and (P[e, :, m:] == 0).all()
-    P32 = sinkhorn(a.float(), b.float(), M.float(), reg, n_iter)
+    P32 = sinkhorn_plan(a.float(), b.float(), M.float(), reg, n_iter)
     assert P32.dtype == torch.float32
     torch.testing.assert_close(P32.double(), P, atol=1e-5, rtol=1e-4)
 
@@ -262,4 +264,4 @@ def test_shape_and_dtype_errors():
     with pytest.raises(ValueError, match="itm_targets"):
         wra_loss(torch.rand(4), torch.ones(4))
     with pytest.raises(ValueError, match=r"M \[B, n, m\]"):
-        sinkhorn(torch.rand(2, 3), torch.rand(2, 4), torch.rand(2, 4, 3), 0.1, 10)
+        sinkhorn_plan(torch.rand(2, 3), torch.rand(2, 4), torch.rand(2, 4, 3), 0.1, 10)
