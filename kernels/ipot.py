@@ -17,14 +17,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kernels.checks import check_float, check_pad, compute_dtype, tile_unsupported
+from kernels.checks import check_float, check_pad, compute_dtype, tile_unsupported, tile_warps
 from kernels.dispatch import use_kernel
 from kernels.triton_jit import jit, tl, triton
 
 __all__ = ["ipot", "ipot_plan", "ipot_reference", "ipot_triton", "IpotDistance", "MAX_TILE"]
 
-MAX_TILE = 16384
-"""Largest padded Nt x Ni tile kept on chip (e.g. 128 x 128; WRA's 64 x 128 fits)."""
+MAX_TILE = 8192
+"""Largest padded Nt x Ni tile kept on chip: WRA's 62 word pieces x 100 regions pad to 64 x 128."""
 
 
 def _check_args(C: Tensor, txt_pad: Tensor, img_pad: Tensor, beta: float, iterations: int,
@@ -146,7 +146,7 @@ def ipot_triton(C: Tensor, txt_pad: Tensor, img_pad: Tensor, beta: float = 0.5,
         C, txt_pad.contiguous().view(torch.uint8), img_pad.contiguous().view(torch.uint8),
         plan, dist, nt, ni, C.stride(0), C.stride(1), C.stride(2), float(beta), int(iterations),
         int(k), BLOCK_T=block_t, BLOCK_I=block_i,
-        num_warps=4 if tile <= 2048 else 8 if tile <= 8192 else 16)
+        num_warps=tile_warps(tile))
     return plan, dist
 
 
