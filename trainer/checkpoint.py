@@ -8,14 +8,17 @@ Layout of `<run_dir>/checkpoints/`:
         rng_rank{r}.pt        torch / numpy / python RNG of rank r (tensors and ints only)
     latest                    name of the newest complete checkpoint
 
-A checkpoint counts only once `trainer_state.json` exists and `latest` names
-it; `latest` is replaced atomically, so an interrupted save leaves the previous
-checkpoint in charge. Nothing is unpickled on load: our files are JSON or
-loaded with `weights_only=True`.
+Every rank writes into `.tmp-step_00000400/`; once all files and then
+`trainer_state.json` are on disk, rank 0 renames the folder to `step_00000400`
+and only then replaces `latest` (atomically). A save killed at any point leaves
+the previous checkpoint complete and `latest` pointing to it; the next save
+removes the leftover temp folder. Our own files are JSON or loaded with
+`weights_only=True`.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import shutil
@@ -26,7 +29,10 @@ import torch
 
 from trainer.distributed import DistInfo, barrier
 
+log = logging.getLogger(__name__)
+
 STATE_FILE = "trainer_state.json"
+TMP_PREFIX = ".tmp-"
 
 
 def checkpoint_root(run_dir: str) -> str:
@@ -75,18 +81,53 @@ def save_checkpoint(engine, run_dir: str, step: int, trainer_state: dict, config
                     keep_last: int, dist_info: DistInfo) -> str:
     """Collective: every rank calls it. Returns the checkpoint directory."""
     root, tag = checkpoint_root(run_dir), step_tag(step)
-    path = os.path.join(root, tag)
-    engine.save_checkpoint(root, tag=tag, save_latest=False)
-    torch.save(rng_state(), os.path.join(path, f"rng_rank{dist_info.rank}.pt"))
+    tmp, path = os.path.join(root, TMP_PREFIX + tag), os.path.join(root, tag)
+    if dist_info.is_main:
+        remove_unfinished(root)
+    barrier()
+    engine.save_checkpoint(root, tag=TMP_PREFIX + tag, save_latest=False)
+    torch.save(rng_state(), os.path.join(tmp, f"rng_rank{dist_info.rank}.pt"))
     barrier()
     if dist_info.is_main:
-        with open(os.path.join(path, "config.yaml"), "w") as f:
-            f.write(config_yaml)
-        _write_atomic(os.path.join(path, STATE_FILE), json.dumps(trainer_state, indent=1))
-        _write_atomic(os.path.join(root, "latest"), tag)
+        _write_atomic(os.path.join(tmp, "config.yaml"), config_yaml)
+        _write_atomic(os.path.join(tmp, STATE_FILE), json.dumps(trainer_state, indent=1))
+        _publish(root, tag)
         prune_checkpoints(root, keep_last)
     barrier()
     return path
+
+
+def _publish(root: str, tag: str) -> None:
+    """Rename the finished temp folder into place, then point `latest` at it."""
+    tmp, path = os.path.join(root, TMP_PREFIX + tag), os.path.join(root, tag)
+    if os.path.isfile(os.path.join(path, STATE_FILE)):
+        # Same step saved again (a resumed run with no step left): the model has not
+        # moved since, so the complete checkpoint already there stays.
+        log.info("checkpoint %s already exists; keeping it", tag)
+        shutil.rmtree(tmp)
+    else:
+        if os.path.isdir(path):
+            shutil.rmtree(path)  # an incomplete folder of an older layout
+        os.rename(tmp, path)
+        _fsync_dir(root)
+    _write_atomic(os.path.join(root, "latest"), tag)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_unfinished(root: str) -> None:
+    """Delete temp folders of saves that were killed before they completed."""
+    if os.path.isdir(root):
+        for name in os.listdir(root):
+            if name.startswith(TMP_PREFIX):
+                log.warning("removing %s: a checkpoint save that did not complete", name)
+                shutil.rmtree(os.path.join(root, name))
 
 
 def list_complete(root: str) -> list[str]:

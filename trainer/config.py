@@ -121,6 +121,19 @@ class TrackingConfig:
     """MLflow tracking URI; None = a local store in <run_dir>/mlruns."""
     experiment: str = "vlpt"
     run_name: Optional[str] = None
+    request_timeout_s: float = 10.0
+    """Per HTTP request to a tracking server (MLflow's own default is 120 s, retried 7 times)."""
+    retry_interval_s: float = 30.0
+    """After a failed call, records are buffered and sent again no sooner than this; doubles per failure."""
+    retry_max_interval_s: float = 300.0
+    max_buffered: int = 100_000
+    """Metric values kept while the server is unreachable; older ones are dropped (metrics.jsonl keeps all)."""
+
+    def __post_init__(self) -> None:
+        if self.request_timeout_s <= 0 or self.retry_interval_s < 0 or self.max_buffered < 1:
+            raise ValueError("tracking: request_timeout_s > 0, retry_interval_s >= 0 and max_buffered >= 1")
+        if self.retry_max_interval_s < self.retry_interval_s:
+            raise ValueError("tracking.retry_max_interval_s must be >= tracking.retry_interval_s")
 
 
 @dataclass(frozen=True)
