@@ -45,10 +45,28 @@ def setup_distributed(backend: str = "auto", timeout_minutes: int = 30) -> DistI
         os.environ.setdefault("LOCAL_RANK", str(local_rank))
         import deepspeed
 
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
-                                   timeout=datetime.timedelta(minutes=timeout_minutes))
+        timeout = datetime.timedelta(minutes=timeout_minutes)
+        if "TORCHELASTIC_RESTART_COUNT" in os.environ:
+            _init_elastic_group(backend, rank, world, timeout)
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout)
     return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(),
                     local_rank=local_rank, device=device)
+
+
+def _init_elastic_group(backend: str, rank: int, world: int, timeout: datetime.timedelta) -> None:
+    """The default group under torchrun, its store keys prefixed by the restart attempt.
+
+    After a restart (`--max-restarts`) the rendezvous store still holds the previous
+    attempt's keys, among them each rank's gloo address: a rank that reads a stale one
+    dials a dead process and the restarted job fails ("Connection refused") about half
+    the time. A prefix per attempt keeps the attempts apart.
+    """
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True)
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=not agent_store and rank == 0, timeout=timeout)
+    attempt = os.environ["TORCHELASTIC_RESTART_COUNT"]
+    dist.init_process_group(backend, store=dist.PrefixStore(f"/vlpt/attempt_{attempt}", store),
+                            rank=rank, world_size=world, timeout=timeout)
 
 
 def _free_port() -> int:
