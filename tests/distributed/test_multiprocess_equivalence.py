@@ -1,4 +1,5 @@
-"""Acceptance: 2 CPU processes (gloo) give the losses of 1 process at the same global batch.
+"""Acceptance: 2 CPU processes (gloo) give the losses of 1 process at the same global batch,
+for 10 steps at every ZeRO stage (0-3, torchrun) and with the DeepSpeed launcher (ZeRO-2).
 
 1 process: micro 8 x accumulation 2; 2 processes: micro 8 x 1 each. The data streams
 make the global batch identical; the loss is normalised by the step's global term count.
@@ -12,12 +13,13 @@ from tests.conftest import read_metrics, run_vlpt, step_losses, write_tiny_confi
 
 pytestmark = pytest.mark.slow
 NO_DROPOUT = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+STEPS = 10
 
 
 def config(tmp_path, demo_data, name, zero_stage):
     return write_tiny_config(tmp_path / f"{name}.yaml", demo_data, tmp_path / name,
                              model=NO_DROPOUT, optim={"global_batch_size": 16, "lr": 1e-2, "warmup_steps": 0},
-                             parallel={"zero_stage": zero_stage}, train={"max_steps": 5})
+                             parallel={"zero_stage": zero_stage}, train={"max_steps": STEPS})
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +36,7 @@ def layout(run_dir):
 
 
 def assert_same(ref, got):
-    assert_same_steps(ref, got, 5)
+    assert_same_steps(ref, got, STEPS)
 
 
 def test_deepspeed_launcher_zero2_two_processes(tmp_path, demo_data, single_process):
@@ -44,8 +46,9 @@ def test_deepspeed_launcher_zero2_two_processes(tmp_path, demo_data, single_proc
     assert_same(single_process, step_losses(tmp_path / "ds"))
 
 
-def test_torchrun_two_processes(tmp_path, demo_data, single_process):
-    run_vlpt(["pretrain", "--config", str(config(tmp_path, demo_data, "tr", 1))],
+@pytest.mark.parametrize("zero_stage", [0, 1, 2, 3])
+def test_torchrun_two_processes_every_zero_stage(tmp_path, demo_data, single_process, zero_stage):
+    run_vlpt(["pretrain", "--config", str(config(tmp_path, demo_data, "tr", zero_stage))],
              launcher="torchrun", nproc=2)
     assert layout(tmp_path / "tr") == (2, 1, 16)
     assert_same(single_process, step_losses(tmp_path / "tr"))

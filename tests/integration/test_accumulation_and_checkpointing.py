@@ -1,0 +1,96 @@
+"""Acceptance (issue 6): gradient accumulation 4 x micro equals one 4x batch (rtol 1e-5), and
+activation checkpointing on equals off (rtol 1e-6), on the real engine (1-process gloo group)."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from tests.integration.test_uniter_clip_semantics import ListLoader, one_thread, snapshot, tok  # noqa: F401
+
+pytestmark = pytest.mark.slow
+STEPS, MICRO, K = 3, 8, 4
+
+
+@pytest.fixture(scope="module")
+def samples(demo_data, tok):  # noqa: F811
+    from data.shards import decode_region_sample, iter_shard, read_manifest
+
+    out = []
+    for shard in read_manifest(demo_data / "train").shards:
+        for raw in iter_shard(shard):
+            sample, reason = decode_region_sample(raw, tok, max_txt_len=60, img_dim=16, label_dim=9)
+            assert reason is None, reason
+            out.append(sample)
+    assert len(out) >= STEPS * MICRO * K
+    return out[:STEPS * MICRO * K]
+
+
+def mlm_steps(samples, tok, micro):  # noqa: F811
+    """STEPS lists of MLM batches of `micro` samples. Masking draws per sample, in order, from one
+    generator per step, so 4 batches of 8 carry exactly the masks of the one batch of 32."""
+    from data.collate import collate_mlm
+
+    steps = []
+    for s in range(STEPS):
+        rng = np.random.default_rng(s)
+        chunk = samples[s * MICRO * K:(s + 1) * MICRO * K]
+        steps.append([collate_mlm(chunk[i:i + micro], rng, tok) for i in range(0, len(chunk), micro)])
+    return steps
+
+
+def build(tok, dropout: float, checkpointing: bool):  # noqa: F811
+    from trainer.models.config import ModelConfig
+    from trainer.models.pretrain import build_model
+
+    torch.manual_seed(0)
+    return build_model(ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2,
+                                   num_attention_heads=2, intermediate_size=64, img_dim=16, img_label_dim=9,
+                                   hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
+                                   activation_checkpointing=checkpointing))
+
+
+def train(model, steps, micro):
+    from trainer.config import OptimConfig, ParallelConfig, PrecisionConfig
+    from trainer.engine import batch_layout, build_engine
+    from trainer.steps import train_step
+
+    optim = OptimConfig(lr=1e-3, warmup_steps=0, schedule="constant", impl="torch", global_batch_size=MICRO * K)
+    layout = batch_layout(optim, micro, world_size=1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LOCAL_RANK", "0")
+        engine, _ = build_engine(model, optim, ParallelConfig(), PrecisionConfig(), layout, STEPS,
+                                 torch.device("cpu"))
+    loader = ListLoader(b for batches in steps for b in batches)
+    torch.manual_seed(1)  # the dropout stream
+    losses = [train_step(engine, loader, "mlm", layout, torch.device("cpu"))["loss"] for _ in steps]
+    assert loader.batches == [] and engine.global_steps == STEPS
+    return losses, snapshot(engine.module)
+
+
+def assert_params_close(a, b, rtol, atol):
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=rtol, atol=atol, msg=name)
+
+
+def test_accumulating_4_micro_batches_equals_one_4x_batch(process_group, samples, tok):  # noqa: F811
+    micro_steps, big_steps = mlm_steps(samples, tok, MICRO), mlm_steps(samples, tok, MICRO * K)
+    for micro, (big,) in zip(micro_steps, big_steps):
+        assert torch.equal(torch.cat([b["mlm_targets"] for b in micro]), big["mlm_targets"])
+    model = build(tok, dropout=0.0, checkpointing=False)
+    accumulated, p_acc = train(copy.deepcopy(model), micro_steps, MICRO)
+    single, p_single = train(copy.deepcopy(model), big_steps, MICRO * K)
+    assert accumulated == pytest.approx(single, rel=1e-5, abs=0)
+    assert_params_close(p_acc, p_single, rtol=1e-5, atol=1e-7)
+    assert accumulated[0] != accumulated[-1]  # the steps did train
+
+
+def test_activation_checkpointing_on_equals_off(process_group, samples, tok):  # noqa: F811
+    """Dropout on: recomputing a layer in backward must replay the forward's dropout masks."""
+    steps = mlm_steps(samples, tok, MICRO)
+    off, p_off = train(build(tok, dropout=0.1, checkpointing=False), steps, MICRO)
+    on, p_on = train(build(tok, dropout=0.1, checkpointing=True), steps, MICRO)
+    assert on == pytest.approx(off, rel=1e-6, abs=0)
+    assert_params_close(p_on, p_off, rtol=1e-6, atol=1e-8)
