@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from tests.integration.test_uniter_clip_semantics import ListLoader, one_thread, snapshot, tok  # noqa: F401
+from tests.engine_util import ListLoader, snapshot
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 STEPS, MICRO, K = 3, 8, 4
 
 
 @pytest.fixture(scope="module")
-def samples(demo_data, tok):  # noqa: F811
+def samples(demo_data, tok):
     from data.shards import decode_region_sample, iter_shard, read_manifest
 
     out = []
@@ -28,7 +28,7 @@ def samples(demo_data, tok):  # noqa: F811
     return out[:STEPS * MICRO * K]
 
 
-def mlm_steps(samples, tok, micro):  # noqa: F811
+def mlm_steps(samples, tok, micro):
     """STEPS lists of MLM batches of `micro` samples. Masking draws per sample, in order, from one
     generator per step, so 4 batches of 8 carry exactly the masks of the one batch of 32."""
     from data.collate import collate_mlm
@@ -41,7 +41,7 @@ def mlm_steps(samples, tok, micro):  # noqa: F811
     return steps
 
 
-def build(tok, dropout: float, checkpointing: bool):  # noqa: F811
+def build(tok, dropout: float, checkpointing: bool):
     from trainer.models.config import ModelConfig
     from trainer.models.pretrain import build_model
 
@@ -75,7 +75,7 @@ def assert_params_close(a, b, rtol, atol):
         torch.testing.assert_close(a[name], b[name], rtol=rtol, atol=atol, msg=name)
 
 
-def test_accumulating_4_micro_batches_equals_one_4x_batch(process_group, samples, tok):  # noqa: F811
+def test_accumulating_4_micro_batches_equals_one_4x_batch(process_group, samples, tok):
     micro_steps, big_steps = mlm_steps(samples, tok, MICRO), mlm_steps(samples, tok, MICRO * K)
     for micro, (big,) in zip(micro_steps, big_steps):
         assert torch.equal(torch.cat([b["mlm_targets"] for b in micro]), big["mlm_targets"])
@@ -87,7 +87,7 @@ def test_accumulating_4_micro_batches_equals_one_4x_batch(process_group, samples
     assert accumulated[0] != accumulated[-1]  # the steps did train
 
 
-def test_activation_checkpointing_on_equals_off(process_group, samples, tok):  # noqa: F811
+def test_activation_checkpointing_on_equals_off(process_group, samples, tok):
     """Dropout on: recomputing a layer in backward must replay the forward's dropout masks."""
     steps = mlm_steps(samples, tok, MICRO)
     off, p_off = train(build(tok, dropout=0.1, checkpointing=False), steps, MICRO)

@@ -27,8 +27,9 @@ import numpy as np
 import pytest
 import torch
 
+from tests.engine_util import ListLoader, snapshot
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 K = 3  # micro-batches per optimizer step (grad_accum); not a power of 2, so the 1/K scalings round
 STEPS = 3
@@ -40,25 +41,6 @@ MATCH_RTOL, MATCH_ATOL = 1e-6, 5e-7  # ours vs UNITER, per parameter element; th
 # 3-step update (~3 x LR per element)
 MATCH_UPDATE = 1e-5  # ours vs UNITER: |update difference| / |update| over all parameters
 DIFFER = 1e-3  # relative difference of the updates without accum_sum_semantics, at least
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny fp32 matmuls: one intra-op thread is fastest, and 2 threads on a busy 2-core
-    machine spin-wait each other into a 100x slowdown (as `run_vlpt` subprocesses, which
-    get OMP_NUM_THREADS=1)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    from data.tokenizer import load_tokenizer
-    from data.vocab import DEMO_VOCAB_PATH
-
-    return load_tokenizer(DEMO_VOCAB_PATH)
 
 
 @pytest.fixture(scope="module")
@@ -142,21 +124,7 @@ def uniter_reference(model, steps, grad_norm, eps):
     return snapshot(model), norms
 
 
-def snapshot(model):
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
-
-
 # ---------------------------------------------------------------- ours: DeepSpeed + train_step
-
-class ListLoader:
-    """Stands in for ResumableTaskLoader: gives the prepared micro-batches in order."""
-
-    def __init__(self, batches):
-        self.batches = list(batches)
-
-    def next(self):
-        return self.batches.pop(0)
-
 
 def ours(process_group, model, steps, grad_clip, eps, accum_sum):
     from trainer.config import OptimConfig, ParallelConfig, PrecisionConfig
