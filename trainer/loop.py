@@ -98,6 +98,18 @@ def bad_rate_error(cfg: Config, counts: DataCounts) -> Optional[str]:
             f"data.max_bad_per_1000={limit:g}): {reasons}; fix the shards or raise data.max_bad_per_1000")
 
 
+def check_precision(cfg: Config) -> None:
+    """fp16 needs the accelerator's fp16 support (DeepSpeed's CPU accelerator: mkldnn fp16 only)."""
+    if cfg.precision.dtype != "fp16":
+        return
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    if not accelerator.is_fp16_supported():
+        raise ConfigError(f"precision.dtype=fp16: DeepSpeed's {accelerator.device_name()} accelerator does "
+                          "not support fp16 on this machine; use bf16 or fp32 here, fp16 on a GPU")
+
+
 def check_inputs(cfg: Config) -> None:
     """Fail before any heavy work when a file the config names is missing."""
     need = {"data.vocab": cfg.data.vocab}
@@ -225,6 +237,7 @@ def check_fresh_start(run_dir: str, resume: bool) -> None:
 
 def pretrain(cfg: Config) -> dict:
     check_inputs(cfg)
+    check_precision(cfg)
     info = setup_distributed(cfg.parallel.backend, cfg.parallel.timeout_minutes)
     setup_logging(info)
     cfg = resolve_run_dir(cfg)

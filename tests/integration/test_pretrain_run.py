@@ -84,6 +84,17 @@ def test_unknown_key_in_yaml_is_one_line(tmp_path, demo_data):
     assert proc.returncode == 2 and "optim.lrr" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_fp16_where_the_accelerator_lacks_it_is_one_line(tmp_path, demo_data):
+    from deepspeed.accelerator import get_accelerator
+    if get_accelerator().is_fp16_supported():
+        pytest.skip("this machine's DeepSpeed accelerator supports fp16")
+    cfg = write_tiny_config(tmp_path / "c.yaml", demo_data, tmp_path / "fp16", precision={"dtype": "fp16"})
+    proc = run_vlpt(["pretrain", "--config", str(cfg)], check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "vlpt: error: precision.dtype=fp16: DeepSpeed's cpu accelerator does not support fp16")
+
+
 def test_bf16_on_cpu_runs_with_finite_losses(tmp_path, demo_data):
     run_dir = tmp_path / "bf16"
     cfg = write_tiny_config(tmp_path / "c.yaml", demo_data, run_dir, precision={"dtype": "bf16"},
