@@ -52,5 +52,11 @@ def tile_warps(tile: int) -> int:
     return 4 if tile <= 1024 else 16
 
 
+def tile_blocks(rows: int, cols: int) -> tuple[int, int, int]:
+    """(BLOCK rows, BLOCK cols, num_warps) of the on-chip tile for a rows x cols problem."""
+    block_r, block_c = _pow2(rows), _pow2(cols)
+    return block_r, block_c, tile_warps(block_r * block_c)
+
+
 def _pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()

@@ -17,9 +17,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kernels.checks import check_float, check_pad, compute_dtype, tile_unsupported, tile_warps
+from kernels.checks import check_float, check_pad, compute_dtype, tile_blocks, tile_unsupported
 from kernels.dispatch import use_kernel
-from kernels.triton_jit import jit, tl, triton
+from kernels.triton_jit import jit, tl
 
 __all__ = ["ipot", "ipot_plan", "ipot_reference", "ipot_triton", "IpotDistance", "MAX_TILE"]
 
@@ -140,13 +140,11 @@ def ipot_triton(C: Tensor, txt_pad: Tensor, img_pad: Tensor, beta: float = 0.5,
     dist = torch.empty(b, dtype=torch.float32, device=C.device)
     if b == 0:
         return plan, dist
-    block_t, block_i = triton.next_power_of_2(nt), triton.next_power_of_2(ni)
-    tile = block_t * block_i
+    block_t, block_i, warps = tile_blocks(nt, ni)
     _ipot_kernel[(b,)](
         C, txt_pad.contiguous().view(torch.uint8), img_pad.contiguous().view(torch.uint8),
         plan, dist, nt, ni, C.stride(0), C.stride(1), C.stride(2), float(beta), int(iterations),
-        int(k), BLOCK_T=block_t, BLOCK_I=block_i,
-        num_warps=tile_warps(tile))
+        int(k), BLOCK_T=block_t, BLOCK_I=block_i, num_warps=warps)
     return plan, dist
 
 

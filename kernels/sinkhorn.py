@@ -16,9 +16,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kernels.checks import check_float, compute_dtype, tile_unsupported, tile_warps
+from kernels.checks import check_float, compute_dtype, tile_blocks, tile_unsupported
 from kernels.dispatch import use_kernel
-from kernels.triton_jit import jit, tl, triton
+from kernels.triton_jit import jit, tl
 
 __all__ = ["sinkhorn", "sinkhorn_plan", "sinkhorn_reference", "sinkhorn_triton", "SinkhornDistance",
            "MAX_TILE"]
@@ -115,12 +115,10 @@ def sinkhorn_triton(a: Tensor, b: Tensor, M: Tensor, reg: float, iterations: int
     dist = torch.empty(bsz, dtype=torch.float32, device=M.device)
     if bsz == 0:
         return plan, dist
-    block_n, block_m = triton.next_power_of_2(n), triton.next_power_of_2(m)
-    tile = block_n * block_m
+    block_n, block_m, warps = tile_blocks(n, m)
     _sinkhorn_kernel[(bsz,)](
         a, b, M, plan, dist, n, m, a.stride(0), b.stride(0), M.stride(0), M.stride(1), M.stride(2),
-        float(reg), int(iterations), BLOCK_N=block_n, BLOCK_M=block_m,
-        num_warps=tile_warps(tile))
+        float(reg), int(iterations), BLOCK_N=block_n, BLOCK_M=block_m, num_warps=warps)
     return plan, dist
 
 

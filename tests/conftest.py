@@ -89,6 +89,17 @@ def write_tiny_config(path: Path, data_dir: Path, run_dir: Path, **sections) -> 
     return path
 
 
+NO_DROPOUT = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+
+
+def write_equivalence_config(tmp_path: Path, data_dir: Path, name: str, zero_stage: int = 0, **train) -> Path:
+    """A run whose losses must not depend on how it is launched: global batch 16 (however the
+    processes and accumulation split it), no dropout (per-process randomness), lr 1e-2 from step 1."""
+    return write_tiny_config(tmp_path / f"{name}.yaml", data_dir, tmp_path / name, model=NO_DROPOUT,
+                             optim={"global_batch_size": 16, "lr": 1e-2, "warmup_steps": 0},
+                             parallel={"zero_stage": zero_stage}, train=train)
+
+
 def subprocess_env(nthreads: int = 1) -> dict:
     env = dict(os.environ)
     env.update(DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO), OMP_NUM_THREADS=str(nthreads),

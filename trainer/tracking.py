@@ -171,10 +171,6 @@ class Tracker:
 
     # ------------------------------------------------------------------ API
 
-    @property
-    def active(self) -> bool:
-        return self._mlflow
-
     def log_params(self, params: dict[str, Any]) -> None:
         if not self._mlflow:
             return

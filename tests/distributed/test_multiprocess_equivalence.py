@@ -9,17 +9,14 @@ import json
 
 import pytest
 
-from tests.conftest import read_metrics, run_vlpt, step_losses, write_tiny_config
+from tests.conftest import NO_DROPOUT, read_metrics, run_vlpt, step_losses, write_equivalence_config, write_tiny_config
 
 pytestmark = pytest.mark.slow
-NO_DROPOUT = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
 STEPS = 10
 
 
 def config(tmp_path, demo_data, name, zero_stage):
-    return write_tiny_config(tmp_path / f"{name}.yaml", demo_data, tmp_path / name,
-                             model=NO_DROPOUT, optim={"global_batch_size": 16, "lr": 1e-2, "warmup_steps": 0},
-                             parallel={"zero_stage": zero_stage}, train={"max_steps": STEPS})
+    return write_equivalence_config(tmp_path, demo_data, name, zero_stage, max_steps=STEPS)
 
 
 @pytest.fixture(scope="module")

@@ -7,16 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, free_port, run_vlpt, step_losses, subprocess_env, write_tiny_config
+from tests.conftest import REPO, free_port, run_vlpt, step_losses, subprocess_env, write_equivalence_config
 
 pytestmark = pytest.mark.slow
-NO_DROPOUT = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
 
 
 def config(tmp_path, demo_data, name):
-    return write_tiny_config(tmp_path / f"{name}.yaml", demo_data, tmp_path / name, model=NO_DROPOUT,
-                             optim={"global_batch_size": 16, "lr": 1e-2, "warmup_steps": 0},
-                             train={"max_steps": 10})
+    return write_equivalence_config(tmp_path, demo_data, name, max_steps=10)
 
 
 def test_two_nodes_c10d_rendezvous_match_one_process(tmp_path, demo_data):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.engine_util import ListLoader, snapshot
+from tests.engine_util import ListLoader, demo_region_samples, snapshot
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 STEPS, MICRO, K = 3, 8, 4
@@ -16,16 +16,7 @@ STEPS, MICRO, K = 3, 8, 4
 
 @pytest.fixture(scope="module")
 def samples(demo_data, tok):
-    from data.shards import decode_region_sample, iter_shard, read_manifest
-
-    out = []
-    for shard in read_manifest(demo_data / "train").shards:
-        for raw in iter_shard(shard):
-            sample, reason = decode_region_sample(raw, tok, max_txt_len=60, img_dim=16, label_dim=9)
-            assert reason is None, reason
-            out.append(sample)
-    assert len(out) >= STEPS * MICRO * K
-    return out[:STEPS * MICRO * K]
+    return demo_region_samples(demo_data, tok, STEPS * MICRO * K)
 
 
 def mlm_steps(samples, tok, micro):

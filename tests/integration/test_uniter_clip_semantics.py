@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.engine_util import ListLoader, snapshot
+from tests.engine_util import ListLoader, demo_region_samples, snapshot
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
@@ -47,16 +47,8 @@ DIFFER = 1e-3  # relative difference of the updates without accum_sum_semantics,
 def step_batches(demo_data, tok):
     """STEPS lists of K MLM micro-batches; within a step all have the same masked-token count."""
     from data.collate import collate_mlm
-    from data.shards import decode_region_sample, iter_shard, read_manifest
 
-    samples = []
-    for shard in read_manifest(demo_data / "train").shards:
-        for raw in iter_shard(shard):
-            sample, reason = decode_region_sample(raw, tok, max_txt_len=60, img_dim=16, label_dim=9)
-            assert reason is None, reason
-            samples.append(sample)
-        if len(samples) >= STEPS * K * MICRO:
-            break
+    samples = demo_region_samples(demo_data, tok, STEPS * K * MICRO)
     steps = []
     for s in range(STEPS):
         batches, target = [], None
