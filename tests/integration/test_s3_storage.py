@@ -212,8 +212,20 @@ def test_max_retries_zero_fails_on_first_fault(fault_proxy, big_object):
 # ---------------------------------------------------------------- the object changes mid-read
 
 
-def put_direct(s3_server, key: str, data: bytes) -> None:
-    s3_test_client(s3_server.endpoint_url).put_object(Bucket=BUCKET, Key=key, Body=data)
+def put_direct(s3_server, key: str, data: bytes, client=None) -> None:
+    (client or s3_test_client(s3_server.endpoint_url)).put_object(Bucket=BUCKET, Key=key, Body=data)
+
+
+def replacer(s3_server, key: str, data: bytes, replaced: list):
+    """A proxy hook that replaces `key` by `data`. The client is built here, not in the hook:
+    building one takes about a second on a loaded machine, and the hook runs while the reader
+    waits under a 1 s read timeout, which then expired and the retry read the old object."""
+    client = s3_test_client(s3_server.endpoint_url)
+
+    def replace(fault, request):
+        put_direct(s3_server, key, data, client)
+        replaced.append(fault)
+    return replace
 
 
 @pytest.mark.parametrize("kind", ["reset", "truncate"])
@@ -223,12 +235,7 @@ def test_object_replaced_between_get_and_resume_raises(s3_server, bucket, fault_
     old, new = rng.randbytes(BIG_SIZE), rng.randbytes(BIG_SIZE)
     put_direct(s3_server, key, old)
     replaced = []
-
-    def replace(fault, request):  # runs in the proxy while the first GET is cut, before the resume
-        put_direct(s3_server, key, new)
-        replaced.append(fault)
-
-    fault_proxy.hook = replace
+    fault_proxy.hook = replacer(s3_server, key, new, replaced)  # runs while the first GET is cut
     fault_proxy.plan([kind])
     stats: dict[str, int] = {}
     with pytest.raises(IOError, match="changed while it was being read") as info:
@@ -249,15 +256,10 @@ def test_object_replaced_before_first_byte_reads_new_version(s3_server, bucket, 
     old, new = b"old" * 1000, b"new" * 2000
     put_direct(s3_server, key, old)
     replaced = []
-
-    def replace(fault, request):
-        put_direct(s3_server, key, new)
-        replaced.append(fault)
-    fault_proxy.hook = replace
+    fault_proxy.hook = replacer(s3_server, key, new, replaced)  # runs before the 503 is sent
     fault_proxy.plan(["slowdown"])
     stats: dict[str, int] = {}
     data = read_bytes(url(key), fast_opts(fault_proxy.url), stats)
-    # Failed once in a full CI run (old bytes back) and never alone: name the cause if it recurs.
     assert fault_proxy.errors == [] and replaced == ["slowdown"], (fault_proxy.errors, fault_proxy.log)
     assert data == new, fault_proxy.log
     assert stats == {"s3_retry_throttled": 1}
