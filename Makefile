@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 export DS_ACCELERATOR ?= cpu
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo test test-fast install clean
+.PHONY: demo test test-fast install test-services clean
 
 $(STAMP): requirements.txt setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +24,11 @@ demo_data/train/manifest.json: | $(STAMP)
 demo: $(STAMP) demo_data/train/manifest.json
 	$(VENV)/bin/vlpt pretrain --config configs/pretrain/demo.yaml
 
-test: $(STAMP)
+# Best effort (root + apt-get): Slurm and munge for the Slurm job test, which skips without them.
+test-services:
+	@sh .ci/install_test_services.sh
+
+test: $(STAMP) test-services
 	$(PY) -m pytest -q
 
 test-fast: $(STAMP)

@@ -8,7 +8,7 @@ setup(
     python_requires=">=3.10",
     # The import packages are the top-level folders, as in UNITER's and ALBEF's repositories.
     packages=["trainer", "trainer.models", "trainer.objectives", "kernels", "data", "cluster"],
-    package_data={"data": ["vocab/*.txt"]},
+    package_data={"data": ["vocab/*.txt"], "cluster": ["templates/*"]},
     install_requires=[
         "torch>=2.11",
         "deepspeed>=0.16",

@@ -1,4 +1,5 @@
-"""Launch-command rendering: the same `vlpt pretrain` under torchrun or the DeepSpeed launcher."""
-from cluster.launch import render_command
+"""Job rendering for `vlpt launch`: torchrun / DeepSpeed on this machine, Slurm sbatch, Kubeflow PyTorchJob."""
+from cluster.launch import launch, render_job
+from cluster.local import render_command
 
-__all__ = ["render_command"]
+__all__ = ["launch", "render_command", "render_job"]

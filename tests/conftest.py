@@ -108,17 +108,18 @@ def subprocess_env(nthreads: int = 1) -> dict:
 
 
 def run_vlpt(args: list[str], launcher: str = "python", nproc: int = 1, timeout: int = 600,
-             check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run `vlpt <args>` as one process, under torchrun, or under the DeepSpeed launcher."""
+             check: bool = True, env: dict | None = None, module: str = "trainer.cli") -> subprocess.CompletedProcess:
+    """Run `vlpt <args>` as one process, under torchrun, or under the DeepSpeed launcher;
+    `module`: a test wrapper of the CLI (e.g. one that injects a fault) instead."""
     bin_dir = Path(sys.executable).parent
     if launcher == "python":
-        cmd = [sys.executable, "-m", "trainer.cli", *args]
+        cmd = [sys.executable, "-m", module, *args]
     elif launcher == "torchrun":
         cmd = [str(bin_dir / "torchrun"), f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
-               "-m", "trainer.cli", *args]
+               "-m", module, *args]
     elif launcher == "deepspeed":
         cmd = [str(bin_dir / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(free_port()),
-               "--module", "trainer.cli", *args]
+               "--module", module, *args]
     else:
         raise AssertionError(launcher)
     proc = subprocess.run(cmd, cwd=REPO, env={**subprocess_env(), **(env or {})}, capture_output=True, text=True,
@@ -135,10 +136,11 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 
 def step_losses(run_dir: Path) -> dict[int, float]:
-    """Training loss of each step (whatever its task), last record per step."""
+    """Training loss of each step (whatever its task), last record per step; steps skipped
+    for a non-finite loss have none."""
     out = {}
     for rec in read_metrics(run_dir):
-        if "task" in rec:
+        if f"{rec.get('task')}_loss" in rec:
             out[rec["step"]] = rec[f"{rec['task']}_loss"]
     return out
 

@@ -12,14 +12,20 @@ Every rank writes into `.tmp-step_00000400/`; once all files and then
 `trainer_state.json` are on disk, rank 0 renames the folder to `step_00000400`
 and only then replaces `latest` (atomically). A save killed at any point leaves
 the previous checkpoint complete and `latest` pointing to it; the next save
-removes the leftover temp folder. Our own files are JSON or loaded with
-`weights_only=True`.
+removes the leftover temp folder.
+
+Nothing is unpickled freely on load: our own files are JSON or tensors read with
+`weights_only=True`, and DeepSpeed's files go through `WeightsOnlyCheckpointEngine`,
+which allows tensors, plain containers and the four small DeepSpeed records its
+optimizer states hold.
 """
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
+import pickle
 import random
 import shutil
 from typing import Any, Optional
@@ -110,6 +116,10 @@ def _publish(root: str, tag: str) -> None:
             shutil.rmtree(path)  # an incomplete folder of an older layout
         os.rename(tmp, path)
         _fsync_dir(root)
+    write_latest(root, tag)
+
+
+def write_latest(root: str, tag: str) -> None:
     _write_atomic(os.path.join(root, "latest"), tag)
 
 
@@ -156,10 +166,47 @@ def latest_tag(run_dir: str) -> Optional[str]:
     return tag
 
 
+# Plain records inside DeepSpeed's optimizer-state files (loss scaler settings, the ZeRO
+# stage, bf16 fragment addresses): data only, rebuilt without running their code.
+DEEPSPEED_RECORDS = ("deepspeed.runtime.fp16.loss_scaler.LossScaler",
+                     "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+                     "deepspeed.runtime.zero.config.ZeroStageEnum",
+                     "deepspeed.utils.tensor_fragment.fragment_address")
+
+
+def _deepspeed_records() -> list:
+    records = []
+    for dotted in DEEPSPEED_RECORDS:
+        module, _, name = dotted.rpartition(".")
+        records.append(getattr(importlib.import_module(module), name))
+    return records
+
+
+def weights_only_checkpoint_engine(engine):
+    """DeepSpeed's torch checkpoint engine, loading with `weights_only=True`."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location=None):
+            try:
+                with torch.serialization.safe_globals(_deepspeed_records()):
+                    return torch.load(path, map_location=map_location, weights_only=True)
+            except pickle.UnpicklingError as e:
+                # torch's message advises weights_only=False; keep only the offending global.
+                reason = next((ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln),
+                              "not loadable with weights_only=True")
+                raise ValueError(f"{path} holds objects that are not tensors or plain data; refusing to "
+                                 f"unpickle it ({reason})") from None
+
+    assert isinstance(engine.checkpoint_engine, TorchCheckpointEngine), type(engine.checkpoint_engine)
+    return WeightsOnlyCheckpointEngine(engine._config)
+
+
 def load_checkpoint(engine, run_dir: str, tag: str, dist_info: DistInfo) -> dict:
     """Collective. Restores engine state and returns the trainer state; RNG is
     returned separately by `load_rng` so the caller restores it last."""
     root = checkpoint_root(run_dir)
+    engine.checkpoint_engine = weights_only_checkpoint_engine(engine)
     loaded, _ = engine.load_checkpoint(root, tag=tag, load_optimizer_states=True,
                                        load_lr_scheduler_states=True)
     if loaded is None:

@@ -10,8 +10,10 @@ import os
 import sys
 
 from trainer.config_loader import ConfigError
+from trainer.errors import RunAborted, RunStopped
 
 EXIT_USER_ERROR = 2
+EXIT_RUN_ABORTED = 3
 
 
 def split_overrides(extra: list[str]) -> list[str]:
@@ -91,8 +93,10 @@ def cmd_convert(args, extra: list[str]) -> int:
 def cmd_launch(args, extra: list[str]) -> int:
     from cluster.launch import launch
 
-    return launch(args.launcher, args.config, args.nproc, split_overrides(extra), args.dry_run,
-                  args.master_port)
+    mode = "dry-run" if args.dry_run else "submit" if args.submit else "render"
+    return launch(args.launcher, args.config, split_overrides(extra), mode, cluster=args.cluster, out=args.out,
+                  nodes=args.nodes, gpus_per_node=args.gpus_per_node, nproc_per_node=args.nproc,
+                  master_port=args.master_port)
 
 
 def cmd_bench_data(args, extra: list[str]) -> int:
@@ -143,6 +147,33 @@ def cmd_bench_kernels(args, extra: list[str]) -> int:
     return 0
 
 
+def cmd_bench_train(args, extra: list[str]) -> int:
+    from trainer.bench_record import stamp, write_record
+    from trainer.bench_train import TrainBenchConfig, format_train_result, run_train_bench
+    from trainer.config import load_config
+
+    cfg = load_config(args.config, split_overrides(extra))
+    try:
+        bench = TrainBenchConfig(steps=args.steps, warmup=args.warmup, batches_per_task=args.batches_per_task)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    result = run_train_bench(cfg, bench)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(format_train_result(result))
+        print(f"written to {write_record(stamp('train', {'config': args.config, **result}), args.out)}")
+    return 0
+
+
+def _add_bench_train(bench) -> None:
+    sp = bench.add_parser("train", help="training steps/s, samples/s, tokens/s, MFU: ours vs the plain way")
+    sp.add_argument("--config", required=True, help="pretraining YAML; dotted --section.key=value overrides follow")
+    sp.add_argument("--steps", type=int, default=20, help="timed optimizer steps per side")
+    sp.add_argument("--warmup", type=int, default=5, help="untimed steps first")
+    sp.add_argument("--batches-per-task", type=int, default=4, help="steps' worth of batches read per task, cycled")
+    sp.add_argument("--out", help="JSON path (default benchmarks/results/train-<time>.json)")
+    sp.set_defaults(fn=cmd_bench_train)
+
+
 def _add_bench_kernels(bench) -> None:
     sp = bench.add_parser("kernels", help="fused IPOT / Sinkhorn / masked gather vs eager torch and POT")
     sp.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when available")
@@ -160,6 +191,27 @@ def _add_bench_kernels(bench) -> None:
                     help="hidden dtype for the gather (default bf16 on CUDA, fp32 on CPU)")
     sp.add_argument("--out", help="JSON path (default benchmarks/results/kernels-<time>.json)")
     sp.set_defaults(fn=cmd_bench_kernels)
+
+
+def _add_launch(sub) -> None:
+    sp = sub.add_parser("launch", help="render (and submit) a `vlpt pretrain` job: torchrun, DeepSpeed, Slurm, "
+                                       "Kubernetes", description="render a job from the run config (plus "
+                                       "--section.key=value overrides) and the cluster YAML into "
+                                       "<run_dir>/launch/; the job reads a frozen copy of the config")
+    sp.add_argument("launcher", choices=["local", "deepspeed", "slurm", "k8s"],
+                    help="local = torchrun here; deepspeed = DeepSpeed launcher (hostfile); slurm = sbatch "
+                         "script; k8s = Kubeflow PyTorchJob")
+    sp.add_argument("--config", required=True, help="run config YAML")
+    sp.add_argument("--cluster", help="cluster YAML (configs/cluster/*.yaml); flags below override it")
+    sp.add_argument("--nodes", type=int)
+    sp.add_argument("--gpus-per-node", type=int, help="one process per GPU; 0 = CPU job (gloo)")
+    sp.add_argument("--nproc", type=int, help="processes per node (default: --gpus-per-node, 1 on CPU)")
+    sp.add_argument("--master-port", type=int)
+    sp.add_argument("--out", help="folder for the rendered files (default <run_dir>/launch)")
+    mode = sp.add_mutually_exclusive_group()
+    mode.add_argument("--dry-run", action="store_true", help="print the rendered files; write nothing")
+    mode.add_argument("--submit", action="store_true", help="write, then run sbatch / kubectl apply / the launcher")
+    sp.set_defaults(fn=cmd_launch)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -203,13 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--src", required=True, help="input file (state dict) or our checkpoint directory")
     sp.add_argument("--dst", required=True, help="output .pt file")
     sp.set_defaults(fn=cmd_convert)
-    sp = sub.add_parser("launch", help="start `vlpt pretrain` on several local processes")
-    sp.add_argument("launcher", choices=["local", "deepspeed"], help="local = torchrun")
-    sp.add_argument("--config", required=True)
-    sp.add_argument("--nproc", type=int, default=2, help="processes (GPUs, or CPU ranks with gloo)")
-    sp.add_argument("--master-port", type=int, default=29500)
-    sp.add_argument("--dry-run", action="store_true", help="print the command only")
-    sp.set_defaults(fn=cmd_launch)
+    _add_launch(sub)
     sp = sub.add_parser("bench", help="measure a part of the system")
     bench = sp.add_subparsers(dest="what", required=True)
     data = bench.add_parser("data", help="input pipeline samples/s (local, S3) and padding of the batchings")
@@ -227,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--out", help="JSON path (default benchmarks/results/data-<time>.json)")
     data.set_defaults(fn=cmd_bench_data)
     _add_bench_kernels(bench)
+    _add_bench_train(bench)
     return p
 
 
@@ -238,6 +285,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"vlpt: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except RunAborted as e:
+        print(f"vlpt: error: {e}", file=sys.stderr)
+        return EXIT_RUN_ABORTED
+    except RunStopped as e:
+        print(f"vlpt: {e}", file=sys.stderr)
+        return e.exit_code
 
 
 def entry() -> None:

@@ -13,7 +13,7 @@ import yaml
 
 from data.config import DataConfig
 from trainer.config_loader import (
-    ConfigError, apply_overrides, from_dict, load_yaml_with_includes, to_dict,
+    ConfigError, apply_overrides, check_no_url_passwords, from_dict, load_yaml_with_includes, to_dict,
 )
 from trainer.models.config import ModelConfig
 from trainer.objectives.itm import WraConfig
@@ -104,12 +104,24 @@ class TrainConfig:
     """Checkpoints kept; older ones are deleted after a newer one is complete."""
     resume: bool = True
     """Resume from run_dir's latest checkpoint when there is one."""
+    checkpoint_s3: Optional[str] = None
+    """s3://bucket/prefix: upload every checkpoint there (keep_last applies too); a run whose
+    run_dir has no checkpoint resumes from the newest upload. Reached as data.s3 says;
+    credentials from the AWS chain (environment, instance role), never from the config."""
     progress: bool = True
     """Progress bar on rank 0."""
+    max_consecutive_nonfinite: int = 10
+    """An optimizer step whose loss is NaN/inf on any rank is skipped (weights and optimizer
+    state untouched) and counted; this many in a row end the run with one error line."""
 
     def __post_init__(self) -> None:
         if self.max_steps <= 0 or self.log_every <= 0 or self.keep_last <= 0:
             raise ValueError("max_steps, log_every and keep_last must be positive")
+        if self.max_consecutive_nonfinite < 1:
+            raise ValueError("train.max_consecutive_nonfinite must be at least 1")
+        if self.checkpoint_s3 is not None and not (self.checkpoint_s3.startswith("s3://")
+                                                   and len(self.checkpoint_s3) > len("s3://")):
+            raise ValueError(f"train.checkpoint_s3 must be an s3://bucket/prefix URL, got {self.checkpoint_s3!r}")
         if self.stop_after_steps is not None and self.stop_after_steps <= 0:
             raise ValueError("stop_after_steps must be positive")
 
@@ -173,6 +185,7 @@ def _check_task_ratios(where: str, ratios: dict[str, float], allow_empty: bool) 
 def load_config(path: str, overrides: list[str] = ()) -> Config:
     """YAML file (+ includes) + dotted overrides → frozen `Config`."""
     raw = apply_overrides(load_yaml_with_includes(path), list(overrides))
+    check_no_url_passwords(raw)  # the resolved config is printed, saved and logged as MLflow params
     return from_dict(Config, raw)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import types
 from typing import Any, Literal, Mapping, Union, get_args, get_origin, get_type_hints
 
@@ -201,7 +202,24 @@ def flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+# scheme://user:password@host
+URL_PASSWORD = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/@\s:]*:[^/@\s]+@")
+
+
+def check_no_url_passwords(tree: Any, path: str = "") -> None:
+    """Refuse a config value like `http://user:pass@mlflow:5000` (it would be logged as a param)."""
+    if isinstance(tree, Mapping):
+        for key, value in tree.items():
+            check_no_url_passwords(value, f"{path}.{key}" if path else str(key))
+    elif isinstance(tree, (list, tuple)):
+        for i, value in enumerate(tree):
+            check_no_url_passwords(value, f"{path}[{i}]")
+    elif isinstance(tree, str) and URL_PASSWORD.search(tree):
+        raise ConfigError(f"{path} carries a password in its URL; give the URL without it and the credentials "
+                          f"in the environment (MLflow: MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD)")
+
+
 __all__ = [
     "ConfigError", "load_yaml_with_includes", "deep_merge", "parse_override",
-    "apply_overrides", "from_dict", "to_dict", "flatten",
+    "apply_overrides", "from_dict", "to_dict", "flatten", "check_no_url_passwords",
 ]

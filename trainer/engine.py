@@ -1,6 +1,7 @@
 """DeepSpeed engine from the optim / parallel / precision sections."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import dataclass
@@ -152,6 +153,46 @@ def lr_lambda(optim: OptimConfig, total_steps: int):
     return fn
 
 
+class OptimizerStepGate:
+    """Lets the trainer veto an optimizer step DeepSpeed is about to take.
+
+    DeepSpeed skips overflowing steps itself only for fp16/bf16 at ZeRO >= 1; in fp32 or
+    at ZeRO-0 a NaN gradient reaches the optimizer. Every DeepSpeed path (ZeRO 0-3, the
+    bf16 wrapper, offload) ends in our optimizer's `step()`, so a closed gate there keeps
+    the weights and the Adam moments as they were at every stage.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        inner = optimizer.step
+        self.is_open = True
+
+        def gated_step(*args, **kwargs):
+            if self.is_open:
+                return inner(*args, **kwargs)
+            # A skipped first step is still a step to the LR scheduler (its order check).
+            optimizer._opt_called = True
+            return None
+
+        # `inner` is the LR scheduler's wrapper, which still records the call: tell the
+        # scheduler its wrapper is in place, or it warns that `step` was overridden.
+        gated_step._wrapped_by_lr_sched = getattr(inner, "_wrapped_by_lr_sched", False)
+        optimizer.step = gated_step
+
+    @contextlib.contextmanager
+    def closed_if(self, close: bool):
+        self.is_open = not close
+        try:
+            yield
+        finally:
+            self.is_open = True
+
+
+def step_gate(engine) -> OptimizerStepGate:
+    gate = getattr(engine, "step_gate", None)
+    assert isinstance(gate, OptimizerStepGate), "engine was not made by build_engine"
+    return gate
+
+
 def build_engine(model: nn.Module, optim: OptimConfig, parallel: ParallelConfig,
                  precision: PrecisionConfig, layout: BatchLayout, total_steps: int,
                  device: torch.device):
@@ -163,8 +204,10 @@ def build_engine(model: nn.Module, optim: OptimConfig, parallel: ParallelConfig,
     optimizer = build_optimizer(model, optim, device, parallel.offload_optimizer,
                                 eps_divisor=accum_sum_factor(optim, layout))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(optim, total_steps))
+    gate = OptimizerStepGate(optimizer)  # after the scheduler, which needs `step` bound to the optimizer
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            lr_scheduler=scheduler, config=ds_config)
+    engine.step_gate = gate
     log.info("DeepSpeed engine: ZeRO-%d, %s, global batch %d = %d micro x %d accum x %d ranks",
              parallel.zero_stage, precision.dtype, layout.global_batch_size,
              layout.micro_batch_size, layout.grad_accum, layout.world_size)

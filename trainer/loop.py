@@ -21,10 +21,13 @@ from data.tokenizer import load_tokenizer
 from trainer import checkpoint as ckpt
 from trainer.config import Config, config_to_yaml
 from trainer.config_loader import ConfigError, flatten, to_dict
-from trainer.distributed import DistInfo, all_gather_objects, setup_distributed
+from trainer.checkpoint_s3 import download_checkpoint, remote_latest, upload_checkpoint
+from trainer.distributed import DistInfo, all_gather_objects, barrier, setup_distributed
 from trainer.engine import BatchLayout, batch_layout, build_engine
+from trainer.errors import RunAborted, RunStopped
 from trainer.models.pretrain import build_model
 from trainer.objectives import build_objectives
+from trainer.preemption import StopRequest
 from trainer.progress import Progress
 from trainer.steps import draw_task, evaluate, train_step
 from trainer.task_mix import mix_ratios, task_mix, task_of
@@ -44,6 +47,9 @@ class RunState:
     """Bad training samples by reason over all ranks, up to the checkpoint this run resumed from."""
     data_seen: int = 0
     """Raw training samples read over all ranks, up to that checkpoint."""
+    nonfinite_steps: int = 0
+    """Optimizer steps skipped because the loss was NaN/inf on some rank."""
+    nonfinite_in_a_row: int = 0
 
 
 @dataclass(frozen=True)
@@ -98,16 +104,25 @@ def bad_rate_error(cfg: Config, counts: DataCounts) -> Optional[str]:
             f"data.max_bad_per_1000={limit:g}): {reasons}; fix the shards or raise data.max_bad_per_1000")
 
 
-def check_precision(cfg: Config) -> None:
-    """fp16 needs the accelerator's fp16 support (DeepSpeed's CPU accelerator: mkldnn fp16 only)."""
+def check_precision(cfg: Config, info: DistInfo) -> None:
+    """fp16 needs the accelerator's fp16 support. DeepSpeed's CPU accelerator claims it only
+    with mkldnn fp16 (AVX512-FP16 / AMX), yet torch runs fp16 on any CPU in software: there
+    we let DeepSpeed go ahead, so a laptop can check an fp16 config (loss scaling, overflow
+    skips, ZeRO) before it goes to GPUs."""
     if cfg.precision.dtype != "fp16":
         return
     from deepspeed.accelerator import get_accelerator
 
     accelerator = get_accelerator()
-    if not accelerator.is_fp16_supported():
+    if accelerator.is_fp16_supported():
+        return
+    if accelerator.device_name() != "cpu":
         raise ConfigError(f"precision.dtype=fp16: DeepSpeed's {accelerator.device_name()} accelerator does "
-                          "not support fp16 on this machine; use bf16 or fp32 here, fp16 on a GPU")
+                          "not support fp16 on this machine; use bf16 or fp32")
+    if info.is_main:
+        log.warning("precision.dtype=fp16 on a CPU without native fp16: runs in software, to check the fp16 "
+                    "path (loss scaling, overflow skips), not for speed; bf16 is the fast CPU choice")
+    accelerator.is_fp16_supported = lambda: True  # DeepSpeed's only objection (engine config check)
 
 
 def check_inputs(cfg: Config) -> None:
@@ -237,9 +252,9 @@ def check_fresh_start(run_dir: str, resume: bool) -> None:
 
 def pretrain(cfg: Config) -> dict:
     check_inputs(cfg)
-    check_precision(cfg)
     info = setup_distributed(cfg.parallel.backend, cfg.parallel.timeout_minutes)
     setup_logging(info)
+    check_precision(cfg, info)
     cfg = resolve_run_dir(cfg)
     run_dir = os.path.abspath(cfg.train.run_dir)
     check_fresh_start(run_dir, cfg.train.resume)
@@ -260,18 +275,10 @@ def pretrain(cfg: Config) -> dict:
     engine, _ = build_engine(model, cfg.optim, cfg.parallel, cfg.precision, layout, total_steps,
                              info.device)
 
-    state, rng = RunState(), None
-    tag = ckpt.latest_tag(run_dir) if cfg.train.resume else None
-    if tag:
-        saved = ckpt.load_checkpoint(engine, run_dir, tag, info)
-        state = RunState(saved["step"], saved["positions"], saved["task_counts"], saved.get("mlflow_run_id"),
-                         {k: int(v) for k, v in saved.get("data_skipped", {}).items()},
-                         int(saved.get("data_seen", 0)))
-        rng = ckpt.load_rng(run_dir, tag, info.rank)
-        log.info("resumed from %s at step %d", tag, state.step)
+    state, rng = resume(cfg, engine, run_dir, info)
     loaders = build_train_loaders(cfg, tok, layout, info.rank, state.positions, img_dim)
     tracker = Tracker(cfg.tracking, run_dir, enabled=info.is_main, resume_run_id=state.mlflow_run_id)
-    if info.is_main and not tag:
+    if info.is_main and state.mlflow_run_id is None:
         tracker.log_params(flatten(to_dict(cfg)))
         tracker.log_params({"run.world_size": info.world_size, "run.grad_accum": layout.grad_accum,
                             "run.global_batch_size": layout.global_batch_size})
@@ -283,26 +290,70 @@ def pretrain(cfg: Config) -> dict:
     return run_training(cfg, info, engine, loaders, layout, tracker, state, tok, img_dim, config_yaml)
 
 
+def resume(cfg: Config, engine, run_dir: str, info: DistInfo) -> tuple[RunState, Optional[dict]]:
+    """Collective. The run state and this rank's RNG from the latest checkpoint (fetched from
+    train.checkpoint_s3 first when run_dir has none), or a fresh state and None."""
+    if not cfg.train.resume:
+        return RunState(), None
+    try:
+        from_s3 = info.is_main and fetch_from_s3(cfg, run_dir)
+        barrier()
+        tag = ckpt.latest_tag(run_dir)
+        if not tag:
+            return RunState(), None
+        saved = ckpt.load_checkpoint(engine, run_dir, tag, info)
+    except ValueError as e:  # an unreadable or unsafe checkpoint: one line, exit 2
+        raise ConfigError(str(e)) from None
+    run_id = saved.get("mlflow_run_id")
+    if all_gather_objects(from_s3)[0] and not cfg.tracking.uri:
+        run_id = None  # its MLflow store was in the run folder the checkpoint came from
+    state = RunState(saved["step"], saved["positions"], saved["task_counts"], run_id,
+                     {k: int(v) for k, v in saved.get("data_skipped", {}).items()},
+                     int(saved.get("data_seen", 0)), int(saved.get("nonfinite_steps", 0)),
+                     int(saved.get("nonfinite_in_a_row", 0)))
+    log.info("resumed from %s at step %d", tag, state.step)
+    return state, ckpt.load_rng(run_dir, tag, info.rank)
+
+
+def fetch_from_s3(cfg: Config, run_dir: str) -> bool:
+    """Rank 0: download the newest upload when run_dir has no checkpoint; True if it did."""
+    url, root = cfg.train.checkpoint_s3, ckpt.checkpoint_root(run_dir)
+    if not url or os.path.isfile(os.path.join(root, "latest")):
+        return False
+    tag = remote_latest(url, cfg.data.s3)
+    if tag is None:
+        return False
+    download_checkpoint(url, cfg.data.s3, tag, root)
+    return True
+
+
 def run_training(cfg, info, engine, loaders, layout, tracker, state, tok, img_dim, config_yaml) -> dict:
     run_dir = os.path.abspath(cfg.train.run_dir)
     last_step = min(cfg.train.max_steps, cfg.train.stop_after_steps or cfg.train.max_steps)
     progress = Progress(enabled=info.is_main, start=state.step, total=cfg.train.max_steps,
                         log_every=cfg.train.log_every, bar=cfg.train.progress)
     t0, start_step, ratios = time.time(), state.step, mix_ratios(cfg)
-    while state.step < last_step:
-        key = draw_task(cfg.train.seed, state.step, ratios)
-        stats = train_step(engine, loaders[key], task_of(key), layout, info.device)
-        state.step += 1
-        state.task_counts[key] = state.task_counts.get(key, 0) + 1
-        record = {"lr": engine.get_lr()[0], **{f"{key}_{k}": v for k, v in stats.items()}}
-        tracker.log_metrics(record, state.step, task=key)
-        if state.step % cfg.train.log_every == 0:
-            check_data(cfg, data_counts(loaders, state), tracker, progress, state.step)
-        progress.update(state.step, key, stats, layout.global_batch_size)
-        if cfg.train.val_every and state.step % cfg.train.val_every == 0 and state.step < last_step:
-            run_validation(cfg, info, engine, tok, img_dim, tracker, progress, state.step)
-        if cfg.train.save_every and state.step % cfg.train.save_every == 0 and state.step < last_step:
-            save(cfg, info, engine, loaders, state, tracker, config_yaml)
+    stop = StopRequest().install()
+    try:
+        while state.step < last_step:
+            key = draw_task(cfg.train.seed, state.step, ratios)
+            result = train_step(engine, loaders[key], task_of(key), layout, info.device)
+            state.step += 1
+            state.task_counts[key] = state.task_counts.get(key, 0) + 1
+            stats = count_nonfinite(cfg, state, result, key, tracker, progress)
+            record = {"lr": engine.get_lr()[0], **{f"{key}_{k}": v for k, v in stats.items()}}
+            tracker.log_metrics(record, state.step, task=key)
+            if state.step % cfg.train.log_every == 0:
+                check_data(cfg, data_counts(loaders, state), tracker, progress, state.step)
+            progress.update(state.step, key, stats, layout.global_batch_size)
+            if cfg.train.val_every and state.step % cfg.train.val_every == 0 and state.step < last_step:
+                run_validation(cfg, info, engine, tok, img_dim, tracker, progress, state.step)
+            if cfg.train.save_every and state.step % cfg.train.save_every == 0 and state.step < last_step:
+                save(cfg, info, engine, loaders, state, tracker, config_yaml)
+            if stop.any_rank(info.device):
+                save_and_stop(cfg, info, engine, loaders, state, tracker, config_yaml, progress, stop)
+    finally:
+        stop.uninstall()
     elapsed = time.time() - t0
     counts = data_counts(loaders, state)
     check_data(cfg, counts, tracker, progress, state.step)
@@ -315,6 +366,8 @@ def run_training(cfg, info, engine, loaders, layout, tracker, state, tok, img_di
                "task_counts": state.task_counts, "world_size": layout.world_size,
                "grad_accum": layout.grad_accum, "global_batch_size": layout.global_batch_size,
                **val_metrics}
+    if state.nonfinite_steps:
+        summary["nonfinite_steps"] = state.nonfinite_steps
     if counts.bad:
         summary.update(data_skipped=counts.skipped, data_seen=counts.seen,
                        data_skipped_per_1000=counts.per_1000)
@@ -330,6 +383,38 @@ def run_training(cfg, info, engine, loaders, layout, tracker, state, tok, img_di
         print_summary(summary, run_dir)
     tracker.finish()
     return summary
+
+
+def count_nonfinite(cfg, state: RunState, result, key: str, tracker, progress) -> dict[str, float]:
+    """Count a skipped step (the same on every rank: the loss was reduced over ranks) and end
+    the run after `train.max_consecutive_nonfinite` in a row. Returns the stats to log:
+    none of a skipped step's NaN/inf values, only the running count."""
+    if not result.skipped:
+        state.nonfinite_in_a_row = 0
+        return result.means
+    state.nonfinite_steps += 1
+    state.nonfinite_in_a_row += 1
+    limit = cfg.train.max_consecutive_nonfinite
+    first = state.step - state.nonfinite_in_a_row + 1
+    progress.write(f"step {state.step}: non-finite {key} loss on some rank; step skipped "
+                   f"({state.nonfinite_in_a_row} in a row, {state.nonfinite_steps} in this run)")
+    tracker.log_metrics({"nonfinite_steps": float(state.nonfinite_steps)}, state.step)
+    if state.nonfinite_in_a_row >= limit:
+        progress.close()
+        tracker.finish("FAILED")
+        raise RunAborted(f"training diverged: the loss was NaN/inf in {limit} optimizer steps in a row "
+                         f"(steps {first}-{state.step}, train.max_consecutive_nonfinite={limit}); resume "
+                         "from the latest checkpoint with a lower optim.lr, or try fp32 / bf16")
+    return {}
+
+
+def save_and_stop(cfg, info, engine, loaders, state, tracker, config_yaml, progress, stop: StopRequest) -> None:
+    """A rank got SIGTERM / SIGINT: checkpoint this step on every rank, then end the run."""
+    progress.close()
+    path = save(cfg, info, engine, loaders, state, tracker, config_yaml)
+    tracker.finish("KILLED")
+    raise RunStopped(f"stopped by {stop.name} after step {state.step}; checkpoint {path}; the same command "
+                     "resumes from it", stop.exit_code)
 
 
 def check_data(cfg, counts: DataCounts, tracker, progress, step: int) -> None:
@@ -361,6 +446,11 @@ def save(cfg, info, engine, loaders, state, tracker, config_yaml) -> str:
     counts = data_counts(loaders, state)
     trainer_state = {"step": state.step, "positions": positions, "task_counts": state.task_counts,
                      "mlflow_run_id": tracker.run_id if info.is_main else None,
-                     "data_skipped": counts.skipped, "data_seen": counts.seen}
-    return ckpt.save_checkpoint(engine, os.path.abspath(cfg.train.run_dir), state.step, trainer_state,
+                     "data_skipped": counts.skipped, "data_seen": counts.seen,
+                     "nonfinite_steps": state.nonfinite_steps, "nonfinite_in_a_row": state.nonfinite_in_a_row}
+    path = ckpt.save_checkpoint(engine, os.path.abspath(cfg.train.run_dir), state.step, trainer_state,
                                 config_yaml, cfg.train.keep_last, info)
+    if info.is_main and cfg.train.checkpoint_s3:
+        upload_checkpoint(os.path.dirname(path), os.path.basename(path), cfg.train.checkpoint_s3, cfg.data.s3,
+                          cfg.train.keep_last)
+    return path

@@ -1,6 +1,8 @@
 """One optimizer step and one validation pass, on a DeepSpeed engine."""
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Iterable
 
 import numpy as np
@@ -8,7 +10,7 @@ import torch
 
 from data.loader import ResumableTaskLoader, pin
 from trainer.distributed import all_reduce_sum
-from trainer.engine import BatchLayout
+from trainer.engine import BatchLayout, step_gate
 from trainer.task_mix import task_of
 
 
@@ -21,13 +23,29 @@ def draw_task(seed: int, step: int, ratios: dict[str, float]) -> str:
     return names[int(rng.choice(len(names), p=p / p.sum()))]
 
 
+_OBJECTIVE = "_objective"
+"""The loss that is backpropagated; reduced with the stats only to test it for NaN/inf."""
+
+
+@dataclass(frozen=True)
+class StepStats:
+    means: dict[str, float]
+    """Global means of the task's stats (loss, accuracy, ...) over the step's micro-batches."""
+    skipped: bool
+    """The loss was NaN/inf on some rank: the optimizer did not step."""
+
+
 def train_step(engine, loader: ResumableTaskLoader, task: str, layout: BatchLayout,
-               device: torch.device) -> dict[str, float]:
+               device: torch.device) -> StepStats:
     """Run the micro-batches of one optimizer step; returns global means of the task's stats.
 
     Each micro-batch loss is `sum * (world * accum) / N_step`, with N_step the number of
     loss terms in the whole step over all ranks: DeepSpeed divides by accum and averages
     over ranks, so the update is the gradient of the global mean.
+
+    The stats are reduced over ranks before the last `engine.step()`, the one that applies
+    the update: a non-finite loss on any rank makes the global loss non-finite, so every
+    rank skips the same step without another collective.
     """
     batches = [loader.next() for _ in range(layout.grad_accum)]
     local_n = torch.tensor([float(sum(b["n_items"] for b in batches))], dtype=torch.float64)
@@ -35,12 +53,19 @@ def train_step(engine, loader: ResumableTaskLoader, task: str, layout: BatchLayo
     scale = layout.grad_accum * layout.world_size / global_n
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, torch.Tensor] = {}
-    for batch in batches:
+    for i, batch in enumerate(batches):
         result = engine(pin(batch, device), task)
         engine.backward(result.loss_sum * scale.squeeze(0))
-        engine.step()
+        if i + 1 < len(batches):
+            engine.step()  # not an accumulation boundary: no update yet
         accumulate(sums, counts, result)
-    return global_means(sums, counts, global_n)
+        sums[_OBJECTIVE] = sums.get(_OBJECTIVE, 0) + result.loss_sum.detach().float()
+    means = global_means(sums, counts, global_n)
+    skipped = not all(math.isfinite(v) for v in means.values())
+    del means[_OBJECTIVE]
+    with step_gate(engine).closed_if(skipped):
+        engine.step()
+    return StepStats(means, skipped)
 
 
 def accumulate(sums: dict, counts: dict, result) -> None:

@@ -56,7 +56,7 @@ def train(model, steps, micro):
                                  torch.device("cpu"))
     loader = ListLoader(b for batches in steps for b in batches)
     torch.manual_seed(1)  # the dropout stream
-    losses = [train_step(engine, loader, "mlm", layout, torch.device("cpu"))["loss"] for _ in steps]
+    losses = [train_step(engine, loader, "mlm", layout, torch.device("cpu")).means["loss"] for _ in steps]
     assert loader.batches == [] and engine.global_steps == STEPS
     return losses, snapshot(engine.module)
 

@@ -63,6 +63,8 @@ def test_unknown_key_suggests_close_match(tmp_path):
     ("--precision.dtype=fp8", "precision.dtype"),
     ("--parallel.zero_stage=4", "zero_stage"),
     ("--model.hidden_size=1.5", "model.hidden_size"),
+    ("--train.max_consecutive_nonfinite=0", "max_consecutive_nonfinite"),
+    ("--train.checkpoint_s3=bucket/prefix", "checkpoint_s3"),
 ])
 def test_wrongly_typed_override(tmp_path, override, needle):
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
@@ -102,3 +104,15 @@ def test_shipped_configs_load():
     import glob
     for path in glob.glob("configs/pretrain/*.yaml"):
         assert isinstance(load_config(path), Config)
+
+
+def test_url_with_a_password_is_refused_by_any_config_load(tmp_path):
+    """The resolved config is printed, saved beside checkpoints and logged as MLflow params."""
+    path = write(tmp_path, "c.yaml", "tracking:\n  uri: http://me:hunter2@mlflow:5000\n")
+    with pytest.raises(ConfigError, match="tracking.uri carries a password") as e:
+        load_config(path)
+    assert "hunter2" not in str(e.value)
+    with pytest.raises(ConfigError, match="data.s3.endpoint_url"):
+        load_config(write(tmp_path, "d.yaml", "{}"), ["--data.s3.endpoint_url=http://a:b@minio:9000"])
+    plain = write(tmp_path, "e.yaml", "tracking:\n  uri: http://mlflow:5000\n")
+    assert load_config(plain).tracking.uri == "http://mlflow:5000"

@@ -1,0 +1,58 @@
+"""Commands of the launchers that start processes from this machine: torchrun, DeepSpeed."""
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from cluster.job import JobPlan
+from cluster.slurm import env_exports
+from cluster.templating import fill
+from trainer.config_loader import ConfigError
+
+LAUNCHERS = ("local", "deepspeed")
+
+
+def render_command(launcher: str, config: str, nproc: int, overrides: Sequence[str] = (),
+                   master_port: int = 29500, *, max_restarts: int = 0, log_dir: Optional[str] = None,
+                   hostfile: Optional[str] = None, nodes: int = 1, master_addr: Optional[str] = None) -> list[str]:
+    """argv of `vlpt pretrain --config <config> <overrides>` under torchrun (`local`) or `deepspeed`.
+
+    `log_dir` adds per-rank log files; `hostfile` (DeepSpeed only) spreads the run over `nodes` hosts.
+    """
+    if launcher not in LAUNCHERS:
+        raise ConfigError(f"render_command starts {' or '.join(LAUNCHERS)}, not {launcher!r}")
+    if nproc < 1:
+        raise ConfigError(f"--nproc must be at least 1, got {nproc}")
+    bin_dir = Path(sys.executable).parent
+    program = ["pretrain", "--config", config, *overrides]
+    if launcher == "local":
+        restarts = [f"--max-restarts={max_restarts}"] if max_restarts else []
+        logs = [f"--log-dir={log_dir}", "--redirects=3", "--tee=3"] if log_dir else []
+        return [str(bin_dir / "torchrun"), f"--nproc_per_node={nproc}", f"--master_port={master_port}",
+                *restarts, *logs, "-m", "trainer.cli", *program]
+    hosts = ["--hostfile", hostfile, "--num_nodes", str(nodes), "--master_addr", master_addr] if hostfile else []
+    logs = ["--enable_each_rank_log", log_dir] if log_dir else []
+    return [str(bin_dir / "deepspeed"), *hosts, "--num_gpus", str(nproc), "--master_port", str(master_port),
+            *logs, "--module", "trainer.cli", *program]
+
+
+def hostfile_text(hosts: Sequence[str], slots: int) -> str:
+    """DeepSpeed's MPI-style hostfile: `host slots=G` per line."""
+    return "".join(f"{host} slots={slots}\n" for host in hosts)
+
+
+def render_local(plan: JobPlan, hostfile: Optional[str]) -> str:
+    """The launch script of a local/deepspeed job; `hostfile` is its path when the job spans hosts."""
+    c = plan.cluster
+    if plan.target == "deepspeed" and c.nodes > 1 and len(c.deepspeed.hosts) < c.nodes:
+        raise ConfigError(f"--nodes {c.nodes} needs at least {c.nodes} deepspeed.hosts in the --cluster YAML, "
+                          f"got {len(c.deepspeed.hosts)}")
+    argv = render_command(plan.target, plan.config_path, c.procs_per_node, master_port=c.master_port,
+                          max_restarts=c.max_restarts, log_dir=os.path.join(plan.run_dir, "logs", plan.target),
+                          hostfile=hostfile, nodes=c.nodes, master_addr=c.deepspeed.hosts[0] if hostfile else None)
+    return fill("local.sh", name=plan.name, nodes=c.nodes, nproc=c.procs_per_node, target=plan.target,
+                config_path=plan.config_path, workdir=shlex.quote(plan.workdir), env=env_exports(c.env),
+                command=shlex.join(argv))

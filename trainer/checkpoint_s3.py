@@ -1,0 +1,119 @@
+"""A mirror of the run's checkpoints in S3 (`train.checkpoint_s3`): upload after each
+complete save, download the newest one to resume where the run folder has none.
+
+Layout under `s3://bucket/prefix` (as on disk):
+
+    step_00000400/...     every file of the local checkpoint, trainer_state.json last
+    latest                name of the newest complete upload (written after its files)
+
+Rank 0 transfers, as it publishes checkpoints on disk: like DeepSpeed, the run folder
+is on a filesystem all nodes share. A failed upload warns and training goes on (the
+checkpoint on disk is complete); the next save uploads its own checkpoint again.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+from pathlib import Path
+from typing import Optional
+
+from data.storage import S3Options, split_s3
+from trainer import checkpoint as ckpt
+
+log = logging.getLogger(__name__)
+
+
+def _client(opts: S3Options):
+    """A client with boto3's own retries: checkpoint transfers are rare and large, and a
+    multipart upload retries part by part."""
+    import boto3
+    from botocore.config import Config
+
+    config = Config(connect_timeout=opts.connect_timeout_s, read_timeout=opts.read_timeout_s,
+                    retries={"mode": "standard", "max_attempts": opts.max_retries + 1})
+    return boto3.session.Session().client("s3", endpoint_url=opts.endpoint_url, region_name=opts.region,
+                                          config=config)
+
+
+def _key(prefix: str, *parts: str) -> str:
+    return "/".join(p.strip("/") for p in (prefix, *parts) if p.strip("/"))
+
+
+def upload_checkpoint(root: str, tag: str, url: str, opts: S3Options, keep_last: int) -> bool:
+    """Upload `root/tag`, then point `latest` at it and delete uploads beyond `keep_last`.
+    Returns False (after one warning line) when S3 could not be reached or refused."""
+    from boto3.exceptions import S3UploadFailedError
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, prefix = split_s3(url)
+    folder = Path(root) / tag
+    # trainer_state.json marks a checkpoint complete on disk; uploaded last, it does so in S3 too.
+    files = sorted((p for p in folder.rglob("*") if p.is_file()), key=lambda p: (p.name == ckpt.STATE_FILE, str(p)))
+    try:
+        client = _client(opts)
+        for path in files:
+            client.upload_file(str(path), bucket, _key(prefix, tag, path.relative_to(folder).as_posix()))
+        client.put_object(Bucket=bucket, Key=_key(prefix, "latest"), Body=tag.encode())
+        _prune(client, bucket, prefix, keep_last)
+    except (BotoCoreError, ClientError, S3UploadFailedError) as e:
+        log.warning("checkpoint %s not uploaded to %s: %s; it is complete on disk, the next save "
+                    "uploads again", tag, url, str(e).splitlines()[0])
+        return False
+    log.info("checkpoint %s uploaded to %s (%d files)", tag, url, len(files))
+    return True
+
+
+def _remote_tags(client, bucket: str, prefix: str) -> list[str]:
+    tags = []
+    for page in client.get_paginator("list_objects_v2").paginate(
+            Bucket=bucket, Prefix=_key(prefix, "step_") if prefix else "step_", Delimiter="/"):
+        tags += [p["Prefix"].rstrip("/").rsplit("/", 1)[-1] for p in page.get("CommonPrefixes", [])]
+    return sorted(tags)
+
+
+def _prune(client, bucket: str, prefix: str, keep_last: int) -> None:
+    for tag in _remote_tags(client, bucket, prefix)[:-keep_last]:
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=_key(prefix, tag) + "/"):
+            keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+            if keys:
+                client.delete_objects(Bucket=bucket, Delete={"Objects": keys, "Quiet": True})
+
+
+def remote_latest(url: str, opts: S3Options) -> Optional[str]:
+    """The tag `latest` names in S3, or None when nothing was uploaded there yet."""
+    from botocore.exceptions import ClientError
+
+    bucket, prefix = split_s3(url)
+    try:
+        body = _client(opts).get_object(Bucket=bucket, Key=_key(prefix, "latest"))["Body"].read()
+    except ClientError as e:
+        if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+            return None
+        raise ValueError(f"train.checkpoint_s3={url}: cannot read its `latest`: {e}") from None
+    return body.decode().strip()
+
+
+def download_checkpoint(url: str, opts: S3Options, tag: str, root: str) -> None:
+    """Download `tag` into `root/tag` (through a temp folder) and point the local `latest` at it."""
+    bucket, prefix = split_s3(url)
+    client = _client(opts)
+    tmp = Path(root) / f"{ckpt.TMP_PREFIX}download-{socket.gethostname()}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    n = 0
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=_key(prefix, tag) + "/"):
+        for obj in page.get("Contents", []):
+            rel = obj["Key"][len(_key(prefix, tag)) + 1:]
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            client.download_file(bucket, obj["Key"], str(tmp / rel))
+            n += 1
+    if not (tmp / ckpt.STATE_FILE).is_file():
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ValueError(f"train.checkpoint_s3={url}: `latest` names {tag!r}, which has no "
+                         f"{ckpt.STATE_FILE} there (an incomplete upload); point `latest` at a complete one")
+    if (Path(root) / tag).exists():
+        shutil.rmtree(Path(root) / tag)  # an incomplete folder: no `latest` pointed at it
+    os.rename(tmp, Path(root) / tag)
+    ckpt.write_latest(root, tag)
+    log.info("downloaded checkpoint %s from %s (%d files)", tag, url, n)
