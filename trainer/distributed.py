@@ -85,6 +85,15 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
+    """[n, ...] of every rank, concatenated in rank order (no gradient); equal n on all ranks."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return t.detach()
+    out = torch.empty((dist.get_world_size() * t.size(0), *t.shape[1:]), dtype=t.dtype, device=t.device)
+    dist.all_gather_into_tensor(out, t.detach().contiguous())
+    return out
+
+
 def all_gather_objects(obj: Any) -> list[Any]:
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return [obj]

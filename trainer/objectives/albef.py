@@ -1,0 +1,133 @@
+"""ALBEF's objectives on features and logits (DESIGN §4): ITC against momentum queues with
+soft targets, hard-negative sampling for ITM, MLM with momentum distillation.
+
+The functions here take tensors, not models, so each formula can be checked on its own;
+the ALBEF model feeds them. Shapes: B pairs, D = 256 projection, Q queue length, V vocab.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+TEMP_MIN, TEMP_MAX = 0.001, 0.5
+
+
+@torch.no_grad()
+def clamp_temperature_(temp: Tensor) -> None:
+    """In place, outside autograd (ALBEF): the gradient is then taken at the clamped value,
+    where a differentiable clamp would zero it whenever the value is out of range."""
+    temp.clamp_(TEMP_MIN, TEMP_MAX)
+
+
+def alpha_at(alpha: float, step: int, steps_per_epoch: int) -> float:
+    """Distillation weight: ramped linearly from 0 over the first epoch, then `alpha`.
+    `step` counts optimizer steps from 0 (ALBEF: `alpha * min(1, i / len(loader))` in epoch 0)."""
+    if steps_per_epoch <= 0 or step >= steps_per_epoch:
+        return alpha
+    return alpha * step / steps_per_epoch
+
+
+@dataclass
+class ItcResult:
+    loss: Tensor
+    """Scalar: mean of the i2t and t2i cross-entropies against the soft targets, over this rank's rows."""
+    sim_i2t: Tensor
+    """[b, B + Q] student image-to-text similarities / temp (global batch first, then the queue)."""
+    sim_t2i: Tensor
+    """[b, B + Q]"""
+
+
+def soft_targets(sim_m: Tensor, alpha: float, offset: int = 0) -> Tensor:
+    """`alpha * softmax(momentum sims) + (1 - alpha) * one-hot`; row i's positive is column offset + i."""
+    b = sim_m.size(0)
+    one_hot = torch.zeros_like(sim_m)
+    one_hot[:, offset:offset + b].fill_diagonal_(1.0)
+    return alpha * F.softmax(sim_m, dim=1) + (1.0 - alpha) * one_hot
+
+
+def itc_loss(image_feat: Tensor, text_feat: Tensor, image_feat_m_all: Tensor, text_feat_m_all: Tensor,
+             image_queue: Tensor, text_queue: Tensor, temp: Tensor, alpha: float, offset: int = 0) -> ItcResult:
+    """Image-text contrastive loss of this rank's b pairs.
+
+    image_feat, text_feat          [b, D] student features of this rank, L2-normalised
+    image_feat_m_all, text_feat_m_all
+                                   [B, D] momentum features of the whole global batch (all ranks,
+                                   rank order; no gradient); this rank's rows start at `offset`
+    image_queue, text_queue        [D, Q] momentum features of earlier steps, before this step's push
+    temp                           scalar, already clamped
+
+    The candidates are the global batch plus the queue on every rank, so 2 ranks give the
+    mean loss of 1 rank with their joint batch (ALBEF's own code uses each rank's local batch).
+    """
+    b = image_feat.size(0)
+    with torch.no_grad():
+        image_all = torch.cat([image_feat_m_all.t(), image_queue], dim=1)  # [D, B+Q]
+        text_all = torch.cat([text_feat_m_all.t(), text_queue], dim=1)  # [D, B+Q]
+        image_m = image_feat_m_all[offset:offset + b]  # [b, D]
+        text_m = text_feat_m_all[offset:offset + b]  # [b, D]
+        targets_i2t = soft_targets(image_m @ text_all / temp, alpha, offset)  # [b, B+Q]
+        targets_t2i = soft_targets(text_m @ image_all / temp, alpha, offset)  # [b, B+Q]
+    sim_i2t = image_feat @ text_all / temp  # [b, B+Q]
+    sim_t2i = text_feat @ image_all / temp  # [b, B+Q]
+    loss_i2t = -(F.log_softmax(sim_i2t, dim=1) * targets_i2t).sum(1).mean()
+    loss_t2i = -(F.log_softmax(sim_t2i, dim=1) * targets_t2i).sum(1).mean()
+    return ItcResult((loss_i2t + loss_t2i) / 2, sim_i2t, sim_t2i)
+
+
+@torch.no_grad()
+def hard_negative_weights(sim: Tensor, image_ids: Tensor) -> Tensor:
+    """[B, B] sampling weights: the in-batch softmax of `sim` ([B, B], row = anchor) with every
+    pair of the same image (the diagonal included) zeroed, not renormalised. A row left with no
+    weight (every candidate shares its image, or the softmax underflowed) falls back to uniform
+    over the other images, or over the other pairs if there are none: multinomial needs a
+    positive row and checking for one would cost a host sync."""
+    weights = F.softmax(sim.float(), dim=1)
+    same = image_ids[:, None] == image_ids[None, :]  # [B, B]
+    weights = weights.masked_fill(same, 0.0)
+    other_images = (~same).float()
+    other_pairs = 1.0 - torch.eye(sim.size(0), device=sim.device)
+    fallback = torch.where(other_images.sum(1, keepdim=True) > 0, other_images, other_pairs)
+    return torch.where(weights.sum(1, keepdim=True) > 0, weights, fallback)
+
+
+@torch.no_grad()
+def sample_hard_negatives(sim_i2t: Tensor, sim_t2i: Tensor, image_ids: Tensor,
+                          generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """One negative text per image and one negative image per text, drawn with one
+    `torch.multinomial` per direction over the whole batch (no loop, no host sync).
+
+    sim_i2t, sim_t2i  [B, B] student similarities among this rank's pairs (ITC's columns of this
+                      rank's block), whose fused embeddings are at hand
+    image_ids         [B] pairs with equal ids show the same image and are never negatives
+    Returns (negative text index per image [B], negative image index per text [B]).
+    """
+    neg_text = torch.multinomial(hard_negative_weights(sim_i2t, image_ids), 1, generator=generator)[:, 0]
+    neg_image = torch.multinomial(hard_negative_weights(sim_t2i, image_ids), 1, generator=generator)[:, 0]
+    return neg_text, neg_image
+
+
+def itm_labels(batch_size: int, device: torch.device) -> Tensor:
+    """[3B]: the B positives, then B (image, negative text) and B (negative image, text) pairs."""
+    return torch.cat([torch.ones(batch_size, dtype=torch.long, device=device),
+                      torch.zeros(2 * batch_size, dtype=torch.long, device=device)])
+
+
+def distilled_mlm_loss(logits: Tensor, logits_m: Tensor, targets: Tensor, alpha: float) -> Tensor:
+    """`(1 - alpha) * CE(targets) + alpha * soft-CE(softmax(momentum logits))`, both averaged over
+    the masked positions. The heads see only those positions (gathered from collate's flat
+    positions, as UNITER's MLM), which is ALBEF's `loss[labels != -100].mean()` without the
+    boolean mask's host sync.
+
+    logits, logits_m  [N, V] student and momentum MLM logits at the N masked positions
+    targets           [N] original token ids
+    """
+    student = F.log_softmax(logits.float(), dim=-1)  # [N, V]
+    ce = F.nll_loss(student, targets, reduction="mean")
+    if alpha == 0:
+        return ce
+    teacher = F.softmax(logits_m.float(), dim=-1).detach()  # [N, V]
+    distill = -(student * teacher).sum(-1).mean()
+    return (1.0 - alpha) * ce + alpha * distill
