@@ -6,6 +6,8 @@ checkpoints load without renaming.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -37,34 +39,37 @@ def init_bert_weights(module: nn.Module, std: float) -> None:
 
 
 class SelfAttention(nn.Module):
-    """Multi-head scaled dot-product self-attention with an additive key mask."""
+    """Multi-head scaled dot-product attention with an additive key mask: over `hidden`
+    itself, or (cross-attention, `context_width` given) from `hidden` to a `context`."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, context_width: Optional[int] = None) -> None:
         super().__init__()
         h = cfg.hidden_size
         self.num_heads = cfg.num_attention_heads
         self.head_dim = h // cfg.num_attention_heads
         self.query = nn.Linear(h, h)
-        self.key = nn.Linear(h, h)
-        self.value = nn.Linear(h, h)
+        self.key = nn.Linear(context_width or h, h)
+        self.value = nn.Linear(context_width or h, h)
         self.dropout_p = cfg.attention_probs_dropout_prob
 
     def _heads(self, x: Tensor) -> Tensor:
         b, l, _ = x.shape
         return x.view(b, l, self.num_heads, self.head_dim).transpose(1, 2)  # [B, nh, L, d]
 
-    def forward(self, hidden: Tensor, mask: Tensor) -> Tensor:
-        """hidden [B, L, H], additive mask [B, 1, 1, L] -> context [B, L, H]."""
+    def forward(self, hidden: Tensor, mask: Optional[Tensor], context: Optional[Tensor] = None) -> Tensor:
+        """hidden [B, L, H], additive key mask [B, 1, 1, S] or None, context [B, S, C]
+        (default: hidden) -> [B, L, H]."""
+        source = hidden if context is None else context
         q = self._heads(self.query(hidden))  # [B, nh, L, d]
-        k = self._heads(self.key(hidden))  # [B, nh, L, d]
-        v = self._heads(self.value(hidden))  # [B, nh, L, d]
+        k = self._heads(self.key(source))  # [B, nh, S, d]
+        v = self._heads(self.value(source))  # [B, nh, S, d]
         # SDPA matches the explicit softmax(q k^T / sqrt(d) + mask) v within 1e-6
         # in fp32 (tests/unit/test_uniter_model.py checks it) and its fused kernels
         # accumulate the softmax in fp32, which keeps bf16/fp16 safe. The mask
         # must be in the scores' dtype (autocast may have made q low precision).
         ctx = F.scaled_dot_product_attention(
             q, k, v,
-            attn_mask=mask.to(q.dtype),
+            attn_mask=None if mask is None else mask.to(q.dtype),
             dropout_p=self.dropout_p if self.training else 0.0,
         )  # [B, nh, L, d]
         b, _, l, _ = ctx.shape
