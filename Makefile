@@ -35,4 +35,4 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
 clean:
-	rm -rf runs demo_data .pytest_cache
+	rm -rf runs demo_data demo_pixels .pytest_cache

@@ -15,6 +15,7 @@ under a masked box?) on a laptop in minutes.
 """
 from __future__ import annotations
 
+import io
 import itertools
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from data.shards import encode_npz, write_manifest, write_shard
+from data.shards import FORMAT, PIXEL_FORMAT, encode_npz, write_manifest, write_shard
 
 DEMO_SHAPES = ("cube", "ball", "cone", "cylinder", "ring", "star", "pyramid", "disk")
 DEMO_COLOURS = ("red", "blue", "green", "yellow", "purple", "orange", "white", "black")
@@ -220,32 +221,36 @@ def generate_scenes(
         yield make_scene(rng, f"{split}-scene-{i:06d}", prototypes, noise_std)
 
 
-def scene_samples(scene: DemoScene) -> list[dict]:
-    """One shard sample per (scene, caption) pair, in the vlpt-regions-v1 schema."""
-    arrays = {
-        "features": scene.features,
-        "norm_bb": scene.norm_bb,
-        "conf": scene.conf,
-        "soft_labels": scene.soft_labels,
-    }
-    npz = encode_npz(arrays)  # both captions share the scene's regions: encode once
+def scene_samples(scene: DemoScene, image_size: Optional[int] = None) -> list[dict]:
+    """One shard sample per (scene, caption) pair: in the vlpt-regions-v1 schema, or with
+    `image_size` the scene drawn as a PNG of that side (vlpt-pixels-v1, as `vlpt shards coco`)."""
+    if image_size:
+        from data.demo_pixels import render_scene
+
+        buf = io.BytesIO()
+        render_scene(scene, image_size).save(buf, format="PNG")
+        payload = {"png": buf.getvalue()}  # both captions share the picture: encode once
+    else:
+        payload = {"npz": encode_npz({"features": scene.features, "norm_bb": scene.norm_bb, "conf": scene.conf,
+                                      "soft_labels": scene.soft_labels})}
     samples = []
     for c, caption in enumerate(scene.captions):
         key = f"{scene.image_id}-{c}"
         meta = {"image_id": scene.image_id, "caption": caption, "caption_id": key}
-        samples.append({"__key__": key, "json": meta, "npz": npz})
+        samples.append({"__key__": key, "json": meta, **payload})
     return samples
 
 
 def _write_split(
-    out_dir: Path, split: str, n_scenes: int, scenes_per_shard: int, seed: int, img_dim: int, noise_std: float
+    out_dir: Path, split: str, n_scenes: int, scenes_per_shard: int, seed: int, img_dim: int, noise_std: float,
+    image_size: Optional[int] = None,
 ) -> dict:
     split_dir = out_dir / split
     split_dir.mkdir(parents=True, exist_ok=True)
     shard_paths, counts, batch = [], [], []
     scenes = generate_scenes(split, n_scenes, seed=seed, img_dim=img_dim, noise_std=noise_std)
     for k, scene in enumerate(scenes, start=1):
-        batch.extend(scene_samples(scene))
+        batch.extend(scene_samples(scene, image_size))
         if k % scenes_per_shard == 0 or k == n_scenes:
             path = split_dir / f"shard-{len(shard_paths):06d}.tar"
             counts.append(write_shard(path, batch))
@@ -255,7 +260,10 @@ def _write_split(
         "img_dim": img_dim, "label_dim": LABEL_DIM, "split": split, "num_scenes": n_scenes,
         "generator": "vlpt-demo", "seed": seed, "noise_std": noise_std,
     }
-    manifest = write_manifest(split_dir, shard_paths, meta, counts)
+    if image_size:  # the same scenes and captions, drawn (no region features in these shards)
+        meta = {"split": split, "num_scenes": n_scenes, "generator": "vlpt-demo-pixels", "seed": seed,
+                "image_size": image_size}
+    manifest = write_manifest(split_dir, shard_paths, meta, counts, fmt=PIXEL_FORMAT if image_size else FORMAT)
     return {
         "scenes": n_scenes,
         "samples": manifest["num_samples"],
@@ -274,26 +282,30 @@ def write_demo_dataset(
     img_dim: int = 64,
     scenes_per_shard: int = 250,
     noise_std: float = 0.5,
+    image_size: Optional[int] = None,
 ) -> dict:
     """Write `out_dir/train/` and `out_dir/val/` (shards + manifest.json); return a summary.
 
     Same arguments give byte-identical shards. Val scenes come from a separate
-    seed stream, so they are held out from train.
+    seed stream, so they are held out from train. With `image_size`, the same scenes
+    and captions as pictures (pixel shards, for ALBEF) instead of region features.
     """
+    if image_size is not None and image_size < 16:
+        raise ValueError(f"image_size must be at least 16 (one ViT patch), got {image_size}")
     if n_train_scenes < 1 or n_val_scenes < 1:
         raise ValueError(f"need at least one scene per split, got train={n_train_scenes}, val={n_val_scenes}")
     if scenes_per_shard < 1 or img_dim < 1 or noise_std < 0:
         raise ValueError("scenes_per_shard and img_dim must be >= 1 and noise_std >= 0")
     out = Path(out_dir)
     splits = {
-        split: _write_split(out, split, n, scenes_per_shard, seed, img_dim, noise_std)
+        split: _write_split(out, split, n, scenes_per_shard, seed, img_dim, noise_std, image_size)
         for split, n in (("train", n_train_scenes), ("val", n_val_scenes))
     }
+    kind = {"image_size": image_size} if image_size else {"img_dim": img_dim, "label_dim": LABEL_DIM}
     return {
         "out_dir": str(out),
         "seed": seed,
-        "img_dim": img_dim,
-        "label_dim": LABEL_DIM,
+        **kind,
         "num_samples": sum(s["samples"] for s in splits.values()),
         "num_shards": sum(s["shards"] for s in splits.values()),
         "bytes": sum(s["bytes"] for s in splits.values()),

@@ -50,12 +50,16 @@ def cmd_demo_data(args, extra: list[str]) -> int:
         raise ConfigError(f"unrecognised arguments: {' '.join(extra)}")
     from data.demo import write_demo_dataset
 
-    if os.path.isfile(os.path.join(args.out, "train", "manifest.json")) and not args.force:
-        print(f"{args.out} already holds the demo data (use --force to rewrite it)")
+    out = args.out or ("demo_pixels" if args.pixels else "demo_data")
+    if os.path.isfile(os.path.join(out, "train", "manifest.json")) and not args.force:
+        print(f"{out} already holds the demo data (use --force to rewrite it)")
         return 0
-    summary = write_demo_dataset(args.out, seed=args.seed, n_train_scenes=args.scenes,
-                                 n_val_scenes=args.val_scenes, img_dim=args.img_dim)
-    print(f"demo data written to {args.out}: {summary}")
+    try:
+        summary = write_demo_dataset(out, seed=args.seed, n_train_scenes=args.scenes, n_val_scenes=args.val_scenes,
+                                     img_dim=args.img_dim, image_size=args.image_size if args.pixels else None)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    print(f"demo data written to {out}: {summary}")
     return 0
 
 
@@ -223,11 +227,13 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--config", required=True, help="YAML file (may `include:` others)")
         sp.set_defaults(fn=fn)
     sp = sub.add_parser("demo-data", help="write the deterministic demo shards")
-    sp.add_argument("--out", default="demo_data")
+    sp.add_argument("--out", help="default demo_data (regions) or demo_pixels (--pixels)")
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--scenes", type=int, default=2000, help="training scenes (2 captions each)")
     sp.add_argument("--val-scenes", type=int, default=250, help="held-out scenes")
     sp.add_argument("--img-dim", type=int, default=64, help="region feature size")
+    sp.add_argument("--pixels", action="store_true", help="the same scenes and captions as PNG pictures (ALBEF)")
+    sp.add_argument("--image-size", type=int, default=96, help="--pixels: side of the pictures")
     sp.add_argument("--force", action="store_true", help="rewrite existing data")
     sp.set_defaults(fn=cmd_demo_data)
     sp = sub.add_parser("shards", help="build webdataset shards + manifest from COCO, region npz or TSV data")

@@ -81,3 +81,43 @@ def test_shapes_differ_from_each_other():
 def test_unknown_shape_is_refused():
     with pytest.raises(ValueError, match="unknown demo shape"):
         draw_shape(ImageDraw.Draw(Image.new("RGB", (8, 8))), "torus", (0, 0, 8, 8), (1, 2, 3))
+
+
+def test_pixel_demo_shards_hold_the_region_demos_captions_as_pictures(tmp_path):
+    import json
+
+    from data.demo import write_demo_dataset
+    from data.pixels import decode_image
+    from data.shards import PIXEL_FORMAT, iter_shard, read_manifest, verify_manifest
+
+    small = dict(seed=3, n_train_scenes=12, n_val_scenes=4, img_dim=16, scenes_per_shard=5)
+    summary = write_demo_dataset(tmp_path / "px", image_size=64, **small)
+    write_demo_dataset(tmp_path / "regions", **small)
+    assert summary["image_size"] == 64 and summary["train"]["samples"] == 24 and summary["train"]["shards"] == 3
+    for split in ("train", "val"):
+        manifest = read_manifest(tmp_path / "px" / split, expected_format=PIXEL_FORMAT)
+        assert verify_manifest(manifest) == [] and manifest.meta["image_size"] == 64
+        regions = read_manifest(tmp_path / "regions" / split)
+        px = [(json.loads(r["json"]), r["png"]) for shard in manifest.shards for r in iter_shard(shard)]
+        rg = [json.loads(r["json"]) for shard in regions.shards for r in iter_shard(shard)]
+        assert [meta for meta, _ in px] == rg  # the same keys, image ids and captions
+        for meta, png in px:
+            img = decode_image(png)
+            assert img.size == (64, 64)
+    again = write_demo_dataset(tmp_path / "px2", image_size=64, **small)
+    assert again["train"]["bytes"] == summary["train"]["bytes"]
+    a = (tmp_path / "px" / "train" / "shard-000000.tar").read_bytes()
+    assert a == (tmp_path / "px2" / "train" / "shard-000000.tar").read_bytes()  # deterministic
+    with pytest.raises(ValueError, match="image_size must be at least 16"):
+        write_demo_dataset(tmp_path / "bad", image_size=8, **small)
+
+
+def test_demo_data_cli_pixels(tmp_path, capsys):
+    from trainer.cli import main
+
+    out = tmp_path / "pixels"
+    assert main(["demo-data", "--pixels", "--image-size", "32", "--scenes", "4", "--val-scenes", "2",
+                 "--out", str(out)]) == 0
+    assert (out / "train" / "manifest.json").is_file() and "'image_size': 32" in capsys.readouterr().out
+    assert main(["demo-data", "--pixels", "--image-size", "8", "--out", str(tmp_path / "b")]) == 2
+    assert "image_size must be at least 16" in capsys.readouterr().err
