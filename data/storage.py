@@ -88,16 +88,23 @@ _clients: dict[tuple, object] = {}
 _clients_lock = threading.Lock()
 
 
-def s3_client(opts: S3Options):
-    """One boto3 client per process and options (clients must not cross a fork)."""
+def s3_client(opts: S3Options, boto_retries: bool = False):
+    """One boto3 client per process, options and retry mode (clients must not cross a fork).
+
+    Stream readers count and back off themselves, so by default boto3 tries each request
+    once; `boto_retries` lets boto3 retry each request (each part of a multipart transfer)
+    up to `opts.max_retries` times, for whole-file transfers such as checkpoints.
+    """
     import boto3
     from botocore.config import Config
 
-    key = (os.getpid(), opts)
+    key = (os.getpid(), opts, boto_retries)
     with _clients_lock:
         if key not in _clients:
+            retries = ({"mode": "standard", "max_attempts": opts.max_retries + 1} if boto_retries
+                       else {"total_max_attempts": 1})
             config = Config(connect_timeout=opts.connect_timeout_s, read_timeout=opts.read_timeout_s,
-                            retries={"total_max_attempts": 1})  # ours count and back off instead
+                            retries=retries)
             _clients[key] = boto3.session.Session().client(
                 "s3", endpoint_url=opts.endpoint_url, region_name=opts.region, config=config)
         return _clients[key]

@@ -2,6 +2,21 @@
 from __future__ import annotations
 
 
+def tiny_uniter(tok, dropout: float = 0.0, checkpointing: bool = False):
+    """The engine tests' UNITER (width 32, 2 layers, 16-d regions, 9 classes), seeded: the same
+    initial weights in every test that builds it."""
+    import torch
+
+    from trainer.models.config import ModelConfig
+    from trainer.models.pretrain import build_model
+
+    torch.manual_seed(0)
+    return build_model(ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2,
+                                   num_attention_heads=2, intermediate_size=64, img_dim=16, img_label_dim=9,
+                                   hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
+                                   activation_checkpointing=checkpointing))
+
+
 def demo_region_samples(data_dir, tok, n: int) -> list:
     """The first `n` samples of the test shards' training split, decoded (all must be good)."""
     from data.shards import decode_region_sample, iter_shard, read_manifest

@@ -112,17 +112,10 @@ def plain_ops():
     import trainer.objectives.mlm as mlm
     import trainer.objectives.mrm as mrm
 
-    saved = os.environ.get("VLPT_KERNELS")
-    os.environ["VLPT_KERNELS"] = "off"
-    try:
-        with mock.patch.object(mlm, "masked_gather", boolean_mask_gather), \
-                mock.patch.object(mrm, "masked_gather", boolean_mask_gather):
-            yield
-    finally:
-        if saved is None:
-            os.environ.pop("VLPT_KERNELS")
-        else:
-            os.environ["VLPT_KERNELS"] = saved
+    with mock.patch.dict(os.environ, {"VLPT_KERNELS": "off"}), \
+            mock.patch.object(mlm, "masked_gather", boolean_mask_gather), \
+            mock.patch.object(mrm, "masked_gather", boolean_mask_gather):
+        yield
 
 
 # ---------------------------------------------------------------- timing

@@ -19,22 +19,10 @@ import socket
 from pathlib import Path
 from typing import Optional
 
-from data.storage import S3Options, split_s3
+from data.storage import S3Options, s3_client, split_s3
 from trainer import checkpoint as ckpt
 
 log = logging.getLogger(__name__)
-
-
-def _client(opts: S3Options):
-    """A client with boto3's own retries: checkpoint transfers are rare and large, and a
-    multipart upload retries part by part."""
-    import boto3
-    from botocore.config import Config
-
-    config = Config(connect_timeout=opts.connect_timeout_s, read_timeout=opts.read_timeout_s,
-                    retries={"mode": "standard", "max_attempts": opts.max_retries + 1})
-    return boto3.session.Session().client("s3", endpoint_url=opts.endpoint_url, region_name=opts.region,
-                                          config=config)
 
 
 def _key(prefix: str, *parts: str) -> str:
@@ -52,7 +40,7 @@ def upload_checkpoint(root: str, tag: str, url: str, opts: S3Options, keep_last:
     # trainer_state.json marks a checkpoint complete on disk; uploaded last, it does so in S3 too.
     files = sorted((p for p in folder.rglob("*") if p.is_file()), key=lambda p: (p.name == ckpt.STATE_FILE, str(p)))
     try:
-        client = _client(opts)
+        client = s3_client(opts, boto_retries=True)
         for path in files:
             client.upload_file(str(path), bucket, _key(prefix, tag, path.relative_to(folder).as_posix()))
         client.put_object(Bucket=bucket, Key=_key(prefix, "latest"), Body=tag.encode())
@@ -87,7 +75,8 @@ def remote_latest(url: str, opts: S3Options) -> Optional[str]:
 
     bucket, prefix = split_s3(url)
     try:
-        body = _client(opts).get_object(Bucket=bucket, Key=_key(prefix, "latest"))["Body"].read()
+        client = s3_client(opts, boto_retries=True)
+        body = client.get_object(Bucket=bucket, Key=_key(prefix, "latest"))["Body"].read()
     except ClientError as e:
         if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
             return None
@@ -98,7 +87,7 @@ def remote_latest(url: str, opts: S3Options) -> Optional[str]:
 def download_checkpoint(url: str, opts: S3Options, tag: str, root: str) -> None:
     """Download `tag` into `root/tag` (through a temp folder) and point the local `latest` at it."""
     bucket, prefix = split_s3(url)
-    client = _client(opts)
+    client = s3_client(opts, boto_retries=True)
     tmp = Path(root) / f"{ckpt.TMP_PREFIX}download-{socket.gethostname()}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     n = 0

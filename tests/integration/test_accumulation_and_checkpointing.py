@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.engine_util import ListLoader, demo_region_samples, snapshot
+from tests.engine_util import ListLoader, demo_region_samples, snapshot, tiny_uniter
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 STEPS, MICRO, K = 3, 8, 4
@@ -30,17 +30,6 @@ def mlm_steps(samples, tok, micro):
         chunk = samples[s * MICRO * K:(s + 1) * MICRO * K]
         steps.append([collate_mlm(chunk[i:i + micro], rng, tok) for i in range(0, len(chunk), micro)])
     return steps
-
-
-def build(tok, dropout: float, checkpointing: bool):
-    from trainer.models.config import ModelConfig
-    from trainer.models.pretrain import build_model
-
-    torch.manual_seed(0)
-    return build_model(ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2,
-                                   num_attention_heads=2, intermediate_size=64, img_dim=16, img_label_dim=9,
-                                   hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
-                                   activation_checkpointing=checkpointing))
 
 
 def train(model, steps, micro):
@@ -70,7 +59,7 @@ def test_accumulating_4_micro_batches_equals_one_4x_batch(process_group, samples
     micro_steps, big_steps = mlm_steps(samples, tok, MICRO), mlm_steps(samples, tok, MICRO * K)
     for micro, (big,) in zip(micro_steps, big_steps):
         assert torch.equal(torch.cat([b["mlm_targets"] for b in micro]), big["mlm_targets"])
-    model = build(tok, dropout=0.0, checkpointing=False)
+    model = tiny_uniter(tok, dropout=0.0, checkpointing=False)
     accumulated, p_acc = train(copy.deepcopy(model), micro_steps, MICRO)
     single, p_single = train(copy.deepcopy(model), big_steps, MICRO * K)
     assert accumulated == pytest.approx(single, rel=1e-5, abs=0)
@@ -81,7 +70,7 @@ def test_accumulating_4_micro_batches_equals_one_4x_batch(process_group, samples
 def test_activation_checkpointing_on_equals_off(process_group, samples, tok):
     """Dropout on: recomputing a layer in backward must replay the forward's dropout masks."""
     steps = mlm_steps(samples, tok, MICRO)
-    off, p_off = train(build(tok, dropout=0.1, checkpointing=False), steps, MICRO)
-    on, p_on = train(build(tok, dropout=0.1, checkpointing=True), steps, MICRO)
+    off, p_off = train(tiny_uniter(tok, dropout=0.1, checkpointing=False), steps, MICRO)
+    on, p_on = train(tiny_uniter(tok, dropout=0.1, checkpointing=True), steps, MICRO)
     assert on == pytest.approx(off, rel=1e-6, abs=0)
     assert_params_close(p_on, p_off, rtol=1e-6, atol=1e-8)

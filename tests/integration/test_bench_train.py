@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tests.conftest import run_vlpt, write_tiny_config
-from tests.engine_util import demo_region_samples
+from tests.engine_util import demo_region_samples, tiny_uniter
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -29,14 +29,9 @@ def batches(demo_data, tok):
 def test_baseline_is_the_same_model(batches, tok, task):
     from trainer.bench_train import baseline_model, plain_ops
     from trainer.config import WraConfig
-    from trainer.models.config import ModelConfig
-    from trainer.models.pretrain import build_model
     from trainer.objectives import build_objectives
 
-    torch.manual_seed(0)
-    ours = build_model(ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2,
-                                   num_attention_heads=2, intermediate_size=64, img_dim=16, img_label_dim=9,
-                                   hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    ours = tiny_uniter(tok)
     ours.objectives = build_objectives(WraConfig())
     plain = baseline_model(copy.deepcopy(ours))
     assert type(plain.uniter.encoder).__name__ == "HuggingFaceEncoder"

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests.conftest import run_vlpt, step_losses, write_tiny_config
-from tests.engine_util import ListLoader, demo_region_samples, snapshot
+from tests.engine_util import ListLoader, demo_region_samples, snapshot, tiny_uniter
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 MICRO, ACCUM = 4, 2
@@ -26,16 +26,6 @@ def steps(demo_data, tok):
     rng = np.random.default_rng(0)
     batches = [collate_mlm(samples[i:i + MICRO], rng, tok) for i in range(0, len(samples), MICRO)]
     return [batches[s * ACCUM:(s + 1) * ACCUM] for s in range(3)]
-
-
-def tiny_model(tok):
-    from trainer.models.config import ModelConfig
-    from trainer.models.pretrain import build_model
-
-    torch.manual_seed(0)
-    return build_model(ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2,
-                                   num_attention_heads=2, intermediate_size=64, img_dim=16, img_label_dim=9,
-                                   hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
 
 
 def poison(model, calls: set[int], value: float) -> None:
@@ -83,7 +73,7 @@ def full_parameters(engine, zero_stage: int) -> dict:
 @pytest.mark.parametrize("dtype,zero_stage", [("fp32", 0), ("fp32", 1), ("fp32", 2), ("fp32", 3),
                                               ("bf16", 0), ("bf16", 2)])
 def test_nonfinite_step_is_skipped_as_if_absent(process_group, steps, tok, dtype, zero_stage):
-    model = tiny_model(tok)
+    model = tiny_uniter(tok)
     # Step 2's second micro-batch (forward call 3) is NaN: no update, Adam state untouched,
     # so step 3 must match a run that never saw step 2.
     poisoned_model = copy.deepcopy(model)
@@ -98,7 +88,7 @@ def test_nonfinite_step_is_skipped_as_if_absent(process_group, steps, tok, dtype
 
 
 def test_inf_on_one_micro_batch_skips_too(process_group, steps, tok):
-    model = tiny_model(tok)
+    model = tiny_uniter(tok)
     before = snapshot(model)
     poison(model, {0}, float("inf"))
     results, after = train(model, steps[:1], "fp32", 0)

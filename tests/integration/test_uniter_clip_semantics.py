@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.engine_util import ListLoader, demo_region_samples, snapshot
+from tests.engine_util import ListLoader, demo_region_samples, snapshot, tiny_uniter
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
@@ -69,14 +69,7 @@ def step_batches(demo_data, tok):
 
 @pytest.fixture(scope="module")
 def base_model(tok):
-    from trainer.models.config import ModelConfig
-    from trainer.models.pretrain import build_model
-
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                      intermediate_size=64, img_dim=16, img_label_dim=9, hidden_dropout_prob=0.0,
-                      attention_probs_dropout_prob=0.0)
-    return build_model(cfg)
+    return tiny_uniter(tok)
 
 
 # ---------------------------------------------------------------- UNITER's step, in plain torch
