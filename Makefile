@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 export DS_ACCELERATOR ?= cpu
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo test test-fast install test-services clean
+.PHONY: demo demo-albef test test-fast install test-services clean
 
 $(STAMP): requirements.txt setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,12 @@ demo_data/train/manifest.json: | $(STAMP)
 
 demo: $(STAMP) demo_data/train/manifest.json
 	$(VENV)/bin/vlpt pretrain --config configs/pretrain/demo.yaml
+
+demo_pixels/train/manifest.json: | $(STAMP)
+	$(VENV)/bin/vlpt demo-data --pixels
+
+demo-albef: $(STAMP) demo_pixels/train/manifest.json
+	$(VENV)/bin/vlpt pretrain --config configs/pretrain/demo-albef.yaml
 
 # Best effort (root + apt-get): Slurm and munge for the Slurm job test, which skips without them.
 test-services:

@@ -16,7 +16,7 @@ from data.masking import mask_regions, mask_tokens
 from data.shards import RegionSample
 
 
-def _pad_text(id_lists: Sequence[np.ndarray], cls_id: int, sep_id: int, pad_id: int) -> np.ndarray:
+def pad_text(id_lists: Sequence[np.ndarray], cls_id: int, sep_id: int, pad_id: int) -> np.ndarray:
     """`[CLS] ids [SEP]` per row, right-padded with pad_id: [B, Lt] int64."""
     lt = max(len(ids) for ids in id_lists) + 2
     out = np.full((len(id_lists), lt), pad_id, dtype=np.int64)
@@ -59,7 +59,7 @@ def packed_layout(txt_lens: np.ndarray, num_bbs: np.ndarray, max_txt_len: int) -
 def _batch(text_ids: Sequence[np.ndarray], images: Sequence[RegionSample],
            samples: Sequence[RegionSample], tok, task: str) -> dict:
     """The keys every task shares; `images[i]` is the image paired with text i."""
-    input_ids = _pad_text(text_ids, tok.cls_id, tok.sep_id, tok.pad_id)  # [B, Lt]
+    input_ids = pad_text(text_ids, tok.cls_id, tok.sep_id, tok.pad_id)  # [B, Lt]
     txt_lens = np.array([len(ids) + 2 for ids in text_ids], dtype=np.int64)  # [B]
     feat, pos, num_bbs = _pad_images(images)
     attn, gather = packed_layout(txt_lens, num_bbs, input_ids.shape[1])
@@ -100,7 +100,7 @@ def collate_mlm(samples: Sequence[RegionSample], rng: np.random.Generator, tok, 
         masked.append(m)
         labels.append(lab)
     batch = _batch(masked, samples, samples, tok, "mlm")
-    txt_labels = _pad_text(labels, -1, -1, -1)  # [B, Lt]; CLS/SEP/pad are never targets
+    txt_labels = pad_text(labels, -1, -1, -1)  # [B, Lt]; CLS/SEP/pad are never targets
     rows, cols = np.nonzero(txt_labels != -1)  # host-side, row-major
     out_len = batch["attn_masks"].shape[1]
     batch["txt_labels"] = torch.from_numpy(txt_labels)

@@ -5,6 +5,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Optional
 
+from data.pixels import PixelConfig
 from data.storage import S3Options
 
 DATASET_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -53,7 +54,8 @@ class DataConfig:
     val_batch_size: int = 64
     """Samples per process per validation batch."""
     max_txt_len: int = 60
-    """Longest caption in word pieces, before [CLS]/[SEP]; longer ones are skipped (UNITER: 60)."""
+    """Longest caption in word pieces, before [CLS]/[SEP]. UNITER skips longer ones (60); ALBEF
+    truncates them (23, i.e. 25 tokens with [CLS]/[SEP])."""
     shuffle_buffer: int = 512
     """Samples a reader shuffles together (a block); 0 or 1 disables shuffling."""
     num_workers: int = 0
@@ -68,6 +70,8 @@ class DataConfig:
     s3: S3Options = field(default_factory=S3Options)
     """Endpoint, region, retries and timeouts for s3:// shard URLs; credentials come only from
     the standard AWS chain (environment, ~/.aws, instance role), never from this file."""
+    pixels: PixelConfig = field(default_factory=PixelConfig)
+    """ALBEF's image pipeline: training augmentation and the evaluation resize."""
     mlm_prob: float = 0.15
     """Probability a word piece is selected for MLM."""
     mrm_prob: float = 0.15

@@ -31,7 +31,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data.batching import SIZE_MULTIPLE, batch_schedule, batches_per_epoch, token_buckets
-from data.shards import RegionSample, decode_region_sample, iter_shard
+from data.shards import RegionSample, decode_pixel_sample, decode_region_sample, iter_shard
 from data.sources import DatasetShards, MixedSource, ShardSource, reader_share
 from data.storage import S3Options
 
@@ -72,12 +72,25 @@ class StreamSpec:
     s3: Optional[S3Options] = None
     epochs: Optional[int] = None
     """Stop after this many epochs (None: forever; training is driven by steps)."""
+    modality: str = "regions"
+    """"regions" (UNITER's region features, decoded to RegionSamples) or "pixels" (pictures,
+    decoded to PixelSamples that collate augments)."""
 
     def __post_init__(self) -> None:
         if self.parts < 1 or self.n_streams < 1 or self.batch_size < 1:
             raise ValueError("parts, n_streams and batch_size must be >= 1")
         if self.token_budget < 0:
             raise ValueError(f"data.token_budget must be >= 0, got {self.token_budget}")
+        if self.modality not in ("regions", "pixels"):
+            raise ValueError(f"modality must be 'regions' or 'pixels', got {self.modality!r}")
+        if self.modality == "pixels" and self.token_budget:
+            raise ValueError("token-budget batches need region counts; pixel batches have a fixed size")
+
+    def decode(self, raw: dict, tokenizer) -> tuple[Optional[object], Optional[str]]:
+        """(sample, None) or (None, skip reason) for one raw shard sample."""
+        if self.modality == "pixels":
+            return decode_pixel_sample(raw, tokenizer)
+        return decode_region_sample(raw, tokenizer, self.max_txt_len, self.img_dim)
 
     @property
     def n_readers(self) -> int:
@@ -182,7 +195,7 @@ class StreamReader:
 
     # ------------------------------------------------------------ blocks
     def _decode(self, raw: dict) -> Optional[RegionSample]:
-        sample, reason = decode_region_sample(raw, self.tok, self.spec.max_txt_len, self.spec.img_dim)
+        sample, reason = self.spec.decode(raw, self.tok)
         if sample is None:
             self._count_skip(reason)
         else:

@@ -69,3 +69,40 @@ def mask_regions(num_bb: int, rng: np.random.Generator, prob: float = 0.15) -> n
     if not mask.any():
         mask[int(rng.integers(num_bb))] = True
     return mask
+
+
+def mask_caption_tokens(
+    ids: np.ndarray,
+    attn: np.ndarray,
+    rng: np.random.Generator,
+    mask_id: int,
+    vocab_size: int,
+    prob: float = 0.15,
+) -> tuple[np.ndarray, np.ndarray]:
+    """ALBEF's MLM masking of a padded batch `[CLS] caption [SEP] [PAD]...` (DESIGN §4).
+
+    Every position but [PAD] (attn 0) and [CLS] (column 0) is selected with `prob`, [SEP]
+    included; a selected token becomes [MASK] (80%), a random id from the whole vocabulary
+    (10%) or stays (10%). No minimum: a caption may have no target, as in ALBEF.
+    Random-number order: `rng.random((B, L))` row-major, then `rng.integers(0, vocab_size,
+    size=K)` for the K random-branch positions, row-major.
+    Returns (masked ids [B, L] int64, labels [B, L] int64 with -1 off target).
+    """
+    ids = np.asarray(ids, dtype=np.int64)
+    if ids.ndim != 2 or ids.shape != np.shape(attn):
+        raise ValueError(f"ids and attn must be equal [B, L] arrays, got {ids.shape} and {np.shape(attn)}")
+    if not 0.0 < prob <= 1.0:
+        raise ValueError(f"mask probability must be in (0, 1], got {prob}")
+    u = rng.random(ids.shape)  # [B, L]
+    maskable = np.asarray(attn, dtype=bool).copy()
+    maskable[:, 0] = False  # [CLS]
+    selected = maskable & (u < prob)
+    branch = u / prob
+    masked = ids.copy()
+    masked[selected & (branch < 0.8)] = mask_id
+    to_random = selected & (branch >= 0.8) & (branch < 0.9)
+    n_random = int(to_random.sum())
+    if n_random:
+        masked[to_random] = rng.integers(0, vocab_size, size=n_random)
+    labels = np.where(selected, ids, -1)
+    return masked, labels

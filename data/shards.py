@@ -37,9 +37,12 @@ SKIP_REASONS = (
     "missing_npz", "bad_npz", "missing_field", "no_regions", "wrong_feature_dim",
     "bad_shape", "nonfinite_features", "caption_too_long", "corrupt_tar",
 )
-"""Why a sample was skipped. All but "corrupt_tar" are per sample (decode_region_sample);
+"""Why a region sample was skipped. All but "corrupt_tar" are per sample (decode_region_sample);
 "corrupt_tar" is counted once per unreadable shard read by the loader (the samples lost
 after the damage are not counted, being never seen)."""
+PIXEL_SKIP_REASONS = ("missing_json", "bad_json", "missing_image_id", "missing_caption", "empty_caption",
+                      "missing_image", "bad_image", "corrupt_tar")
+"""Why a picture sample was skipped (decode_pixel_sample; "corrupt_tar" as above)."""
 # webdataset's rule: key = everything up to the first dot of the basename.
 _KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
 
@@ -368,3 +371,40 @@ def decode_region_sample(
         soft_labels=arrays["soft_labels"].astype(np.float32),
     )
     return sample, None
+
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png")
+
+
+@dataclass
+class PixelSample:
+    """One decoded picture-caption pair; augmentation and tokenization happen in collate,
+    because a mirrored picture changes its caption ("left" <-> "right")."""
+
+    key: str
+    image_id: str
+    caption: str
+    image: Any
+    """PIL RGB image."""
+    dataset: str = ""
+
+
+def decode_pixel_sample(raw: dict, tokenizer) -> tuple[Optional[PixelSample], Optional[str]]:
+    """Decode a raw pixel-shard sample; (sample, None) or (None, reason from PIXEL_SKIP_REASONS).
+    Bad data never raises: an undecodable picture is "bad_image"."""
+    from data.pixels import decode_image
+
+    meta, reason = _decode_meta(raw)
+    if reason:
+        return None, reason
+    data = next((raw[ext] for ext in IMAGE_EXTENSIONS if raw.get(ext) is not None), None)
+    if data is None:
+        return None, "missing_image"
+    try:
+        image = decode_image(data)
+    except ValueError:
+        return None, "bad_image"
+    if not tokenizer.encode(meta["caption"]):  # e.g. only characters the normaliser drops
+        return None, "empty_caption"
+    key = str(raw.get("__key__", meta.get("caption_id", "")))
+    return PixelSample(key, meta["image_id"], meta["caption"], image), None

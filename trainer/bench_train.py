@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from trainer.config import Config
+from trainer.config_loader import ConfigError
 from trainer.engine import BatchLayout, batch_layout, build_engine, param_groups
 from trainer.models.bert import extended_attention_mask
 from trainer.steps import draw_task, train_step
@@ -252,6 +253,9 @@ def run_train_bench(cfg: Config, bench: TrainBenchConfig) -> dict:
     from trainer.objectives import build_objectives
     from data.tokenizer import load_tokenizer
 
+    if cfg.model.arch != "uniter":
+        raise ConfigError(f"vlpt bench train measures UNITER's step; model.arch={cfg.model.arch} is not "
+                          "benchmarked yet (time a `vlpt pretrain` run: its summary reports samples/s)")
     info = setup_distributed(cfg.parallel.backend, cfg.parallel.timeout_minutes)
     tok = load_tokenizer(cfg.data.vocab)
     img_dim = validate_against_data(cfg, tok)

@@ -6,6 +6,7 @@ Layout of `<run_dir>/checkpoints/`:
         trainer_state.json    step, data positions, MLflow run id (written last)
         config.yaml           the resolved config of the run
         rng_rank{r}.pt        torch / numpy / python RNG of rank r (tensors and ints only)
+        teacher.pt            ALBEF: the momentum model and its queues (the same on every rank)
     latest                    name of the newest complete checkpoint
 
 Every rank writes into `.tmp-step_00000400/`; once all files and then
@@ -32,6 +33,7 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
+from torch import nn
 
 from trainer.distributed import DistInfo, barrier
 
@@ -84,8 +86,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(engine, run_dir: str, step: int, trainer_state: dict, config_yaml: str,
-                    keep_last: int, dist_info: DistInfo) -> str:
-    """Collective: every rank calls it. Returns the checkpoint directory."""
+                    keep_last: int, dist_info: DistInfo, replicated: Optional[dict[str, nn.Module]] = None) -> str:
+    """Collective: every rank calls it. Returns the checkpoint directory.
+
+    `replicated`: modules outside the engine that every rank holds whole and alike (ALBEF's
+    teacher), saved once by rank 0 as `<name>.pt`."""
     root, tag = checkpoint_root(run_dir), step_tag(step)
     tmp, path = os.path.join(root, TMP_PREFIX + tag), os.path.join(root, tag)
     if dist_info.is_main:
@@ -93,6 +98,9 @@ def save_checkpoint(engine, run_dir: str, step: int, trainer_state: dict, config
     barrier()
     engine.save_checkpoint(root, tag=TMP_PREFIX + tag, save_latest=False)
     torch.save(rng_state(), os.path.join(tmp, f"rng_rank{dist_info.rank}.pt"))
+    if dist_info.is_main:
+        for name, module in (replicated or {}).items():
+            torch.save(module.state_dict(), os.path.join(tmp, f"{name}.pt"))
     barrier()
     if dist_info.is_main:
         _write_atomic(os.path.join(tmp, "config.yaml"), config_yaml)
@@ -202,15 +210,23 @@ def weights_only_checkpoint_engine(engine):
     return WeightsOnlyCheckpointEngine(engine._config)
 
 
-def load_checkpoint(engine, run_dir: str, tag: str, dist_info: DistInfo) -> dict:
-    """Collective. Restores engine state and returns the trainer state; RNG is
-    returned separately by `load_rng` so the caller restores it last."""
+def load_checkpoint(engine, run_dir: str, tag: str, dist_info: DistInfo,
+                    replicated: Optional[dict[str, nn.Module]] = None) -> dict:
+    """Collective. Restores engine state (and the `replicated` modules save_checkpoint
+    wrote) and returns the trainer state; RNG is returned separately by `load_rng` so the
+    caller restores it last."""
     root = checkpoint_root(run_dir)
     engine.checkpoint_engine = weights_only_checkpoint_engine(engine)
     loaded, _ = engine.load_checkpoint(root, tag=tag, load_optimizer_states=True,
                                        load_lr_scheduler_states=True)
     if loaded is None:
         raise ValueError(f"DeepSpeed could not load checkpoint {os.path.join(root, tag)}")
+    for name, module in (replicated or {}).items():
+        file = os.path.join(root, tag, f"{name}.pt")
+        if not os.path.isfile(file):
+            raise ValueError(f"checkpoint {os.path.join(root, tag)} has no {name}.pt: it was not written by a "
+                             f"run of this model; start a new train.run_dir")
+        module.load_state_dict(torch.load(file, map_location="cpu", weights_only=True))
     with open(os.path.join(root, tag, STATE_FILE)) as f:
         return json.load(f)
 

@@ -15,10 +15,13 @@ from data.config import DataConfig
 from trainer.config_loader import (
     ConfigError, apply_overrides, check_no_url_passwords, from_dict, load_yaml_with_includes, to_dict,
 )
-from trainer.models.config import ModelConfig
+from trainer.models.config import AlbefConfig, ModelConfig
 from trainer.objectives.itm import WraConfig
 
-KNOWN_TASKS = ("mlm", "itm", "itm-hard", "mrfr", "mrc", "mrc-kl")
+UNITER_TASKS = ("mlm", "itm", "itm-hard", "mrfr", "mrc", "mrc-kl")
+ALBEF_TASK = "albef"
+"""ALBEF's one task: ITC + hard-negative ITM + distilled MLM on every batch, summed."""
+KNOWN_TASKS = UNITER_TASKS + (ALBEF_TASK,)
 
 
 @dataclass(frozen=True)
@@ -150,7 +153,8 @@ class TrackingConfig:
 
 @dataclass(frozen=True)
 class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelConfig | AlbefConfig = field(default_factory=ModelConfig)
+    """`arch: uniter` (default) or `arch: albef` picks the section's fields."""
     data: DataConfig = field(default_factory=DataConfig)
     tasks: dict[str, float] = field(default_factory=lambda: {"mlm": 1.0, "itm": 1.0})
     """Task mix: one task per optimizer step, drawn with probability proportional to its ratio."""
@@ -166,6 +170,28 @@ class Config:
         _check_task_ratios("tasks", self.tasks, allow_empty=bool(self.data.datasets))
         for d in self.data.datasets:
             _check_task_ratios(f"data.datasets.{d.name}.tasks", d.tasks or self.tasks, allow_empty=False)
+        if self.model.arch == "albef":
+            _check_albef(self)
+        elif any(ALBEF_TASK in mix for mix in [self.tasks] + [d.tasks for d in self.data.datasets]):
+            raise ValueError(f"task {ALBEF_TASK!r} needs model.arch=albef; UNITER's tasks are "
+                             f"{', '.join(UNITER_TASKS)}")
+
+
+def _check_albef(cfg: "Config") -> None:
+    mixes = [("tasks", cfg.tasks)] + [(f"data.datasets.{d.name}.tasks", d.tasks) for d in cfg.data.datasets]
+    for where, mix in mixes:
+        if mix and set(mix) != {ALBEF_TASK}:
+            raise ValueError(f"model.arch=albef trains ITC, ITM and MLM together as one task: set "
+                             f"{where} to {{{ALBEF_TASK}: 1}}, got {dict(mix)}")
+    if cfg.data.pixels.image_size != cfg.model.image_size:
+        raise ValueError(f"data.pixels.image_size={cfg.data.pixels.image_size} must equal "
+                         f"model.image_size={cfg.model.image_size}")
+    if cfg.data.token_budget:
+        raise ValueError("data.token_budget batches are for UNITER; ALBEF batches have a fixed size "
+                         "(the queue advances by the global batch): set data.token_budget=0")
+    if cfg.data.max_txt_len + 2 > cfg.model.max_position_embeddings:
+        raise ValueError(f"data.max_txt_len={cfg.data.max_txt_len} + [CLS]/[SEP] exceeds "
+                         f"model.max_position_embeddings={cfg.model.max_position_embeddings}")
 
 
 def _check_task_ratios(where: str, ratios: dict[str, float], allow_empty: bool) -> None:
@@ -200,6 +226,6 @@ def save_config(cfg: Config, path: str) -> None:
 
 
 __all__ = [
-    "Config", "ConfigError", "DataConfig", "ModelConfig", "OptimConfig", "ParallelConfig",
+    "AlbefConfig", "Config", "ConfigError", "DataConfig", "ModelConfig", "OptimConfig", "ParallelConfig",
     "PrecisionConfig", "TrackingConfig", "TrainConfig", "load_config", "save_config", "config_to_yaml",
 ]

@@ -13,7 +13,7 @@ import difflib
 import os
 import re
 import types
-from typing import Any, Literal, Mapping, Union, get_args, get_origin, get_type_hints
+from typing import Any, Literal, Mapping, Optional, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -126,6 +126,9 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
         args = get_args(tp)
         if value is None and type(None) in args:
             return None
+        chosen = _by_discriminator(args, value, path)
+        if chosen is not None:
+            return from_dict(chosen, value, path)
         errors = []
         for arg in (a for a in args if a is not type(None)):
             try:
@@ -149,6 +152,29 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
         _, val_tp = get_args(tp)
         return {str(k): _convert(val_tp, v, f"{path}.{k}") for k, v in value.items()}
     return _convert_scalar(tp, value, path)
+
+
+DISCRIMINATOR = "arch"
+
+
+def _by_discriminator(args: tuple, value: Any, path: str) -> Optional[type]:
+    """For a union of config sections told apart by their `arch` (model: uniter | albef),
+    the one `value` names (absent: the first); None when `args` is not such a union."""
+    options = [a for a in args if a is not type(None)]
+    if not (options and all(dataclasses.is_dataclass(a) for a in options)):
+        return None
+    names = {}
+    for option in options:
+        field = {f.name: f for f in dataclasses.fields(option)}.get(DISCRIMINATOR)
+        if field is None:
+            return None
+        names[field.default] = option
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{path or 'config'}: expected a mapping, got {value!r}")
+    name = value.get(DISCRIMINATOR, next(iter(names)))
+    if name not in names:
+        raise ConfigError(f"{_join(path, DISCRIMINATOR)}: {name!r} is not one of {list(names)}")
+    return names[name]
 
 
 def _convert_scalar(tp: Any, value: Any, path: str) -> Any:

@@ -94,6 +94,19 @@ def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def all_gather_varying_rows(t: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """[n_r, ...] of every rank (n_r may differ), concatenated in rank order, and the n_r.
+    One small all-gather of the counts (a host sync), then one of the padded rows."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return t.detach(), [t.size(0)]
+    sizes = all_gather_rows(torch.tensor([t.size(0)], device=t.device)).tolist()
+    most = max(sizes)
+    padded = torch.zeros((most, *t.shape[1:]), dtype=t.dtype, device=t.device)
+    padded[:t.size(0)] = t.detach()
+    rows = all_gather_rows(padded)  # [world * most, ...]
+    return torch.cat([rows[r * most:r * most + n] for r, n in enumerate(sizes)]), sizes
+
+
 def all_gather_objects(obj: Any) -> list[Any]:
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return [obj]

@@ -13,22 +13,27 @@ from typing import Optional
 import torch
 
 from data.collate import collate_itm, collate_itm_hard, collate_mlm, collate_mrm
+from data.collate_albef import collate_albef
 from data.loader import ResumableTaskLoader, StreamSpec, TaskBatches, add_counts, merge_states, validation_batches
-from data.shards import read_manifest
+from data.shards import FORMAT, PIXEL_FORMAT, read_manifest
 from data.sources import DatasetShards
 from data.storage import is_s3
 from data.tokenizer import load_tokenizer
 from trainer import checkpoint as ckpt
+from trainer.albef_step import albef_train_step
 from trainer.config import Config, config_to_yaml
 from trainer.config_loader import ConfigError, flatten, to_dict
 from trainer.checkpoint_s3 import download_checkpoint, remote_latest, upload_checkpoint
 from trainer.distributed import DistInfo, all_gather_objects, barrier, setup_distributed
 from trainer.engine import BatchLayout, batch_layout, build_engine
 from trainer.errors import RunAborted, RunStopped
+from trainer.models.albef import AlbefTeacher
 from trainer.models.pretrain import build_model
 from trainer.objectives import build_objectives
+from trainer.objectives.albef import alpha_at
 from trainer.preemption import StopRequest
 from trainer.progress import Progress
+from trainer.retrieval import load_retrieval_set, retrieval_metrics
 from trainer.steps import draw_task, evaluate, train_step
 from trainer.task_mix import mix_ratios, task_mix, task_of
 from trainer.summary import mlm_loss_drop, print_summary
@@ -131,8 +136,8 @@ def check_inputs(cfg: Config) -> None:
     for d in dataset_dirs(cfg):
         if not is_s3(d.path):  # remote manifests are checked when read
             need[d.where] = os.path.join(d.path, "manifest.json")
-    for key in ("init_from_bert", "init_from_uniter"):
-        if getattr(cfg.model, key):
+    for key in ("init_from_bert", "init_from_uniter", "init_from_vit"):
+        if getattr(cfg.model, key, None):
             need[f"model.{key}"] = getattr(cfg.model, key)
     for key, path in need.items():
         if not os.path.exists(path):
@@ -157,8 +162,20 @@ def dataset_dirs(cfg: Config) -> list[DatasetDir]:
     return [DatasetDir(where, path) for where, path in named if path]
 
 
+def is_albef(cfg: Config) -> bool:
+    return cfg.model.arch == "albef"
+
+
+def shard_format(cfg: Config) -> str:
+    """ALBEF reads pictures, UNITER region features."""
+    return PIXEL_FORMAT if is_albef(cfg) else FORMAT
+
+
 def collate_for(task: str, cfg: Config, tok):
     """(samples, rng) -> batch for `task`; a partial, so DataLoader workers can pickle it."""
+    if task == "albef":
+        return functools.partial(collate_albef, tok=tok, pixels=cfg.data.pixels, max_txt_len=cfg.data.max_txt_len,
+                                 mlm_prob=cfg.data.mlm_prob)
     if task == "mlm":
         return functools.partial(collate_mlm, tok=tok, mlm_prob=cfg.data.mlm_prob)
     if task == "itm":
@@ -179,14 +196,14 @@ def build_train_loaders(cfg: Config, tok, layout: BatchLayout, rank: int, positi
     for entry in task_mix(cfg):
         datasets = []
         for source in entry.sources:
-            manifest = read_manifest(source.train, s3=d.s3)
+            manifest = read_manifest(source.train, shard_format(cfg), s3=d.s3)
             datasets.append(DatasetShards(source.name, tuple(manifest.shards), tuple(manifest.counts),
                                           source.weight))
         spec = StreamSpec(datasets=tuple(datasets), task=entry.key, seed=cfg.train.seed,
                           n_streams=layout.n_streams, batch_size=layout.micro_batch_size,
                           shuffle_buffer=d.shuffle_buffer, max_txt_len=d.max_txt_len, img_dim=img_dim,
                           parts=max(1, d.num_workers), resampled=d.resampled, token_budget=d.token_budget,
-                          s3=d.s3)
+                          s3=d.s3, modality="pixels" if is_albef(cfg) else "regions")
         try:
             dataset = TaskBatches(spec, tok, collate_for(entry.task, cfg, tok), mine, positions.get(entry.key))
         except ValueError as e:  # positions that do not fit this run: one line, exit 2
@@ -204,21 +221,27 @@ def build_val_batches(cfg: Config, tok, info: DistInfo, img_dim: int) -> dict[st
 
 
 def validate_against_data(cfg: Config, tok) -> int:
+    """Check the vocabulary and every manifest against the model; returns the region
+    feature width (0 for ALBEF's pixels)."""
     if tok.vocab_size != cfg.model.vocab_size:
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} but {cfg.data.vocab} has "
                           f"{tok.vocab_size} tokens; set model.vocab_size={tok.vocab_size}")
     for d in dataset_dirs(cfg):
         try:
-            manifest = read_manifest(d.path, s3=cfg.data.s3)
+            manifest = read_manifest(d.path, shard_format(cfg), s3=cfg.data.s3)
         except ValueError as e:  # missing, unreadable or invalid: one line naming the key
-            raise ConfigError(f"{d.where}: {e}") from None
+            hint = (" (model.arch=albef reads picture shards: `vlpt demo-data --pixels`, `vlpt shards coco`)"
+                    if is_albef(cfg) and "format" in str(e) else "")
+            raise ConfigError(f"{d.where}: {e}{hint}") from None
+        if is_albef(cfg):
+            continue
         if manifest.img_dim != cfg.model.img_dim:
             raise ConfigError(f"model.img_dim={cfg.model.img_dim} but {d.where}={d.path} has "
                               f"{manifest.img_dim}-d region features")
         if manifest.label_dim != cfg.model.img_label_dim:
             raise ConfigError(f"model.img_label_dim={cfg.model.img_label_dim} but {d.where}={d.path} "
                               f"has {manifest.label_dim} soft-label classes")
-    return cfg.model.img_dim
+    return 0 if is_albef(cfg) else cfg.model.img_dim
 
 
 def setup_logging(info: DistInfo) -> None:
@@ -269,13 +292,17 @@ def pretrain(cfg: Config) -> dict:
 
     torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
     model = build_model(cfg.model)
-    model.objectives = build_objectives(cfg.wra)
     layout = batch_layout(cfg.optim, cfg.data.micro_batch_size, info.world_size)
+    replicated = {}
+    if is_albef(cfg):
+        replicated["teacher"] = build_teacher(model, layout, info.device)
+    else:
+        model.objectives = build_objectives(cfg.wra)
     total_steps = cfg.optim.total_steps or cfg.train.max_steps
     engine, _ = build_engine(model, cfg.optim, cfg.parallel, cfg.precision, layout, total_steps,
                              info.device)
 
-    state, rng = resume(cfg, engine, run_dir, info)
+    state, rng = resume(cfg, engine, run_dir, info, replicated)
     loaders = build_train_loaders(cfg, tok, layout, info.rank, state.positions, img_dim)
     tracker = Tracker(cfg.tracking, run_dir, enabled=info.is_main, resume_run_id=state.mlflow_run_id)
     if info.is_main and state.mlflow_run_id is None:
@@ -287,10 +314,38 @@ def pretrain(cfg: Config) -> dict:
     torch.manual_seed(cfg.train.seed * 1000 + info.rank + 1)
     if rng is not None:
         ckpt.set_rng_state(rng)
-    return run_training(cfg, info, engine, loaders, layout, tracker, state, tok, img_dim, config_yaml)
+    step_fn = make_step_fn(cfg, engine, loaders, layout, info, replicated.get("teacher"))
+    return run_training(cfg, info, engine, loaders, layout, tracker, state, tok, img_dim, config_yaml,
+                        step_fn, replicated)
 
 
-def resume(cfg: Config, engine, run_dir: str, info: DistInfo) -> tuple[RunState, Optional[dict]]:
+def build_teacher(model, layout: BatchLayout, device: torch.device) -> AlbefTeacher:
+    """ALBEF's momentum model and queues, copied from the student before the engine wraps it."""
+    teacher = AlbefTeacher(model)
+    try:
+        teacher.queues.check_batch(layout.global_batch_size)
+    except ValueError as e:
+        raise ConfigError(f"model.queue_size: {e}") from None
+    return teacher.to(device)
+
+
+def make_step_fn(cfg: Config, engine, loaders: dict, layout: BatchLayout, info: DistInfo,
+                 teacher: Optional[AlbefTeacher]):
+    """(state, mix key) -> StepStats of one optimizer step."""
+    if teacher is None:
+        return lambda state, key: train_step(engine, loaders[key], task_of(key), layout, info.device)
+    warmup = cfg.model.alpha_warmup_steps
+    if warmup is None:  # one epoch of the training data, as ALBEF
+        samples = sum(loader.dataset.spec.total_samples for loader in loaders.values())
+        warmup = -(-samples // layout.global_batch_size)
+    return lambda state, key: albef_train_step(
+        engine, teacher, loaders[key], layout, info.device, step=state.step, seed=cfg.train.seed,
+        alpha=alpha_at(cfg.model.alpha, state.step, warmup), precision=cfg.precision.dtype,
+        update_teacher=state.nonfinite_in_a_row == 0)
+
+
+def resume(cfg: Config, engine, run_dir: str, info: DistInfo,
+           replicated: Optional[dict] = None) -> tuple[RunState, Optional[dict]]:
     """Collective. The run state and this rank's RNG from the latest checkpoint (fetched from
     train.checkpoint_s3 first when run_dir has none), or a fresh state and None."""
     if not cfg.train.resume:
@@ -301,7 +356,7 @@ def resume(cfg: Config, engine, run_dir: str, info: DistInfo) -> tuple[RunState,
         tag = ckpt.latest_tag(run_dir)
         if not tag:
             return RunState(), None
-        saved = ckpt.load_checkpoint(engine, run_dir, tag, info)
+        saved = ckpt.load_checkpoint(engine, run_dir, tag, info, replicated)
     except ValueError as e:  # an unreadable or unsafe checkpoint: one line, exit 2
         raise ConfigError(str(e)) from None
     run_id = saved.get("mlflow_run_id")
@@ -327,7 +382,8 @@ def fetch_from_s3(cfg: Config, run_dir: str) -> bool:
     return True
 
 
-def run_training(cfg, info, engine, loaders, layout, tracker, state, tok, img_dim, config_yaml) -> dict:
+def run_training(cfg, info, engine, loaders, layout, tracker, state, tok, img_dim, config_yaml, step_fn,
+                 replicated: dict) -> dict:
     run_dir = os.path.abspath(cfg.train.run_dir)
     last_step = min(cfg.train.max_steps, cfg.train.stop_after_steps or cfg.train.max_steps)
     progress = Progress(enabled=info.is_main, start=state.step, total=cfg.train.max_steps,
@@ -337,7 +393,7 @@ def run_training(cfg, info, engine, loaders, layout, tracker, state, tok, img_di
     try:
         while state.step < last_step:
             key = draw_task(cfg.train.seed, state.step, ratios)
-            result = train_step(engine, loaders[key], task_of(key), layout, info.device)
+            result = step_fn(state, key)
             state.step += 1
             state.task_counts[key] = state.task_counts.get(key, 0) + 1
             stats = count_nonfinite(cfg, state, result, key, tracker, progress)
@@ -349,9 +405,9 @@ def run_training(cfg, info, engine, loaders, layout, tracker, state, tok, img_di
             if cfg.train.val_every and state.step % cfg.train.val_every == 0 and state.step < last_step:
                 run_validation(cfg, info, engine, tok, img_dim, tracker, progress, state.step)
             if cfg.train.save_every and state.step % cfg.train.save_every == 0 and state.step < last_step:
-                save(cfg, info, engine, loaders, state, tracker, config_yaml)
+                save(cfg, info, engine, loaders, state, tracker, config_yaml, replicated)
             if stop.any_rank(info.device):
-                save_and_stop(cfg, info, engine, loaders, state, tracker, config_yaml, progress, stop)
+                save_and_stop(cfg, info, engine, loaders, state, tracker, config_yaml, progress, stop, replicated)
     finally:
         stop.uninstall()
     elapsed = time.time() - t0
@@ -359,7 +415,7 @@ def run_training(cfg, info, engine, loaders, layout, tracker, state, tok, img_di
     check_data(cfg, counts, tracker, progress, state.step)
     progress.close()
     val_metrics = run_validation(cfg, info, engine, tok, img_dim, tracker, progress, state.step)
-    path = save(cfg, info, engine, loaders, state, tracker, config_yaml)
+    path = save(cfg, info, engine, loaders, state, tracker, config_yaml, replicated)
     summary = {"steps": state.step, "steps_this_run": state.step - start_step, "seconds": elapsed,
                "samples_per_s": (state.step - start_step) * layout.global_batch_size / max(elapsed, 1e-9),
                "checkpoint": path, "mlflow_run_id": tracker.run_id, "mlflow_ui": tracker.ui_command(),
@@ -408,10 +464,11 @@ def count_nonfinite(cfg, state: RunState, result, key: str, tracker, progress) -
     return {}
 
 
-def save_and_stop(cfg, info, engine, loaders, state, tracker, config_yaml, progress, stop: StopRequest) -> None:
+def save_and_stop(cfg, info, engine, loaders, state, tracker, config_yaml, progress, stop: StopRequest,
+                  replicated: dict) -> None:
     """A rank got SIGTERM / SIGINT: checkpoint this step on every rank, then end the run."""
     progress.close()
-    path = save(cfg, info, engine, loaders, state, tracker, config_yaml)
+    path = save(cfg, info, engine, loaders, state, tracker, config_yaml, replicated)
     tracker.finish("KILLED")
     raise RunStopped(f"stopped by {stop.name} after step {state.step}; checkpoint {path}; the same command "
                      "resumes from it", stop.exit_code)
@@ -430,16 +487,33 @@ def check_data(cfg, counts: DataCounts, tracker, progress, step: int) -> None:
 
 
 def run_validation(cfg, info, engine, tok, img_dim, tracker, progress, step) -> dict:
-    batches = build_val_batches(cfg, tok, info, img_dim)
-    if not batches:
+    if is_albef(cfg):
+        metrics = albef_validation(cfg, info, engine, tok)
+    else:
+        batches = build_val_batches(cfg, tok, info, img_dim)
+        metrics = evaluate(engine, batches, info.device) if batches else {}
+    if not metrics:
         return {}
-    metrics = evaluate(engine, batches, info.device)
     tracker.log_metrics(metrics, step)
     progress.write("validation @ step %d: %s" % (step, "  ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items()))))
     return metrics
 
 
-def save(cfg, info, engine, loaders, state, tracker, config_yaml) -> str:
+def albef_validation(cfg, info, engine, tok) -> dict[str, float]:
+    """Retrieval (ITC top-k re-scored by ITM) on each held-out split; keys `val/<key>_t2i_r1`."""
+    metrics = {}
+    for entry in task_mix(cfg):
+        for key, source in entry.val_keys():
+            data = load_retrieval_set(read_manifest(source.val, PIXEL_FORMAT, s3=cfg.data.s3).shards, tok,
+                                      cfg.data.max_txt_len, cfg.data.s3)
+            found = retrieval_metrics(engine, data, cfg.data.pixels, k=cfg.model.k_test,
+                                      batch_size=cfg.data.val_batch_size, device=info.device, rank=info.rank,
+                                      world=info.world_size)
+            metrics.update({f"val/{key}_{k}": v for k, v in found.items()})
+    return metrics
+
+
+def save(cfg, info, engine, loaders, state, tracker, config_yaml, replicated: dict) -> str:
     # Each rank knows only its own streams' positions: gather them into one global map.
     gathered = all_gather_objects({t: l.state_dict() for t, l in loaders.items()})
     positions = {task: merge_states([per_rank[task] for per_rank in gathered]) for task in loaders}
@@ -449,7 +523,7 @@ def save(cfg, info, engine, loaders, state, tracker, config_yaml) -> str:
                      "data_skipped": counts.skipped, "data_seen": counts.seen,
                      "nonfinite_steps": state.nonfinite_steps, "nonfinite_in_a_row": state.nonfinite_in_a_row}
     path = ckpt.save_checkpoint(engine, os.path.abspath(cfg.train.run_dir), state.step, trainer_state,
-                                config_yaml, cfg.train.keep_last, info)
+                                config_yaml, cfg.train.keep_last, info, replicated)
     if info.is_main and cfg.train.checkpoint_s3:
         upload_checkpoint(os.path.dirname(path), os.path.basename(path), cfg.train.checkpoint_s3, cfg.data.s3,
                           cfg.train.keep_last)

@@ -49,6 +49,18 @@ def validation_trend(metrics_path: str) -> dict[str, tuple[float, float]]:
     return {k: (first[k], last[k]) for k in sorted(last) if k in first}
 
 
+def retrieval_lines(summary: dict) -> list[str]:
+    """ALBEF's final held-out retrieval, one line per split and direction."""
+    lines = []
+    for key in sorted(k for k in summary if k.startswith("val/") and k.endswith("_t2i_r1")):
+        split = key[len("val/"):-len("_t2i_r1")]
+        for direction, name in (("t2i", "text->image"), ("i2t", "image->text")):
+            r = [summary[f"val/{split}_{direction}_r{at}"] for at in (1, 5, 10)]
+            lines.append(f"retrieval {name:<12}R@1 {r[0]:.1f}%  R@5 {r[1]:.1f}%  R@10 {r[2]:.1f}%  ({split})")
+        lines.append(f"  text->image R@1 by chance {summary[f'val/{split}_t2i_r1_chance']:.2f}%")
+    return lines
+
+
 def print_summary(summary: dict, run_dir: str) -> None:
     lines = ["", "=" * 72, "vlpt pretrain: done", "=" * 72,
              f"steps             {summary['steps']} ({summary['steps_this_run']} this run, "
@@ -62,6 +74,7 @@ def print_summary(summary: dict, run_dir: str) -> None:
         reasons = ", ".join(f"{k}={v:,}" for k, v in summary["data_skipped"].items())
         lines.append(f"bad samples       {sum(summary['data_skipped'].values()):,} of {summary['data_seen']:,} "
                      f"skipped ({summary['data_skipped_per_1000']:.1f} per 1,000): {reasons}")
+    lines += retrieval_lines(summary)
     trend = validation_trend(os.path.join(run_dir, "metrics.jsonl"))
     if trend:
         lines.append("held-out          first validation -> last")

@@ -39,7 +39,7 @@ def itc_sequence(rank: int, world: int):
             torch.distributed.all_reduce(mean)
             mean /= world
         losses.append(mean.item())
-        queues.push(img_m, txt_m)
+        queues.push(img_m_all, txt_m_all)  # the trainer pushes the gathered global batch
     # Plain lists: tensors would cross to the parent as shared memory of a process that has exited.
     return losses, queues.image_queue.tolist(), queues.text_queue.tolist(), int(queues.ptr)
 

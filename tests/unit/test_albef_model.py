@@ -1,11 +1,14 @@
-"""The ALBEF model (tiny): shapes, the three losses, gradients where they belong, the teacher
-(an exact copy at start, moved only by the EMA) and its queue push."""
+"""The ALBEF student and teacher (tiny): the teacher starts as an fp32 copy without the
+temperature and ITM head, the three losses come as sums with their term counts, gradients
+reach what they should and never the teacher, the EMA follows its formula, and the
+retrieval tasks give normalised features and match logits."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from trainer.models.albef import Albef, AlbefConfig
+from trainer.models.albef import EMBED_TASK, ITM_SCORE_TASK, Albef, AlbefTeacher, TeacherTargets
+from trainer.models.config import AlbefConfig
 
 TINY = AlbefConfig(vocab_size=50, hidden_size=32, num_attention_heads=2, intermediate_size=64, text_layers=1,
                    fusion_layers=1, max_position_embeddings=16, hidden_dropout_prob=0.0,
@@ -28,45 +31,90 @@ def tiny_batch(b: int = 4, length: int = 6) -> dict:
             "mlm_targets": ids[positions[:, 0], positions[:, 1]], "image_ids": torch.tensor([0, 1, 0, 2])}
 
 
-def test_teacher_starts_as_a_copy_and_is_not_trained():
-    torch.manual_seed(0)
-    model = Albef(TINY)
-    for name in Albef.MOMENTUM:
-        student, teacher = getattr(model, name).state_dict(), model.momentum[name].state_dict()
-        assert student.keys() == teacher.keys() and all(torch.equal(student[k], teacher[k]) for k in student)
-    assert not any(p.requires_grad for p in model.momentum.parameters())
-    assert "itm_head.weight" not in {f"{n}" for n, _ in model.momentum.named_parameters()}
-    assert {"queues.image_queue", "queues.text_queue", "queues.ptr"} <= set(model.state_dict())
+def targets(teacher: AlbefTeacher, batch: dict, alpha: float = 0.4) -> TeacherTargets:
+    image_m, image_feat_m, text_feat_m = teacher.encode(batch)
+    return TeacherTargets(image_feat_m, text_feat_m, teacher.queues.image_queue, teacher.queues.text_queue,
+                          offset=0, mlm_logits_m=teacher.mlm_logits(batch, image_m), alpha=alpha, negatives_seed=3)
 
 
-def test_forward_gives_three_finite_losses_and_gradients_where_they_belong():
+def test_teacher_starts_as_an_fp32_copy_and_is_not_trained():
     torch.manual_seed(0)
     model = Albef(TINY)
+    teacher = AlbefTeacher(model)
+    for name in Albef.TEACHER_PARTS:
+        student, copy = getattr(model, name).state_dict(), getattr(teacher, name).state_dict()
+        assert student.keys() == copy.keys() and all(torch.equal(student[k], copy[k]) for k in student)
+    assert not any(p.requires_grad for p in teacher.parameters())
+    names = set(teacher.state_dict())
+    assert not any(n.startswith(("itm_head", "temp")) for n in names)
+    assert {"queues.image_queue", "queues.text_queue", "queues.ptr"} <= names
+    assert "text_encoder.cls.predictions.bias" in names  # the MLM head is distilled from
+
+
+def test_losses_are_sums_with_their_counts_and_gradients_reach_the_student_only():
+    torch.manual_seed(0)
+    model = Albef(TINY)
+    teacher = AlbefTeacher(model)
     batch = tiny_batch()
-    result = model(batch, alpha=0.4)
-    stats = {k: v.item() / 4 for k, v in result.stats.items()}
-    assert stats["loss"] == pytest.approx(stats["itc"] + stats["itm"] + stats["mlm"], rel=1e-5)
-    assert all(torch.isfinite(torch.tensor(v)) for v in stats.values())
-    image_m, text_m = result.momentum_features
-    assert image_m.shape == text_m.shape == (4, 16) and not image_m.requires_grad
+    result = model(batch, "albef", targets(teacher, batch))
+    assert {k: int(v) for k, v in result.counts.items()} == {"itc": 4, "itm": 12, "itm_acc": 12, "mlm": 4,
+                                                              "temp": 4}
+    torch.testing.assert_close(result.loss_sum, sum(result.losses.values()))
+    assert result.stats["temp"].item() / 4 == pytest.approx(0.07)
+    assert all(torch.isfinite(v) for v in result.losses.values())
     result.loss_sum.backward()
     for name in ("temp", "itm_head.weight", "vision_proj.weight", "text_proj.weight",
                  "text_encoder.fusion.0.crossattention.self.key.weight", "text_encoder.cls.predictions.bias"):
         grad = dict(model.named_parameters())[name].grad
         assert grad is not None and grad.abs().sum() > 0, name
-    assert all(p.grad is None for p in model.momentum.parameters())
+    assert all(p.grad is None for p in teacher.parameters())
 
 
-def test_ema_moves_the_teacher_towards_the_student_and_the_queue_takes_the_features():
+def test_the_same_negatives_seed_draws_the_same_negatives():
     torch.manual_seed(0)
     model = Albef(TINY)
+    teacher = AlbefTeacher(model)
+    batch = tiny_batch()
+    a, b = (model(batch, "albef", targets(teacher, batch)).losses["itm"] for _ in range(2))
+    assert torch.equal(a, b)
+
+
+def test_a_batch_without_masked_tokens_has_a_zero_mlm_loss():
+    torch.manual_seed(0)
+    model = Albef(TINY)
+    teacher = AlbefTeacher(model)
+    batch = tiny_batch()
+    batch.update(mlm_index=batch["mlm_index"][:0], mlm_targets=batch["mlm_targets"][:0],
+                 mlm_input_ids=batch["input_ids"])
+    result = model(batch, "albef", targets(teacher, batch))
+    assert result.losses["mlm"].item() == 0.0 and int(result.counts["mlm"]) == 0
+    result.loss_sum.backward()  # still one graph over every parameter
+
+
+def test_ema_moves_the_teacher_towards_the_student():
+    torch.manual_seed(0)
+    model = Albef(TINY)
+    teacher = AlbefTeacher(model)
     with torch.no_grad():
         model.vision_proj.weight.add_(1.0)
-    before = model.momentum["vision_proj"].weight.clone()
-    model.update_momentum()
+    before = teacher.vision_proj.weight.clone()
+    teacher.update(model)
     want = before * 0.995 + model.vision_proj.weight.detach() * 0.005
-    torch.testing.assert_close(model.momentum["vision_proj"].weight.detach(), want, rtol=1e-6, atol=1e-7)
-    result = model(tiny_batch(), alpha=0.0)
-    model.queues.push(*result.momentum_features)
-    assert torch.equal(model.queues.image_queue[:, :4], result.momentum_features[0].t())
-    assert int(model.queues.ptr) == 4
+    torch.testing.assert_close(teacher.vision_proj.weight.detach(), want, rtol=1e-6, atol=1e-7)
+
+
+def test_retrieval_tasks():
+    torch.manual_seed(0)
+    model = Albef(TINY).eval()
+    batch = tiny_batch()
+    out = model({k: batch[k] for k in ("pixels", "input_ids", "attn_mask")}, EMBED_TASK)
+    assert out["image_feat"].shape == out["text_feat"].shape == (4, 16)
+    torch.testing.assert_close(out["image_feat"].norm(dim=1), torch.ones(4))
+    assert out["image_tokens"].shape == (4, 5, 24) and out["text_states"].shape == (4, 6, 32)
+    scores = model({"text_states": out["text_states"], "attn_mask": batch["attn_mask"],
+                    "image_tokens": out["image_tokens"]}, ITM_SCORE_TASK)
+    assert scores.shape == (4,)
+    with pytest.raises(ValueError, match="needs the teacher"):
+        model(batch, "albef")
+    with pytest.raises(ValueError, match="unknown ALBEF task"):
+        model(batch, "mlm")

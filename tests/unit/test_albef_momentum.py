@@ -37,4 +37,23 @@ def test_queue_push_writes_in_order_and_wraps_without_host_sync():
 def test_queue_size_must_divide_by_the_global_batch():
     queues = FeatureQueues(dim=4, size=10)
     with pytest.raises(ValueError, match="multiple of the global batch 4"):
-        queues.push(torch.randn(4, 4), torch.randn(4, 4))
+        queues.check_batch(4)
+    queues.check_batch(5)
+
+
+def test_a_batch_shortened_by_bad_samples_wraps_around():
+    queues = FeatureQueues(dim=2, size=4)
+    queues.push(torch.ones(3, 2), torch.ones(3, 2))
+    queues.push(torch.full((3, 2), 2.0), torch.full((3, 2), 2.0))  # slots 3, 0, 1
+    assert queues.image_queue[0].tolist() == [2.0, 2.0, 1.0, 2.0] and int(queues.ptr) == 2
+    with pytest.raises(ValueError, match="does not fit a queue of 4"):
+        queues.push(torch.ones(5, 2), torch.ones(5, 2))
+
+
+def test_ema_of_a_bf16_student_into_an_fp32_teacher():
+    student, teacher = nn.Linear(3, 3).to(torch.bfloat16), nn.Linear(3, 3)
+    before = teacher.weight.detach().clone()
+    ema_update([(student, teacher)], 0.9)
+    assert teacher.weight.dtype == torch.float32
+    want = before * 0.9 + student.weight.detach().float() * 0.1
+    torch.testing.assert_close(teacher.weight.detach(), want, rtol=1e-6, atol=1e-7)

@@ -1,5 +1,6 @@
 """Config flow: YAML + include → typed frozen dataclasses → dotted overrides."""
 import dataclasses
+import re
 
 import pytest
 
@@ -116,3 +117,38 @@ def test_url_with_a_password_is_refused_by_any_config_load(tmp_path):
         load_config(write(tmp_path, "d.yaml", "{}"), ["--data.s3.endpoint_url=http://a:b@minio:9000"])
     plain = write(tmp_path, "e.yaml", "tracking:\n  uri: http://mlflow:5000\n")
     assert load_config(plain).tracking.uri == "http://mlflow:5000"
+
+
+def test_model_arch_picks_the_section_type(tmp_path):
+    from trainer.models.config import AlbefConfig, ModelConfig
+
+    assert isinstance(load_config(write(tmp_path, "u.yaml", "model:\n  hidden_size: 64\n  num_attention_heads: 4\n")).model,
+                      ModelConfig)
+    cfg = load_config("configs/pretrain/demo-albef.yaml", ["--model.k_test=8"])
+    assert isinstance(cfg.model, AlbefConfig) and cfg.model.k_test == 8 and cfg.tasks == {"albef": 1.0}
+    assert load_config(write(tmp_path, "r.yaml", config_to_yaml_text(cfg))) == cfg  # the saved config reloads
+
+
+def config_to_yaml_text(cfg) -> str:
+    from trainer.config import config_to_yaml
+
+    return config_to_yaml(cfg)
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["--model.arch=clip"], "model.arch: 'clip' is not one of ['uniter', 'albef']"),
+    (["--model.img_dim=16"], "unknown config key 'model.img_dim'"),  # a UNITER key in an ALBEF section
+    (["--tasks={mlm: 1}"], "set tasks to {albef: 1}"),
+    (["--data.pixels.image_size=64"], "data.pixels.image_size=64 must equal model.image_size=96"),
+    (["--data.token_budget=4096"], "data.token_budget"),
+    (["--model.image_size=100"], "multiple of model.patch_size"),
+    (["--model.momentum=1.0"], "model.momentum in [0, 1)"),
+])
+def test_bad_albef_configs_are_refused_with_the_fix(overrides, needle):
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        load_config("configs/pretrain/demo-albef.yaml", overrides)
+
+
+def test_the_albef_task_needs_the_albef_model(tmp_path):
+    with pytest.raises(ConfigError, match="needs model.arch=albef"):
+        load_config(write(tmp_path, "c.yaml", "tasks:\n  albef: 1\n"))

@@ -1,8 +1,9 @@
-"""Model section of the run config (DESIGN §2). Defaults are UNITER-base."""
+"""Model section of the run config: UNITER (DESIGN §2, `arch: uniter`, the default) or
+ALBEF (DESIGN §4, `arch: albef`). Defaults are the base sizes of each."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional
 
 # Fields that are counts or dimensions; zero or negative values cannot build a model.
 _POSITIVE_FIELDS = (
@@ -22,8 +23,8 @@ _POSITIVE_FIELDS = (
 class ModelConfig:
     """Sizes and initialisation sources of a UNITER encoder with pretraining heads."""
 
-    arch: str = "uniter"
-    """Model family; `build_model` builds "uniter"."""
+    arch: Literal["uniter"] = "uniter"
+    """Model family: "uniter" (this section) or "albef" (AlbefConfig)."""
     vocab_size: int = 28996
     """Word-piece vocabulary size (28996 = bert-base-cased)."""
     hidden_size: int = 768
@@ -77,3 +78,88 @@ class ModelConfig:
                 raise ValueError(f"model.{name} must be in [0, 1), got {value}")
         if self.initializer_range <= 0:
             raise ValueError(f"model.initializer_range must be > 0, got {self.initializer_range}")
+
+
+_ALBEF_POSITIVE = ("vocab_size", "hidden_size", "num_attention_heads", "intermediate_size", "text_layers",
+                   "fusion_layers", "max_position_embeddings", "image_size", "patch_size", "vision_width",
+                   "vision_layers", "vision_heads", "vision_mlp", "embed_dim", "queue_size", "k_test")
+
+
+@dataclass(frozen=True)
+class AlbefConfig:
+    """ALBEF (DESIGN §4); defaults are ALBEF-base: ViT-B/16 at 256 px, BERT-base with layers
+    6-11 as fusion layers, 256-d contrastive projections, a 65,536-feature queue."""
+
+    arch: Literal["albef"] = "albef"
+    vocab_size: int = 30522
+    """Word pieces (30522 = bert-base-uncased, ALBEF's text model)."""
+    hidden_size: int = 768
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    text_layers: int = 6
+    """Unimodal text layers (BERT layers 0-5 in ALBEF)."""
+    fusion_layers: int = 6
+    """Layers that also cross-attend to the image tokens (BERT layers 6-11)."""
+    max_position_embeddings: int = 512
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    initializer_range: float = 0.02
+    image_size: int = 256
+    """Side of the square input in pixels; must equal data.pixels.image_size."""
+    patch_size: int = 16
+    vision_width: int = 768
+    vision_layers: int = 12
+    vision_heads: int = 12
+    vision_mlp: int = 3072
+    embed_dim: int = 256
+    """Width of the L2-normalised ITC projections."""
+    temp: float = 0.07
+    """Initial ITC temperature (learned, clamped to [0.001, 0.5])."""
+    queue_size: int = 65536
+    """Momentum features kept per modality; must be a multiple of the global batch."""
+    momentum: float = 0.995
+    """EMA factor of the momentum (teacher) model."""
+    momentum_update: Literal["optimizer_step"] = "optimizer_step"
+    """When the EMA and the queue push happen: once per optimizer step, after all its
+    micro-batches used the same teacher and queue (per micro-batch would make the teacher
+    depend on how the global batch is split into micro-batches and ranks)."""
+    alpha: float = 0.4
+    """Distillation weight of the soft targets (ITC) and teacher logits (MLM)."""
+    alpha_warmup_steps: Optional[int] = None
+    """alpha ramps linearly from 0 over this many optimizer steps; None = the first epoch
+    (training samples / global batch), as ALBEF."""
+    k_test: int = 256
+    """Retrieval evaluation: ITC top-k candidates re-scored by ITM (ALBEF: 256 on COCO)."""
+    init_from_bert: Optional[str] = None
+    """Local Hugging Face BERT directory: embeddings, text and fusion layers (no cross-attention), MLM head."""
+    init_from_vit: Optional[str] = None
+    """Local Hugging Face or timm ViT directory for the image encoder (positions interpolated)."""
+
+    def __post_init__(self) -> None:
+        for name in _ALBEF_POSITIVE:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"model.{name} must be > 0, got {getattr(self, name)}")
+        for width, heads in (("hidden_size", "num_attention_heads"), ("vision_width", "vision_heads")):
+            if getattr(self, width) % getattr(self, heads):
+                raise ValueError(f"model.{width} ({getattr(self, width)}) must be divisible by model.{heads} "
+                                 f"({getattr(self, heads)})")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"model.image_size ({self.image_size}) must be a multiple of model.patch_size "
+                             f"({self.patch_size})")
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"model.{name} must be in [0, 1), got {getattr(self, name)}")
+        if not 0.0 < self.temp <= 0.5 or not 0.0 <= self.momentum < 1.0 or not 0.0 <= self.alpha <= 1.0:
+            raise ValueError("model.temp must be in (0, 0.5], model.momentum in [0, 1), model.alpha in [0, 1]")
+        if self.alpha_warmup_steps is not None and self.alpha_warmup_steps < 0:
+            raise ValueError(f"model.alpha_warmup_steps must be >= 0, got {self.alpha_warmup_steps}")
+
+    def bert(self) -> ModelConfig:
+        """The BERT sizes of the text side, for the shared BERT building blocks."""
+        return ModelConfig(vocab_size=self.vocab_size, hidden_size=self.hidden_size,
+                           num_hidden_layers=self.text_layers + self.fusion_layers,
+                           num_attention_heads=self.num_attention_heads, intermediate_size=self.intermediate_size,
+                           hidden_dropout_prob=self.hidden_dropout_prob,
+                           attention_probs_dropout_prob=self.attention_probs_dropout_prob,
+                           max_position_embeddings=self.max_position_embeddings,
+                           initializer_range=self.initializer_range)

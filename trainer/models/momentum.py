@@ -1,34 +1,48 @@
 """ALBEF's momentum teacher: the EMA of the student's weights and the queues of its features.
 
-Both are state of the run: the queues are buffers of this module, the momentum weights
-parameters of modules kept out of the optimizer, so both travel in every checkpoint.
+Both are state of the run and travel in every checkpoint (trainer/checkpoint.py saves the
+teacher module beside the engine's files).
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from trainer.distributed import all_gather_rows
 
 
 @torch.no_grad()
 def ema_update(pairs: Iterable[tuple[nn.Module, nn.Module]], momentum: float) -> None:
     """`p_m = momentum * p_m + (1 - momentum) * p` for each (student, momentum) module pair,
-    parameters in registration order (the pair must be built alike)."""
+    parameters in registration order (the pair must be built alike). Student parameters
+    partitioned by ZeRO-3 are gathered for the update, one module pair at a time; a bf16
+    student updates an fp32 teacher in fp32."""
     for student, teacher in pairs:
-        params = [p.detach() for p in student.parameters()]
+        params = list(student.parameters())
         params_m = [p.detach() for p in teacher.parameters()]
         assert len(params) == len(params_m), "student and momentum modules differ"
-        torch._foreach_mul_(params_m, momentum)
-        torch._foreach_add_(params_m, params, alpha=1.0 - momentum)
+        with gathered(params):
+            source = [p.detach().to(m.dtype) for p, m in zip(params, params_m)]
+            torch._foreach_mul_(params_m, momentum)
+            torch._foreach_add_(params_m, source, alpha=1.0 - momentum)
+
+
+def gathered(params: list[nn.Parameter]):
+    """Whole copies of ZeRO-3 partitioned parameters inside the block (read only); a no-op
+    for ordinary parameters."""
+    if not any(hasattr(p, "ds_id") for p in params):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
 
 class FeatureQueues(nn.Module):
-    """Image and text queues `[D, Q]` of momentum features, filled in rank order from an
-    all-gather of every rank's batch; the write position stays on the device (no host sync)."""
+    """Image and text queues `[D, Q]` of momentum features, filled with each step's global
+    batch (all-gathered by the trainer, so every rank holds the same queues)."""
 
     def __init__(self, dim: int, size: int) -> None:
         super().__init__()
@@ -44,12 +58,13 @@ class FeatureQueues(nn.Module):
 
     @torch.no_grad()
     def push(self, image_feat_m: Tensor, text_feat_m: Tensor) -> None:
-        """Append every rank's momentum features ([b, D] here), oldest overwritten."""
-        image = all_gather_rows(image_feat_m)  # [B, D]
-        text = all_gather_rows(text_feat_m)  # [B, D]
-        n = image.size(0)
-        self.check_batch(n)
-        cols = self.ptr + torch.arange(n, device=self.ptr.device)  # [B], never past the end: Q % B == 0
-        self.image_queue.index_copy_(1, cols, image.t().to(self.image_queue.dtype))
-        self.text_queue.index_copy_(1, cols, text.t().to(self.text_queue.dtype))
+        """Append the global batch's momentum features ([B, D], every rank's rows in stream
+        order, the same on all ranks), oldest overwritten. Positions wrap around, so a batch
+        shortened by bad samples still fits; the write position stays on the device."""
+        n = image_feat_m.size(0)
+        if n > self.size:
+            raise ValueError(f"a global batch of {n} does not fit a queue of {self.size}")
+        cols = (self.ptr + torch.arange(n, device=self.ptr.device)) % self.size  # [B]
+        self.image_queue.index_copy_(1, cols, image_feat_m.t().to(self.image_queue.dtype))
+        self.text_queue.index_copy_(1, cols, text_feat_m.t().to(self.text_queue.dtype))
         self.ptr.copy_((self.ptr + n) % self.size)

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from trainer.models.bert import init_bert_weights
-from trainer.models.config import ModelConfig
+from trainer.models.config import AlbefConfig, ModelConfig
 from trainer.models.convert import load_bert_directory, load_uniter_checkpoint
 from trainer.models.heads import MlmHead, RegionClassification, RegionFeatureRegression
 from trainer.models.uniter import UniterModel
@@ -134,10 +134,14 @@ def register_shared_parameters(model: UniterForPretraining) -> None:
     register_external_parameter(uniter.img_embeddings, uniter.img_embeddings.mask_embedding.weight)
 
 
-def build_model(cfg: ModelConfig) -> UniterForPretraining:
-    """Build the model and apply `init_from_bert`, then `init_from_uniter`, if set."""
+def build_model(cfg: ModelConfig | AlbefConfig) -> nn.Module:
+    """UNITER with `init_from_bert`, then `init_from_uniter`, applied if set; or the ALBEF student."""
+    if isinstance(cfg, AlbefConfig):
+        from trainer.models.albef import build_albef
+
+        return build_albef(cfg)
     if cfg.arch != "uniter":
-        raise ValueError(f"model.arch={cfg.arch!r} is not supported by this builder; use 'uniter'")
+        raise ValueError(f"model.arch={cfg.arch!r} is not supported; use 'uniter' or 'albef'")
     model = UniterForPretraining(cfg)
     if cfg.init_from_bert:
         load_bert_directory(model, cfg.init_from_bert)

@@ -1,0 +1,88 @@
+"""Retrieval evaluation: ITC picks k candidates per query, ITM re-ranks them, R@K counts the
+true match in the top K. Checked against a brute-force ranking computed here, through a fake
+engine whose features and match scores are fixed tables."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from data.pixels import MEAN, STD, PixelConfig
+from trainer.retrieval import RetrievalSet, retrieval_metrics
+
+N_IMAGES, CAPTIONS_PER_IMAGE, DIM = 12, 2, 8
+
+
+class TableEngine:
+    """An engine whose image i / text t embed as rows of fixed tables and whose ITM score of
+    (t, i) is SCORE[t, i]; image i is a grey picture of level 10 * i, text t has id t at column 1."""
+
+    def __init__(self, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        n_texts = N_IMAGES * CAPTIONS_PER_IMAGE
+        self.image_feat = torch.nn.functional.normalize(torch.randn(N_IMAGES, DIM, generator=g), dim=1)
+        self.text_feat = torch.nn.functional.normalize(torch.randn(n_texts, DIM, generator=g), dim=1)
+        self.score = torch.randn(n_texts, N_IMAGES, generator=g)
+        self.modes = []
+
+    def eval(self):
+        self.modes.append("eval")
+
+    def train(self):
+        self.modes.append("train")
+
+    def __call__(self, batch: dict, task: str):
+        if task == "embed" and "pixels" in batch:
+            level = (batch["pixels"][:, 0, 0, 0] * STD[0] + MEAN[0]) * 255.0
+            i = torch.round(level / 10.0).long()
+            return {"image_feat": self.image_feat[i], "image_tokens": i.float()[:, None, None]}
+        if task == "embed":
+            t = batch["input_ids"][:, 1]
+            return {"text_feat": self.text_feat[t], "text_states": t.float()[:, None, None]}
+        assert task == "itm_score"
+        t, i = batch["text_states"][:, 0, 0].long(), batch["image_tokens"][:, 0, 0].long()
+        return self.score[t, i]
+
+
+def retrieval_set() -> RetrievalSet:
+    images = [Image.fromarray(np.full((8, 8, 3), 10 * i, dtype=np.uint8)) for i in range(N_IMAGES)]
+    n_texts = N_IMAGES * CAPTIONS_PER_IMAGE
+    ids = torch.zeros(n_texts, 3, dtype=torch.long)
+    ids[:, 1] = torch.arange(n_texts)
+    return RetrievalSet(images, ids, torch.ones_like(ids), torch.arange(n_texts) // CAPTIONS_PER_IMAGE)
+
+
+def brute_force_ranks(sims, score, truth, k):
+    ranks = []
+    for q in range(sims.shape[0]):
+        candidates = sorted(range(sims.shape[1]), key=lambda c: -sims[q, c])[:k]
+        order = sorted(candidates, key=lambda c: -score[q, c])
+        hits = [r for r, c in enumerate(order) if truth[q, c]]
+        ranks.append(hits[0] if hits else k)
+    return np.array(ranks)
+
+
+@pytest.mark.parametrize("k, batch_size", [(4, 5), (12, 64), (30, 7)])
+def test_recalls_match_a_brute_force_ranking(k, batch_size):
+    engine, data = TableEngine(), retrieval_set()
+    got = retrieval_metrics(engine, data, PixelConfig(image_size=8), k=k, batch_size=batch_size,
+                            device=torch.device("cpu"))
+    sims = (engine.text_feat @ engine.image_feat.t()).numpy()
+    truth = (data.text_image[:, None] == torch.arange(N_IMAGES)[None, :]).numpy()
+    t2i = brute_force_ranks(sims, engine.score.numpy(), truth, min(k, N_IMAGES))
+    i2t = brute_force_ranks(sims.T, engine.score.numpy().T, truth.T, min(k, len(truth)))
+    for at in (1, 5, 10):
+        assert got[f"t2i_r{at}"] == pytest.approx(100.0 * (t2i < at).mean())
+        assert got[f"i2t_r{at}"] == pytest.approx(100.0 * (i2t < at).mean())
+    assert got["t2i_r1_chance"] == pytest.approx(100.0 / N_IMAGES)
+    assert got["r_mean"] == pytest.approx(np.mean([got[f"{d}_r{at}"] for d in ("t2i", "i2t") for at in (1, 5, 10)]))
+    assert engine.modes == ["eval", "train"]
+
+
+def test_a_perfect_model_scores_100():
+    engine, data = TableEngine(), retrieval_set()
+    engine.text_feat = engine.image_feat[data.text_image]  # each caption sits on its picture
+    engine.score = (data.text_image[:, None] == torch.arange(N_IMAGES)[None, :]).float()
+    got = retrieval_metrics(engine, data, PixelConfig(image_size=8), k=3, batch_size=8, device=torch.device("cpu"))
+    assert got["t2i_r1"] == got["i2t_r1"] == 100.0
