@@ -437,11 +437,12 @@ def merge_states(per_rank: Sequence[dict]) -> dict:
 
 
 def pin(batch: dict, device: torch.device) -> dict:
-    """Move every tensor of a batch to `device` (non-blocking from pinned memory on CUDA)."""
+    """Move every tensor of a batch to `device` (non-blocking from pinned memory on CUDA).
+    Tensors already on a GPU (retrieval's image tokens and text states) just move, if at all."""
     out = {}
     for k, v in batch.items():
         if isinstance(v, torch.Tensor):
-            if device.type == "cuda":
+            if device.type == "cuda" and v.device.type == "cpu":
                 v = v.pin_memory().to(device, non_blocking=True)
             else:
                 v = v.to(device)

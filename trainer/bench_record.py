@@ -22,6 +22,16 @@ def git_commit() -> Optional[str]:
         return None
 
 
+def tracked_changes() -> Optional[bool]:
+    """Whether tracked files differ from the commit (the figures then belong to no commit)."""
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                             text=True, timeout=10, cwd=Path(__file__).resolve().parent)
+        return bool(out.stdout.strip()) if out.returncode == 0 else None
+    except OSError:
+        return None
+
+
 def machine() -> dict:
     info = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
             "python": platform.python_version(), "torch": torch.__version__}
@@ -33,7 +43,8 @@ def machine() -> dict:
 
 def stamp(name: str, figures: dict) -> dict:
     """`figures` with what a reader needs to trust and reproduce them."""
-    return {"benchmark": name, "commit": git_commit(), "command": " ".join(["vlpt", *sys.argv[1:]]),
+    return {"benchmark": name, "commit": git_commit(), "uncommitted_changes": tracked_changes(),
+            "command": " ".join(["vlpt", *sys.argv[1:]]),
             "device": machine(), **figures}
 
 

@@ -46,10 +46,14 @@ class TrainBenchConfig:
     """Untimed steps first (allocator, autotuning, DeepSpeed's first-step work)."""
     batches_per_task: int = 4
     """Optimizer steps' worth of batches read per mix key, then cycled."""
+    profile_steps: int = 0
+    """After timing, this many more steps per side under torch.profiler (not timed): the
+    record gets each side's top operators by self time, to say where a gap comes from."""
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or self.warmup < 0 or self.batches_per_task < 1:
-            raise ValueError("bench train: --steps >= 1, --warmup >= 0 and --batches-per-task >= 1")
+        if self.steps < 1 or self.warmup < 0 or self.batches_per_task < 1 or self.profile_steps < 0:
+            raise ValueError("bench train: --steps >= 1, --warmup >= 0, --batches-per-task >= 1 and "
+                             "--profile-steps >= 0")
 
 
 class CyclingLoader:
@@ -166,6 +170,36 @@ def timed_loop(tasks: list[str], warmup: int, device: torch.device, run_step) ->
     return time.perf_counter() - t0
 
 
+PROFILE_ROWS = 25
+PROFILE_PRINTED = 14
+"""Table lines printed per side (header + top ops); the JSON keeps all PROFILE_ROWS."""
+
+
+def profiled_steps(tasks: list[str], device: torch.device, run_step) -> dict[str, list[str]]:
+    """torch.profiler's tables of the operators that took the most self time over `tasks`:
+    host time (launch overhead, Python) and, on CUDA, device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for key in tasks:
+            run_step(key)
+        sync(device)
+    sorts = {"by_self_cpu": "self_cpu_time_total"}
+    if device.type == "cuda":
+        sorts["by_self_cuda"] = "self_cuda_time_total"
+    ops = prof.key_averages()
+    return {name: ops.table(sort_by=key, row_limit=PROFILE_ROWS).splitlines() for name, key in sorts.items()}
+
+
+def measure(tasks: list[str], bench: TrainBenchConfig, device: torch.device,
+            run_step) -> tuple[float, dict[str, list[str]]]:
+    """(timed seconds, profile tables or {})."""
+    seconds = timed_loop(tasks, bench.warmup, device, run_step)
+    table = profiled_steps(tasks[bench.warmup:][:bench.profile_steps], device, run_step) if bench.profile_steps else {}
+    return seconds, table
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -174,18 +208,18 @@ def sync(device: torch.device) -> None:
 
 
 def run_ours(cfg: Config, model: nn.Module, layout: BatchLayout, batches: dict, tasks: list[str],
-             warmup: int, device: torch.device) -> float:
+             bench: TrainBenchConfig, device: torch.device) -> tuple[float, dict]:
     total = cfg.optim.total_steps or cfg.train.max_steps
     engine, _ = build_engine(model, cfg.optim, cfg.parallel, cfg.precision, layout, total, device)
     loaders = {key: CyclingLoader(b) for key, b in batches.items()}
-    seconds = timed_loop(tasks, warmup, device,
-                         lambda key: train_step(engine, loaders[key], task_of(key), layout, device))
+    measured = measure(tasks, bench, device,
+                       lambda key: train_step(engine, loaders[key], task_of(key), layout, device))
     engine.destroy()
-    return seconds
+    return measured
 
 
 def run_baseline(cfg: Config, model: nn.Module, layout: BatchLayout, batches: dict, tasks: list[str],
-                 warmup: int, device: torch.device) -> float:
+                 bench: TrainBenchConfig, device: torch.device) -> tuple[float, dict]:
     from torch.nn.parallel import DistributedDataParallel
 
     model = baseline_model(model).to(device)
@@ -212,7 +246,7 @@ def run_baseline(cfg: Config, model: nn.Module, layout: BatchLayout, batches: di
         optimizer.zero_grad(set_to_none=True)
 
     with plain_ops():
-        return timed_loop(tasks, warmup, device, step)
+        return measure(tasks, bench, device, step)
 
 
 def prefetch(cfg: Config, tok, layout: BatchLayout, rank: int, img_dim: int, n_steps: int) -> dict:
@@ -269,9 +303,11 @@ def run_train_bench(cfg: Config, bench: TrainBenchConfig) -> dict:
         torch.manual_seed(cfg.train.seed)
         model = build_model(cfg.model)
         model.objectives = build_objectives(cfg.wra)
-        seconds = runner(cfg, model, layout, batches, tasks, bench.warmup, info.device)
+        seconds, tables = runner(cfg, model, layout, batches, tasks, bench, info.device)
         timed = Timed(seconds, work.steps, work.samples, work.tokens, work.flops)
         results[side] = timed.figures(peak_flops(info.device, cfg.precision.dtype), info.world_size)
+        if tables:
+            results[side]["profile"] = {"steps": bench.profile_steps, **tables}
     ratio = {k: results["ours"][k] / results["baseline"][k] for k in ("steps_per_s", "samples_per_s", "tokens_per_s")}
     return {"world_size": info.world_size, "global_batch_size": layout.global_batch_size,
             "precision": cfg.precision.dtype, "zero_stage": cfg.parallel.zero_stage,
@@ -287,6 +323,11 @@ def format_train_result(result: dict) -> str:
         mfu = f", MFU {100 * r['mfu']:.1f}%" if "mfu" in r else ""
         lines.append(f"  {side:<9} {r['steps_per_s']:8.2f} steps/s {r['samples_per_s']:10.1f} samples/s "
                      f"{r['tokens_per_s']:12.0f} tokens/s{mfu}")
+    for side in ("ours", "baseline"):
+        if "profile" in result[side]:
+            profile = result[side]["profile"]
+            lines += [f"  {side}: top ops by host time over {profile['steps']} profiled steps",
+                      *profile["by_self_cpu"][:PROFILE_PRINTED]]
     q = result["ours_over_baseline"]
     lines.append(f"  ours/baseline: steps/s {q['steps_per_s']:.2f}x  samples/s {q['samples_per_s']:.2f}x  "
                  f"tokens/s {q['tokens_per_s']:.2f}x")

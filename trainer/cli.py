@@ -158,7 +158,8 @@ def cmd_bench_train(args, extra: list[str]) -> int:
 
     cfg = load_config(args.config, split_overrides(extra))
     try:
-        bench = TrainBenchConfig(steps=args.steps, warmup=args.warmup, batches_per_task=args.batches_per_task)
+        bench = TrainBenchConfig(steps=args.steps, warmup=args.warmup, batches_per_task=args.batches_per_task,
+                                 profile_steps=args.profile_steps)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     result = run_train_bench(cfg, bench)
@@ -174,6 +175,8 @@ def _add_bench_train(bench) -> None:
     sp.add_argument("--steps", type=int, default=20, help="timed optimizer steps per side")
     sp.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     sp.add_argument("--batches-per-task", type=int, default=4, help="steps' worth of batches read per task, cycled")
+    sp.add_argument("--profile-steps", type=int, default=0,
+                    help="after timing, profile this many more steps per side (torch.profiler; top ops in the JSON)")
     sp.add_argument("--out", help="JSON path (default benchmarks/results/train-<time>.json)")
     sp.set_defaults(fn=cmd_bench_train)
 

@@ -418,7 +418,8 @@ def run_training(cfg, info, engine, loaders, layout, tracker, state, tok, img_di
     path = save(cfg, info, engine, loaders, state, tracker, config_yaml, replicated)
     summary = {"steps": state.step, "steps_this_run": state.step - start_step, "seconds": elapsed,
                "samples_per_s": (state.step - start_step) * layout.global_batch_size / max(elapsed, 1e-9),
-               "checkpoint": path, "mlflow_run_id": tracker.run_id, "mlflow_ui": tracker.ui_command(),
+               "checkpoint": path, "mlflow_run_id": tracker.run_id,
+               "mlflow_ui": tracker.ui_command() if cfg.tracking.enabled else None,
                "task_counts": state.task_counts, "world_size": layout.world_size,
                "grad_accum": layout.grad_accum, "global_batch_size": layout.global_batch_size,
                **val_metrics}

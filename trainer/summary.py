@@ -81,7 +81,10 @@ def print_summary(summary: dict, run_dir: str) -> None:
     for k, (first, last) in trend.items():
         lines.append(f"  {k:<22}{first:9.4f} -> {last:.4f}")
     lines += [f"checkpoint        {summary['checkpoint']}",
-              f"metrics           {os.path.join(run_dir, 'metrics.jsonl')}",
-              f"MLflow run        {summary['mlflow_run_id']}",
-              f"open it with      {summary['mlflow_ui']}", "=" * 72]
+              f"metrics           {os.path.join(run_dir, 'metrics.jsonl')}"]
+    if summary["mlflow_ui"]:
+        lines += [f"MLflow run        {summary['mlflow_run_id']}", f"open it with      {summary['mlflow_ui']}"]
+    else:
+        lines.append("MLflow            off (tracking.enabled: false)")
+    lines.append("=" * 72)
     print("\n".join(lines), flush=True)

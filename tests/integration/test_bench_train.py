@@ -59,8 +59,9 @@ def test_bench_train_cli_prints_and_records_ratios(tmp_path, demo_data):
     cfg = write_tiny_config(tmp_path / "b.yaml", demo_data, tmp_path / "run", tasks={"mlm": 1, "itm": 1, "mrfr": 1})
     out = tmp_path / "train.json"
     proc = run_vlpt(["bench", "train", "--config", str(cfg), "--steps", "4", "--warmup", "1",
-                     "--batches-per-task", "2", "--out", str(out)])
+                     "--batches-per-task", "2", "--profile-steps", "2", "--out", str(out)])
     assert "ours/baseline: steps/s" in proc.stdout
+    assert "ours: top ops by host time over 2 profiled steps" in proc.stdout
     record = json.loads(out.read_text())
     assert record["benchmark"] == "train" and record["timed_steps"] == 4 and record["world_size"] == 1
     for side in ("ours", "baseline"):
@@ -68,5 +69,9 @@ def test_bench_train_cli_prints_and_records_ratios(tmp_path, demo_data):
         assert r["steps"] == 4 and r["seconds"] > 0 and "mfu" not in r  # no MFU without a GPU
         assert r["samples_per_s"] == pytest.approx(r["steps_per_s"] * 8, rel=1e-9)
         assert r["tokens_per_s"] > r["samples_per_s"]
+        # profiled after timing, so the timed figures are the same with or without it
+        assert r["profile"]["steps"] == 2 and "by_self_cuda" not in r["profile"]
+        assert any("Self CPU" in line for line in r["profile"]["by_self_cpu"][:4])
+        assert any("aten::mm" in line or "aten::addmm" in line for line in r["profile"]["by_self_cpu"])
     q = record["ours_over_baseline"]
     assert q["samples_per_s"] == pytest.approx(record["ours"]["samples_per_s"] / record["baseline"]["samples_per_s"])

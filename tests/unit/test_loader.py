@@ -171,3 +171,30 @@ def test_mix_weights_are_checked():
 def test_old_position_format_is_refused(seven):
     with pytest.raises(ValueError, match="older vlpt"):
         make_loader(spec_for(seven), [0], state={"0": [0, 6]})
+
+
+def test_pin_moves_cpu_tensors_and_keeps_other_values():
+    import torch
+
+    from data.loader import pin
+
+    batch = {"ids": torch.arange(6).view(2, 3), "n_items": 2, "stream": "s"}
+    out = pin(batch, torch.device("cpu"))
+    assert torch.equal(out["ids"], batch["ids"]) and out["n_items"] == 2 and out["stream"] == "s"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
+def test_pin_takes_a_batch_that_is_already_on_the_gpu():
+    """Retrieval re-scores (text states, image tokens) pairs that never left the GPU; pinning
+    them raised "cannot pin 'CUDABFloat16Type'" in the first GPU run."""
+    import torch
+
+    from data.loader import pin
+
+    cuda = torch.device("cuda")
+    batch = {"text_states": torch.randn(2, 3, 4, device=cuda, dtype=torch.bfloat16),
+             "attn_mask": torch.ones(2, 3, dtype=torch.long)}
+    out = pin(batch, cuda)
+    assert out["text_states"].device.type == "cuda" and out["attn_mask"].device.type == "cuda"
+    assert torch.equal(out["text_states"], batch["text_states"])
