@@ -92,6 +92,45 @@ def write_tiny_config(path: Path, data_dir: Path, run_dir: Path, **sections) -> 
 NO_DROPOUT = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
 
 
+@pytest.fixture(scope="session")
+def pixel_data(tmp_path_factory) -> Path:
+    """The demo scenes drawn as 32-px pictures (vlpt-pixels-v1 shards) for tiny ALBEF runs."""
+    from data.demo import write_demo_dataset
+
+    out = tmp_path_factory.mktemp("pixels")
+    write_demo_dataset(str(out), seed=0, n_train_scenes=48, n_val_scenes=10, scenes_per_shard=12, image_size=32)
+    return out
+
+
+def write_albef_config(tmp_path: Path, data: Path, name: str, steps: int, **sections) -> Path:
+    """A tiny fp32 ALBEF run (hidden 32, 1 text + 1 fusion layer, 2-layer ViT on 32 px, no dropout)
+    writing to tmp_path/name; `sections` are merged over it."""
+    import yaml
+
+    from data.tokenizer import load_tokenizer
+    from trainer.config_loader import deep_merge
+
+    vocab = str(REPO / "data/vocab/demo-vocab.txt")
+    cfg = {
+        "model": {"arch": "albef", "vocab_size": load_tokenizer(vocab).vocab_size, "hidden_size": 32,
+                  "num_attention_heads": 2, "intermediate_size": 64, "text_layers": 1, "fusion_layers": 1,
+                  "max_position_embeddings": 32, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
+                  "image_size": 32, "patch_size": 16, "vision_width": 32, "vision_layers": 2, "vision_heads": 2,
+                  "vision_mlp": 64, "embed_dim": 16, "queue_size": 48, "alpha_warmup_steps": 4, "k_test": 8,
+                  "initializer_range": 0.1},
+        "data": {"train": str(data / "train"), "val": str(data / "val"), "vocab": vocab, "micro_batch_size": 8,
+                 "val_batch_size": 16, "shuffle_buffer": 32, "max_txt_len": 23, "pixels": {"image_size": 32}},
+        "tasks": {"albef": 1},
+        "optim": {"lr": 1e-3, "warmup_steps": 0, "global_batch_size": 16, "weight_decay": 0.02},
+        "train": {"run_dir": str(tmp_path / name), "max_steps": steps, "log_every": 1, "progress": False,
+                  "seed": 3},
+        "tracking": {"enabled": False},
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(deep_merge(cfg, sections)))
+    return path
+
+
 def write_equivalence_config(tmp_path: Path, data_dir: Path, name: str, zero_stage: int = 0, **train) -> Path:
     """A run whose losses must not depend on how it is launched: global batch 16 (however the
     processes and accumulation split it), no dropout (per-process randomness), lr 1e-2 from step 1."""

@@ -14,47 +14,11 @@ import json
 import pytest
 import torch
 
-from tests.conftest import REPO, read_metrics, run_vlpt
+from tests.conftest import read_metrics, run_vlpt, write_albef_config
 
 pytestmark = pytest.mark.slow
 STEPS = 10
 LOSSES = ("albef_itc", "albef_itm", "albef_mlm", "albef_loss")
-
-
-@pytest.fixture(scope="module")
-def pixel_data(tmp_path_factory):
-    from data.demo import write_demo_dataset
-
-    out = tmp_path_factory.mktemp("pixels")
-    write_demo_dataset(str(out), seed=0, n_train_scenes=48, n_val_scenes=10, scenes_per_shard=12, image_size=32)
-    return out
-
-
-def write_albef_config(tmp_path, data, name, **sections):
-    import yaml
-
-    from data.tokenizer import load_tokenizer
-    from trainer.config_loader import deep_merge
-
-    vocab = str(REPO / "data/vocab/demo-vocab.txt")
-    cfg = {
-        "model": {"arch": "albef", "vocab_size": load_tokenizer(vocab).vocab_size, "hidden_size": 32,
-                  "num_attention_heads": 2, "intermediate_size": 64, "text_layers": 1, "fusion_layers": 1,
-                  "max_position_embeddings": 32, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
-                  "image_size": 32, "patch_size": 16, "vision_width": 32, "vision_layers": 2, "vision_heads": 2,
-                  "vision_mlp": 64, "embed_dim": 16, "queue_size": 48, "alpha_warmup_steps": 4, "k_test": 8,
-                  "initializer_range": 0.1},
-        "data": {"train": str(data / "train"), "val": str(data / "val"), "vocab": vocab, "micro_batch_size": 8,
-                 "val_batch_size": 16, "shuffle_buffer": 32, "max_txt_len": 23, "pixels": {"image_size": 32}},
-        "tasks": {"albef": 1},
-        "optim": {"lr": 1e-3, "warmup_steps": 0, "global_batch_size": 16, "weight_decay": 0.02},
-        "train": {"run_dir": str(tmp_path / name), "max_steps": STEPS, "log_every": 1, "progress": False,
-                  "seed": 3},
-        "tracking": {"enabled": False},
-    }
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(deep_merge(cfg, sections)))
-    return path
 
 
 def losses(run_dir):
@@ -78,7 +42,7 @@ def teacher_state(run_dir):
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory, pixel_data):
     tmp = tmp_path_factory.mktemp("albef_one")
-    run_vlpt(["pretrain", "--config", str(write_albef_config(tmp, pixel_data, "one"))])
+    run_vlpt(["pretrain", "--config", str(write_albef_config(tmp, pixel_data, "one", STEPS))])
     s = summary(tmp / "one")
     assert (s["world_size"], s["grad_accum"], s["global_batch_size"]) == (1, 2, 16)
     return tmp / "one"
@@ -94,7 +58,7 @@ def assert_same_losses(ref, got):
 @pytest.mark.parametrize("zero", [{"zero_stage": 0}, {"zero_stage": 3, "zero3_persistence_threshold": 0}],
                          ids=["zero0", "zero3-all-partitioned"])
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path, pixel_data, one_process, zero):
-    cfg = write_albef_config(tmp_path, pixel_data, "two", parallel=zero)
+    cfg = write_albef_config(tmp_path, pixel_data, "two", STEPS, parallel=zero)
     run_vlpt(["pretrain", "--config", str(cfg)], launcher="torchrun", nproc=2)
     s = summary(tmp_path / "two")
     assert (s["world_size"], s["grad_accum"], s["global_batch_size"]) == (2, 1, 16)
@@ -109,7 +73,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, pixel_data
 
 
 def test_resume_reproduces_the_uninterrupted_run_with_teacher_and_queues(tmp_path, pixel_data, one_process):
-    cfg = write_albef_config(tmp_path, pixel_data, "resumed", train={"save_every": 5})
+    cfg = write_albef_config(tmp_path, pixel_data, "resumed", STEPS, train={"save_every": 5})
     run_vlpt(["pretrain", "--config", str(cfg), "--train.stop_after_steps=5"])
     saved = teacher_state(tmp_path / "resumed")
     assert int(saved["queues.ptr"]) == 5 * 16 % 48
