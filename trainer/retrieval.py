@@ -73,9 +73,11 @@ def _my_queries(n: int, rank: int, world: int) -> Tensor:
 def _true_match_ranks(engine, sims: Tensor, truth: Tensor, queries: Tensor, pairs, k: int,
                       group: int, device: torch.device) -> Tensor:
     """For each query, the rank (0 = first) of its best true match after ITM re-scoring of
-    its top-k ITC candidates; k when no true match is among them.
+    its top-k ITC candidates. A true match outside the top k is ranked last (C - 1): it
+    counts for R@K only when K covers every candidate, so R@K for K > k is a lower bound.
 
     sims [Q, C] ITC similarities; truth [Q, C] bool; pairs(q [n], c [n]) -> ITM batch."""
+    last = sims.shape[1] - 1
     ranks = []
     for start in range(0, len(queries), group):
         q = queries[start:start + group]  # [g]
@@ -85,7 +87,7 @@ def _true_match_ranks(engine, sims: Tensor, truth: Tensor, queries: Tensor, pair
         is_true = truth[q[:, None], top].to(device)  # [g, k]
         best_true = scores.masked_fill(~is_true, float("-inf")).max(dim=1).values  # [g]
         above = (scores > best_true[:, None]).sum(dim=1)  # [g]
-        ranks.append(torch.where(is_true.any(dim=1), above, torch.full_like(above, k)))
+        ranks.append(torch.where(is_true.any(dim=1), above, torch.full_like(above, last)))
     return torch.cat(ranks)
 
 

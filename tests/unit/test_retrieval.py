@@ -59,7 +59,7 @@ def brute_force_ranks(sims, score, truth, k):
         candidates = sorted(range(sims.shape[1]), key=lambda c: -sims[q, c])[:k]
         order = sorted(candidates, key=lambda c: -score[q, c])
         hits = [r for r, c in enumerate(order) if truth[q, c]]
-        ranks.append(hits[0] if hits else k)
+        ranks.append(hits[0] if hits else sims.shape[1] - 1)  # outside the top k: last
     return np.array(ranks)
 
 
@@ -78,6 +78,15 @@ def test_recalls_match_a_brute_force_ranking(k, batch_size):
     assert got["t2i_r1_chance"] == pytest.approx(100.0 / N_IMAGES)
     assert got["r_mean"] == pytest.approx(np.mean([got[f"{d}_r{at}"] for d in ("t2i", "i2t") for at in (1, 5, 10)]))
     assert engine.modes == ["eval", "train"]
+
+
+def test_a_match_outside_the_candidates_does_not_count_for_a_larger_k():
+    """k=1 and an ITC that puts every caption on the wrong picture: nothing is found, so R@5
+    and R@10 are 0 (not 100, as if the missed match sat just below the one candidate)."""
+    engine, data = TableEngine(), retrieval_set()
+    engine.text_feat = engine.image_feat[(data.text_image + 1) % N_IMAGES]
+    got = retrieval_metrics(engine, data, PixelConfig(image_size=8), k=1, batch_size=8, device=torch.device("cpu"))
+    assert got["t2i_r1"] == got["t2i_r5"] == got["t2i_r10"] == 0.0
 
 
 def test_a_perfect_model_scores_100():
