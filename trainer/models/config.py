@@ -129,8 +129,8 @@ class AlbefConfig:
     """alpha ramps linearly from 0 over this many optimizer steps; None = the first epoch
     (training samples / global batch), as ALBEF."""
     k_test: int = 256
-    """Retrieval evaluation: ITC top-k candidates re-scored by ITM (ALBEF: 256 on COCO); R@10
-    is exact only when k_test >= 10 (a lower bound below that)."""
+    """Retrieval evaluation: ITC top-k candidates re-scored by ITM (ALBEF: 256 on COCO); R@K
+    is exact for K <= k_test and a lower bound above it."""
     init_from_bert: Optional[str] = None
     """Local Hugging Face BERT directory: embeddings, text and fusion layers (no cross-attention), MLM head."""
     init_from_vit: Optional[str] = None
