@@ -114,9 +114,8 @@ def write_albef_config(tmp_path: Path, data: Path, name: str, steps: int, **sect
     cfg = {
         "model": {"arch": "albef", "vocab_size": load_tokenizer(vocab).vocab_size, "hidden_size": 32,
                   "num_attention_heads": 2, "intermediate_size": 64, "text_layers": 1, "fusion_layers": 1,
-                  "max_position_embeddings": 32, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
-                  "image_size": 32, "patch_size": 16, "vision_width": 32, "vision_layers": 2, "vision_heads": 2,
-                  "vision_mlp": 64, "embed_dim": 16, "queue_size": 48, "alpha_warmup_steps": 4, "k_test": 8,
+                  "max_position_embeddings": 32, **NO_DROPOUT, "image_size": 32, "patch_size": 16,
+                  "vision_width": 32, "vision_layers": 2, "vision_heads": 2, "vision_mlp": 64, "embed_dim": 16, "queue_size": 48, "alpha_warmup_steps": 4, "k_test": 8,
                   "initializer_range": 0.1},
         "data": {"train": str(data / "train"), "val": str(data / "val"), "vocab": vocab, "micro_batch_size": 8,
                  "val_batch_size": 16, "shuffle_buffer": 32, "max_txt_len": 23, "pixels": {"image_size": 32}},
