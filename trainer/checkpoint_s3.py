@@ -9,6 +9,9 @@ Layout under `s3://bucket/prefix` (as on disk):
 Rank 0 transfers, as it publishes checkpoints on disk: like DeepSpeed, the run folder
 is on a filesystem all nodes share. A failed upload warns and training goes on (the
 checkpoint on disk is complete); the next save uploads its own checkpoint again.
+
+A download trusts nothing it lists: `latest` must name a `step_<8 digits>` tag and every
+key under it a checkpoint file name, or the whole download is refused with one line.
 """
 from __future__ import annotations
 
@@ -81,28 +84,43 @@ def remote_latest(url: str, opts: S3Options) -> Optional[str]:
         if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
             return None
         raise ValueError(f"train.checkpoint_s3={url}: cannot read its `latest`: {e}") from None
-    return body.decode().strip()
+    return ckpt.check_tag(body.decode(errors="replace").strip(), f"train.checkpoint_s3={url}: its `latest`")
 
 
 def download_checkpoint(url: str, opts: S3Options, tag: str, root: str) -> None:
-    """Download `tag` into `root/tag` (through a temp folder) and point the local `latest` at it."""
+    """Download `tag` into `root/tag` (through a temp folder) and point the local `latest` at it.
+
+    Every key under the tag must be a checkpoint file name (`ckpt.checkpoint_file_path`), checked
+    for all keys before the first download: a key with a separator, `..` or an unknown name
+    refuses the whole checkpoint with one line, so nothing is written outside `root/tag`."""
+    source = f"train.checkpoint_s3={url}"
+    ckpt.check_tag(tag, f"{source}: its `latest`")
     bucket, prefix = split_s3(url)
     client = s3_client(opts, boto_retries=True)
     tmp = Path(root) / f"{ckpt.TMP_PREFIX}download-{socket.gethostname()}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    n = 0
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=_key(prefix, tag) + "/"):
-        for obj in page.get("Contents", []):
-            rel = obj["Key"][len(_key(prefix, tag)) + 1:]
-            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-            client.download_file(bucket, obj["Key"], str(tmp / rel))
-            n += 1
-    if not (tmp / ckpt.STATE_FILE).is_file():
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise ValueError(f"train.checkpoint_s3={url}: `latest` names {tag!r}, which has no "
+    files = _checkpoint_keys(client, bucket, prefix, tag, root, source)
+    if ckpt.STATE_FILE not in files:
+        raise ValueError(f"{source}: `latest` names {tag!r}, which has no "
                          f"{ckpt.STATE_FILE} there (an incomplete upload); point `latest` at a complete one")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name, key in files.items():
+        client.download_file(bucket, key, str(tmp / name))  # `name`: a checked file name, no separator
     if (Path(root) / tag).exists():
         shutil.rmtree(Path(root) / tag)  # an incomplete folder: no `latest` pointed at it
     os.rename(tmp, Path(root) / tag)
     ckpt.write_latest(root, tag)
-    log.info("downloaded checkpoint %s from %s (%d files)", tag, url, n)
+    log.info("downloaded checkpoint %s from %s (%d files)", tag, url, len(files))
+
+
+def _checkpoint_keys(client, bucket: str, prefix: str, tag: str, root: str, source: str) -> dict[str, str]:
+    """file name -> key of every object under `tag`; ValueError (one line) on any key that is
+    not a checkpoint file directly under it."""
+    base = _key(prefix, tag) + "/"
+    files = {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=base):
+        for obj in page.get("Contents", []):
+            name = obj["Key"][len(base):]
+            ckpt.checkpoint_file_path(root, tag, name, source)  # raises on anything but a known file name
+            files[name] = obj["Key"]
+    return files

@@ -81,7 +81,7 @@ def _reading(source: Path) -> Iterator[None]:
         yield
     except pickle.UnpicklingError as e:
         # weights_only refused a non-tensor object (or the bytes are no pickle at all). Only
-        # torch's reason is quoted: its advice to retry with weights_only=False is not ours.
+        # torch's reason is quoted: its advice to retry without weights_only is not ours.
         reason = re.search(r"Unsupported [^.\n]*", str(e))
         raise ValueError(f"{source}: refused to load: it holds objects other than tensors, or is no torch "
                          f"file ({reason.group(0) if reason else type(e).__name__}); re-save it as a plain "

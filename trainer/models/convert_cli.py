@@ -16,11 +16,12 @@ import pickle
 import re
 import sys
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
+from trainer import checkpoint as ckpt
 from trainer.config_loader import ConfigError
 from trainer.models.convert import TIED_DUPLICATES, export_uniter_state_dict, import_uniter_state_dict
 
@@ -150,37 +151,42 @@ def read_deepspeed_checkpoint(tag_dir: Path) -> Tuple[StateDict, str]:
 
 
 def _load_deepspeed_file(path: Path) -> Dict[str, Any]:
-    """DeepSpeed's model-states file, tried with `weights_only=True` first.
+    """DeepSpeed's model-states file, read like every checkpoint file: `weights_only=True`
+    with DeepSpeed's plain records allowed, a file pickling anything else refused."""
+    try:
+        return ckpt.load_tensors(str(path))
+    except ValueError as e:  # unsafe, truncated or damaged: load_tensors says which, in one line
+        raise ConfigError(str(e)) from None
 
-    With DeepSpeed 0.19.8 it holds only tensors and plain values in the configurations we
-    tried, but it also carries the optimizer's and client state dicts, which may pickle other
-    objects; only then, and only for this DeepSpeed file inside the checkpoint directory the
-    user pointed at, it is read with `weights_only=False`.
-    """
+
+@contextlib.contextmanager
+def _weights_only_torch_load() -> Iterator[None]:
+    """Within the block, `torch.load` is `ckpt.load_tensors`: DeepSpeed's ZeRO consolidation
+    calls it on every file of the checkpoint with the full unpickler, which would run
+    whatever a planted pickle holds."""
+    original = torch.load
+
+    def weights_only_load(f, map_location=None, weights_only=None, **kwargs):
+        return ckpt.load_tensors(f, map_location=map_location, **kwargs)
+
+    torch.load = weights_only_load
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        pass  # a non-allowlisted object (or garbage, which fails again below)
-    except Exception as e:  # a damaged file can fail anywhere inside the unpickler
-        raise ConfigError(f"{path} cannot be read ({_one_line(e)}); is the checkpoint complete?") from None
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise ConfigError(f"{path} cannot be read ({_one_line(e)}); is the checkpoint complete?") from None
+        yield
+    finally:
+        torch.load = original
 
 
 def _zero_fp32_state_dict(tag_dir: Path) -> StateDict:
     """Consolidate the fp32 master weights of a ZeRO stage 1/2/3 checkpoint (any world size)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    # DeepSpeed loads its *_model_states.pt / *_optim_states.pt here with weights_only=False
-    # (they pickle loss-scaler and optimizer objects); only files in tag_dir, which the user
-    # named (directly or through `latest`), are read. Its progress prints and bar are dropped:
-    # our output is one summary line (or one error line).
+    # Its progress prints and bar are dropped: our output is one summary line (or one error line).
     chatter = io.StringIO()
     try:
-        with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
+        with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter), _weights_only_torch_load():
             sd = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    except ckpt.UnsafeCheckpointError as e:
+        raise ConfigError(str(e)) from None
     except Exception as e:  # missing rank files, damaged pickles, foreign layouts
         raise ConfigError(f"{tag_dir}: DeepSpeed could not consolidate this ZeRO checkpoint ({_one_line(e)}); "
                           "check that the files of every rank are present") from None
