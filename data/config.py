@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from data.pixels import PixelConfig
+from data.shards import DTYPE_MAX, DecodeLimits
 from data.storage import S3Options
 
 DATASET_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -70,6 +71,13 @@ class DataConfig:
     s3: S3Options = field(default_factory=S3Options)
     """Endpoint, region, retries and timeouts for s3:// shard URLs; credentials come only from
     the standard AWS chain (environment, ~/.aws, instance role), never from this file."""
+    allow_outside_shards: bool = False
+    """Let a manifest list shards outside its own folder (absolute paths, `..`, symlinks leading
+    out, file:// URLs) or, on S3, outside its bucket and prefix. Off: such a manifest is refused
+    with a one-line error, since a manifest is data and must not steer reads elsewhere."""
+    verify_sha256: bool = False
+    """Check each shard's sha256 against its manifest before reading it (once per reader); a
+    mismatching shard is skipped and counted as "sha256_mismatch". Costs one extra full read."""
     pixels: PixelConfig = field(default_factory=PixelConfig)
     """ALBEF's image pipeline: training augmentation and the evaluation resize."""
     mlm_prob: float = 0.15
@@ -86,6 +94,13 @@ class DataConfig:
     read so far, over all ranks, were skipped as bad (any reason, corrupt shards included)."""
     min_samples_for_bad_rate: int = 1000
     """The bad-sample limit is checked only once this many samples were read in total."""
+    max_image_pixels: int = DecodeLimits.max_image_pixels
+    """Skip a picture whose header declares more pixels (width x height) than this, before
+    decoding it: a few KB of PNG can declare 12000 x 12000. Counted as "image_too_large"."""
+    max_member_bytes: int = DecodeLimits.max_member_bytes
+    """Largest shard member, in bytes: a bigger one is skipped unread, and so is an npz whose arrays
+    would inflate beyond it ("npz_too_large"). The 256 MiB default is far above a UNITER npz (100
+    regions: under 1 MB) or a photo, and bounds what one bad sample can cost."""
 
     def __post_init__(self) -> None:
         for name in ("micro_batch_size", "val_batch_size", "max_txt_len"):
@@ -107,11 +122,18 @@ class DataConfig:
             raise ValueError(f"data.max_bad_per_1000 must be >= 0, got {self.max_bad_per_1000}")
         if self.min_samples_for_bad_rate < 0:
             raise ValueError(f"data.min_samples_for_bad_rate must be >= 0, got {self.min_samples_for_bad_rate}")
+        for name in ("max_image_pixels", "max_member_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"data.{name} must be positive, got {getattr(self, name)}")
         if self.itm_hard_candidates < 1:
             raise ValueError(f"data.itm_hard_candidates must be >= 1, got {self.itm_hard_candidates}")
         for name in ("mlm_prob", "mrm_prob", "itm_neg_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"data.{name} must be in [0, 1], got {getattr(self, name)}")
+
+    def decode_limits(self, dtype: str = "fp32") -> DecodeLimits:
+        """The per-sample decoding budgets, for a run in precision `dtype` (precision.dtype)."""
+        return DecodeLimits(self.max_image_pixels, self.max_member_bytes, DTYPE_MAX[dtype])
 
     @property
     def sample_mixing(self) -> bool:

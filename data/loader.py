@@ -31,9 +31,10 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data.batching import SIZE_MULTIPLE, batch_schedule, batches_per_epoch, token_buckets
-from data.shards import RegionSample, decode_pixel_sample, decode_region_sample, iter_shard
-from data.sources import DatasetShards, MixedSource, ShardSource, reader_share
-from data.storage import S3Options
+from data.shards import (SKIP_MARK, DecodeLimits, RegionSample, decode_pixel_sample, decode_region_sample,
+                         iter_shard)
+from data.sources import CORRUPT_SHARD_ERRORS, DatasetShards, MixedSource, ShardSource, reader_share
+from data.storage import NotARegularFile, S3Options
 
 Collate = Callable[[list, np.random.Generator], dict]
 log = logging.getLogger(__name__)
@@ -43,6 +44,13 @@ def add_counts(total: dict[str, int], more: dict[str, int]) -> None:
     """Add per-reason counts into `total` (skips, retries)."""
     for reason, n in more.items():
         total[reason] = total.get(reason, 0) + int(n)
+
+
+BAD_SHARD_WARNING = {"corrupt_tar": "skipping the rest of corrupt shard",
+                     "missing_shard": "skipping missing shard",
+                     "not_a_file": "skipping shard that is not a regular file:",
+                     "sha256_mismatch": "skipping shard with a wrong checksum:",
+                     "manifest_mismatch": "the manifest does not match shard"}
 
 
 def stable_id(name: str) -> int:
@@ -75,6 +83,10 @@ class StreamSpec:
     modality: str = "regions"
     """"regions" (UNITER's region features, decoded to RegionSamples) or "pixels" (pictures,
     decoded to PixelSamples that collate augments)."""
+    limits: DecodeLimits = DecodeLimits()
+    """What one sample may cost and hold (DataConfig.decode_limits); beyond it, it is skipped."""
+    verify_sha256: bool = False
+    """Check each shard's sha256 against its manifest before reading it (data.verify_sha256)."""
 
     def __post_init__(self) -> None:
         if self.parts < 1 or self.n_streams < 1 or self.batch_size < 1:
@@ -88,9 +100,11 @@ class StreamSpec:
 
     def decode(self, raw: dict, tokenizer) -> tuple[Optional[object], Optional[str]]:
         """(sample, None) or (None, skip reason) for one raw shard sample."""
+        if raw.get(SKIP_MARK):  # found bad while reading the tar (a huge or repeated member)
+            return None, raw[SKIP_MARK]
         if self.modality == "pixels":
-            return decode_pixel_sample(raw, tokenizer)
-        return decode_region_sample(raw, tokenizer, self.max_txt_len, self.img_dim)
+            return decode_pixel_sample(raw, tokenizer, self.limits)
+        return decode_region_sample(raw, tokenizer, self.max_txt_len, self.img_dim, limits=self.limits)
 
     @property
     def n_readers(self) -> int:
@@ -160,11 +174,11 @@ class StreamReader:
         if self._counting:
             self._new_seen += n
 
-    def _on_corrupt(self, url: str, e: Exception) -> None:
+    def _on_bad_shard(self, url: str, reason: str, detail: str) -> None:
         if self._counting:
-            log.warning("skipping the rest of corrupt shard %s (task %s, reader %d): %s: %s",
-                        url, self.spec.task, self.reader, type(e).__name__, e)
-        self._count_skip("corrupt_tar")
+            log.warning("%s %s (task %s, reader %d): %s", BAD_SHARD_WARNING.get(reason, reason), url,
+                        self.spec.task, self.reader, detail)
+        self._count_skip(reason)
 
     def take_counts(self) -> tuple[dict[str, int], int, dict[str, int]]:
         """(skips by reason, raw samples read, S3 retries by reason) since the previous call."""
@@ -178,8 +192,9 @@ class StreamReader:
         spec = self.spec
         subs = [ShardSource(ds, seed=spec.seed, name_id=spec.name_id(ds), reader=self.reader,
                             n_readers=spec.n_readers, resampled=spec.resampled, cycle=spec.mixed,
-                            s3=spec.s3, stats=self.retries, on_corrupt=self._on_corrupt,
-                            state=(state["sources"][k] if spec.mixed else state) if state else None)
+                            s3=spec.s3, stats=self.retries, on_bad_shard=self._on_bad_shard,
+                            state=(state["sources"][k] if spec.mixed else state) if state else None,
+                            verify_sha256=spec.verify_sha256, max_member_bytes=spec.limits.max_member_bytes)
                 for k, ds in enumerate(spec.datasets)]
         if not spec.mixed:
             return subs[0]
@@ -450,21 +465,57 @@ def pin(batch: dict, device: torch.device) -> dict:
     return out
 
 
+def iter_split(shards: Sequence[str], s3: Optional[S3Options] = None, skipped: Optional[dict[str, int]] = None,
+               max_member_bytes: int = DecodeLimits.max_member_bytes) -> Iterator[dict]:
+    """Every raw sample of a held-out split in file order, with the training reader's policy:
+    a damaged, missing or non-regular shard gives what it has and is counted into `skipped`
+    ("corrupt_tar", "missing_shard", "not_a_file") with one warning; S3 errors past the retry
+    budget still raise."""
+    for url in shards:
+        try:
+            yield from iter_shard(url, s3=s3, max_member_bytes=max_member_bytes)
+        except (*CORRUPT_SHARD_ERRORS, FileNotFoundError, NotARegularFile) as e:
+            reason = ("missing_shard" if isinstance(e, FileNotFoundError) else
+                      "not_a_file" if isinstance(e, NotARegularFile) else "corrupt_tar")
+            log.warning("held-out data: %s %s: %s: %s", BAD_SHARD_WARNING[reason], url, type(e).__name__, e)
+            if skipped is not None:
+                add_counts(skipped, {reason: 1})
+
+
+def read_split(shards: Sequence[str], s3: Optional[S3Options] = None, skipped: Optional[dict[str, int]] = None,
+               max_member_bytes: int = DecodeLimits.max_member_bytes) -> list[dict]:
+    """iter_split's samples as a list."""
+    return list(iter_split(shards, s3, skipped, max_member_bytes))
+
+
 def validation_batches(shards: Sequence[str], tokenizer, collate: Collate, *, task: str, seed: int,
                        rank: int, world: int, batch_size: int, max_txt_len: int,
-                       img_dim: int, s3: Optional[S3Options] = None) -> Iterator[dict]:
+                       img_dim: int, s3: Optional[S3Options] = None, skipped: Optional[dict[str, int]] = None,
+                       limits: DecodeLimits = DecodeLimits(), raws: Optional[list[dict]] = None) -> Iterator[dict]:
     """The held-out split for one rank, in file order, with fixed per-batch RNG.
 
     Rank r takes samples r, r+world, ... of the first world*(n//world) samples, so
     every rank runs the same number of batches (collectives inside the model, as
     under ZeRO-3, cannot hang) and each kept sample is seen exactly once.
+    Skips are counted into `skipped` by reason, so that their sum over ranks is the
+    split's: shard-level ones by rank 0 (every rank reads every shard), bad samples by
+    the rank they fall to. `raws`: the split already read (read_split), else it is read here.
     """
-    raws = [raw for path in shards for raw in iter_shard(path, s3=s3)]
+    rank_skipped: dict[str, int] = {}
+    if raws is None:
+        raws = read_split(shards, s3, rank_skipped, limits.max_member_bytes)
+    if skipped is not None and rank == 0:
+        add_counts(skipped, rank_skipped)
     usable = len(raws) // world * world
     mine = raws[rank:usable:world]
     for index, start in enumerate(range(0, len(mine), batch_size)):
-        decoded = [decode_region_sample(r, tokenizer, max_txt_len, img_dim)[0]
-                   for r in mine[start:start + batch_size]]
-        samples = [s for s in decoded if s is not None]
+        samples = []
+        for raw in mine[start:start + batch_size]:
+            sample, reason = ((None, raw[SKIP_MARK]) if raw.get(SKIP_MARK) else
+                              decode_region_sample(raw, tokenizer, max_txt_len, img_dim, limits=limits))
+            if sample is not None:
+                samples.append(sample)
+            elif skipped is not None:
+                add_counts(skipped, {reason: 1})
         if samples:
             yield collate(samples, np.random.default_rng([seed, stable_id(task), index, 3]))

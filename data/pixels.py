@@ -10,17 +10,23 @@ from __future__ import annotations
 import io
 import math
 import re
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image, ImageEnhance, ImageOps
 
+from data.shards import DecodeLimits
+
 # CLIP's normalisation, which ALBEF uses.
 MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
 STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
 FILL = (128, 128, 128)
 MAX_LEVEL = 10.0
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP")
+"""Decoders PIL may use: shards hold photos, and other plugins (EPS runs Ghostscript) are no
+attack surface worth having."""
 RANDAUG_OPS = ("Identity", "AutoContrast", "Equalize", "Brightness", "Sharpness",
                "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate")
 
@@ -47,14 +53,36 @@ class PixelConfig:
             raise ValueError("pixels: hflip_prob in [0, 1], randaug_ops >= 0, randaug_magnitude in [0, 10]")
 
 
-def decode_image(data: bytes) -> Image.Image:
-    """JPEG/PNG bytes -> RGB image; ValueError when they are not an image (a bad sample)."""
+class ImageTooLargeError(ValueError):
+    """A picture's header declares more pixels than the budget (a decompression bomb)."""
+
+
+def decode_image(data: bytes, max_pixels: int = DecodeLimits.max_image_pixels) -> Image.Image:
+    """JPEG/PNG/WebP bytes -> RGB image. ImageTooLargeError when the header declares more than
+    `max_pixels` pixels (checked before decoding), ValueError when they are not such an image."""
+    img = open_image(data, max_pixels)
     try:
-        img = Image.open(io.BytesIO(data))
         img.load()
-    except (OSError, Image.DecompressionBombError, SyntaxError) as e:
-        raise ValueError(f"undecodable image: {e}") from None
-    return img.convert("RGB")
+        return img.convert("RGB")
+    except Exception as e:
+        raise ValueError(f"undecodable image: {type(e).__name__}: {e}") from None
+
+
+def open_image(data: bytes, max_pixels: int = DecodeLimits.max_image_pixels) -> Image.Image:
+    """JPEG/PNG/WebP bytes -> a PIL image of which only the header was read (the shard builders
+    check their sources with it); the same errors as `decode_image` for a bad header."""
+    try:
+        with warnings.catch_warnings():
+            # The budget below decides; PIL's warning would only announce a decode it then allows.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)  # reads the header only
+    except Image.DecompressionBombError as e:  # PIL's process-wide limit, which other code may lower
+        raise ImageTooLargeError(str(e)) from None
+    except Exception as e:  # malformed files fail in many ways inside PIL's plugins; all mean the same here
+        raise ValueError(f"undecodable image: {type(e).__name__}: {e}") from None
+    if img.width * img.height > max_pixels:
+        raise ImageTooLargeError(f"{img.width}x{img.height} pixels, over the budget of {max_pixels}")
+    return img
 
 
 def to_tensor(img: Image.Image) -> torch.Tensor:

@@ -15,17 +15,18 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import re
 import tarfile
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
 
 import numpy as np
 import webdataset as wds
 
-from data.storage import S3Options, join, open_stream, read_bytes
+from data.storage import NotARegularFile, S3Options, check_regular_file, join, join_inside, open_stream, read_bytes
 
 FORMAT = "vlpt-regions-v1"
 PIXEL_FORMAT = "vlpt-pixels-v1"
@@ -33,16 +34,22 @@ PIXEL_FORMAT = "vlpt-pixels-v1"
 MANIFEST_NAME = "manifest.json"
 REGION_FIELDS = ("features", "norm_bb", "conf", "soft_labels")
 SKIP_REASONS = (
-    "missing_json", "bad_json", "missing_image_id", "missing_caption", "empty_caption",
-    "missing_npz", "bad_npz", "missing_field", "no_regions", "wrong_feature_dim",
-    "bad_shape", "nonfinite_features", "caption_too_long", "corrupt_tar",
+    "missing_json", "bad_json", "missing_image_id", "missing_caption", "bad_caption", "empty_caption",
+    "missing_npz", "bad_npz", "npz_too_large", "missing_field", "no_regions", "wrong_feature_dim",
+    "bad_shape", "nonfinite_features", "bad_boxes", "bad_soft_labels", "caption_too_long", "corrupt_tar",
 )
 """Why a region sample was skipped. All but "corrupt_tar" are per sample (decode_region_sample);
 "corrupt_tar" is counted once per unreadable shard read by the loader (the samples lost
-after the damage are not counted, being never seen)."""
-PIXEL_SKIP_REASONS = ("missing_json", "bad_json", "missing_image_id", "missing_caption", "empty_caption",
-                      "missing_image", "bad_image", "corrupt_tar")
-"""Why a picture sample was skipped (decode_pixel_sample; "corrupt_tar" as above)."""
+after the damage are not counted, being never seen). "bad_caption": the caption holds
+characters no tokenizer input may hold (see `caption_reason`); "npz_too_large": its arrays
+would take more than `DecodeLimits.max_member_bytes`; "nonfinite_features": a value is not
+finite in the training dtype (float32, and fp16's range in fp16 runs); "bad_boxes": a
+`norm_bb` value outside [0, 1] by more than BOX_TOLERANCE; "bad_soft_labels": a soft label
+row with a negative entry or not summing to 1 within SOFT_LABEL_SUM_TOLERANCE."""
+PIXEL_SKIP_REASONS = ("missing_json", "bad_json", "missing_image_id", "missing_caption", "bad_caption",
+                      "empty_caption", "missing_image", "bad_image", "image_too_large", "corrupt_tar")
+"""Why a picture sample was skipped (decode_pixel_sample; "corrupt_tar" as above);
+"image_too_large": its header declares more than `DecodeLimits.max_image_pixels` pixels."""
 # webdataset's rule: key = everything up to the first dot of the basename.
 _KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
 
@@ -152,6 +159,8 @@ class Manifest:
     label_dim: int
     sha256: list[str]
     meta: dict
+    sizes: list[Optional[int]] = field(default_factory=list)
+    """Bytes of each shard as the manifest lists them (None where it gives none)."""
 
     @property
     def num_samples(self) -> int:
@@ -167,7 +176,8 @@ def _manifest_location(where: str) -> str:
     return str(Path(where) / MANIFEST_NAME)
 
 
-def read_manifest(directory: str | Path, expected_format: str = FORMAT, s3: Optional[S3Options] = None) -> Manifest:
+def read_manifest(directory: str | Path, expected_format: str = FORMAT, s3: Optional[S3Options] = None,
+                  allow_outside: bool = False) -> Manifest:
     """Parse `directory/manifest.json` (or a manifest file path); ValueError naming the file if bad.
 
     `directory` may be a local directory or an `s3://bucket/prefix` (read with the
@@ -175,6 +185,12 @@ def read_manifest(directory: str | Path, expected_format: str = FORMAT, s3: Opti
     another `format` than `expected_format` is rejected (a pixel dataset is never
     read as region features). Non-region manifests need no img_dim/label_dim;
     those fields are then 0 unless the manifest has them.
+
+    Shard paths must stay inside the manifest's folder (after `..` and symlinks) or S3
+    prefix, unless `allow_outside` (`data.allow_outside_shards`): a manifest is data, and
+    must not point the reader at /etc/passwd or another bucket. A local shard that exists
+    but is not a regular file (FIFO, device, directory) is refused here; one missing is
+    left to the reader, which skips and counts it.
     """
     file = _manifest_location(str(directory))
     try:
@@ -188,12 +204,20 @@ def read_manifest(directory: str | Path, expected_format: str = FORMAT, s3: Opti
             raise ValueError(f"manifest {file} could not be read: {type(e).__name__}: {e}") from None
         raise
     try:
-        return _parse_manifest(file, data, expected_format)
+        manifest = _parse_manifest(file, data, expected_format, allow_outside)
     except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"manifest {file} is invalid: {e}") from None
+        hint = "; set data.allow_outside_shards=true to allow it" if "outside" in str(e) else ""
+        raise ValueError(f"manifest {file} is invalid: {e}{hint}") from None
+    for path in manifest.shards:
+        if "://" not in path or path.startswith("file://"):
+            try:
+                check_regular_file(path)
+            except NotARegularFile as e:
+                raise ValueError(f"manifest {file} lists {e}: shards must be plain files") from None
+    return manifest
 
 
-def _parse_manifest(file: str, data: dict, expected_format: str = FORMAT) -> Manifest:
+def _parse_manifest(file: str, data: dict, expected_format: str = FORMAT, allow_outside: bool = False) -> Manifest:
     if data.get("format") != expected_format:
         raise ValueError(f"format is {data.get('format')!r}, expected {expected_format!r}")
     if expected_format == FORMAT:
@@ -203,18 +227,22 @@ def _parse_manifest(file: str, data: dict, expected_format: str = FORMAT) -> Man
     if not (isinstance(img_dim, int) and isinstance(label_dim, int)):
         raise ValueError("img_dim and label_dim must be integers")
     root = file.rsplit("/", 1)[0] if file.startswith("s3://") else str(Path(file).parent.resolve())
-    paths, counts, sums = [], [], []
+    paths, counts, sums, sizes = [], [], [], []
     for s in data["shards"]:
         p = str(s["path"])
-        paths.append(join(root, p))
+        paths.append(join(root, p) if allow_outside else join_inside(root, p))
         if not isinstance(s["num_samples"], int) or s["num_samples"] < 0:
             raise ValueError(f"shard {p}: num_samples must be a non-negative int")
         counts.append(s["num_samples"])
         sums.append(str(s.get("sha256", "")))
+        size = s.get("bytes")
+        if size is not None and (not isinstance(size, int) or size < 0):
+            raise ValueError(f"shard {p}: bytes must be a non-negative int")
+        sizes.append(size)
     if not paths:
         raise ValueError("it lists no shards")
     meta = {k: v for k, v in data.items() if k != "shards"}
-    return Manifest(root, paths, counts, img_dim, label_dim, sums, meta)
+    return Manifest(root, paths, counts, img_dim, label_dim, sums, meta, sizes)
 
 
 def verify_manifest(manifest: Manifest) -> list[str]:
@@ -229,8 +257,26 @@ def _split_name(name: str) -> tuple[Optional[str], Optional[str]]:
     return (m.group(1), m.group(2)) if m else (None, None)
 
 
+DEFAULT_MAX_MEMBER_BYTES = 256 << 20
+"""Default of `data.max_member_bytes`: the largest tar member read into memory."""
+SHARD_SKIP_REASONS = ("corrupt_tar", "missing_shard", "not_a_file", "sha256_mismatch", "manifest_mismatch",
+                      "member_too_large", "duplicate_member")
+"""What the reading side counts (data/sources.py, data/loader.py), besides the decoders' reasons.
+Once per shard and epoch by the reader that meets it: "corrupt_tar" (damaged or truncated tar),
+"missing_shard" (listed, not there: deleted, or an S3 object still missing after
+data.s3.missing_retries), "not_a_file" (a FIFO, device or directory where a shard should be;
+skipped without opening), "sha256_mismatch" (data.verify_sha256: the shard is skipped),
+"manifest_mismatch" (the shard holds more or fewer samples, or other bytes, than the manifest
+says; it is still read as far as the manifest's count). Per sample: "member_too_large" (a member
+over data.max_member_bytes, skipped from its header without reading it), "duplicate_member"
+(the same key.ext twice in one sample; which one is meant cannot be known)."""
+SKIP_MARK = "__skip__"
+"""Raw-sample key holding the reason a sample must be skipped before decoding."""
+
+
 def iter_shard(url: str | Path, offset: int = 0, s3: Optional[S3Options] = None,
-               stats: Optional[dict[str, int]] = None) -> Iterator[dict]:
+               stats: Optional[dict[str, int]] = None,
+               max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES) -> Iterator[dict]:
     """Raw samples of one tar (local path or s3:// URL), in file order, from byte `offset`.
 
     A sample is {"__key__", "__url__", "__offset__", "__end__", ext: bytes, ...}:
@@ -239,8 +285,12 @@ def iter_shard(url: str | Path, offset: int = 0, s3: Optional[S3Options] = None,
     can later re-open the shard at a sample boundary. `offset` must be such a
     boundary. A corrupt or truncated tar raises tarfile.TarError after the complete
     samples before the damage were yielded (the loader counts it and moves on).
+    A sample with a member over `max_member_bytes` (never read: the streaming tar
+    skips its body) or a repeated member carries SKIP_MARK = "member_too_large" /
+    "duplicate_member" instead of those members.
     """
     current: Optional[dict] = None
+    exts: set[str] = set()
     with open_stream(str(url), offset, s3, stats) as f, tarfile.open(fileobj=f, mode="r|") as tar:
         # streaming mode: no seeks, the same code path for a file and a network stream
         for member in tar:
@@ -249,19 +299,65 @@ def iter_shard(url: str | Path, offset: int = 0, s3: Optional[S3Options] = None,
             key, ext = _split_name(member.name)
             if key is None:
                 continue
-            data = tar.extractfile(member).read()
             if current is not None and current["__key__"] != key:
                 yield current
                 current = None
             if current is None:
                 current = {"__key__": key, "__url__": str(url), "__offset__": offset + member.offset}
-            current[ext] = data
+                exts = set()
+            _add_member(current, exts, ext, tar, member, max_member_bytes)
             current["__end__"] = offset + member.offset_data + -(-member.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
     if current is not None:
         yield current
 
 
+def _add_member(sample: dict, exts: set[str], ext: str, tar: tarfile.TarFile, member: tarfile.TarInfo,
+                limit: int) -> None:
+    """Put the member's bytes into the sample, or mark the sample to be skipped; `exts`: the
+    extensions the sample met so far."""
+    if ext in exts:
+        sample.setdefault(SKIP_MARK, "duplicate_member")
+        sample.pop(ext, None)
+    elif member.size > limit:
+        sample.setdefault(SKIP_MARK, "member_too_large")
+    else:
+        sample[ext] = tar.extractfile(member).read()
+    exts.add(ext)
+
+
 # ---------------------------------------------------------------- decoding
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+DTYPE_MAX = {"fp32": FLOAT32_MAX, "bf16": 3.3895313892515355e38, "fp16": 65504.0}
+"""Largest finite value of each training precision (precision.dtype)."""
+BOX_TOLERANCE = 1e-3
+"""How far a `norm_bb` value may leave [0, 1]: room for the rounding of boxes clipped to the image."""
+SOFT_LABEL_SUM_TOLERANCE = 1e-3
+"""How far a soft-label row's sum may be from 1. fp16 storage rounds each entry by at most 2**-11
+of itself, so a detector's softmax stored as fp16 sums to 1 within about 5e-4."""
+_BAD_CAPTION_CHARS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
+"""Control characters other than tab, newline and carriage return (C0, DEL and C1), and lone
+surrogates: valid as JSON escapes, but not text (no UTF-8, no tokenizer input)."""
+_NPY_HEADER_LIMIT = 10_000
+"""Longest .npy header read (numpy's own default limit)."""
+_NPZ_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)
+"""np.savez and np.savez_compressed; deflate output is read in bounded steps, other methods'
+decompressors are not bounded by Python's zipfile."""
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    """What one sample may cost and hold; beyond it the sample is skipped, before it is decoded."""
+
+    max_image_pixels: int = 50_000_000
+    """Width x height from a picture's header (about 150 MB decoded to RGB)."""
+    max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES
+    """Bytes of a tar member (iter_shard), and of an npz's arrays together once inflated, known
+    from its zip directory and .npy headers."""
+    max_abs_value: float = FLOAT32_MAX
+    """Largest |value| of features, boxes and soft labels once decoded: float32's range, or the
+    training precision's (DTYPE_MAX) where that is narrower."""
+
 
 @dataclass
 class RegionSample:
@@ -277,6 +373,15 @@ class RegionSample:
     """Name of the dataset it came from (several may be mixed in one batch)."""
 
 
+def caption_reason(caption: str) -> Optional[str]:
+    """"bad_caption" for text a tokenizer must not see, "empty_caption" for blank text, else None."""
+    if _BAD_CAPTION_CHARS.search(caption):
+        return "bad_caption"
+    if not caption.strip():
+        return "empty_caption"
+    return None
+
+
 def _decode_meta(raw: dict) -> tuple[Optional[dict], Optional[str]]:
     if raw.get("json") is None:
         return None, "missing_json"
@@ -290,29 +395,62 @@ def _decode_meta(raw: dict) -> tuple[Optional[dict], Optional[str]]:
         return None, "missing_image_id"
     if not isinstance(meta.get("caption"), str):
         return None, "missing_caption"
-    if not meta["caption"].strip():
-        return None, "empty_caption"
-    return meta, None
+    reason = caption_reason(meta["caption"])
+    return (None, reason) if reason else (meta, None)
 
 
-def _load_regions(raw: dict) -> tuple[Optional[dict], Optional[str]]:
+def _read_npy(z: zipfile.ZipFile, info: zipfile.ZipInfo, max_bytes: int) -> Optional[np.ndarray]:
+    """One .npy member, or None when its array holds more than `max_bytes` (known before reading
+    it); raises on anything malformed."""
+    if info.compress_type not in _NPZ_METHODS:
+        raise ValueError(f"{info.filename}: zip compression method {info.compress_type}")
+    if info.file_size > max_bytes + _NPY_HEADER_LIMIT:
+        return None
+    with z.open(info) as f:
+        version = np.lib.format.read_magic(f)
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                       (2, 0): np.lib.format.read_array_header_2_0}[version]
+        shape, fortran, dtype = read_header(f, max_header_size=_NPY_HEADER_LIMIT)
+        if dtype.hasobject or any(d < 0 for d in shape):
+            raise ValueError(f"{info.filename}: pickled objects or a negative shape {shape}")
+        nbytes = math.prod(shape) * dtype.itemsize
+        if nbytes > max_bytes:
+            return None
+        data = f.read(nbytes)  # bounded: deflate never inflates past what is asked
+    if len(data) != nbytes:
+        raise ValueError(f"{info.filename}: {len(data)} bytes of data, its header declares {nbytes}")
+    return np.frombuffer(data, dtype).reshape(shape, order="F" if fortran else "C")
+
+
+def _load_regions(raw: dict, max_bytes: int) -> tuple[Optional[dict], Optional[str]]:
     if raw.get("npz") is None:
         return None, "missing_npz"
+    return read_region_npz(io.BytesIO(raw["npz"]), max_bytes)
+
+
+def read_region_npz(source: Any, max_bytes: int) -> tuple[Optional[dict], Optional[str]]:
+    """The REGION_FIELDS arrays of an npz (a binary file object or a local path: the shard
+    builders read their source files with it), all together within `max_bytes` once inflated;
+    (arrays, None) or (None, "missing_field" | "npz_too_large" | "bad_npz"). Never raises."""
+    arrays: dict[str, np.ndarray] = {}
     try:
-        # np.load's NpzFile reads members through small zip-stream reads; whole-member
-        # reads are ~1.5x faster and this runs for every sample of every epoch.
-        with zipfile.ZipFile(io.BytesIO(raw["npz"])) as z:
-            present = set(z.namelist())
-            arrays = {k: np.lib.format.read_array(io.BytesIO(z.read(f"{k}.npy")), allow_pickle=False)
-                      for k in REGION_FIELDS if f"{k}.npy" in present}
-    except Exception:  # a damaged zip can fail in many ways; all mean the same here
+        # Whole-array reads (not np.load's small zip-stream reads): this runs for every sample
+        # of every epoch.
+        with zipfile.ZipFile(source) as z:
+            members = {i.filename: i for i in z.infolist()}
+            for k in REGION_FIELDS:
+                if f"{k}.npy" not in members:
+                    return None, "missing_field"
+                array = _read_npy(z, members[f"{k}.npy"], max_bytes - sum(a.nbytes for a in arrays.values()))
+                if array is None:
+                    return None, "npz_too_large"
+                arrays[k] = array
+    except Exception:  # a damaged zip or .npy can fail in many ways; all mean the same here
         return None, "bad_npz"
-    if len(arrays) < len(REGION_FIELDS):
-        return None, "missing_field"
     return arrays, None
 
 
-def _check_regions(a: dict, img_dim: Optional[int], label_dim: Optional[int]) -> Optional[str]:
+def _check_shapes(a: dict, img_dim: Optional[int], label_dim: Optional[int]) -> Optional[str]:
     feats = a["features"]
     if feats.ndim != 2 or (img_dim is not None and feats.shape[1] != img_dim):
         return "wrong_feature_dim"
@@ -326,9 +464,35 @@ def _check_regions(a: dict, img_dim: Optional[int], label_dim: Optional[int]) ->
         return "bad_shape"
     if not all(np.issubdtype(a[k].dtype, np.number) for k in REGION_FIELDS):
         return "bad_shape"
-    if not all(np.isfinite(a[k]).all() for k in ("features", "norm_bb", "soft_labels")):
-        return "nonfinite_features"
     return None
+
+
+def _as_float32(a: dict) -> dict[str, np.ndarray]:
+    """features, norm_bb and soft_labels as the model gets them; values beyond float32 become inf."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return {k: a[k].astype(np.float32) for k in ("features", "norm_bb", "soft_labels")}
+
+
+def _check_values(f32: dict, max_abs: float) -> Optional[str]:
+    """Reason for float32 arrays (from _as_float32) that the model cannot use, else None.
+    Reductions rather than elementwise masks: this runs for every sample of every epoch."""
+    for x in f32.values():
+        if x.size and not (-max_abs <= x.min() and x.max() <= max_abs):  # NaN fails both
+            return "nonfinite_features"
+    bb = f32["norm_bb"]  # [n, 6] with n >= 1 (_check_shapes)
+    if bb.min() < -BOX_TOLERANCE or bb.max() > 1 + BOX_TOLERANCE:
+        return "bad_boxes"
+    soft = f32["soft_labels"]  # [n, K]
+    sums = soft.sum(axis=1)  # [n] pairwise float32 sums: error ~1e-7, far below the tolerance
+    if (soft.size and soft.min() < 0) or np.abs(sums - 1).max() > SOFT_LABEL_SUM_TOLERANCE:
+        return "bad_soft_labels"
+    return None
+
+
+def _check_regions(a: dict, img_dim: Optional[int], label_dim: Optional[int],
+                   max_abs: float = FLOAT32_MAX) -> Optional[str]:
+    """Why region arrays are unusable (shapes, then values as float32), or None."""
+    return _check_shapes(a, img_dim, label_dim) or _check_values(_as_float32(a), max_abs)
 
 
 def decode_region_sample(
@@ -337,22 +501,31 @@ def decode_region_sample(
     max_txt_len: int,
     img_dim: Optional[int] = None,
     label_dim: Optional[int] = None,
+    limits: DecodeLimits = DecodeLimits(),
 ) -> tuple[Optional[RegionSample], Optional[str]]:
-    """Decode a raw sample from `iter_shard`; (sample, None) or (None, reason from SKIP_REASONS).
+    """Decode a raw sample from `iter_shard`; (sample, None) or (None, reason from SKIP_REASONS,
+    or the SKIP_MARK reason iter_shard put on it).
 
     Bad data never raises. Captions longer than `max_txt_len` word pieces are
     dropped, as UNITER drops them (its text DB keeps only ids with len <= max_txt_len);
-    `img_dim`/`label_dim`, when given, are the expected widths.
+    `img_dim`/`label_dim`, when given, are the expected widths; `limits` bound what a
+    sample may cost and hold.
     """
     if max_txt_len < 1:
         raise ValueError(f"max_txt_len must be >= 1, got {max_txt_len}")
+    if raw.get(SKIP_MARK):  # iter_shard found it bad (a huge or repeated member)
+        return None, raw[SKIP_MARK]
     meta, reason = _decode_meta(raw)
     if reason:
         return None, reason
-    arrays, reason = _load_regions(raw)
+    arrays, reason = _load_regions(raw, limits.max_member_bytes)
     if reason:
         return None, reason
-    reason = _check_regions(arrays, img_dim, label_dim)
+    reason = _check_shapes(arrays, img_dim, label_dim)
+    if reason:
+        return None, reason
+    f32 = _as_float32(arrays)
+    reason = _check_values(f32, limits.max_abs_value)
     if reason:
         return None, reason
     ids = np.asarray(tokenizer.encode(meta["caption"]), dtype=np.int64)  # [T]
@@ -360,20 +533,21 @@ def decode_region_sample(
         return None, "empty_caption"
     if ids.size > max_txt_len:
         return None, "caption_too_long"
-    bb = arrays["norm_bb"].astype(np.float32)  # [n, 6]
+    bb = f32["norm_bb"]  # [n, 6]
     img_pos = np.concatenate([bb, bb[:, 4:5] * bb[:, 5:6]], axis=1)  # [n, 7], UNITER appends w*h
     sample = RegionSample(
         key=str(raw.get("__key__", meta.get("caption_id", ""))),
         image_id=meta["image_id"],
         input_ids=ids,
-        img_feat=arrays["features"].astype(np.float32),
+        img_feat=f32["features"],
         img_pos=img_pos,
-        soft_labels=arrays["soft_labels"].astype(np.float32),
+        soft_labels=f32["soft_labels"],
     )
     return sample, None
 
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png")
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+"""Picture members of a pixel sample (data/builders.py stores .webp files as they are)."""
 
 
 @dataclass
@@ -389,22 +563,29 @@ class PixelSample:
     dataset: str = ""
 
 
-def decode_pixel_sample(raw: dict, tokenizer) -> tuple[Optional[PixelSample], Optional[str]]:
-    """Decode a raw pixel-shard sample; (sample, None) or (None, reason from PIXEL_SKIP_REASONS).
-    Bad data never raises: an undecodable picture is "bad_image"."""
-    from data.pixels import decode_image
+def decode_pixel_sample(raw: dict, tokenizer,
+                        limits: DecodeLimits = DecodeLimits()) -> tuple[Optional[PixelSample], Optional[str]]:
+    """Decode a raw pixel-shard sample; (sample, None) or (None, reason from PIXEL_SKIP_REASONS
+    or SKIP_MARK).
+    Bad data never raises: an undecodable picture is "bad_image", one whose header declares
+    more than `limits.max_image_pixels` pixels is "image_too_large" (and is not decoded)."""
+    from data.pixels import ImageTooLargeError, decode_image
 
+    if raw.get(SKIP_MARK):  # iter_shard found it bad (a huge or repeated member)
+        return None, raw[SKIP_MARK]
     meta, reason = _decode_meta(raw)
     if reason:
         return None, reason
     data = next((raw[ext] for ext in IMAGE_EXTENSIONS if raw.get(ext) is not None), None)
     if data is None:
         return None, "missing_image"
-    try:
-        image = decode_image(data)
-    except ValueError:
-        return None, "bad_image"
     if not tokenizer.encode(meta["caption"]):  # e.g. only characters the normaliser drops
         return None, "empty_caption"
+    try:
+        image = decode_image(data, limits.max_image_pixels)
+    except ImageTooLargeError:
+        return None, "image_too_large"
+    except ValueError:
+        return None, "bad_image"
     key = str(raw.get("__key__", meta.get("caption_id", "")))
     return PixelSample(key, meta["image_id"], meta["caption"], image), None

@@ -17,6 +17,10 @@ given weights (draw i from (seed, name, reader, i // 1024)).
 A source's `state()` is a small JSON-able cursor (segment, sample index and byte
 offset of the next sample); a source built from it continues exactly there,
 re-opening the shard at that byte (a ranged GET on S3), not from its start.
+
+A shard that cannot be read as listed never stops a reader: it is skipped or read as far
+as it goes, and reported through `on_bad_shard(url, reason, detail)` with a reason of
+data.shards.SHARD_SKIP_REASONS, once per shard and epoch by the reader that meets it.
 """
 from __future__ import annotations
 
@@ -26,8 +30,8 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
-from data.shards import iter_shard
-from data.storage import S3Options
+from data.shards import DEFAULT_MAX_MEMBER_BYTES, Manifest, iter_shard
+from data.storage import NotARegularFile, S3Options, object_size, sha256_of
 
 CORRUPT_SHARD_ERRORS = (tarfile.TarError, EOFError)
 """What a damaged or truncated tar raises; network failures past the retry budget are not among them."""
@@ -42,10 +46,19 @@ class DatasetShards:
     shards: tuple[str, ...]
     counts: tuple[int, ...]
     weight: float = 1.0
+    sizes: tuple[Optional[int], ...] = ()
+    """Bytes of each shard per the manifest, checked when read; empty: not checked."""
+    sha256: tuple[str, ...] = ()
+    """Hex checksums per the manifest, checked when the reader verifies; empty: none known."""
 
     @property
     def num_samples(self) -> int:
         return sum(self.counts)
+
+    @classmethod
+    def from_manifest(cls, name: str, manifest: Manifest, weight: float = 1.0) -> "DatasetShards":
+        return cls(name, tuple(manifest.shards), tuple(manifest.counts), weight,
+                   tuple(manifest.sizes), tuple(manifest.sha256))
 
 
 def epoch_shard_order(n_shards: int, seed: int, name_id: int, epoch: int) -> np.ndarray:
@@ -77,19 +90,25 @@ class ShardSource:
 
     `next()` returns the next raw sample, or None at the end of a non-resampled
     epoch when `cycle` is False (the caller starts the next with `start_epoch`).
-    `on_corrupt(url)` is called once per damaged shard, by the reader whose
-    range holds the damage.
+    `on_bad_shard(url, reason, detail)` is called once per damaged, missing or
+    mismatching shard (see the module doc): for damage and a short shard by the
+    reader whose range holds the place, for a missing or refused shard by every
+    reader that needed it, for a size or checksum mismatch by the reader that
+    starts the shard.
     """
 
     def __init__(self, ds: DatasetShards, *, seed: int, name_id: int, reader: int, n_readers: int,
                  resampled: bool, cycle: bool, s3: Optional[S3Options], stats: dict,
-                 on_corrupt: Callable[[str, Exception], None], state: Optional[dict] = None):
+                 on_bad_shard: Callable[[str, str, str], None], state: Optional[dict] = None,
+                 verify_sha256: bool = False, max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES):
         if not ds.shards:
             raise ValueError(f"dataset {ds.name!r} has no shards")
         self.ds, self.seed, self.name_id = ds, seed, name_id
         self.reader, self.n_readers = reader, n_readers
         self.resampled, self.cycle, self.s3, self.stats = resampled, cycle, s3, stats
-        self.on_corrupt = on_corrupt
+        self.on_bad_shard = on_bad_shard
+        self.verify_sha256, self.max_member_bytes = verify_sha256, max_member_bytes
+        self._checksums: dict[int, bool] = {}
         self._draws: dict[int, np.ndarray] = {}
         self._it: Optional[Iterator[dict]] = None
         if state is None:
@@ -133,19 +152,64 @@ class ShardSource:
         known = self.offset >= 0
         index = self.sample if known else 0
         try:
-            for raw in iter_shard(url, self.offset if known else 0, self.s3, self.stats):
+            if not known and not self._shard_usable(shard, report=first == 0):
+                return
+            raws = iter_shard(url, self.offset if known else 0, self.s3, self.stats, self.max_member_bytes)
+            for raw in raws:
                 if index >= end:
                     return
                 index += 1
+                if index == end == self.ds.counts[shard]:
+                    self._check_shard_ends(url, raws, end)
                 if index > first:
                     self.sample, self.offset = index, raw["__end__"]
                     raw["__dataset__"] = self.ds.name
                     yield raw
         except CORRUPT_SHARD_ERRORS as e:
             if index >= first:  # the damage lies in this reader's range: it alone reports it
-                self.on_corrupt(url, e)
+                self.on_bad_shard(url, "corrupt_tar", f"{type(e).__name__}: {e}")
+            return
+        except FileNotFoundError as e:
+            self.on_bad_shard(url, "missing_shard", str(e))
+            return
+        except NotARegularFile as e:
+            self.on_bad_shard(url, "not_a_file", str(e))
+            return
+        if first <= index < end:  # it ended inside this reader's range: fewer samples than listed
+            self.on_bad_shard(url, "manifest_mismatch", f"it holds {index} samples, its manifest lists "
+                              f"{self.ds.counts[shard]}")
+
+    def _check_shard_ends(self, url: str, raws: Iterator[dict], listed: int) -> None:
+        """Reads ahead one sample past the manifest's last: there must be none."""
+        try:
+            extra = next(raws, None)
+        except CORRUPT_SHARD_ERRORS as e:  # damage after the last listed sample
+            self.on_bad_shard(url, "corrupt_tar", f"{type(e).__name__}: {e}")
+            return
+        if extra is not None:
+            self.on_bad_shard(url, "manifest_mismatch", f"it holds more than the {listed} samples its "
+                              f"manifest lists; the rest is not read")
+
+    def _shard_usable(self, shard: int, report: bool) -> bool:
+        """Before a segment: the shard's size (a mismatch is reported, the shard still read)
+        and, when verifying, its checksum (a mismatch skips it). `report`: this reader starts
+        the shard, so it alone reports (every reader still skips a bad checksum)."""
+        url = self.ds.shards[shard]
+        expected = self.ds.sizes[shard] if shard < len(self.ds.sizes) else None
+        if report and expected is not None:
+            size = object_size(url, self.s3, self.stats)
+            if size != expected:
+                self.on_bad_shard(url, "manifest_mismatch", f"it has {size} bytes, its manifest lists {expected}")
+        if not self.verify_sha256 or shard >= len(self.ds.sha256):
+            return True
+        if shard not in self._checksums:  # a shard is hashed once per reader, not once per epoch
+            self._checksums[shard] = sha256_of(url, self.s3, self.stats) == self.ds.sha256[shard]
+        if report and not self._checksums[shard]:
+            self.on_bad_shard(url, "sha256_mismatch", "its sha256 differs from the manifest's; skipped")
+        return self._checksums[shard]
 
     def _samples(self) -> Iterator[dict]:
+        empty = 0  # segments in a row that gave nothing: all shards unreadable would spin forever
         while True:
             if self._segment(self.seg) is None:
                 if not self.cycle:
@@ -154,7 +218,12 @@ class ShardSource:
                 if not self._segments:
                     raise ValueError(f"dataset {self.ds.name!r} gives reader {self.reader} no samples")
                 continue
+            before = self.sample, self.offset
             yield from self._read_segment()
+            empty = empty + 1 if (self.sample, self.offset) == before else 0
+            if empty > 2 * len(self.ds.shards) + 8:
+                raise ValueError(f"dataset {self.ds.name!r}: reader {self.reader} found no readable sample in "
+                                 f"{empty} shard reads in a row; are its shards there and intact?")
             self._enter(self.seg + 1)
 
     def next(self) -> Optional[dict]:

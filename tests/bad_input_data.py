@@ -59,6 +59,15 @@ def bad_sample(reason: str, key: str) -> dict:
         arrays["features"][1, 2] = np.nan
     elif reason == "caption_too_long":
         meta["caption"] = " ".join(["red cube"] * 40)  # 80 word pieces > max_txt_len 60
+    elif reason == "bad_caption":
+        meta["caption"] = "a red \x00 cube"
+    elif reason == "npz_too_large":
+        from tests.adversarial.sample_attacks import npz_header_bomb
+        sample["npz"] = npz_header_bomb()
+    elif reason == "bad_boxes":
+        arrays["norm_bb"][0, 0] = 1.5
+    elif reason == "bad_soft_labels":
+        arrays["soft_labels"][0, 0] = -0.5
     else:
         raise ValueError(reason)
     if "npz" in sample and sample["npz"] is None:
@@ -102,10 +111,10 @@ def write_bad_dataset(out: Path, batch_size: int = 8, n_batches: int = 6, corrup
     rest = total - readable_corrupt
     bad = [bad_sample(r, f"bad-{i:02d}-{r.replace('_', '-')}") for i, r in enumerate(SAMPLE_REASONS)]
     n_good = rest - len(bad)
-    assert n_good >= 2 * len(bad), "not enough room to keep every batch partly good"
+    assert n_good >= len(bad), "not enough room to keep every batch partly good"
     mixed: list[dict] = []
-    for i in range(rest):  # one bad sample every ~3 samples
-        if bad and i % 3 == 1:
+    for i in range(rest):  # one bad sample every ~2 samples
+        if bad and i % 2 == 1:
             mixed.append(bad.pop(0))
         else:
             mixed.append(next(pool))

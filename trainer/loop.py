@@ -8,13 +8,14 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Iterable, Optional
 
 import torch
 
 from data.collate import collate_itm, collate_itm_hard, collate_mlm, collate_mrm
 from data.collate_albef import collate_albef
-from data.loader import ResumableTaskLoader, StreamSpec, TaskBatches, add_counts, merge_states, validation_batches
+from data.loader import (ResumableTaskLoader, StreamSpec, TaskBatches, add_counts, merge_states, read_split,
+                         validation_batches)
 from data.shards import FORMAT, PIXEL_FORMAT, read_manifest
 from data.sources import DatasetShards
 from data.storage import is_s3
@@ -24,7 +25,7 @@ from trainer.albef_step import albef_train_step
 from trainer.config import Config, config_to_yaml
 from trainer.config_loader import ConfigError, flatten, to_dict
 from trainer.checkpoint_s3 import download_checkpoint, remote_latest, upload_checkpoint
-from trainer.distributed import DistInfo, all_gather_objects, barrier, setup_distributed
+from trainer.distributed import DistInfo, all_gather_objects, setup_distributed
 from trainer.engine import BatchLayout, batch_layout, build_engine
 from trainer.errors import RunAborted, RunStopped
 from trainer.models.albef import AlbefTeacher
@@ -34,6 +35,7 @@ from trainer.objectives.albef import alpha_at
 from trainer.preemption import StopRequest
 from trainer.progress import Progress
 from trainer.retrieval import load_retrieval_set, retrieval_metrics
+from trainer.run_lock import hold_run_lock
 from trainer.steps import draw_task, evaluate, train_step
 from trainer.task_mix import mix_ratios, task_mix, task_of
 from trainer.summary import mlm_loss_drop, print_summary
@@ -196,14 +198,14 @@ def build_train_loaders(cfg: Config, tok, layout: BatchLayout, rank: int, positi
     for entry in task_mix(cfg):
         datasets = []
         for source in entry.sources:
-            manifest = read_manifest(source.train, shard_format(cfg), s3=d.s3)
-            datasets.append(DatasetShards(source.name, tuple(manifest.shards), tuple(manifest.counts),
-                                          source.weight))
+            manifest = read_manifest(source.train, shard_format(cfg), s3=d.s3, allow_outside=d.allow_outside_shards)
+            datasets.append(DatasetShards.from_manifest(source.name, manifest, source.weight))
         spec = StreamSpec(datasets=tuple(datasets), task=entry.key, seed=cfg.train.seed,
                           n_streams=layout.n_streams, batch_size=layout.micro_batch_size,
                           shuffle_buffer=d.shuffle_buffer, max_txt_len=d.max_txt_len, img_dim=img_dim,
                           parts=max(1, d.num_workers), resampled=d.resampled, token_budget=d.token_budget,
-                          s3=d.s3, modality="pixels" if is_albef(cfg) else "regions")
+                          s3=d.s3, modality="pixels" if is_albef(cfg) else "regions",
+                          limits=d.decode_limits(cfg.precision.dtype), verify_sha256=d.verify_sha256)
         try:
             dataset = TaskBatches(spec, tok, collate_for(entry.task, cfg, tok), mine, positions.get(entry.key))
         except ValueError as e:  # positions that do not fit this run: one line, exit 2
@@ -212,12 +214,33 @@ def build_train_loaders(cfg: Config, tok, layout: BatchLayout, rank: int, positi
     return loaders
 
 
-def build_val_batches(cfg: Config, tok, info: DistInfo, img_dim: int) -> dict[str, list]:
-    return {key: validation_batches(read_manifest(source.val, s3=cfg.data.s3).shards, tok,
-                                    collate_for(e.task, cfg, tok), task=key, seed=cfg.train.seed,
+def read_val_splits(cfg: Config, tok, skipped: dict[str, int]) -> dict[str, tuple]:
+    """Every held-out split, read whole on this rank (no collectives): key -> (task, raw samples)
+    or, for ALBEF, (task, RetrievalSet). Damaged, missing or bad data is skipped and counted into
+    `skipped` alike on every rank; what cannot be read at all (an invalid manifest, S3 past its
+    retry budget, no usable sample) raises."""
+    splits = {}
+    for e in task_mix(cfg):
+        for key, source in e.val_keys():
+            manifest = read_manifest(source.val, shard_format(cfg), s3=cfg.data.s3,
+                                     allow_outside=cfg.data.allow_outside_shards)
+            if is_albef(cfg):
+                data = load_retrieval_set(manifest.shards, tok, cfg.data.max_txt_len, cfg.data.s3,
+                                          cfg.data.decode_limits(), skipped=skipped)
+            else:
+                data = read_split(manifest.shards, cfg.data.s3, skipped, cfg.data.max_member_bytes)
+            splits[key] = (e.task, data)
+    return splits
+
+
+def build_val_batches(cfg: Config, tok, info: DistInfo, img_dim: int, splits: dict[str, tuple],
+                      skipped: dict[str, int]) -> dict[str, Iterable[dict]]:
+    """This rank's batches of each split read by read_val_splits; bad samples of its share go to `skipped`."""
+    return {key: validation_batches((), tok, collate_for(task, cfg, tok), task=key, seed=cfg.train.seed,
                                     rank=info.rank, world=info.world_size, batch_size=cfg.data.val_batch_size,
-                                    max_txt_len=cfg.data.max_txt_len, img_dim=img_dim, s3=cfg.data.s3)
-            for e in task_mix(cfg) for key, source in e.val_keys()}
+                                    max_txt_len=cfg.data.max_txt_len, img_dim=img_dim, s3=cfg.data.s3,
+                                    skipped=skipped, limits=cfg.data.decode_limits(cfg.precision.dtype), raws=raws)
+            for key, (task, raws) in splits.items()}
 
 
 def validate_against_data(cfg: Config, tok) -> int:
@@ -228,7 +251,8 @@ def validate_against_data(cfg: Config, tok) -> int:
                           f"{tok.vocab_size} tokens; set model.vocab_size={tok.vocab_size}")
     for d in dataset_dirs(cfg):
         try:
-            manifest = read_manifest(d.path, shard_format(cfg), s3=cfg.data.s3)
+            manifest = read_manifest(d.path, shard_format(cfg), s3=cfg.data.s3,
+                                     allow_outside=cfg.data.allow_outside_shards)
         except ValueError as e:  # missing, unreadable or invalid: one line naming the key
             hint = (" (model.arch=albef reads picture shards: `vlpt demo-data --pixels`, `vlpt shards coco`)"
                     if is_albef(cfg) and "format" in str(e) else "")
@@ -280,43 +304,44 @@ def pretrain(cfg: Config) -> dict:
     check_precision(cfg, info)
     cfg = resolve_run_dir(cfg)
     run_dir = os.path.abspath(cfg.train.run_dir)
-    check_fresh_start(run_dir, cfg.train.resume)
-    config_yaml = config_to_yaml(cfg)
-    if info.is_main:
-        os.makedirs(run_dir, exist_ok=True)
-        with open(os.path.join(run_dir, "config.yaml"), "w") as f:
-            f.write(config_yaml)
-        print(f"resolved config (saved to {run_dir}/config.yaml):\n{config_yaml}", flush=True)
-    tok = load_tokenizer(cfg.data.vocab)
-    img_dim = validate_against_data(cfg, tok)
+    with hold_run_lock(run_dir, info):  # one run per run dir, released however the run ends
+        check_fresh_start(run_dir, cfg.train.resume)
+        config_yaml = config_to_yaml(cfg)
+        if info.is_main:
+            os.makedirs(run_dir, exist_ok=True)
+            with open(os.path.join(run_dir, "config.yaml"), "w") as f:
+                f.write(config_yaml)
+            print(f"resolved config (saved to {run_dir}/config.yaml):\n{config_yaml}", flush=True)
+        tok = load_tokenizer(cfg.data.vocab)
+        img_dim = validate_against_data(cfg, tok)
 
-    torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
-    model = build_model(cfg.model)
-    layout = batch_layout(cfg.optim, cfg.data.micro_batch_size, info.world_size)
-    replicated = {}
-    if is_albef(cfg):
-        replicated["teacher"] = build_teacher(model, layout, info.device)
-    else:
-        model.objectives = build_objectives(cfg.wra)
-    total_steps = cfg.optim.total_steps or cfg.train.max_steps
-    engine, _ = build_engine(model, cfg.optim, cfg.parallel, cfg.precision, layout, total_steps,
-                             info.device)
+        torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
+        model = build_model(cfg.model)
+        layout = batch_layout(cfg.optim, cfg.data.micro_batch_size, info.world_size)
+        replicated = {}
+        if is_albef(cfg):
+            replicated["teacher"] = build_teacher(model, layout, info.device)
+        else:
+            model.objectives = build_objectives(cfg.wra)
+        total_steps = cfg.optim.total_steps or cfg.train.max_steps
+        engine, _ = build_engine(model, cfg.optim, cfg.parallel, cfg.precision, layout, total_steps,
+                                 info.device)
 
-    state, rng = resume(cfg, engine, run_dir, info, replicated)
-    loaders = build_train_loaders(cfg, tok, layout, info.rank, state.positions, img_dim)
-    tracker = Tracker(cfg.tracking, run_dir, enabled=info.is_main, resume_run_id=state.mlflow_run_id)
-    if info.is_main and state.mlflow_run_id is None:
-        tracker.log_params(flatten(to_dict(cfg)))
-        tracker.log_params({"run.world_size": info.world_size, "run.grad_accum": layout.grad_accum,
-                            "run.global_batch_size": layout.global_batch_size})
-        tracker.log_artifact(os.path.join(run_dir, "config.yaml"))
-    # Each rank gets its own dropout stream; restored last so nothing above consumes it.
-    torch.manual_seed(cfg.train.seed * 1000 + info.rank + 1)
-    if rng is not None:
-        ckpt.set_rng_state(rng)
-    step_fn = make_step_fn(cfg, engine, loaders, layout, info, replicated.get("teacher"))
-    return run_training(cfg, info, engine, loaders, layout, tracker, state, tok, img_dim, config_yaml,
-                        step_fn, replicated)
+        state, rng = resume(cfg, engine, run_dir, info, replicated)
+        loaders = build_train_loaders(cfg, tok, layout, info.rank, state.positions, img_dim)
+        tracker = Tracker(cfg.tracking, run_dir, enabled=info.is_main, resume_run_id=state.mlflow_run_id)
+        if info.is_main and state.mlflow_run_id is None:
+            tracker.log_params(flatten(to_dict(cfg)))
+            tracker.log_params({"run.world_size": info.world_size, "run.grad_accum": layout.grad_accum,
+                                "run.global_batch_size": layout.global_batch_size})
+            tracker.log_artifact(os.path.join(run_dir, "config.yaml"))
+        # Each rank gets its own dropout stream; restored last so nothing above consumes it.
+        torch.manual_seed(cfg.train.seed * 1000 + info.rank + 1)
+        if rng is not None:
+            ckpt.set_rng_state(rng)
+        step_fn = make_step_fn(cfg, engine, loaders, layout, info, replicated.get("teacher"))
+        return run_training(cfg, info, engine, loaders, layout, tracker, state, tok, img_dim, config_yaml,
+                            step_fn, replicated)
 
 
 def build_teacher(model, layout: BatchLayout, device: torch.device) -> AlbefTeacher:
@@ -346,28 +371,35 @@ def make_step_fn(cfg: Config, engine, loaders: dict, layout: BatchLayout, info: 
 
 def resume(cfg: Config, engine, run_dir: str, info: DistInfo,
            replicated: Optional[dict] = None) -> tuple[RunState, Optional[dict]]:
-    """Collective. The run state and this rank's RNG from the latest checkpoint (fetched from
-    train.checkpoint_s3 first when run_dir has none), or a fresh state and None."""
+    """Collective. The run state and this rank's RNG from the newest usable checkpoint (fetched
+    from train.checkpoint_s3 first when run_dir has none), or a fresh state and None."""
     if not cfg.train.resume:
         return RunState(), None
+    fetched, refused = False, None
+    if info.is_main:
+        try:
+            fetched = fetch_from_s3(cfg, run_dir)
+        except ValueError as e:  # a hostile or incomplete mirror: every rank stops with its line
+            refused = str(e)
+    from_s3, refused = all_gather_objects((fetched, refused))[0]
+    if refused:
+        raise ConfigError(refused)
     try:
-        from_s3 = info.is_main and fetch_from_s3(cfg, run_dir)
-        barrier()
-        tag = ckpt.latest_tag(run_dir)
-        if not tag:
-            return RunState(), None
-        saved = ckpt.load_checkpoint(engine, run_dir, tag, info, replicated)
-    except ValueError as e:  # an unreadable or unsafe checkpoint: one line, exit 2
+        found = ckpt.load_newest_usable(engine, run_dir, info, replicated)
+    except ValueError as e:  # an unsafe checkpoint, or none usable: one line, exit 2
         raise ConfigError(str(e)) from None
+    if found is None:
+        return RunState(), None
+    tag, saved, rng = found
     run_id = saved.get("mlflow_run_id")
-    if all_gather_objects(from_s3)[0] and not cfg.tracking.uri:
+    if from_s3 and not cfg.tracking.uri:
         run_id = None  # its MLflow store was in the run folder the checkpoint came from
     state = RunState(saved["step"], saved["positions"], saved["task_counts"], run_id,
                      {k: int(v) for k, v in saved.get("data_skipped", {}).items()},
                      int(saved.get("data_seen", 0)), int(saved.get("nonfinite_steps", 0)),
                      int(saved.get("nonfinite_in_a_row", 0)))
     log.info("resumed from %s at step %d", tag, state.step)
-    return state, ckpt.load_rng(run_dir, tag, info.rank)
+    return state, rng
 
 
 def fetch_from_s3(cfg: Config, run_dir: str) -> bool:
@@ -414,8 +446,9 @@ def run_training(cfg, info, engine, loaders, layout, tracker, state, tok, img_di
     counts = data_counts(loaders, state)
     check_data(cfg, counts, tracker, progress, state.step)
     progress.close()
-    val_metrics = run_validation(cfg, info, engine, tok, img_dim, tracker, progress, state.step)
+    # Saved first: a failing final validation must not cost the steps since the last checkpoint.
     path = save(cfg, info, engine, loaders, state, tracker, config_yaml, replicated)
+    val_metrics = run_validation(cfg, info, engine, tok, img_dim, tracker, progress, state.step)
     summary = {"steps": state.step, "steps_this_run": state.step - start_step, "seconds": elapsed,
                "samples_per_s": (state.step - start_step) * layout.global_batch_size / max(elapsed, 1e-9),
                "checkpoint": path, "mlflow_run_id": tracker.run_id,
@@ -488,29 +521,55 @@ def check_data(cfg, counts: DataCounts, tracker, progress, step: int) -> None:
 
 
 def run_validation(cfg, info, engine, tok, img_dim, tracker, progress, step) -> dict:
-    if is_albef(cfg):
-        metrics = albef_validation(cfg, info, engine, tok)
-    else:
-        batches = build_val_batches(cfg, tok, info, img_dim)
-        metrics = evaluate(engine, batches, info.device) if batches else {}
-    if not metrics:
+    """Collective. The validation metrics, plus "val_data_skipped" ({reason: n} over all ranks)
+    when held-out data was skipped. Held-out data that cannot be read on some rank skips this
+    validation on every rank with one warning line: it never ends the run."""
+    skipped: dict[str, int] = {}
+    try:
+        splits, error = read_val_splits(cfg, tok, skipped), None
+    except Exception as e:  # noqa: BLE001 - narrowed just below: only data errors are survivable
+        if not is_data_error(e):
+            raise
+        splits, error = {}, f"{type(e).__name__}: {e}"
+    errors = [e for e in all_gather_objects(error) if e]  # every rank takes the same path
+    if errors:
+        progress.write(f"validation @ step {step} skipped: the held-out data cannot be read: {errors[0]}")
         return {}
-    tracker.log_metrics(metrics, step)
-    progress.write("validation @ step %d: %s" % (step, "  ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items()))))
-    return metrics
+    if is_albef(cfg):
+        metrics = albef_validation(cfg, info, engine, splits)
+    else:
+        sample_skips: dict[str, int] = {}
+        batches = build_val_batches(cfg, tok, info, img_dim, splits, sample_skips)
+        metrics = evaluate(engine, batches, info.device) if batches else {}
+        for rank_skips in all_gather_objects(sample_skips):  # each rank decoded its own share
+            add_counts(skipped, rank_skips)
+    return report_validation(metrics, dict(sorted(skipped.items())), tracker, progress, step)
 
 
-def albef_validation(cfg, info, engine, tok) -> dict[str, float]:
+def is_data_error(e: Exception) -> bool:
+    """Errors of reading held-out data: a validation can be skipped for them."""
+    return isinstance(e, (OSError, ValueError)) or type(e).__module__.startswith("botocore")
+
+
+def report_validation(metrics: dict[str, float], skipped: dict[str, int], tracker, progress, step: int) -> dict:
+    if skipped:
+        tracker.log_metrics({f"val_data/skipped_{k}": float(v) for k, v in skipped.items()}, step)
+        progress.write(f"validation @ step {step}: skipped held-out data: "
+                       + ", ".join(f"{k}={v:,}" for k, v in skipped.items()))
+    if metrics:
+        tracker.log_metrics(metrics, step)
+        progress.write("validation @ step %d: %s" % (step, "  ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items()))))
+    return {**metrics, **({"val_data_skipped": skipped} if skipped else {})}
+
+
+def albef_validation(cfg, info, engine, splits: dict[str, tuple]) -> dict[str, float]:
     """Retrieval (ITC top-k re-scored by ITM) on each held-out split; keys `val/<key>_t2i_r1`."""
     metrics = {}
-    for entry in task_mix(cfg):
-        for key, source in entry.val_keys():
-            data = load_retrieval_set(read_manifest(source.val, PIXEL_FORMAT, s3=cfg.data.s3).shards, tok,
-                                      cfg.data.max_txt_len, cfg.data.s3)
-            found = retrieval_metrics(engine, data, cfg.data.pixels, k=cfg.model.k_test,
-                                      batch_size=cfg.data.val_batch_size, device=info.device, rank=info.rank,
-                                      world=info.world_size)
-            metrics.update({f"val/{key}_{k}": v for k, v in found.items()})
+    for key, (_, data) in splits.items():
+        found = retrieval_metrics(engine, data, cfg.data.pixels, k=cfg.model.k_test,
+                                  batch_size=cfg.data.val_batch_size, device=info.device, rank=info.rank,
+                                  world=info.world_size)
+        metrics.update({f"val/{key}_{k}": v for k, v in found.items()})
     return metrics
 
 

@@ -17,9 +17,9 @@ import torch
 from torch import Tensor
 
 from data.collate_albef import caption_batch, eval_images
-from data.loader import pin
+from data.loader import add_counts, iter_split, pin
 from data.pixels import PixelConfig
-from data.shards import decode_pixel_sample, iter_shard
+from data.shards import SKIP_MARK, DecodeLimits, decode_pixel_sample
 from data.storage import S3Options
 from trainer.distributed import all_gather_rows
 from trainer.models.albef import EMBED_TASK, ITM_SCORE_TASK
@@ -39,13 +39,17 @@ class RetrievalSet:
     """[T] long: index into `images` of each caption's picture."""
 
 
-def load_retrieval_set(shards: Sequence[str], tok, max_txt_len: int, s3: Optional[S3Options] = None) -> RetrievalSet:
-    """Every good sample of the split; bad ones are left out as in training."""
+def load_retrieval_set(shards: Sequence[str], tok, max_txt_len: int, s3: Optional[S3Options] = None,
+                       limits: DecodeLimits = DecodeLimits(), skipped: Optional[dict[str, int]] = None) -> RetrievalSet:
+    """Every good sample of the split; bad ones (by the budgets `limits` too) are left out as in training,
+    and so are damaged or missing shards: all counted by reason into `skipped`."""
     image_index: dict[str, int] = {}
     images, captions, text_image = [], [], []
-    for raw in (raw for path in shards for raw in iter_shard(path, s3=s3)):
-        sample, _ = decode_pixel_sample(raw, tok)
+    for raw in iter_split(shards, s3, skipped, limits.max_member_bytes):
+        sample, reason = ((None, raw[SKIP_MARK]) if raw.get(SKIP_MARK) else decode_pixel_sample(raw, tok, limits))
         if sample is None:
+            if skipped is not None:
+                add_counts(skipped, {reason: 1})
             continue
         if sample.image_id not in image_index:
             image_index[sample.image_id] = len(images)

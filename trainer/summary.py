@@ -74,6 +74,9 @@ def print_summary(summary: dict, run_dir: str) -> None:
         reasons = ", ".join(f"{k}={v:,}" for k, v in summary["data_skipped"].items())
         lines.append(f"bad samples       {sum(summary['data_skipped'].values()):,} of {summary['data_seen']:,} "
                      f"skipped ({summary['data_skipped_per_1000']:.1f} per 1,000): {reasons}")
+    if summary.get("val_data_skipped"):
+        reasons = ", ".join(f"{k}={v:,}" for k, v in summary["val_data_skipped"].items())
+        lines.append(f"bad held-out      skipped in the final validation: {reasons}")
     lines += retrieval_lines(summary)
     trend = validation_trend(os.path.join(run_dir, "metrics.jsonl"))
     if trend:

@@ -101,7 +101,7 @@ def test_mixing_three_datasets_1_2_1(tmp_path):
     sets = {n: dataset_of(write_sized_shards(tmp_path / n, sizes[n], key_prefix=f"{n}-"), n, w)
             for n, w in weights.items()}
     sources = [ShardSource(ds, seed=1, name_id=i, reader=0, n_readers=1, resampled=False, cycle=True,
-                           s3=None, stats={}, on_corrupt=lambda *a: None) for i, ds in enumerate(sets.values())]
+                           s3=None, stats={}, on_bad_shard=lambda *a: None) for i, ds in enumerate(sets.values())]
     mixed = MixedSource(sources, list(weights.values()), seed=1, name_id=9, reader=0)
     drawn = Counter(mixed.next()["__dataset__"] for _ in range(10_000))
     for name, w in weights.items():
