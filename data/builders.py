@@ -35,6 +35,16 @@ parameters), and the shard's size and a *recomputed* sha256 match the sidecar
 Same inputs give byte-identical shards: members are in a fixed order with fixed
 metadata (`write_shard`), and the shard a sample lands in depends only on its
 position in the input, not on the number of workers.
+
+Bad inputs follow the training reader's rules, so a shard never holds a sample that
+training would skip: captions by `caption_reason` ("bad_caption"), region values
+checked as the dtypes the shard stores (fp16 features: 1e5 is not finite there), source
+npz files read by the same bounded reader ("npz_too_large"), pictures whose header
+declares more than `max_image_pixels` ("image_too_large", never decoded). A source
+path from an annotation file (COCO `file_name`, a TSV path, a region image_id) must stay
+inside its root (the image folder, the TSV's folder, the feature folder; after `..` and
+symlinks), else it is skipped as "path_outside_root" unless `allow_outside_root`; one no
+file system takes (NUL, lone surrogates, control characters) is "bad_path".
 """
 from __future__ import annotations
 
@@ -51,22 +61,26 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 
+from data.pixels import ImageTooLargeError, open_image
 from data.shards import (
-    FORMAT, MANIFEST_NAME, PIXEL_FORMAT, REGION_FIELDS, _check_regions, encode_npz, file_sha256, write_manifest,
-    write_shard,
+    DEFAULT_MAX_MEMBER_BYTES, FLOAT32_MAX, FORMAT, MANIFEST_NAME, PIXEL_FORMAT, REGION_FIELDS, DecodeLimits,
+    _as_float32, _check_shapes, _check_values, caption_reason, encode_npz, file_sha256, read_region_npz,
+    write_manifest, write_shard,
 )
+from data.storage import join_inside
 
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2
+"""2: bad captions, fp16 overflow, npz and picture bombs and paths outside the root are skipped."""
 SIDECAR_DIR = ".build"
 IMAGE_EXTS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}
 """Image file suffix -> shard member extension (the bytes are stored as they are)."""
 PLAN_SKIP_REASONS = (
-    "bad_caption_entry", "empty_caption", "duplicate_caption_id", "unknown_image_id", "bad_line",
-    "missing_image", "unsupported_image_type", "missing_npz",
+    "bad_caption_entry", "bad_caption", "empty_caption", "duplicate_caption_id", "unknown_image_id", "bad_line",
+    "bad_path", "path_outside_root", "missing_image", "unsupported_image_type", "missing_npz",
 )
 BUILD_SKIP_REASONS = (
-    "unreadable_image", "bad_image", "bad_npz", "missing_field", "no_regions", "wrong_feature_dim", "bad_shape",
-    "nonfinite_features",
+    "unreadable_image", "bad_image", "image_too_large", "bad_npz", "npz_too_large", "missing_field", "no_regions",
+    "wrong_feature_dim", "bad_shape", "nonfinite_features", "bad_boxes", "bad_soft_labels",
 )
 _REGION_DTYPES = {"features": np.float16, "norm_bb": np.float32, "conf": np.float32, "soft_labels": np.float16}
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
@@ -93,11 +107,12 @@ def _safe(text: str) -> str:
 
 
 def _id(value: Any) -> Optional[str]:
-    """An id as a non-empty string; None for anything but a non-empty str or an int."""
+    """An id as a non-empty string; None for anything but a non-empty str or an int, and for a
+    str holding what no text may hold (a lone surrogate cannot even be written as UTF-8)."""
     if isinstance(value, bool) or not isinstance(value, (int, str)):
         return None
     text = str(value)
-    return text if text else None
+    return text if text and caption_reason(text) != "bad_caption" else None
 
 
 def _load_json(path: Path, what: str) -> Any:
@@ -140,8 +155,9 @@ def _parse_captions(data: Any, path: str | Path) -> tuple[list[tuple[str, str, s
         if image_id is None or not isinstance(ann.get("caption"), str):
             skipped["bad_caption_entry"] += 1
             continue
-        if not ann["caption"].strip():
-            skipped["empty_caption"] += 1
+        reason = caption_reason(ann["caption"])  # the training reader's rule, applied before writing
+        if reason:
+            skipped[reason] += 1
             continue
         raw_id = ann.get("id", ann.get("caption_id"))
         caption_id = _id(raw_id) if raw_id is not None else f"{image_id}-{per_image[image_id]}"
@@ -159,6 +175,21 @@ def _stat(path: Path) -> Optional[os.stat_result]:
     except OSError:
         return None
     return st if path.is_file() else None
+
+
+def _source_path(root: Path, name: str, allow_outside: bool) -> tuple[Optional[Path], Optional[str]]:
+    """`name`, a path from an annotation file, resolved against `root`; or (None, "bad_path") for
+    a name no file system takes, (None, "path_outside_root") for one leading out of `root`
+    (absolute, `..`, a symlink) unless `allow_outside`: an annotation file is data, and must not
+    make the builder copy /etc/passwd or another folder's files into shards unasked."""
+    if caption_reason(name) == "bad_caption":
+        return None, "bad_path"
+    if allow_outside:
+        return root / name, None
+    try:
+        return Path(join_inside(str(root), name)), None
+    except ValueError:
+        return None, "path_outside_root"
 
 
 def _image_entry(key: str, path: Path, image_id: str, caption: str, caption_id: str,
@@ -199,25 +230,31 @@ def select_regions(arrays: dict[str, np.ndarray], conf_th: float, min_bb: int, m
 
 
 def _load_npz(path: str) -> tuple[Optional[dict], Optional[str]]:
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            if not all(k in z.files for k in REGION_FIELDS):
-                return None, "missing_field"
-            return {k: z[k] for k in REGION_FIELDS}, None
-    except Exception:  # unreadable, not a zip, pickled objects, damaged members: all the same here
-        return None, "bad_npz"
+    """The region arrays of a source npz, read as training reads a shard's: within the same
+    byte budget, judged from its zip directory and .npy headers before inflating anything."""
+    return read_region_npz(path, DEFAULT_MAX_MEMBER_BYTES)
+
+
+def _as_stored(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The arrays in the shard schema's dtypes; what fp16 cannot hold becomes inf, as it would on disk."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return {k: np.asarray(arrays[k]).astype(_REGION_DTYPES[k]) for k in REGION_FIELDS}
 
 
 def _region_npz(path: str, params: dict) -> tuple[Optional[bytes], Optional[str]]:
     arrays, reason = _load_npz(path)
     if reason:
         return None, reason
-    reason = _check_regions(arrays, params["img_dim"], params["label_dim"])
+    reason = _check_shapes(arrays, params["img_dim"], params["label_dim"])  # also refuses non-numeric dtypes
     if reason:
         return None, reason
-    if not np.isfinite(arrays["conf"]).all():
+    stored = _as_stored(arrays)  # checked as written: a feature of 1e5 is finite in the source, inf in fp16
+    reason = _check_values(_as_float32(stored), FLOAT32_MAX)
+    if reason:
+        return None, reason
+    if not np.isfinite(stored["conf"]).all():
         return None, "nonfinite_features"
-    return encode_npz(select_regions(arrays, params["conf_th"], params["min_bb"], params["max_bb"])), None
+    return encode_npz(select_regions(stored, params["conf_th"], params["min_bb"], params["max_bb"])), None
 
 
 def _infer_dims(paths: list[str]) -> tuple[int, int]:
@@ -259,6 +296,22 @@ def _pixel_samples(entries: list[Entry], skipped: Counter) -> Iterator[dict]:
         yield {"__key__": e.key, ext: data, "json": _meta(e)}
 
 
+def _within_budget(samples: Iterator[dict], max_pixels: int, skipped: Counter) -> Iterator[dict]:
+    """The samples whose picture header is readable and declares at most `max_pixels` pixels
+    (training's budget: a few KB of PNG can declare 12000 x 12000); nothing is decoded."""
+    for sample in samples:
+        data = next(v for k, v in sample.items() if k in IMAGE_EXTS.values())
+        try:
+            open_image(data, max_pixels)
+        except ImageTooLargeError:
+            skipped["image_too_large"] += 1
+            continue
+        except ValueError:
+            skipped["bad_image"] += 1
+            continue
+        yield sample
+
+
 def _region_samples(entries: list[Entry], params: dict, skipped: Counter) -> Iterator[dict]:
     cache: dict[str, tuple[Optional[bytes], Optional[str]]] = {}  # npz per image, for this shard's captions
     for e in entries:
@@ -288,7 +341,7 @@ def _build_shard(job: dict) -> dict:
     if job["kind"] == "regions":
         samples = _region_samples(job["entries"], job["params"], skipped)
     else:
-        samples = _pixel_samples(job["entries"], skipped)
+        samples = _within_budget(_pixel_samples(job["entries"], skipped), job["params"]["max_image_pixels"], skipped)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         count = write_shard(tmp, samples)
@@ -316,6 +369,11 @@ def _up_to_date(path: Path, digest: str) -> Optional[dict]:
 def _digest(kind: str, params: dict, entries: list[Entry]) -> str:
     plan = {"builder": kind, "version": BUILDER_VERSION, "params": params, "entries": [asdict(e) for e in entries]}
     return hashlib.sha256(json.dumps(plan, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def _check_max_pixels(max_image_pixels: int) -> None:
+    if isinstance(max_image_pixels, bool) or not isinstance(max_image_pixels, int) or max_image_pixels < 1:
+        raise ValueError(f"max_image_pixels must be an integer >= 1, got {max_image_pixels!r}")
 
 
 def _check_common(out: Path, samples_per_shard: int, workers: int) -> None:
@@ -386,10 +444,15 @@ def _run(kind: str, out: Path, entries: list[Entry], skipped: Counter, params: d
 # ---------------------------------------------------------------- the three builders
 
 def build_coco_shards(captions: str | Path, images: str | Path, out: str | Path, *, samples_per_shard: int = 1000,
-                      workers: int = 1, progress: bool = False) -> dict:
-    """COCO-captions JSON + image folder -> pixel shards in `out` (one sample per caption); a summary dict."""
+                      workers: int = 1, progress: bool = False,
+                      max_image_pixels: int = DecodeLimits.max_image_pixels, allow_outside_root: bool = False) -> dict:
+    """COCO-captions JSON + image folder -> pixel shards in `out` (one sample per caption); a summary dict.
+
+    A `file_name` leading out of `images` is skipped ("path_outside_root") unless `allow_outside_root`.
+    """
     out, images = Path(out), Path(os.path.abspath(images))
     _check_common(out, samples_per_shard, workers)
+    _check_max_pixels(max_image_pixels)
     if not images.is_dir():
         raise ValueError(f"image folder not found: {images}")
     data = _load_json(Path(captions), "captions file")
@@ -401,21 +464,25 @@ def build_coco_shards(captions: str | Path, images: str | Path, out: str | Path,
         if image_id not in file_names:
             skipped["unknown_image_id"] += 1
             continue
-        e = _image_entry(f"{_safe(image_id)}-{_safe(caption_id)}", images / file_names[image_id], image_id,
-                         caption, caption_id, skipped)
+        path, reason = _source_path(images, file_names[image_id], allow_outside_root)
+        if reason:
+            skipped[reason] += 1
+            continue
+        e = _image_entry(f"{_safe(image_id)}-{_safe(caption_id)}", path, image_id, caption, caption_id, skipped)
         if e is not None:
             entries.append(e)
     meta = {"source": "coco", "captions": str(Path(captions).resolve()), "images": str(images.resolve())}
-    return _run("coco", out, _dedupe(entries, skipped), skipped, {}, meta, PIXEL_FORMAT, samples_per_shard,
-                workers, progress)
+    return _run("coco", out, _dedupe(entries, skipped), skipped, {"max_image_pixels": max_image_pixels}, meta,
+                PIXEL_FORMAT, samples_per_shard, workers, progress)
 
 
 def build_region_shards(features: str | Path, captions: str | Path, out: str | Path, *, conf_th: float = 0.2,
                         min_bb: int = 10, max_bb: int = 100, samples_per_shard: int = 1000, workers: int = 1,
-                        progress: bool = False) -> dict:
+                        progress: bool = False, allow_outside_root: bool = False) -> dict:
     """`<image_id>.npz` region features + captions -> region shards in `out`; a summary dict.
 
     img_dim / label_dim come from the first readable npz; files of other widths are skipped.
+    An image_id leading out of `features` (`../x`, `/x`) is skipped unless `allow_outside_root`.
     """
     out, features = Path(out), Path(os.path.abspath(features))
     _check_common(out, samples_per_shard, workers)
@@ -431,7 +498,10 @@ def build_region_shards(features: str | Path, captions: str | Path, out: str | P
     rows, _, skipped = load_captions(captions)
     entries, stats = [], {}
     for image_id, caption, caption_id in rows:
-        path = features / f"{image_id}.npz"
+        path, reason = _source_path(features, f"{image_id}.npz", allow_outside_root)
+        if reason:
+            skipped[reason] += 1
+            continue
         if path not in stats:
             stats[path] = _stat(path)
         st = stats[path]
@@ -450,15 +520,19 @@ def build_region_shards(features: str | Path, captions: str | Path, out: str | P
 
 
 def build_tsv_shards(tsv: str | Path, out: str | Path, *, samples_per_shard: int = 1000, workers: int = 1,
-                     progress: bool = False) -> dict:
+                     progress: bool = False, max_image_pixels: int = DecodeLimits.max_image_pixels,
+                     allow_outside_root: bool = False) -> dict:
     """`local_image_path<TAB>caption` lines -> pixel shards in `out`; a summary dict.
 
-    Relative paths are resolved against the TSV's folder. The image_id is the
-    normalised path as written (`./a/../x.jpg` -> `x.jpg`); key and caption_id
-    are `line-<line number>`. Blank lines are ignored.
+    Relative paths are resolved against the TSV's folder; a path leading out of it
+    (absolute, `..`, a symlink) is skipped as "path_outside_root" unless
+    `allow_outside_root`. The image_id is the normalised path as written
+    (`./a/../x.jpg` -> `x.jpg`); key and caption_id are `line-<line number>`.
+    Blank lines are ignored.
     """
     out, tsv = Path(out), Path(os.path.abspath(tsv))
     _check_common(out, samples_per_shard, workers)
+    _check_max_pixels(max_image_pixels)
     if not tsv.is_file():
         raise ValueError(f"TSV file not found: {tsv}")
     skipped: Counter = Counter()
@@ -476,14 +550,19 @@ def build_tsv_shards(tsv: str | Path, out: str | Path, *, samples_per_shard: int
             if not sep or not image_path.strip():
                 skipped["bad_line"] += 1
                 continue
-            if not caption.strip():
-                skipped["empty_caption"] += 1
+            reason = caption_reason(caption)
+            if reason:
+                skipped[reason] += 1
                 continue
             image_id = Path(os.path.normpath(image_path)).as_posix()
-            path = Path(image_id) if Path(image_id).is_absolute() else tsv.parent / image_id
+            path, reason = _source_path(tsv.parent, image_id, allow_outside_root)
+            if reason:
+                skipped[reason] += 1
+                continue
             key = f"line-{lineno:09d}"
             e = _image_entry(key, path, image_id, caption, key, skipped)
             if e is not None:
                 entries.append(e)
     meta = {"source": "tsv", "tsv": str(tsv.resolve())}
-    return _run("tsv", out, entries, skipped, {}, meta, PIXEL_FORMAT, samples_per_shard, workers, progress)
+    return _run("tsv", out, entries, skipped, {"max_image_pixels": max_image_pixels}, meta, PIXEL_FORMAT,
+                samples_per_shard, workers, progress)

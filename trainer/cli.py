@@ -68,7 +68,8 @@ def cmd_shards(args, extra: list[str]) -> int:
         raise ConfigError(f"unrecognised arguments: {' '.join(extra)}")
     from data import builders
 
-    common = dict(samples_per_shard=args.samples_per_shard, workers=args.workers, progress=not args.no_progress)
+    common = dict(samples_per_shard=args.samples_per_shard, workers=args.workers, progress=not args.no_progress,
+                  allow_outside_root=args.allow_outside_root)
     try:
         if args.source == "coco":
             summary = builders.build_coco_shards(args.captions, args.images, args.out, **common)
@@ -257,6 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--samples-per-shard", type=int, default=1000)
         q.add_argument("--workers", type=int, default=1, help="processes building shards in parallel")
         q.add_argument("--no-progress", action="store_true", help="no progress bar")
+        q.add_argument("--allow-outside-root", action="store_true",
+                       help="read source files that the annotations place outside the image/feature/TSV folder")
         q.set_defaults(fn=cmd_shards)
     sp = sub.add_parser("convert", help="import / export UNITER checkpoints")
     sp.add_argument("direction", choices=["import", "export"],
