@@ -11,8 +11,10 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from cluster.secrets import check_env_names
-from trainer.config_loader import from_dict, load_yaml_with_includes
+from cluster.secrets import check_env
+from trainer.config_loader import (
+    ConfigError, check_config_values, check_known_keys, from_dict, load_yaml_with_includes,
+)
 
 # Kubernetes resource quantity, the pattern of the CRD's schema ("8", "500m", "64Gi").
 QUANTITY = re.compile(r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?"
@@ -132,7 +134,8 @@ class ClusterConfig:
     rdzv_timeout_s: int = 900
     """How long the nodes wait for each other at a (re)start before failing."""
     env: dict[str, str] = field(default_factory=dict)
-    """Extra environment of the job (NCCL_SOCKET_IFNAME, ...); credentials are refused here."""
+    """Extra environment of the job (NCCL_SOCKET_IFNAME, ...), written into the job's files: a credential
+    (by its name or the look of its value) is refused here (cluster/secrets.py says where they go)."""
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     k8s: K8sConfig = field(default_factory=K8sConfig)
     deepspeed: DeepSpeedLauncherConfig = field(default_factory=DeepSpeedLauncherConfig)
@@ -150,15 +153,24 @@ class ClusterConfig:
         for name in self.env:
             if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", name):
                 raise ValueError(f"env.{name}: not an environment variable name")
-        check_env_names(self.env, "env")
+        check_env(self.env, "env")
 
     @property
     def procs_per_node(self) -> int:
         return self.nproc_per_node or self.gpus_per_node or 1
 
 
-def load_cluster_config(path: Optional[str], overrides: dict) -> ClusterConfig:
-    """The cluster YAML (or the defaults), then the CLI's --nodes / --gpus-per-node / ... values."""
+def load_cluster_config(path: Optional[str], overrides: dict, target: Optional[str] = None) -> ClusterConfig:
+    """The cluster YAML (or the defaults), then the CLI's --nodes / --gpus-per-node / ... values;
+    `target` (slurm, k8s, ...) makes a refused credential's error say where that target's go."""
     raw = load_yaml_with_includes(path) if path else {}
     raw.update({k: v for k, v in overrides.items() if v is not None})
+    check_known_keys(ClusterConfig, raw)
+    env = raw.get("env")
+    if isinstance(env, dict):  # first here, for the target's message; ClusterConfig checks again
+        try:
+            check_env(env, "env", target)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    check_config_values(raw)
     return from_dict(ClusterConfig, raw)

@@ -71,7 +71,7 @@ def write_job(job: RenderedJob) -> None:
 def launch(target: str, config: str, overrides: list[str], mode: Mode = "render", cluster: Optional[str] = None,
            out: Optional[str] = None, now: Optional[str] = None, **cluster_values) -> int:
     """`cluster_values` (nodes, gpus_per_node, nproc_per_node, master_port) override the --cluster YAML."""
-    plan = plan_job(target, config, overrides, load_cluster_config(cluster, cluster_values), out, now)
+    plan = plan_job(target, config, overrides, load_cluster_config(cluster, cluster_values, target), out, now)
     job = render_job(plan)
     if mode == "dry-run":
         for name, text in job.files.items():

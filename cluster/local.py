@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from cluster.job import JobPlan
+from cluster.secrets import check_deepspeed_env_files, pdsh_filter
 from cluster.slurm import env_exports
 from cluster.templating import fill
 from trainer.config_loader import ConfigError
@@ -53,6 +54,12 @@ def render_local(plan: JobPlan, hostfile: Optional[str]) -> str:
     argv = render_command(plan.target, plan.config_path, c.procs_per_node, master_port=c.master_port,
                           max_restarts=c.max_restarts, log_dir=os.path.join(plan.run_dir, "logs", plan.target),
                           hostfile=hostfile, nodes=c.nodes, master_addr=c.deepspeed.hosts[0] if hostfile else None)
+    over_pdsh = hostfile is not None and c.nodes > 1  # one host: DeepSpeed starts it here, no pdsh
+    if over_pdsh:
+        try:
+            check_deepspeed_env_files(plan.workdir)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     return fill("local.sh", name=plan.name, nodes=c.nodes, nproc=c.procs_per_node, target=plan.target,
                 config_path=plan.config_path, workdir=shlex.quote(plan.workdir), env=env_exports(c.env),
-                command=shlex.join(argv))
+                pdsh_filter=pdsh_filter() if over_pdsh else "", command=shlex.join(argv))

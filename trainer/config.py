@@ -13,7 +13,8 @@ import yaml
 
 from data.config import DataConfig
 from trainer.config_loader import (
-    ConfigError, apply_overrides, check_no_url_passwords, from_dict, load_yaml_with_includes, to_dict,
+    ConfigError, apply_overrides, check_config_values, check_known_keys, from_dict, load_yaml_with_includes,
+    to_dict,
 )
 from trainer.models.config import AlbefConfig, ModelConfig
 from trainer.objectives.itm import WraConfig
@@ -22,6 +23,15 @@ UNITER_TASKS = ("mlm", "itm", "itm-hard", "mrfr", "mrc", "mrc-kl")
 ALBEF_TASK = "albef"
 """ALBEF's one task: ITC + hard-negative ITM + distilled MLM on every batch, summed."""
 KNOWN_TASKS = UNITER_TASKS + (ALBEF_TASK,)
+MAX_STEPS = 10**9
+"""Bound of every step count (max_steps, warmup, intervals): ~30 years at 1 step/s; a larger value
+is a typo (1e29) that would otherwise overflow a schedule or a counter somewhere."""
+
+
+def _check_step_counts(section: str, **counts: Optional[int]) -> None:
+    for name, value in counts.items():
+        if value is not None and not 0 <= value <= MAX_STEPS:
+            raise ValueError(f"{section}.{name}={value} must be between 0 and {MAX_STEPS:,} steps")
 
 
 @dataclass(frozen=True)
@@ -56,6 +66,7 @@ class OptimConfig:
             raise ValueError("lr and eps must be > 0, weight_decay and grad_clip >= 0")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        _check_step_counts("optim", warmup_steps=self.warmup_steps, total_steps=self.total_steps)
         if self.global_batch_size is not None and self.global_batch_size <= 0:
             raise ValueError(f"global_batch_size must be positive, got {self.global_batch_size}")
 
@@ -122,6 +133,8 @@ class TrainConfig:
             raise ValueError("max_steps, log_every and keep_last must be positive")
         if self.max_consecutive_nonfinite < 1:
             raise ValueError("train.max_consecutive_nonfinite must be at least 1")
+        _check_step_counts("train", max_steps=self.max_steps, stop_after_steps=self.stop_after_steps,
+                           log_every=self.log_every, val_every=self.val_every, save_every=self.save_every)
         if self.checkpoint_s3 is not None and not (self.checkpoint_s3.startswith("s3://")
                                                    and len(self.checkpoint_s3) > len("s3://")):
             raise ValueError(f"train.checkpoint_s3 must be an s3://bucket/prefix URL, got {self.checkpoint_s3!r}")
@@ -211,7 +224,8 @@ def _check_task_ratios(where: str, ratios: dict[str, float], allow_empty: bool) 
 def load_config(path: str, overrides: list[str] = ()) -> Config:
     """YAML file (+ includes) + dotted overrides → frozen `Config`."""
     raw = apply_overrides(load_yaml_with_includes(path), list(overrides))
-    check_no_url_passwords(raw)  # the resolved config is printed, saved and logged as MLflow params
+    check_known_keys(Config, raw)  # costs the same for any input: a typo is named first
+    check_config_values(raw)  # before from_dict, whose type errors would echo a secret URL
     return from_dict(Config, raw)
 
 

@@ -6,4 +6,5 @@ set -euo pipefail
 cd {{workdir}}
 {{env}}
 export PYTHONUNBUFFERED=1
+{{pdsh_filter}}
 exec {{command}}
