@@ -31,9 +31,9 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data.batching import SIZE_MULTIPLE, batch_schedule, batches_per_epoch, token_buckets
-from data.shards import (SKIP_MARK, DecodeLimits, RegionSample, decode_pixel_sample, decode_region_sample,
+from data.shards import (DecodeLimits, RegionSample, decode_pixel_sample, decode_region_sample,
                          iter_shard)
-from data.sources import CORRUPT_SHARD_ERRORS, DatasetShards, MixedSource, ShardSource, reader_share
+from data.sources import CORRUPT_SHARD_ERRORS, DatasetShards, MixedSource, NoUsableData, ShardSource, reader_share
 from data.storage import NotARegularFile, S3Options
 
 Collate = Callable[[list, np.random.Generator], dict]
@@ -100,8 +100,6 @@ class StreamSpec:
 
     def decode(self, raw: dict, tokenizer) -> tuple[Optional[object], Optional[str]]:
         """(sample, None) or (None, skip reason) for one raw shard sample."""
-        if raw.get(SKIP_MARK):  # found bad while reading the tar (a huge or repeated member)
-            return None, raw[SKIP_MARK]
         if self.modality == "pixels":
             return decode_pixel_sample(raw, tokenizer, self.limits)
         return decode_region_sample(raw, tokenizer, self.max_txt_len, self.img_dim, limits=self.limits)
@@ -303,7 +301,7 @@ class StreamReader:
             if isinstance(source, ShardSource) and not spec.resampled:
                 source.start_epoch(epoch + 1)
             if index == 0:
-                raise ValueError(f"reader {self.reader} of task {spec.task!r} read no samples in epoch {epoch}; "
+                raise NoUsableData(f"reader {self.reader} of task {spec.task!r} read no samples in epoch {epoch}; "
                                  f"are its shards readable?")
             epoch += 1
 
@@ -413,17 +411,26 @@ class ResumableTaskLoader:
     def next(self) -> dict:
         if self._it is None:
             self._it = self._iterator()
-        batch = next(self._it)
+        batch = self._next_item()
         while True:
             add_counts(self.skip_counts, batch.pop("data_skipped", {}))
             self.seen += int(batch.pop("data_seen", 0))
             add_counts(self.retries, batch.pop("data_retries", {}))
             if not batch.get("counts_only"):
                 break
-            batch = next(self._it)
+            batch = self._next_item()
         self.positions[batch["reader"]] = batch.pop("position")
         self.steps[batch["stream"]] += 1
         return batch
+
+    def _next_item(self) -> dict:
+        try:
+            return next(self._it)
+        except NoUsableData as e:
+            # Out of a DataLoader worker the message is the worker's whole traceback; its last
+            # line is "<module>.NoUsableData: <message>".
+            last = str(e).strip().splitlines()[-1]
+            raise NoUsableData(last.split("NoUsableData: ", 1)[-1]) from None
 
     def __iter__(self) -> Iterator[dict]:
         while True:
@@ -511,8 +518,7 @@ def validation_batches(shards: Sequence[str], tokenizer, collate: Collate, *, ta
     for index, start in enumerate(range(0, len(mine), batch_size)):
         samples = []
         for raw in mine[start:start + batch_size]:
-            sample, reason = ((None, raw[SKIP_MARK]) if raw.get(SKIP_MARK) else
-                              decode_region_sample(raw, tokenizer, max_txt_len, img_dim, limits=limits))
+            sample, reason = decode_region_sample(raw, tokenizer, max_txt_len, img_dim, limits=limits)
             if sample is not None:
                 samples.append(sample)
             elif skipped is not None:

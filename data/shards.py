@@ -12,7 +12,6 @@ sha256 checksums. Decoding never raises on bad data: it returns
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import math
@@ -26,7 +25,8 @@ from typing import Any, Iterable, Iterator, Optional
 import numpy as np
 import webdataset as wds
 
-from data.storage import NotARegularFile, S3Options, check_regular_file, join, join_inside, open_stream, read_bytes
+from data.storage import (NotARegularFile, S3Options, check_regular_file, join, join_inside, open_stream, read_bytes,
+                          sha256_of)
 
 FORMAT = "vlpt-regions-v1"
 PIXEL_FORMAT = "vlpt-pixels-v1"
@@ -97,11 +97,7 @@ def write_shard(path: str | Path, samples: Iterable[dict]) -> int:
 
 
 def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return sha256_of(str(path))
 
 
 def _count_keys(path: Path) -> int:

@@ -38,6 +38,11 @@ CORRUPT_SHARD_ERRORS = (tarfile.TarError, EOFError)
 DRAW_CHUNK = 1024
 
 
+class NoUsableData(ValueError):
+    """A reader found nothing it can read (every shard missing, damaged or skipped): not a bad
+    sample to count but a dataset to fix; the run stops with one line."""
+
+
 @dataclass(frozen=True)
 class DatasetShards:
     """One dataset as a reader sees it: shard URLs with their manifest sample counts."""
@@ -216,13 +221,13 @@ class ShardSource:
                     return
                 self.start_epoch(self.epoch + 1)
                 if not self._segments:
-                    raise ValueError(f"dataset {self.ds.name!r} gives reader {self.reader} no samples")
+                    raise NoUsableData(f"dataset {self.ds.name!r} gives reader {self.reader} no samples")
                 continue
             before = self.sample, self.offset
             yield from self._read_segment()
             empty = empty + 1 if (self.sample, self.offset) == before else 0
             if empty > 2 * len(self.ds.shards) + 8:
-                raise ValueError(f"dataset {self.ds.name!r}: reader {self.reader} found no readable sample in "
+                raise NoUsableData(f"dataset {self.ds.name!r}: reader {self.reader} found no readable sample in "
                                  f"{empty} shard reads in a row; are its shards there and intact?")
             self._enter(self.seg + 1)
 

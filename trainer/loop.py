@@ -17,7 +17,7 @@ from data.collate_albef import collate_albef
 from data.loader import (ResumableTaskLoader, StreamSpec, TaskBatches, add_counts, merge_states, read_split,
                          validation_batches)
 from data.shards import FORMAT, PIXEL_FORMAT, read_manifest
-from data.sources import DatasetShards
+from data.sources import DatasetShards, NoUsableData
 from data.storage import is_s3
 from data.tokenizer import load_tokenizer
 from trainer import checkpoint as ckpt
@@ -425,7 +425,12 @@ def run_training(cfg, info, engine, loaders, layout, tracker, state, tok, img_di
     try:
         while state.step < last_step:
             key = draw_task(cfg.train.seed, state.step, ratios)
-            result = step_fn(state, key)
+            try:
+                result = step_fn(state, key)
+            except NoUsableData as e:  # a dataset with nothing readable left: one line, exit 2
+                progress.close()
+                tracker.finish("FAILED")
+                raise ConfigError(str(e)) from None
             state.step += 1
             state.task_counts[key] = state.task_counts.get(key, 0) + 1
             stats = count_nonfinite(cfg, state, result, key, tracker, progress)

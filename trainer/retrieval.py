@@ -19,7 +19,7 @@ from torch import Tensor
 from data.collate_albef import caption_batch, eval_images
 from data.loader import add_counts, iter_split, pin
 from data.pixels import PixelConfig
-from data.shards import SKIP_MARK, DecodeLimits, decode_pixel_sample
+from data.shards import DecodeLimits, decode_pixel_sample
 from data.storage import S3Options
 from trainer.distributed import all_gather_rows
 from trainer.models.albef import EMBED_TASK, ITM_SCORE_TASK
@@ -46,7 +46,7 @@ def load_retrieval_set(shards: Sequence[str], tok, max_txt_len: int, s3: Optiona
     image_index: dict[str, int] = {}
     images, captions, text_image = [], [], []
     for raw in iter_split(shards, s3, skipped, limits.max_member_bytes):
-        sample, reason = ((None, raw[SKIP_MARK]) if raw.get(SKIP_MARK) else decode_pixel_sample(raw, tok, limits))
+        sample, reason = decode_pixel_sample(raw, tok, limits)
         if sample is None:
             if skipped is not None:
                 add_counts(skipped, {reason: 1})

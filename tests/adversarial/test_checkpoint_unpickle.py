@@ -59,6 +59,19 @@ def kinds(run_dir: Path) -> list[str]:
     return sorted(p.name for p in (run_dir / "checkpoints" / "step_00000001").glob("*.pt"))
 
 
+def planted_copy(run_dir: Path, tmp_path: Path, kind: str) -> tuple[Path, Path, Path]:
+    """(copy of the run dir, its file `kind` with a payload planted, the marker the payload
+    would create); skips where the stage writes no such file (ZeRO-0: no optimizer partition)."""
+    if kind not in kinds(run_dir):
+        pytest.skip(f"ZeRO stage of this checkpoint writes no {kind}")
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    target = copy / "checkpoints" / "step_00000001" / kind
+    marker = tmp_path / "pwned"
+    plant(target, marker)
+    return copy, target, marker
+
+
 def test_the_checkpoints_hold_the_files_of_their_stage(saved_run):
     engine, run_dir, _ = saved_run
     names = kinds(run_dir)
@@ -68,14 +81,7 @@ def test_the_checkpoints_hold_the_files_of_their_stage(saved_run):
 
 @pytest.mark.parametrize("kind", ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"])
 def test_export_refuses_a_planted_pickle(saved_run, tmp_path, capsys, kind):
-    _, run_dir, _ = saved_run
-    if kind not in kinds(run_dir):
-        pytest.skip("no such file at this stage")
-    copy = tmp_path / "run"
-    shutil.copytree(run_dir, copy)
-    target = copy / "checkpoints" / "step_00000001" / kind
-    marker = tmp_path / "pwned"
-    plant(target, marker)
+    copy, target, marker = planted_copy(saved_run[1], tmp_path, kind)
 
     assert main(["convert", "export", "--src", str(copy), "--dst", str(tmp_path / "out.pt")]) == 2
 
@@ -91,13 +97,7 @@ def test_export_refuses_a_planted_pickle(saved_run, tmp_path, capsys, kind):
                                   "rng_rank0.pt", "teacher.pt"])
 def test_resume_refuses_a_planted_pickle(saved_run, tmp_path, kind):
     engine, run_dir, teacher = saved_run
-    if kind not in kinds(run_dir):
-        pytest.skip("no such file at this stage")
-    copy = tmp_path / "run"
-    shutil.copytree(run_dir, copy)
-    target = copy / "checkpoints" / "step_00000001" / kind
-    marker = tmp_path / "pwned"
-    plant(target, marker)
+    copy, target, marker = planted_copy(run_dir, tmp_path, kind)
 
     with pytest.raises(ckpt.UnsafeCheckpointError) as err:
         ckpt.load_newest_usable(engine, str(copy), ONE, {"teacher": teacher})

@@ -205,7 +205,18 @@ def grep_secrets(texts: dict[str, bytes]) -> list[str]:
 
 
 @pytest.mark.slow
-def test_planted_secrets_appear_in_no_output(tmp_path, demo_data, s3_server):
+def vlpt_in_process(args: list[str], env: dict, capfd) -> tuple[int, bytes]:
+    """`vlpt <args>` in this process with `env` added, and everything written to its stdout and
+    stderr file descriptors (print, logging, warnings alike)."""
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in env.items():
+            mp.setenv(name, value)
+        rc = main(args)
+    out, err = capfd.readouterr()
+    return rc, (out + err).encode()
+
+
+def test_planted_secrets_appear_in_no_output(tmp_path, demo_data, s3_server, capfd):
     inputs, outputs = tmp_path / "inputs", tmp_path / "outputs"
     inputs.mkdir()
     outputs.mkdir()
@@ -220,18 +231,22 @@ def test_planted_secrets_appear_in_no_output(tmp_path, demo_data, s3_server):
     for target in ("slurm", "k8s", "deepspeed", "local"):  # every render, the environment full of secrets
         extra = {"local": ["--nodes", "1"], "k8s": ["--train.run_dir=/workspace/vlpt/runs/secrets"]}.get(target, [])
         for mode in (["--dry-run"], []):
-            proc = vlpt(["launch", target, "--config", str(cfg), "--cluster", str(good_cluster), *extra,
-                         "--out", str(outputs / f"launch-{target}"), *mode], env=env)
-            assert proc.returncode == 0, proc.stderr[-3000:]
-            printed[f"launch {target} {mode}"] = (proc.stdout + proc.stderr).encode()
+            rc, printed[f"launch {target} {mode}"] = vlpt_in_process(
+                ["launch", target, "--config", str(cfg), "--cluster", str(good_cluster), *extra,
+                 "--out", str(outputs / f"launch-{target}"), *mode], env, capfd)
+            assert rc == 0, printed[f"launch {target} {mode}"][-3000:]
     for name, value in ENV_CREDENTIALS.items():  # every refusal
         bad = cluster_yaml(inputs / f"bad-{name}.yaml", {name: value})
-        proc = vlpt(["launch", "slurm", "--config", str(cfg), "--cluster", str(bad), "--out",
-                     str(outputs / "refused"), "--dry-run"], env=env)
-        printed[f"refused env {name}"] = (proc.stdout + proc.stderr).encode()
+        _, printed[f"refused env {name}"] = vlpt_in_process(
+            ["launch", "slurm", "--config", str(cfg), "--cluster", str(bad), "--out", str(outputs / "refused"),
+             "--dry-run"], env, capfd)
     for key, value in URL_USERINFO.items():
-        proc = vlpt(["config", "--config", str(cfg), f"--{key}={value}"], env=env)
-        printed[f"refused {key}"] = (proc.stdout + proc.stderr).encode()
+        _, printed[f"refused {key}"] = vlpt_in_process(["config", "--config", str(cfg), f"--{key}={value}"],
+                                                       env, capfd)
+    # One render as its own process too (nothing in-process-only hides a leak).
+    proc = vlpt(["launch", "deepspeed", "--config", str(cfg), "--cluster", str(good_cluster), "--dry-run"], env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    printed["launch deepspeed subprocess"] = (proc.stdout + proc.stderr).encode()
     # A real run: boto3 signs its checkpoint uploads with the planted AWS credentials.
     proc = run_vlpt(["pretrain", "--config", str(cfg)], env=env)
     printed["pretrain"] = (proc.stdout + proc.stderr).encode()

@@ -76,6 +76,8 @@ def test_huge_member_is_never_read_into_memory(sparse_shards):
     n_normal, rss_normal = peak_rss_kb(normal)
     n_huge, rss_huge = peak_rss_kb(huge)
     assert (n_normal, n_huge) == (6, 7)  # the huge sample is still yielded, marked to be skipped
+    print(f"peak RSS reading a shard: normal {rss_normal} KB, with a 3 GiB sparse member {rss_huge} KB "
+          f"(x{rss_huge / rss_normal:.2f})")
     assert rss_huge <= 1.5 * rss_normal, (rss_normal, rss_huge)
 
 
