@@ -3,6 +3,7 @@ and every test checks that nothing outside the run dir was created, changed or r
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -45,3 +46,11 @@ class RunsCode:
 
     def __reduce__(self):
         return exec, (f"open({str(self.marker)!r}, 'w').close()",)
+
+
+def own_peak_rss_kb() -> int:
+    """This process's peak resident memory since it was started (VmHWM, in KB). Not
+    `ru_maxrss`: Linux carries the forking parent's high-water mark over into a child's, so a
+    subprocess started by a large pytest process would report the parent's peak."""
+    with open("/proc/self/status") as f:
+        return int(re.search(r"^VmHWM:\s+(\d+) kB", f.read(), re.MULTILINE).group(1))

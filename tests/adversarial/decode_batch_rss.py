@@ -6,7 +6,6 @@ reader does, in a fresh process; print its peak RSS and the skips as JSON (tests
 from __future__ import annotations
 
 import json
-import resource
 import sys
 from collections import Counter
 
@@ -18,6 +17,7 @@ from data.config import DataConfig
 from data.pixels import PixelConfig
 from data.shards import decode_pixel_sample, decode_region_sample, iter_shard
 from data.tokenizer import load_tokenizer
+from tests.adversarial.conftest import own_peak_rss_kb
 from tests.bad_input_data import IMG_DIM
 from tests.conftest import REPO
 
@@ -36,7 +36,7 @@ def main(pixel_shard: str, region_shard: str) -> None:
     rng = np.random.default_rng(0)
     collate_albef(pictures, rng, tok, PixelConfig(image_size=32), max_txt_len=23)
     collate_mlm(regions, rng, tok=tok)
-    print(json.dumps({"peak_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+    print(json.dumps({"peak_rss_kb": own_peak_rss_kb(),
                       "skipped": dict(skipped), "pictures": len(pictures), "regions": len(regions)}))
 
 

@@ -56,10 +56,11 @@ def test_huge_member_is_skipped_and_counted(sparse_shards):
 
 
 PEAK_RSS = """
-import resource, sys
+import sys
 from data.shards import iter_shard
+from tests.adversarial.conftest import own_peak_rss_kb
 n = sum(1 for _ in iter_shard(sys.argv[1]))
-print(n, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+print(n, own_peak_rss_kb())
 """
 
 
