@@ -153,7 +153,7 @@ def save_checkpoint(engine, run_dir: str, step: int, trainer_state: dict, config
         remove_unfinished(root)
     barrier()
     engine.checkpoint_engine = weights_only_checkpoint_engine(engine)
-    _agree_saved(root, tag, dist_info, _attempt(_write_rank_files, engine, root, tag, dist_info, replicated))
+    _agree_saved(root, tag, dist_info, _attempt(_write_rank_files, root, tag, engine, dist_info, replicated))
     error = None
     if dist_info.is_main:
         error = _attempt(_complete, root, tag, trainer_state, config_yaml, keep_last)
@@ -161,7 +161,7 @@ def save_checkpoint(engine, run_dir: str, step: int, trainer_state: dict, config
     return os.path.join(root, tag)
 
 
-def _write_rank_files(engine, root: str, tag: str, dist_info: DistInfo, replicated) -> None:
+def _write_rank_files(root: str, tag: str, engine, dist_info: DistInfo, replicated) -> None:
     tmp = os.path.join(root, TMP_PREFIX + tag)
     writer = engine.checkpoint_engine
     writer.failed_write = None
@@ -183,12 +183,13 @@ def _complete(root: str, tag: str, trainer_state: dict, config_yaml: str, keep_l
     prune_checkpoints(root, keep_last)
 
 
-def _attempt(fn, *args) -> Optional[str]:
-    """None if `fn(*args)` ran, else the OSError it raised as one line."""
+def _attempt(fn, root: str, tag: str, *args) -> Optional[str]:
+    """None if `fn(root, tag, *args)` ran, else the OSError it raised as one line, naming the
+    checkpoint's temp folder where the error names no file (a buffered write failing at close)."""
     try:
-        fn(*args)
+        fn(root, tag, *args)
     except OSError as e:
-        return str(e)
+        return str(e) if e.filename else f"{e}: {os.path.join(root, TMP_PREFIX + tag)!r}"
     return None
 
 
@@ -346,6 +347,10 @@ def save_tensors(obj: Any, path: str) -> None:
         cause = e.__context__
         if isinstance(cause, OSError) and cause.errno is not None:
             raise OSError(cause.errno, os.strerror(cause.errno), path) from None
+        raise
+    except OSError as e:  # e.g. the buffered tail failing at close names no file
+        if e.filename is None and e.errno is not None:
+            raise OSError(e.errno, os.strerror(e.errno), path) from None
         raise
 
 
