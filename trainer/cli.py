@@ -84,6 +84,9 @@ def cmd_shards(args, extra: list[str]) -> int:
     print(f"{summary['num_samples']} samples in {summary['num_shards']} shards ({summary['built']} built, "
           f"{summary['reused']} already done), {summary['bytes']} bytes -> {summary['manifest']}")
     print(f"skipped: {skipped}")
+    if summary["skipped"].get("path_outside_root"):
+        print("  (path_outside_root: source paths leading out of their folder; pass --allow-outside-root "
+              "to read them)")
     return 0
 
 
