@@ -489,12 +489,6 @@ def iter_split(shards: Sequence[str], s3: Optional[S3Options] = None, skipped: O
                 add_counts(skipped, {reason: 1})
 
 
-def read_split(shards: Sequence[str], s3: Optional[S3Options] = None, skipped: Optional[dict[str, int]] = None,
-               max_member_bytes: int = DecodeLimits.max_member_bytes) -> list[dict]:
-    """iter_split's samples as a list."""
-    return list(iter_split(shards, s3, skipped, max_member_bytes))
-
-
 def validation_batches(shards: Sequence[str], tokenizer, collate: Collate, *, task: str, seed: int,
                        rank: int, world: int, batch_size: int, max_txt_len: int,
                        img_dim: int, s3: Optional[S3Options] = None, skipped: Optional[dict[str, int]] = None,
@@ -506,11 +500,11 @@ def validation_batches(shards: Sequence[str], tokenizer, collate: Collate, *, ta
     under ZeRO-3, cannot hang) and each kept sample is seen exactly once.
     Skips are counted into `skipped` by reason, so that their sum over ranks is the
     split's: shard-level ones by rank 0 (every rank reads every shard), bad samples by
-    the rank they fall to. `raws`: the split already read (read_split), else it is read here.
+    the rank they fall to. `raws`: the split already read (iter_split), else it is read here.
     """
     rank_skipped: dict[str, int] = {}
     if raws is None:
-        raws = read_split(shards, s3, rank_skipped, limits.max_member_bytes)
+        raws = list(iter_split(shards, s3, rank_skipped, limits.max_member_bytes))
     if skipped is not None and rank == 0:
         add_counts(skipped, rank_skipped)
     usable = len(raws) // world * world

@@ -485,12 +485,6 @@ def _check_values(f32: dict, max_abs: float) -> Optional[str]:
     return None
 
 
-def _check_regions(a: dict, img_dim: Optional[int], label_dim: Optional[int],
-                   max_abs: float = FLOAT32_MAX) -> Optional[str]:
-    """Why region arrays are unusable (shapes, then values as float32), or None."""
-    return _check_shapes(a, img_dim, label_dim) or _check_values(_as_float32(a), max_abs)
-
-
 def decode_region_sample(
     raw: dict,
     tokenizer,

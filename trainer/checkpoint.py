@@ -203,7 +203,7 @@ def _agree_saved(root: str, tag: str, dist_info: DistInfo, error: Optional[str])
         shutil.rmtree(tmp)
     barrier()
     rank, reason = failed[0]
-    previous = latest_tag(os.path.dirname(root)) if os.path.isfile(os.path.join(root, "latest")) else None
+    previous = latest_tag(os.path.dirname(root))
     if previous == tag:  # published; only pruning older checkpoints failed
         raise CheckpointSaveError(f"checkpoint {tag} saved, but removing older ones failed (rank {rank}: "
                                   f"{reason}); fix the error, then run the same command to resume")
@@ -263,15 +263,20 @@ def prune_checkpoints(root: str, keep_last: int) -> None:
         shutil.rmtree(os.path.join(root, tag), ignore_errors=False)
 
 
-def latest_tag(run_dir: str) -> Optional[str]:
-    root = checkpoint_root(run_dir)
+def _pointer_tag(root: str) -> Optional[str]:
+    """The tag `root/latest` names (checked to be a tag), or None without a pointer."""
     pointer = os.path.join(root, "latest")
     if not os.path.isfile(pointer):
         return None
     with open(pointer) as f:
-        tag = check_tag(f.read().strip(), pointer)
-    if not os.path.isfile(os.path.join(root, tag, STATE_FILE)):
-        raise ValueError(f"{pointer} names {tag!r}, which is not a complete checkpoint; "
+        return check_tag(f.read().strip(), pointer)
+
+
+def latest_tag(run_dir: str) -> Optional[str]:
+    root = checkpoint_root(run_dir)
+    tag = _pointer_tag(root)
+    if tag is not None and not os.path.isfile(os.path.join(root, tag, STATE_FILE)):
+        raise ValueError(f"{os.path.join(root, 'latest')} names {tag!r}, which is not a complete checkpoint; "
                          f"point it at one of {list_complete(root)} or delete it to start fresh")
     return tag
 
@@ -280,11 +285,10 @@ def resume_candidates(run_dir: str) -> list[str]:
     """Tags to try on resume, best first: the one `latest` names (validated), then the other
     complete checkpoints newest first. The same list on every rank (a shared folder)."""
     root = checkpoint_root(run_dir)
-    pointer = os.path.join(root, "latest")
-    if not os.path.isfile(pointer):
+    named = _pointer_tag(root)
+    if named is None:
         return []
-    with open(pointer) as f:
-        named = check_tag(f.read().strip(), pointer)
+    pointer = os.path.join(root, "latest")
     older = [t for t in reversed(list_complete(root)) if t != named]
     if not os.path.isfile(os.path.join(root, named, STATE_FILE)):
         if not older:

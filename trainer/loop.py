@@ -14,7 +14,7 @@ import torch
 
 from data.collate import collate_itm, collate_itm_hard, collate_mlm, collate_mrm
 from data.collate_albef import collate_albef
-from data.loader import (ResumableTaskLoader, StreamSpec, TaskBatches, add_counts, merge_states, read_split,
+from data.loader import (ResumableTaskLoader, StreamSpec, TaskBatches, add_counts, iter_split, merge_states,
                          validation_batches)
 from data.shards import FORMAT, PIXEL_FORMAT, read_manifest
 from data.sources import DatasetShards, NoUsableData
@@ -228,7 +228,7 @@ def read_val_splits(cfg: Config, tok, skipped: dict[str, int]) -> dict[str, tupl
                 data = load_retrieval_set(manifest.shards, tok, cfg.data.max_txt_len, cfg.data.s3,
                                           cfg.data.decode_limits(), skipped=skipped)
             else:
-                data = read_split(manifest.shards, cfg.data.s3, skipped, cfg.data.max_member_bytes)
+                data = list(iter_split(manifest.shards, cfg.data.s3, skipped, cfg.data.max_member_bytes))
             splits[key] = (e.task, data)
     return splits
 
