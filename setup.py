@@ -1,13 +1,17 @@
 """vlpt: distributed vision-and-language pretraining (UNITER / ALBEF) on DeepSpeed."""
-from setuptools import setup
+from setuptools import find_packages, setup
+
+LAYERS = ["kernels", "data", "trainer", "cluster", "vlpt"]
 
 setup(
     name="vlpt",
     version="0.1.0",
     description="Distributed vision-and-language pretraining: UNITER and ALBEF on DeepSpeed ZeRO",
     python_requires=">=3.10",
-    # The import packages are the top-level folders, as in UNITER's and ALBEF's repositories.
-    packages=["trainer", "trainer.models", "trainer.objectives", "kernels", "data", "cluster"],
+    # The import packages are the top-level folders, as in UNITER's and ALBEF's repositories, with their
+    # subpackages. Each imports only the ones before it: kernels <- data <- trainer <- cluster <- vlpt (the
+    # command line); tests/unit/test_import_layers.py checks it.
+    packages=find_packages(include=[*LAYERS, *(f"{p}.*" for p in LAYERS)]),
     package_data={"data": ["vocab/*.txt"], "cluster": ["templates/*"]},
     install_requires=[
         "torch>=2.11",
@@ -24,5 +28,5 @@ setup(
         "pyyaml",
         "numpy",
     ],
-    entry_points={"console_scripts": ["vlpt=trainer.cli:entry"]},
+    entry_points={"console_scripts": ["vlpt = vlpt.cli:entry"]},
 )

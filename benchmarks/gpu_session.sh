@@ -16,7 +16,7 @@ mkdir -p "$OUT"
 exec > >(tee -a "$OUT/gpu.log") 2>&1
 stage() { echo; echo "=== $(date +%T) $*"; }
 quiet() { grep -v -e '^\[transformers\]' -e 'UserWarning: barrier' -e 'return func(\*args' -e 'ProcessGroupNCCL'; }
-VLPT="python3 -m trainer.cli"
+VLPT="python3 -m vlpt"
 
 stage setup
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \

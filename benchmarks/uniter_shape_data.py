@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data.demo import all_demo_captions
+from data.demo_scenes import all_demo_captions
 from data.shards import FORMAT, write_manifest, write_shard
 
 BERT_BASE_CASED_VOCAB = 28996

@@ -12,9 +12,8 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 from cluster.secrets import check_env
-from trainer.config_loader import (
-    ConfigError, check_config_values, check_known_keys, from_dict, load_yaml_with_includes,
-)
+from trainer.config_files import ConfigError, load_yaml_with_includes
+from trainer.config_loader import check_config_values, check_known_keys, from_dict
 
 # Kubernetes resource quantity, the pattern of the CRD's schema ("8", "500m", "64Gi").
 QUANTITY = re.compile(r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?"

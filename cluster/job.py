@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from cluster.config import ClusterConfig
 from trainer.config import Config, config_to_yaml, load_config
-from trainer.config_loader import ConfigError
+from trainer.config_files import ConfigError
 
 TARGETS = ("local", "deepspeed", "slurm", "k8s")
 K8S_CONFIG_DIR = "/etc/vlpt"  # the ConfigMap holding the frozen config is mounted here

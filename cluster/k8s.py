@@ -12,7 +12,7 @@ import yaml
 
 from cluster.job import K8S_CONFIG_DIR, JobPlan
 from cluster.templating import fill
-from trainer.config_loader import ConfigError
+from trainer.config_files import ConfigError
 
 
 def render_k8s(plan: JobPlan) -> str:
@@ -65,7 +65,7 @@ def command(plan: JobPlan) -> list[str]:
             f"--max-restarts={c.max_restarts}",
             # $(POD_NAME) is expanded by Kubernetes: one log directory per pod, one subfolder per rank.
             f"--log-dir={posixpath.join(plan.run_dir, 'logs')}/$(POD_NAME)", "--redirects=3", "--tee=3",
-            "-m", "trainer.cli", "pretrain", "--config", plan.config_path]
+            "-m", "vlpt", "pretrain", "--config", plan.config_path]
 
 
 def container_env(plan: JobPlan) -> list[dict]:

@@ -21,7 +21,7 @@ from cluster.job import JobPlan, plan_job
 from cluster.k8s import render_k8s
 from cluster.local import hostfile_text, render_local
 from cluster.slurm import render_slurm
-from trainer.config_loader import ConfigError
+from trainer.config_files import ConfigError
 
 Mode = Literal["render", "dry-run", "submit"]
 

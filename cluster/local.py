@@ -11,7 +11,7 @@ from cluster.job import JobPlan
 from cluster.secrets import check_deepspeed_env_files, pdsh_filter
 from cluster.slurm import env_exports
 from cluster.templating import fill
-from trainer.config_loader import ConfigError
+from trainer.config_files import ConfigError
 
 LAUNCHERS = ("local", "deepspeed")
 
@@ -33,11 +33,11 @@ def render_command(launcher: str, config: str, nproc: int, overrides: Sequence[s
         restarts = [f"--max-restarts={max_restarts}"] if max_restarts else []
         logs = [f"--log-dir={log_dir}", "--redirects=3", "--tee=3"] if log_dir else []
         return [str(bin_dir / "torchrun"), f"--nproc_per_node={nproc}", f"--master_port={master_port}",
-                *restarts, *logs, "-m", "trainer.cli", *program]
+                *restarts, *logs, "-m", "vlpt", *program]
     hosts = ["--hostfile", hostfile, "--num_nodes", str(nodes), "--master_addr", master_addr] if hostfile else []
     logs = ["--enable_each_rank_log", log_dir] if log_dir else []
     return [str(bin_dir / "deepspeed"), *hosts, "--num_gpus", str(nproc), "--master_port", str(master_port),
-            *logs, "--module", "trainer.cli", *program]
+            *logs, "--module", "vlpt", *program]
 
 
 def hostfile_text(hosts: Sequence[str], slots: int) -> str:

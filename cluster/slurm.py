@@ -8,7 +8,7 @@ from pathlib import Path
 
 from cluster.job import JobPlan
 from cluster.templating import fill
-from trainer.config_loader import ConfigError
+from trainer.config_files import ConfigError
 
 # Paths go into #SBATCH lines (not shell-parsed) and unquoted shell words: keep them plain.
 PLAIN_PATH = re.compile(r"^[\w./+@=:,-]+$")

@@ -57,7 +57,7 @@ def token_buckets(lengths: Sequence[int], budget: int, multiple: int = SIZE_MULT
         chunk_longest = max(lengths[i] for i in chunk)
         if not current and chunk_longest * multiple > budget:
             raise ValueError(
-                f"data.token_budget={budget} is too small: {multiple} samples of {chunk_longest} "
+                f"data.uniter.token_budget={budget} is too small: {multiple} samples of {chunk_longest} "
                 f"tokens (text + regions) need {chunk_longest * multiple}; raise the budget or "
                 f"lower data.max_txt_len / the region count")
         if current and max(longest, chunk_longest) * (len(current) + multiple) > budget:

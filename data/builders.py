@@ -1,4 +1,4 @@
-"""Shard builders behind `vlpt shards coco|regions|tsv` (DESIGN §5).
+"""Shard builders behind `vlpt shards coco|regions|tsv` (docs/data.md, "Shard builders").
 
 Three sources, one pipeline:
 

@@ -1,4 +1,4 @@
-"""Batch RegionSamples into UNITER's packed layout (DESIGN §2, §3).
+"""Batch RegionSamples into UNITER's packed layout (docs/models.md, "UNITER").
 
 The model embeds text `[B, Lt]` and regions `[B, Ni]` separately, concatenates
 them to `[B, Lt + Ni, H]` and gathers with `gather_index` into `[B, L, H]`,
@@ -141,7 +141,7 @@ def collate_itm(samples: Sequence[RegionSample], rng: np.random.Generator, tok, 
 def _check_candidates(candidates) -> None:
     if isinstance(candidates, bool) or not isinstance(candidates, (int, np.integer)) or candidates < 1:
         raise ValueError(f"candidates must be an integer >= 1 (negative images scored per text), "
-                         f"got {candidates!r}; set data.itm_hard_candidates to 1 or more")
+                         f"got {candidates!r}; set data.uniter.itm_hard_candidates to 1 or more")
 
 
 def _first_sample_per_image(samples: Sequence[RegionSample]) -> dict[str, int]:
@@ -203,7 +203,7 @@ def collate_itm_hard(samples: Sequence[RegionSample], rng: np.random.Generator, 
 
 def collate_mrm(samples: Sequence[RegionSample], rng: np.random.Generator, tok, mrm_prob: float = 0.15,
                 task: str = "mrm") -> dict:
-    """Masked-region batch for MRFR, MRC and MRC-kl alike (DESIGN §3).
+    """Masked-region batch for MRFR, MRC and MRC-kl alike (docs/models.md, "Region masking").
 
     Conditional masking: the text is untouched; per sample, in order, the
     regions are drawn with `mask_regions` (p = mrm_prob, at least one). The

@@ -1,4 +1,4 @@
-"""Batch PixelSamples for ALBEF (DESIGN §4): augmented pictures, captions (mirrored with their
+"""Batch PixelSamples for ALBEF (docs/models.md, "ALBEF"): augmented pictures, captions (mirrored with their
 picture), ALBEF's MLM masking, and batch-local image indices for hard negatives.
 
 Every random choice (crop, flip, RandAugment, masks) comes from the collate generator, which

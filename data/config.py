@@ -7,7 +7,6 @@ from typing import Optional
 
 from data.pixels import PixelConfig
 from data.shards import DTYPE_MAX, DecodeLimits
-from data.storage import S3Options
 
 DATASET_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
@@ -41,6 +40,39 @@ class DatasetConfig:
 
 
 @dataclass(frozen=True)
+class UniterDataConfig:
+    """`data.uniter:` what only UNITER's region-feature tasks read."""
+
+    mrm_prob: float = 0.15
+    """Probability a region is masked for MRFR / MRC / MRC-kl (at least one per image)."""
+    itm_neg_prob: float = 0.5
+    """Probability an ITM pair is made negative by swapping in another image."""
+    itm_hard_candidates: int = 7
+    """For task "itm-hard": negative images drawn per text (distinct image_ids of the same
+    micro-batch, fewer if it has fewer); the model scores them and trains on the hardest."""
+    token_budget: int = 0
+    """> 0: UNITER's token-budget batches (longest row x size <= budget, sizes multiples of 8)
+    instead of micro_batch_size samples; 0 = fixed-size batches."""
+
+    def __post_init__(self) -> None:
+        for name in ("mrm_prob", "itm_neg_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"data.uniter.{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.itm_hard_candidates < 1:
+            raise ValueError(f"data.uniter.itm_hard_candidates must be >= 1, got {self.itm_hard_candidates}")
+        if self.token_budget < 0:
+            raise ValueError(f"data.uniter.token_budget must be >= 0, got {self.token_budget}")
+
+
+@dataclass(frozen=True)
+class AlbefDataConfig:
+    """`data.albef:` what only ALBEF's picture pipeline reads."""
+
+    pixels: PixelConfig = field(default_factory=PixelConfig)
+    """Training augmentation and the evaluation resize."""
+
+
+@dataclass(frozen=True)
 class DataConfig:
     train: str = "demo_data/train"
     """Directory of the training shards, holding `manifest.json` (single-dataset runs)."""
@@ -65,12 +97,6 @@ class DataConfig:
     resampled: bool = False
     """Draw shards with replacement (deterministic from the seed) instead of cycling through
     every sample once per epoch: for very large or very unequal data."""
-    token_budget: int = 0
-    """> 0: UNITER's token-budget batches (longest row x size <= budget, sizes multiples of 8)
-    instead of micro_batch_size samples; 0 = fixed-size batches."""
-    s3: S3Options = field(default_factory=S3Options)
-    """Endpoint, region, retries and timeouts for s3:// shard URLs; credentials come only from
-    the standard AWS chain (environment, ~/.aws, instance role), never from this file."""
     allow_outside_shards: bool = False
     """Let a manifest list shards outside its own folder (absolute paths, `..`, symlinks leading
     out, file:// URLs) or, on S3, outside its bucket and prefix. Off: such a manifest is refused
@@ -78,17 +104,10 @@ class DataConfig:
     verify_sha256: bool = False
     """Check each shard's sha256 against its manifest before reading it (once per reader); a
     mismatching shard is skipped and counted as "sha256_mismatch". Costs one extra full read."""
-    pixels: PixelConfig = field(default_factory=PixelConfig)
-    """ALBEF's image pipeline: training augmentation and the evaluation resize."""
     mlm_prob: float = 0.15
     """Probability a word piece is selected for MLM."""
-    mrm_prob: float = 0.15
-    """Probability a region is masked for MRFR / MRC / MRC-kl (at least one per image)."""
-    itm_neg_prob: float = 0.5
-    """Probability an ITM pair is made negative by swapping in another image."""
-    itm_hard_candidates: int = 7
-    """For task "itm-hard": negative images drawn per text (distinct image_ids of the same
-    micro-batch, fewer if it has fewer); the model scores them and trains on the hardest."""
+    uniter: UniterDataConfig = field(default_factory=UniterDataConfig)
+    albef: AlbefDataConfig = field(default_factory=AlbefDataConfig)
     max_bad_per_1000: float = 10.0
     """Abort (one-line error, exit 2) when more than this many per 1,000 training samples
     read so far, over all ranks, were skipped as bad (any reason, corrupt shards included)."""
@@ -108,8 +127,6 @@ class DataConfig:
                 raise ValueError(f"data.{name} must be positive, got {getattr(self, name)}")
         if self.num_workers < 0 or self.shuffle_buffer < 0:
             raise ValueError("data.num_workers and data.shuffle_buffer must be >= 0")
-        if self.token_budget < 0:
-            raise ValueError(f"data.token_budget must be >= 0, got {self.token_budget}")
         names = [d.name for d in self.datasets]
         weighted = [d.weight is not None for d in self.datasets]
         if any(weighted) and not all(weighted):
@@ -125,11 +142,8 @@ class DataConfig:
         for name in ("max_image_pixels", "max_member_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"data.{name} must be positive, got {getattr(self, name)}")
-        if self.itm_hard_candidates < 1:
-            raise ValueError(f"data.itm_hard_candidates must be >= 1, got {self.itm_hard_candidates}")
-        for name in ("mlm_prob", "mrm_prob", "itm_neg_prob"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"data.{name} must be in [0, 1], got {getattr(self, name)}")
+        if not 0.0 <= self.mlm_prob <= 1.0:
+            raise ValueError(f"data.mlm_prob must be in [0, 1], got {self.mlm_prob}")
 
     def decode_limits(self, dtype: str = "fp32") -> DecodeLimits:
         """The per-sample decoding budgets, for a run in precision `dtype` (precision.dtype)."""

@@ -1,15 +1,18 @@
-"""The demo scenes as pictures, for ALBEF's pixel demo: the same objects, boxes and captions
-as the region-feature demo (data/demo.py), drawn as coloured silhouettes on a banded
-background (sky on top, floor at the bottom), so a caption is as true of the picture as of
-the regions."""
+"""The demo scenes (data/demo_scenes.py) as pictures, for ALBEF's pixel demo: the same
+objects, boxes and captions as the region-feature demo (data/demo.py), drawn as coloured
+silhouettes on a banded background (sky on top, floor at the bottom), so a caption is as
+true of the picture as of the regions."""
 from __future__ import annotations
 
+import io
 import math
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from data.demo import DEMO_COLOURS, DEMO_SHAPES, STUFF_BANDS, DemoScene
+from data.demo_scenes import DEMO_COLOURS, DEMO_SHAPES, STUFF_BANDS, DemoScene, caption_samples, write_scene_shards
+from data.shards import PIXEL_FORMAT
 
 COLOUR_RGB = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 170, 50), "yellow": (240, 220, 40),
               "purple": (140, 50, 170), "orange": (250, 140, 20), "white": (250, 250, 250), "black": (15, 15, 15)}
@@ -77,3 +80,40 @@ def render_scene(scene: DemoScene, size: int = 128) -> Image.Image:
         box = tuple(float(v) * size for v in bb[:4])
         draw_shape(draw, DEMO_SHAPES[shape], box, COLOUR_RGB[DEMO_COLOURS[colour]])
     return img
+
+
+def scene_samples(scene: DemoScene, image_size: int) -> list[dict]:
+    """One shard sample per (scene, caption) pair: the scene drawn as a PNG of side `image_size`
+    (vlpt-pixels-v1, as `vlpt shards coco`)."""
+    buf = io.BytesIO()
+    render_scene(scene, image_size).save(buf, format="PNG")
+    return caption_samples(scene, {"png": buf.getvalue()})
+
+
+def write_demo_pixels(
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    n_train_scenes: int = 2000,
+    n_val_scenes: int = 250,
+    image_size: int = 96,
+    img_dim: int = 64,
+    scenes_per_shard: int = 250,
+    noise_std: float = 0.5,
+) -> dict:
+    """Write `out_dir/train/` and `out_dir/val/` (pixel shards + manifest.json); return a summary.
+
+    The same scenes and captions as `write_demo_dataset` with the same seed, img_dim and
+    noise_std (they shape the scene stream), drawn as pictures; byte-identical for the same arguments.
+    """
+    if image_size < 16:
+        raise ValueError(f"image_size must be at least 16 (one ViT patch), got {image_size}")
+
+    def split_meta(split: str, n_scenes: int) -> dict:
+        return {"split": split, "num_scenes": n_scenes, "generator": "vlpt-demo-pixels", "seed": seed,
+                "image_size": image_size}
+
+    return write_scene_shards(out_dir, seed=seed, n_train_scenes=n_train_scenes, n_val_scenes=n_val_scenes,
+                              img_dim=img_dim, scenes_per_shard=scenes_per_shard, noise_std=noise_std,
+                              to_samples=lambda scene: scene_samples(scene, image_size), split_meta=split_meta,
+                              fmt=PIXEL_FORMAT, kind={"image_size": image_size})

@@ -16,7 +16,7 @@ every sample once per epoch) or token-budget buckets. Its *position* after a
 batch is (epoch, batch index, block start cursor, batches used of the block):
 a resumed reader re-opens the shard at the block's byte offset, rebuilds the
 block and continues with exactly the batches the uninterrupted run would have
-given. Bad input never stops a reader (DESIGN §5): skips are counted by reason
+given. Bad input never stops a reader (docs/data.md, "Bad and hostile input"): skips are counted by reason
 and travel with the batches, also out of DataLoader workers.
 """
 from __future__ import annotations
@@ -92,7 +92,7 @@ class StreamSpec:
         if self.parts < 1 or self.n_streams < 1 or self.batch_size < 1:
             raise ValueError("parts, n_streams and batch_size must be >= 1")
         if self.token_budget < 0:
-            raise ValueError(f"data.token_budget must be >= 0, got {self.token_budget}")
+            raise ValueError(f"data.uniter.token_budget must be >= 0, got {self.token_budget}")
         if self.modality not in ("regions", "pixels"):
             raise ValueError(f"modality must be 'regions' or 'pixels', got {self.modality!r}")
         if self.modality == "pixels" and self.token_budget:

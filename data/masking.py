@@ -1,4 +1,5 @@
-"""UNITER's MLM text masking and region masking (DESIGN §3), vectorised but draw-for-draw deterministic.
+"""UNITER's MLM text masking and region masking (docs/models.md, "MLM" and "Region masking"),
+vectorised but draw-for-draw deterministic.
 
 Random-number order of `mask_tokens`, which defines the result for a given generator state:
   1. `rng.random(T)`: one uniform per word piece, in token order;
@@ -54,7 +55,8 @@ def mask_tokens(
 
 
 def mask_regions(num_bb: int, rng: np.random.Generator, prob: float = 0.15) -> np.ndarray:
-    """UNITER's `_get_img_mask` (DESIGN §3): which of `num_bb` regions to mask, [num_bb] bool.
+    """UNITER's `_get_img_mask` (docs/models.md, "Region masking"): which of `num_bb` regions to mask,
+    [num_bb] bool.
 
     Random-number order: `rng.random(num_bb)`, one uniform per region (selected
     if < prob); only if none was selected, `rng.integers(num_bb)` picks the one
@@ -79,7 +81,7 @@ def mask_caption_tokens(
     vocab_size: int,
     prob: float = 0.15,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """ALBEF's MLM masking of a padded batch `[CLS] caption [SEP] [PAD]...` (DESIGN §4).
+    """ALBEF's MLM masking of a padded batch `[CLS] caption [SEP] [PAD]...` (docs/models.md, "Distilled MLM").
 
     Every position but [PAD] (attn 0) and [CLS] (column 0) is selected with `prob`, [SEP]
     included; a selected token becomes [MASK] (80%), a random id from the whole vocabulary

@@ -1,5 +1,6 @@
 """Pixels for ALBEF: decode, then random-resized crop, horizontal flip and a RandAugment-style
-policy for training; a plain resize for evaluation (ALBEF's recipe, DESIGN §4). PIL and NumPy
+policy for training; a plain resize for evaluation (ALBEF's recipe; docs/models.md, "Pictures and
+captions"). PIL and NumPy
 only, every random choice drawn from the caller's generator so a resumed run redraws them.
 
 A horizontal flip swaps "left" and "right" in the caption too (`swap_left_right`): ALBEF
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance, ImageOps
 
-from data.shards import DecodeLimits
+from data.limits import DecodeLimits
 
 # CLIP's normalisation, which ALBEF uses.
 MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)

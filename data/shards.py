@@ -8,7 +8,7 @@ One tar member group per image-text pair (key `train-scene-000123-1`):
 
 `manifest.json` beside the shards lists them with sample counts, sizes and
 sha256 checksums. Decoding never raises on bad data: it returns
-(None, reason) so the loader can count skips by reason (DESIGN §5).
+(None, reason) so the loader can count skips by reason (docs/data.md, "Skip reasons").
 """
 from __future__ import annotations
 
@@ -25,6 +25,8 @@ from typing import Any, Iterable, Iterator, Optional
 import numpy as np
 import webdataset as wds
 
+# DecodeLimits and its defaults live in data/limits.py (data/pixels.py needs them too); re-exported here.
+from data.limits import DEFAULT_MAX_MEMBER_BYTES, DTYPE_MAX, FLOAT32_MAX, DecodeLimits  # noqa: F401
 from data.storage import (NotARegularFile, S3Options, check_regular_file, join, join_inside, open_stream, read_bytes,
                           sha256_of)
 
@@ -253,14 +255,12 @@ def _split_name(name: str) -> tuple[Optional[str], Optional[str]]:
     return (m.group(1), m.group(2)) if m else (None, None)
 
 
-DEFAULT_MAX_MEMBER_BYTES = 256 << 20
-"""Default of `data.max_member_bytes`: the largest tar member read into memory."""
 SHARD_SKIP_REASONS = ("corrupt_tar", "missing_shard", "not_a_file", "sha256_mismatch", "manifest_mismatch",
                       "member_too_large", "duplicate_member")
 """What the reading side counts (data/sources.py, data/loader.py), besides the decoders' reasons.
 Once per shard and epoch by the reader that meets it: "corrupt_tar" (damaged or truncated tar),
 "missing_shard" (listed, not there: deleted, or an S3 object still missing after
-data.s3.missing_retries), "not_a_file" (a FIFO, device or directory where a shard should be;
+storage.s3.missing_retries), "not_a_file" (a FIFO, device or directory where a shard should be;
 skipped without opening), "sha256_mismatch" (data.verify_sha256: the shard is skipped),
 "manifest_mismatch" (the shard holds more or fewer samples, or other bytes, than the manifest
 says; it is still read as far as the manifest's count). Per sample: "member_too_large" (a member
@@ -323,9 +323,6 @@ def _add_member(sample: dict, exts: set[str], ext: str, tar: tarfile.TarFile, me
 
 # ---------------------------------------------------------------- decoding
 
-FLOAT32_MAX = float(np.finfo(np.float32).max)
-DTYPE_MAX = {"fp32": FLOAT32_MAX, "bf16": 3.3895313892515355e38, "fp16": 65504.0}
-"""Largest finite value of each training precision (precision.dtype)."""
 BOX_TOLERANCE = 1e-3
 """How far a `norm_bb` value may leave [0, 1]: room for the rounding of boxes clipped to the image."""
 SOFT_LABEL_SUM_TOLERANCE = 1e-3
@@ -339,20 +336,6 @@ _NPY_HEADER_LIMIT = 10_000
 _NPZ_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)
 """np.savez and np.savez_compressed; deflate output is read in bounded steps, other methods'
 decompressors are not bounded by Python's zipfile."""
-
-
-@dataclass(frozen=True)
-class DecodeLimits:
-    """What one sample may cost and hold; beyond it the sample is skipped, before it is decoded."""
-
-    max_image_pixels: int = 50_000_000
-    """Width x height from a picture's header (about 150 MB decoded to RGB)."""
-    max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES
-    """Bytes of a tar member (iter_shard), and of an npz's arrays together once inflated, known
-    from its zip directory and .npy headers."""
-    max_abs_value: float = FLOAT32_MAX
-    """Largest |value| of features, boxes and soft labels once decoded: float32's range, or the
-    training precision's (DTYPE_MAX) where that is narrower."""
 
 
 @dataclass

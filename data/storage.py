@@ -43,7 +43,7 @@ RETRYABLE_CODES = {"RequestTimeout", "InternalError", "ServiceUnavailable", "503
 
 @dataclass(frozen=True)
 class S3Options:
-    """How to reach an S3 API (`data.s3:` in the YAML). No credentials here by design."""
+    """How to reach an S3 API (`storage.s3:` in the YAML). No credentials here by design."""
 
     endpoint_url: Optional[str] = None
     """e.g. http://minio:9000; None = AWS (or the AWS_ENDPOINT_URL environment variable)."""
@@ -66,11 +66,11 @@ class S3Options:
 
     def __post_init__(self) -> None:
         if self.max_retries < 0 or self.missing_retries < 0:
-            raise ValueError(f"data.s3.max_retries and data.s3.missing_retries must be >= 0, got "
+            raise ValueError(f"storage.s3.max_retries and storage.s3.missing_retries must be >= 0, got "
                              f"{self.max_retries} and {self.missing_retries}")
         for name in ("backoff_base_s", "backoff_cap_s", "connect_timeout_s", "read_timeout_s", "max_total_retry_s"):
             if not getattr(self, name) > 0:
-                raise ValueError(f"data.s3.{name} must be > 0, got {getattr(self, name)}")
+                raise ValueError(f"storage.s3.{name} must be > 0, got {getattr(self, name)}")
 
 
 def is_s3(url: str) -> bool:
@@ -221,7 +221,7 @@ class Retrier:
         elapsed = time.monotonic() - self.since
         if self.attempt >= self.opts.max_retries or elapsed >= self.opts.max_total_retry_s:
             raise IOError(f"{self.url}: giving up after {self.attempt} retries in {elapsed:.0f}s "
-                          f"(data.s3.max_retries={self.opts.max_retries}, data.s3.max_total_retry_s="
+                          f"(storage.s3.max_retries={self.opts.max_retries}, storage.s3.max_total_retry_s="
                           f"{self.opts.max_total_retry_s:g}); last error ({reason}): {type(exc).__name__}: "
                           f"{exc}") from exc
         self._count_and_wait(reason, exc)
@@ -337,7 +337,7 @@ def _status(exc: BaseException) -> int:
 def open_stream(url: str, offset: int = 0, s3: Optional[S3Options] = None,
                 stats: Optional[dict[str, int]] = None, retry_missing: bool = True) -> BinaryIO:
     """A buffered binary reader of `url` from byte `offset` (local path, file://, s3://).
-    `retry_missing`: retry an S3 object that is not there (data.s3.missing_retries)."""
+    `retry_missing`: retry an S3 object that is not there (storage.s3.missing_retries)."""
     if is_s3(url):
         return io.BufferedReader(S3ObjectReader(url, s3 or S3Options(), offset, stats, retry_missing),
                                  buffer_size=1 << 20)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 
-from data.demo import all_demo_captions
+from data.demo_scenes import all_demo_captions
 from data.tokenizer import SPECIAL_TOKENS
 
 DEMO_VOCAB_PATH = Path(__file__).parent / "vocab" / "demo-vocab.txt"

@@ -1,11 +1,11 @@
 """vlpt kernels: the hot-spot ops, each a fused Triton kernel beside its torch reference.
 
-Callers use the dispatching functions below; `kernels.dispatch` picks the kernel
-or the reference per call (device, dtype, tile limits, `VLPT_KERNELS=auto|on|off`).
+One module per op; import the functions from their modules
+(`from kernels.masked_gather import masked_gather`, `from kernels.ot import ot_distance, wra_loss`).
+`kernels.dispatch` picks the kernel or the reference per call (device, dtype, tile limits,
+`VLPT_KERNELS=auto|on|off`). This package exports its submodules only, never a function under
+a submodule's name, so `kernels.ipot` is always the module.
 """
-from kernels.ipot import ipot
-from kernels.masked_gather import masked_gather
-from kernels.ot import cosine_cost, ot_distance, wra_loss
-from kernels.sinkhorn import sinkhorn
+from kernels import checks, dispatch, ipot, masked_gather, ot, sinkhorn, triton_jit
 
-__all__ = ["cosine_cost", "ipot", "masked_gather", "ot_distance", "sinkhorn", "wra_loss"]
+__all__ = ["checks", "dispatch", "ipot", "masked_gather", "ot", "sinkhorn", "triton_jit"]

@@ -1,4 +1,5 @@
-"""IPOT optimal transport for WRA (UNITER, DESIGN §3): Triton kernel beside its torch reference.
+"""IPOT optimal transport for WRA (UNITER; docs/models.md, "ITM and WRA"): Triton kernel beside its torch
+reference.
 
 Conventions: text is the "x" side (Nt word pieces incl. [CLS]/[SEP]), regions the
 "y" side (Ni boxes); pad masks are bool, True at padding. The cost is

@@ -1,4 +1,5 @@
-"""Masked gather for the MLM / MRM heads (DESIGN §7): Triton kernels beside the torch reference.
+"""Masked gather for the MLM / MRM heads (docs/design.md, "Kernels"): Triton kernels beside the torch
+reference.
 
 `out[n] = hidden.view(B * L, H)[index[n]]`. The flat positions `index = b * L + l`
 are computed on the host in collate, so the device never runs `nonzero` (a host

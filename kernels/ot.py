@@ -1,4 +1,4 @@
-"""Word-region alignment (WRA) by optimal transport (UNITER, DESIGN §3).
+"""Word-region alignment (WRA) by optimal transport (UNITER; docs/models.md, "ITM and WRA").
 
 `ot_distance` = cosine cost between the last-layer text and region states (torch,
 differentiable) -> IPOT plan and distance through `kernels.ipot.ipot` (the fused

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from data.demo import LABEL_DIM, generate_scenes, scene_samples
+from data.demo import scene_samples
+from data.demo_scenes import LABEL_DIM, generate_scenes
 from data.shards import SKIP_REASONS, encode_npz, iter_shard, write_manifest, write_shard
 
 IMG_DIM = 16

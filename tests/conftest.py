@@ -71,7 +71,7 @@ def write_tiny_config(path: Path, data_dir: Path, run_dir: Path, **sections) -> 
     import yaml
 
     from data.tokenizer import load_tokenizer
-    from trainer.config_loader import deep_merge
+    from trainer.config_files import deep_merge
 
     vocab = str(REPO / "data/vocab/demo-vocab.txt")
     cfg = {
@@ -95,10 +95,10 @@ NO_DROPOUT = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
 @pytest.fixture(scope="session")
 def pixel_data(tmp_path_factory) -> Path:
     """The demo scenes drawn as 32-px pictures (vlpt-pixels-v1 shards) for tiny ALBEF runs."""
-    from data.demo import write_demo_dataset
+    from data.demo_pixels import write_demo_pixels
 
     out = tmp_path_factory.mktemp("pixels")
-    write_demo_dataset(str(out), seed=0, n_train_scenes=48, n_val_scenes=10, scenes_per_shard=12, image_size=32)
+    write_demo_pixels(str(out), seed=0, n_train_scenes=48, n_val_scenes=10, scenes_per_shard=12, image_size=32)
     return out
 
 
@@ -108,7 +108,7 @@ def write_albef_config(tmp_path: Path, data: Path, name: str, steps: int, **sect
     import yaml
 
     from data.tokenizer import load_tokenizer
-    from trainer.config_loader import deep_merge
+    from trainer.config_files import deep_merge
 
     vocab = str(REPO / "data/vocab/demo-vocab.txt")
     cfg = {
@@ -118,7 +118,8 @@ def write_albef_config(tmp_path: Path, data: Path, name: str, steps: int, **sect
                   "vision_width": 32, "vision_layers": 2, "vision_heads": 2, "vision_mlp": 64, "embed_dim": 16, "queue_size": 48, "alpha_warmup_steps": 4, "k_test": 8,
                   "initializer_range": 0.1},
         "data": {"train": str(data / "train"), "val": str(data / "val"), "vocab": vocab, "micro_batch_size": 8,
-                 "val_batch_size": 16, "shuffle_buffer": 32, "max_txt_len": 23, "pixels": {"image_size": 32}},
+                 "val_batch_size": 16, "shuffle_buffer": 32, "max_txt_len": 23,
+                 "albef": {"pixels": {"image_size": 32}}},
         "tasks": {"albef": 1},
         "optim": {"lr": 1e-3, "warmup_steps": 0, "global_batch_size": 16, "weight_decay": 0.02},
         "train": {"run_dir": str(tmp_path / name), "max_steps": steps, "log_every": 1, "progress": False,
@@ -146,7 +147,7 @@ def subprocess_env(nthreads: int = 1) -> dict:
 
 
 def run_vlpt(args: list[str], launcher: str = "python", nproc: int = 1, timeout: int = 600,
-             check: bool = True, env: dict | None = None, module: str = "trainer.cli") -> subprocess.CompletedProcess:
+             check: bool = True, env: dict | None = None, module: str = "vlpt") -> subprocess.CompletedProcess:
     """Run `vlpt <args>` as one process, under torchrun, or under the DeepSpeed launcher;
     `module`: a test wrapper of the CLI (e.g. one that injects a fault) instead."""
     bin_dir = Path(sys.executable).parent

@@ -8,13 +8,24 @@ def tiny_uniter(tok, dropout: float = 0.0, checkpointing: bool = False):
     import torch
 
     from trainer.models.config import ModelConfig
-    from trainer.models.pretrain import build_model
+    from trainer.models.pretrain import build_uniter
 
     torch.manual_seed(0)
-    return build_model(ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2,
-                                   num_attention_heads=2, intermediate_size=64, img_dim=16, img_label_dim=9,
-                                   hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
-                                   activation_checkpointing=checkpointing))
+    return build_uniter(ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2,
+                                    num_attention_heads=2, intermediate_size=64, img_dim=16, img_label_dim=9,
+                                    hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
+                                    activation_checkpointing=checkpointing))
+
+
+def uniter_recipe(model, layout, device):
+    """The run's UNITER recipe (default config, so WRA as `WraConfig()`), attached to `model` as the
+    run attaches it: before the engine wraps the model."""
+    from trainer.config import Config
+    from trainer.recipes.uniter import UniterRecipe
+
+    recipe = UniterRecipe(Config())
+    recipe.attach(model, layout, device)
+    return recipe
 
 
 def demo_region_samples(data_dir, tok, n: int) -> list:

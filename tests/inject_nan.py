@@ -3,20 +3,20 @@ is NaN (and so are its gradients) in the given optimizer steps on the given rank
 import os
 import sys
 
-from trainer.cli import main
 from trainer.models.pretrain import UniterForPretraining
+from vlpt.cli import main
 
 RANK, STEPS = sys.argv[1], {int(s) for s in sys.argv[2].split(",")}
 _forward = UniterForPretraining.forward
 _calls = [0]
 
 
-def forward_with_nan(self, batch, task):
-    result = _forward(self, batch, task)
+def forward_with_nan(self, batch, task, *args):
+    result = _forward(self, batch, task, *args)
     if self.training:
         _calls[0] += 1  # one micro-batch per step in these runs: call k is step k
         if _calls[0] in STEPS and RANK in ("all", os.environ.get("RANK", "0")):
-            result.loss_sum = result.loss_sum * float("nan")
+            result.losses = {name: loss * float("nan") for name, loss in result.losses.items()}
     return result
 
 

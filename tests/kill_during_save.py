@@ -9,7 +9,7 @@ import signal
 import sys
 
 import trainer.checkpoint as ckpt
-from trainer.cli import main
+from vlpt.cli import main
 
 KILL_AT = int(sys.argv[1])
 _save = ckpt.save_checkpoint

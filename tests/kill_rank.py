@@ -6,17 +6,17 @@ import signal
 import sys
 from pathlib import Path
 
-import trainer.loop as loop
-from trainer.cli import main
+import trainer.run as run
+from vlpt.cli import main
 
 RANK, STEP, MARKER = int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
-_train_step = loop.train_step
+_optimizer_step = run.optimizer_step
 _steps = [0]
 
 
-def train_step_or_die(*args, **kwargs):
+def optimizer_step_or_die(*args, **kwargs):
     _steps[0] += 1
-    stats = _train_step(*args, **kwargs)
+    stats = _optimizer_step(*args, **kwargs)
     # The first attempt starts at step 0, so its count of calls is the step number.
     if int(os.environ.get("RANK", "0")) == RANK and _steps[0] == STEP and not MARKER.exists():
         MARKER.write_text(f"rank {RANK} killed at step {STEP}\n")
@@ -24,5 +24,5 @@ def train_step_or_die(*args, **kwargs):
     return stats
 
 
-loop.train_step = train_step_or_die
+run.optimizer_step = optimizer_step_or_die
 sys.exit(main(sys.argv[4:]))

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from data.collate import collate_itm, collate_mlm
-from data.demo import LABEL_DIM
+from data.demo_scenes import LABEL_DIM
 from data.loader import ResumableTaskLoader, StreamSpec, TaskBatches, single_dataset
 from data.shards import read_manifest, write_manifest, write_shard
 from data.sources import DatasetShards

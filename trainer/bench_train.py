@@ -18,6 +18,7 @@ encoder's linear weights, L the padded sequence, H the hidden size.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import time
 from dataclasses import dataclass
@@ -28,11 +29,14 @@ import torch
 from torch import Tensor, nn
 
 from trainer.config import Config
-from trainer.config_loader import ConfigError
+from trainer.config_files import ConfigError
 from trainer.engine import BatchLayout, batch_layout, build_engine, param_groups
 from trainer.models.bert import extended_attention_mask
-from trainer.steps import draw_task, train_step
-from trainer.task_mix import mix_ratios, task_of
+from trainer.models.config import ModelConfig
+from trainer.recipes.base import StepContext
+from trainer.recipes.uniter import UniterRecipe
+from trainer.step import optimizer_step
+from trainer.task_mix import draw_task, mix_ratios, task_of
 
 # Dense bf16/fp16 tensor-core peak per GPU (vendor data sheets, SXM parts).
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -114,12 +118,10 @@ def boolean_mask_gather(hidden: Tensor, index: Tensor) -> Tensor:
 @contextlib.contextmanager
 def plain_ops():
     """Boolean-mask gathers in the heads and the eager IPOT loop (kernels off)."""
-    import trainer.objectives.mlm as mlm
-    import trainer.objectives.mrm as mrm
+    import trainer.recipes.uniter_tasks as tasks
 
     with mock.patch.dict(os.environ, {"VLPT_KERNELS": "off"}), \
-            mock.patch.object(mlm, "masked_gather", boolean_mask_gather), \
-            mock.patch.object(mrm, "masked_gather", boolean_mask_gather):
+            mock.patch.object(tasks, "masked_gather", boolean_mask_gather):
         yield
 
 
@@ -144,9 +146,8 @@ class Timed:
         return out
 
 
-def step_work(batches: list[dict], cfg: Config, world: int) -> tuple[int, int, float]:
+def step_work(batches: list[dict], m: ModelConfig, world: int) -> tuple[int, int, float]:
     """(samples, tokens, model FLOPs) of one optimizer step over all ranks, from this rank's batches."""
-    m = cfg.model
     params = m.num_hidden_layers * (4 * m.hidden_size ** 2 + 2 * m.hidden_size * m.intermediate_size)
     samples = tokens = 0
     flops = 0.0
@@ -207,21 +208,24 @@ def sync(device: torch.device) -> None:
         torch.distributed.barrier()
 
 
-def run_ours(cfg: Config, model: nn.Module, layout: BatchLayout, batches: dict, tasks: list[str],
+def run_ours(recipe: UniterRecipe, model: nn.Module, layout: BatchLayout, batches: dict, tasks: list[str],
              bench: TrainBenchConfig, device: torch.device) -> tuple[float, dict]:
+    cfg = recipe.cfg
     total = cfg.optim.total_steps or cfg.train.max_steps
     engine, _ = build_engine(model, cfg.optim, cfg.parallel, cfg.precision, layout, total, device)
     loaders = {key: CyclingLoader(b) for key, b in batches.items()}
-    measured = measure(tasks, bench, device,
-                       lambda key: train_step(engine, loaders[key], task_of(key), layout, device))
+    steps = itertools.count()
+    measured = measure(tasks, bench, device, lambda key: optimizer_step(
+        engine, recipe, loaders[key], task_of(key), layout, StepContext(next(steps), cfg.train.seed, device)))
     engine.destroy()
     return measured
 
 
-def run_baseline(cfg: Config, model: nn.Module, layout: BatchLayout, batches: dict, tasks: list[str],
+def run_baseline(recipe: UniterRecipe, model: nn.Module, layout: BatchLayout, batches: dict, tasks: list[str],
                  bench: TrainBenchConfig, device: torch.device) -> tuple[float, dict]:
     from torch.nn.parallel import DistributedDataParallel
 
+    cfg = recipe.cfg
     model = baseline_model(model).to(device)
     ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     o = cfg.optim
@@ -235,8 +239,8 @@ def run_baseline(cfg: Config, model: nn.Module, layout: BatchLayout, batches: di
             batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in loaders[key].next().items()}
             no_sync = ddp.no_sync() if i + 1 < layout.grad_accum else contextlib.nullcontext()
             with no_sync, torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                result = ddp(batch, task_of(key))
-                loss = result.loss_sum / max(batch["n_items"], 1) / layout.grad_accum
+                result = ddp(batch, recipe.task_fns[task_of(key)])
+                loss = result.losses["loss"] / max(batch["n_items"], 1) / layout.grad_accum
             scaler.scale(loss).backward()
             loss.item()  # the plain way logs every micro-batch's loss
         scaler.unscale_(optimizer)
@@ -249,22 +253,23 @@ def run_baseline(cfg: Config, model: nn.Module, layout: BatchLayout, batches: di
         return measure(tasks, bench, device, step)
 
 
-def prefetch(cfg: Config, tok, layout: BatchLayout, rank: int, img_dim: int, n_steps: int) -> dict:
+def prefetch(recipe: UniterRecipe, tok, layout: BatchLayout, rank: int, n_steps: int) -> dict:
     """`n_steps` optimizer steps' worth of this rank's micro-batches per mix key."""
-    from trainer.loop import build_train_loaders
+    from trainer.run_setup import build_train_loaders
 
-    loaders = build_train_loaders(cfg, tok, layout, rank, {}, img_dim)
+    loaders = build_train_loaders(recipe.cfg, recipe, tok, layout, rank, {})
     return {key: [loader.next() for _ in range(n_steps * layout.grad_accum)] for key, loader in loaders.items()}
 
 
-def timed_work(cfg: Config, batches: dict, tasks: list[str], warmup: int, accum: int, world: int) -> Timed:
+def timed_work(model: ModelConfig, batches: dict, tasks: list[str], warmup: int, accum: int,
+               world: int) -> Timed:
     """Samples, tokens and FLOPs of the timed steps: the batches both sides read in those steps."""
     work, cursor = Timed(), {key: 0 for key in batches}
     for i, key in enumerate(tasks):
         step_batches = [batches[key][(cursor[key] + j) % len(batches[key])] for j in range(accum)]
         cursor[key] += accum
         if i >= warmup:
-            samples, tokens, flops = step_work(step_batches, cfg, world)
+            samples, tokens, flops = step_work(step_batches, model, world)
             work.steps += 1
             work.samples += samples
             work.tokens += tokens
@@ -282,28 +287,27 @@ def peak_flops(device: torch.device, dtype: str) -> Optional[float]:
 def run_train_bench(cfg: Config, bench: TrainBenchConfig) -> dict:
     """Collective under torchrun; every rank returns the same figures."""
     from trainer.distributed import setup_distributed
-    from trainer.loop import validate_against_data
-    from trainer.models.pretrain import build_model
-    from trainer.objectives import build_objectives
     from data.tokenizer import load_tokenizer
+    from trainer.run_setup import validate_against_data
 
     if cfg.model.arch != "uniter":
         raise ConfigError(f"vlpt bench train measures UNITER's step; model.arch={cfg.model.arch} is not "
                           "benchmarked yet (time a `vlpt pretrain` run: its summary reports samples/s)")
     info = setup_distributed(cfg.parallel.backend, cfg.parallel.timeout_minutes)
     tok = load_tokenizer(cfg.data.vocab)
-    img_dim = validate_against_data(cfg, tok)
+    recipe = UniterRecipe(cfg)
+    validate_against_data(cfg, recipe, tok)
     layout = batch_layout(cfg.optim, cfg.data.micro_batch_size, info.world_size)
-    batches = prefetch(cfg, tok, layout, info.rank, img_dim, bench.batches_per_task)
+    batches = prefetch(recipe, tok, layout, info.rank, bench.batches_per_task)
     ratios = mix_ratios(cfg)
     tasks = [draw_task(cfg.train.seed, s, ratios) for s in range(bench.warmup + bench.steps)]
-    work = timed_work(cfg, batches, tasks, bench.warmup, layout.grad_accum, info.world_size)
+    work = timed_work(cfg.model, batches, tasks, bench.warmup, layout.grad_accum, info.world_size)
     results = {}
     for side, runner in (("ours", run_ours), ("baseline", run_baseline)):
         torch.manual_seed(cfg.train.seed)
-        model = build_model(cfg.model)
-        model.objectives = build_objectives(cfg.wra)
-        seconds, tables = runner(cfg, model, layout, batches, tasks, bench, info.device)
+        model = recipe.build_model()
+        recipe.attach(model, layout, info.device)
+        seconds, tables = runner(recipe, model, layout, batches, tasks, bench, info.device)
         timed = Timed(seconds, work.steps, work.samples, work.tokens, work.flops)
         results[side] = timed.figures(peak_flops(info.device, cfg.precision.dtype), info.world_size)
         if tables:

@@ -15,24 +15,16 @@ and only then replaces `latest` (atomically). A save killed at any point leaves
 the previous checkpoint complete and `latest` pointing to it; the next save
 removes the leftover temp folder.
 
-Nothing is unpickled freely on load: every `.pt` file goes through `load_tensors`
-(`weights_only=True`, allowing tensors, plain containers and the four small DeepSpeed
-records its optimizer states hold), DeepSpeed's own loads included.
-
-Where a checkpoint file may live is decided by `checkpoint_file_path` alone: a
-`step_<8 digits>` tag and a known file name, so a name from elsewhere (an S3 listing,
-a `latest` pointer) cannot reach outside the checkpoint folder.
+Which files a checkpoint may hold, the `latest` pointer, and reading and writing `.pt`
+files without unpickling anything but tensors and plain data: `trainer.checkpoint_files`.
 """
 from __future__ import annotations
 
 import functools
-import importlib
 import json
 import logging
 import os
-import pickle
 import random
-import re
 import shutil
 from typing import Any, Optional
 
@@ -40,79 +32,21 @@ import numpy as np
 import torch
 from torch import nn
 
+# trainer/run.py and trainer/run_setup.py still reach STATE_FILE, checkpoint_root and list_complete
+# as `ckpt.<name>`; they live in trainer.checkpoint_files.
+from trainer.checkpoint_files import (
+    STATE_FILE, TMP_PREFIX, UnreadableCheckpointError, UnsafeCheckpointError, check_tag, checkpoint_file_path,
+    checkpoint_root, latest_tag, list_complete, load_tensors, read_trainer_state, resume_candidates, save_tensors,
+    step_tag, write_atomic, write_latest,
+)
 from trainer.distributed import DistInfo, all_gather_objects, barrier
 from trainer.errors import RunAborted
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "trainer_state.json"
-TMP_PREFIX = ".tmp-"
-TAG_PATTERN = re.compile(r"step_[0-9]{8}")
-# Every file a checkpoint folder holds: DeepSpeed's model states (ZeRO 0-2 / ZeRO-3 per
-# rank), its ZeRO optimizer partitions (bf16_ with its bf16 optimizer), the recovery scripts
-# it copies next to them (never run by us), then ours.
-CHECKPOINT_FILE_PATTERN = re.compile(
-    r"mp_rank_[0-9]{2}_model_states\.pt"
-    r"|zero_pp_rank_[0-9]+_mp_rank_[0-9]{2}_model_states\.pt"
-    r"|(bf16_)?zero_pp_rank_[0-9]+_mp_rank_[0-9]{2}_optim_states\.pt"
-    r"|zero_to_fp32\.py|zero_to_torch\.py"
-    r"|trainer_state\.json|config\.yaml|rng_rank[0-9]+\.pt|teacher\.pt")
-
-
-class UnsafeCheckpointError(ValueError):
-    """A checkpoint file pickles objects beyond tensors and plain data: refused, never loaded."""
-
-
-class UnreadableCheckpointError(ValueError):
-    """A checkpoint file is truncated, damaged or missing: an older checkpoint may still do."""
-
 
 class CheckpointSaveError(RunAborted):
     """Writing a checkpoint failed (disk full, quota, I/O error); the previous one is intact."""
-
-
-def check_tag(tag: str, source: str) -> str:
-    """`tag` if it is a checkpoint tag (`step_` and 8 digits), else a one-line ValueError
-    naming `source`, where the tag came from."""
-    if not TAG_PATTERN.fullmatch(tag):
-        raise ValueError(f"{source} names {tag!r}, which is not a checkpoint tag (step_ and 8 digits); "
-                         "refusing to use it")
-    return tag
-
-
-def checkpoint_file_path(root: str, tag: str, name: str, source: str) -> str:
-    """The path of checkpoint file `name` of `tag` under `root`; a one-line ValueError naming
-    `source` unless `tag` is a checkpoint tag and `name` a known checkpoint file name."""
-    check_tag(tag, source)
-    if not CHECKPOINT_FILE_PATTERN.fullmatch(name):
-        raise ValueError(f"{source} holds {tag}/{name!r}, which is not a file of a checkpoint; "
-                         "refusing to use it")
-    folder = os.path.join(root, tag)
-    path = os.path.join(folder, name)
-    assert os.path.dirname(os.path.normpath(path)) == os.path.normpath(folder), path  # no separator matched
-    return path
-
-
-def checkpoint_root(run_dir: str) -> str:
-    return os.path.join(run_dir, "checkpoints")
-
-
-def step_tag(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-def _write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp"
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError:
-        if os.path.exists(tmp):
-            os.unlink(tmp)  # a half-written file must not stay beside `latest`
-        raise
-    os.replace(tmp, path)
 
 
 def rng_state() -> dict[str, Any]:
@@ -177,8 +111,8 @@ def _write_rank_files(root: str, tag: str, engine, dist_info: DistInfo, replicat
 def _complete(root: str, tag: str, trainer_state: dict, config_yaml: str, keep_last: int) -> None:
     """Rank 0, once every rank's files are written: our files, then publish and prune."""
     tmp = os.path.join(root, TMP_PREFIX + tag)
-    _write_atomic(os.path.join(tmp, "config.yaml"), config_yaml)
-    _write_atomic(os.path.join(tmp, STATE_FILE), json.dumps(trainer_state, indent=1))
+    write_atomic(os.path.join(tmp, "config.yaml"), config_yaml)
+    write_atomic(os.path.join(tmp, STATE_FILE), json.dumps(trainer_state, indent=1))
     _publish(root, tag)
     prune_checkpoints(root, keep_last)
 
@@ -229,10 +163,6 @@ def _publish(root: str, tag: str) -> None:
     write_latest(root, tag)
 
 
-def write_latest(root: str, tag: str) -> None:
-    _write_atomic(os.path.join(root, "latest"), tag)
-
-
 def _fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -250,117 +180,9 @@ def remove_unfinished(root: str) -> None:
                 shutil.rmtree(os.path.join(root, name))
 
 
-def list_complete(root: str) -> list[str]:
-    if not os.path.isdir(root):
-        return []
-    tags = [t for t in os.listdir(root)
-            if TAG_PATTERN.fullmatch(t) and os.path.isfile(os.path.join(root, t, STATE_FILE))]
-    return sorted(tags)
-
-
 def prune_checkpoints(root: str, keep_last: int) -> None:
     for tag in list_complete(root)[:-keep_last]:
         shutil.rmtree(os.path.join(root, tag), ignore_errors=False)
-
-
-def _pointer_tag(root: str) -> Optional[str]:
-    """The tag `root/latest` names (checked to be a tag), or None without a pointer."""
-    pointer = os.path.join(root, "latest")
-    if not os.path.isfile(pointer):
-        return None
-    with open(pointer) as f:
-        return check_tag(f.read().strip(), pointer)
-
-
-def latest_tag(run_dir: str) -> Optional[str]:
-    root = checkpoint_root(run_dir)
-    tag = _pointer_tag(root)
-    if tag is not None and not os.path.isfile(os.path.join(root, tag, STATE_FILE)):
-        raise ValueError(f"{os.path.join(root, 'latest')} names {tag!r}, which is not a complete checkpoint; "
-                         f"point it at one of {list_complete(root)} or delete it to start fresh")
-    return tag
-
-
-def resume_candidates(run_dir: str) -> list[str]:
-    """Tags to try on resume, best first: the one `latest` names (validated), then the other
-    complete checkpoints newest first. The same list on every rank (a shared folder)."""
-    root = checkpoint_root(run_dir)
-    named = _pointer_tag(root)
-    if named is None:
-        return []
-    pointer = os.path.join(root, "latest")
-    older = [t for t in reversed(list_complete(root)) if t != named]
-    if not os.path.isfile(os.path.join(root, named, STATE_FILE)):
-        if not older:
-            raise ValueError(f"{pointer} names {named!r}, which is not a complete checkpoint, and there is "
-                             "no other; delete it to start fresh")
-        log.warning("%s names %s, which is not a complete checkpoint; trying %s", pointer, named, older[0])
-        return older
-    return [named, *older]
-
-
-# Plain records inside DeepSpeed's optimizer-state files (loss scaler settings, the ZeRO
-# stage, bf16 fragment addresses): data only, rebuilt without running their code.
-DEEPSPEED_RECORDS = ("deepspeed.runtime.fp16.loss_scaler.LossScaler",
-                     "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
-                     "deepspeed.runtime.zero.config.ZeroStageEnum",
-                     "deepspeed.utils.tensor_fragment.fragment_address")
-
-
-def _deepspeed_records() -> list:
-    records = []
-    for dotted in DEEPSPEED_RECORDS:
-        module, _, name = dotted.rpartition(".")
-        records.append(getattr(importlib.import_module(module), name))
-    return records
-
-
-# Taken at import: a caller may route `torch.load` itself through `load_tensors` (DeepSpeed's
-# consolidation in `vlpt convert export` would unpickle anything otherwise).
-_TORCH_LOAD = torch.load
-
-
-def load_tensors(path: str, map_location="cpu", **kwargs) -> Any:
-    """`torch.load` with `weights_only=True` and DeepSpeed's records allowed: every `.pt` file
-    of a checkpoint is read here. UnsafeCheckpointError when it pickles other objects,
-    UnreadableCheckpointError when it is truncated, damaged or missing (one line each)."""
-    try:
-        with torch.serialization.safe_globals(_deepspeed_records()):
-            return _TORCH_LOAD(path, map_location=map_location, weights_only=True, **kwargs)
-    except pickle.UnpicklingError as e:
-        # torch advises turning weights_only off; keep only the offending global.
-        unsafe = next((ln.strip() for ln in str(e).splitlines() if "Unsupported" in ln or "GLOBAL" in ln), None)
-        if unsafe:
-            raise UnsafeCheckpointError(f"{path} holds objects that are not tensors or plain data; refusing to "
-                                        f"unpickle it ({unsafe})") from None
-        raise UnreadableCheckpointError(f"{path} cannot be read ({_first_line(e)}); it is truncated or "
-                                        "damaged") from None
-    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError) as e:
-        # A cut or damaged file fails anywhere in the zip reader or the unpickler.
-        raise UnreadableCheckpointError(f"{path} cannot be read ({_first_line(e)}); it is truncated or "
-                                        "damaged") from None
-
-
-def save_tensors(obj: Any, path: str) -> None:
-    """`torch.save` through a Python file, so a failed write surfaces as the OSError the
-    system gave (ENOSPC, EFBIG, EIO) instead of torch's `unexpected pos`."""
-    try:
-        with open(path, "wb") as f:
-            torch.save(obj, f)
-    except RuntimeError as e:
-        cause = e.__context__
-        if isinstance(cause, OSError) and cause.errno is not None:
-            raise OSError(cause.errno, os.strerror(cause.errno), path) from None
-        raise
-    except OSError as e:  # e.g. the buffered tail failing at close names no file
-        if e.filename is None and e.errno is not None:
-            raise OSError(e.errno, os.strerror(e.errno), path) from None
-        raise
-
-
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0] if lines else ''}"
 
 
 @functools.cache
@@ -416,12 +238,7 @@ def load_checkpoint(engine, run_dir: str, tag: str, dist_info: DistInfo,
             raise ValueError(f"checkpoint {os.path.join(root, tag)} has no {name}.pt: it was not written by a "
                              f"run of this model; start a new train.run_dir")
         module.load_state_dict(load_tensors(file))
-    state_file = checkpoint_file_path(root, tag, STATE_FILE, root)
-    try:
-        with open(state_file) as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:
-        raise UnreadableCheckpointError(f"{state_file} cannot be read ({_first_line(e)})") from None
+    return read_trainer_state(root, tag)
 
 
 def load_newest_usable(engine, run_dir: str, dist_info: DistInfo,

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Optional
 
 from data.storage import S3Options, s3_client, split_s3
-from trainer import checkpoint as ckpt
+from trainer.checkpoint_files import STATE_FILE, TMP_PREFIX, check_tag, checkpoint_file_path, write_latest
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def upload_checkpoint(root: str, tag: str, url: str, opts: S3Options, keep_last:
     bucket, prefix = split_s3(url)
     folder = Path(root) / tag
     # trainer_state.json marks a checkpoint complete on disk; uploaded last, it does so in S3 too.
-    files = sorted((p for p in folder.rglob("*") if p.is_file()), key=lambda p: (p.name == ckpt.STATE_FILE, str(p)))
+    files = sorted((p for p in folder.rglob("*") if p.is_file()), key=lambda p: (p.name == STATE_FILE, str(p)))
     try:
         client = s3_client(opts, boto_retries=True)
         for path in files:
@@ -84,24 +84,24 @@ def remote_latest(url: str, opts: S3Options) -> Optional[str]:
         if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
             return None
         raise ValueError(f"train.checkpoint_s3={url}: cannot read its `latest`: {e}") from None
-    return ckpt.check_tag(body.decode(errors="replace").strip(), f"train.checkpoint_s3={url}: its `latest`")
+    return check_tag(body.decode(errors="replace").strip(), f"train.checkpoint_s3={url}: its `latest`")
 
 
 def download_checkpoint(url: str, opts: S3Options, tag: str, root: str) -> None:
     """Download `tag` into `root/tag` (through a temp folder) and point the local `latest` at it.
 
-    Every key under the tag must be a checkpoint file name (`ckpt.checkpoint_file_path`), checked
+    Every key under the tag must be a checkpoint file name (`checkpoint_file_path`), checked
     for all keys before the first download: a key with a separator, `..` or an unknown name
     refuses the whole checkpoint with one line, so nothing is written outside `root/tag`."""
     source = f"train.checkpoint_s3={url}"
-    ckpt.check_tag(tag, f"{source}: its `latest`")
+    check_tag(tag, f"{source}: its `latest`")
     bucket, prefix = split_s3(url)
     client = s3_client(opts, boto_retries=True)
-    tmp = Path(root) / f"{ckpt.TMP_PREFIX}download-{socket.gethostname()}-{os.getpid()}"
+    tmp = Path(root) / f"{TMP_PREFIX}download-{socket.gethostname()}-{os.getpid()}"
     files = _checkpoint_keys(client, bucket, prefix, tag, root, source)
-    if ckpt.STATE_FILE not in files:
+    if STATE_FILE not in files:
         raise ValueError(f"{source}: `latest` names {tag!r}, which has no "
-                         f"{ckpt.STATE_FILE} there (an incomplete upload); point `latest` at a complete one")
+                         f"{STATE_FILE} there (an incomplete upload); point `latest` at a complete one")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     for name, key in files.items():
@@ -109,7 +109,7 @@ def download_checkpoint(url: str, opts: S3Options, tag: str, root: str) -> None:
     if (Path(root) / tag).exists():
         shutil.rmtree(Path(root) / tag)  # an incomplete folder: no `latest` pointed at it
     os.rename(tmp, Path(root) / tag)
-    ckpt.write_latest(root, tag)
+    write_latest(root, tag)
     log.info("downloaded checkpoint %s from %s (%d files)", tag, url, len(files))
 
 
@@ -121,6 +121,6 @@ def _checkpoint_keys(client, bucket: str, prefix: str, tag: str, root: str, sour
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=base):
         for obj in page.get("Contents", []):
             name = obj["Key"][len(base):]
-            ckpt.checkpoint_file_path(root, tag, name, source)  # raises on anything but a known file name
+            checkpoint_file_path(root, tag, name, source)  # raises on anything but a known file name
             files[name] = obj["Key"]
     return files

@@ -7,22 +7,18 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal, Mapping, Optional
 
 import yaml
 
 from data.config import DataConfig
-from trainer.config_loader import (
-    ConfigError, apply_overrides, check_config_values, check_known_keys, from_dict, load_yaml_with_includes,
-    to_dict,
-)
+from trainer.config_files import ConfigError, load_yaml_with_includes
+from trainer.config_loader import apply_overrides, check_config_values, check_known_keys, from_dict, to_dict
+from data.storage import S3Options
 from trainer.models.config import AlbefConfig, ModelConfig
 from trainer.objectives.itm import WraConfig
+from trainer.recipes import DEFAULT_ARCH, recipe_class
 
-UNITER_TASKS = ("mlm", "itm", "itm-hard", "mrfr", "mrc", "mrc-kl")
-ALBEF_TASK = "albef"
-"""ALBEF's one task: ITC + hard-negative ITM + distilled MLM on every batch, summed."""
-KNOWN_TASKS = UNITER_TASKS + (ALBEF_TASK,)
 MAX_STEPS = 10**9
 """Bound of every step count (max_steps, warmup, intervals): ~30 years at 1 step/s; a larger value
 is a typo (1e29) that would otherwise overflow a schedule or a counter somewhere."""
@@ -57,7 +53,7 @@ class OptimConfig:
     micro-steps, so its `grad_norm` and Adam eps apply to a gradient `grad_accum` times
     ours. True divides grad_clip and eps by grad_accum, which gives UNITER's updates
     exactly for any split of the global batch whose micro-batches hold equal numbers of
-    loss terms (README, "UNITER's summed-gradient clip")."""
+    loss terms (docs/models.md, "UNITER's summed-gradient clip")."""
     global_batch_size: Optional[int] = None
     """Samples per optimizer step over all ranks; None = micro_batch_size x world size (no accumulation)."""
 
@@ -120,7 +116,7 @@ class TrainConfig:
     """Resume from run_dir's latest checkpoint when there is one."""
     checkpoint_s3: Optional[str] = None
     """s3://bucket/prefix: upload every checkpoint there (keep_last applies too); a run whose
-    run_dir has no checkpoint resumes from the newest upload. Reached as data.s3 says;
+    run_dir has no checkpoint resumes from the newest upload. Reached as storage.s3 says;
     credentials from the AWS chain (environment, instance role), never from the config."""
     progress: bool = True
     """Progress bar on rank 0."""
@@ -165,65 +161,90 @@ class TrackingConfig:
 
 
 @dataclass(frozen=True)
+class StorageConfig:
+    """How object storage is reached, for the data and the checkpoints alike."""
+
+    s3: S3Options = field(default_factory=S3Options)
+    """Endpoint, region, retries and timeouts for s3:// URLs; credentials come only from the
+    standard AWS chain (environment, ~/.aws, instance role), never from this file."""
+
+
+class ModelSection:
+    """The type of the `model:` section: the config class of the recipe its `arch` names
+    (trainer/recipes/), resolved by the config loader when it reads the section."""
+
+    @staticmethod
+    def section_for(value: Mapping, path: str) -> type:
+        arch = value.get("arch", DEFAULT_ARCH) if isinstance(value, Mapping) else DEFAULT_ARCH
+        try:
+            return recipe_class(str(arch)).model_config
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
+
+@dataclass(frozen=True)
 class Config:
-    model: ModelConfig | AlbefConfig = field(default_factory=ModelConfig)
-    """`arch: uniter` (default) or `arch: albef` picks the section's fields."""
+    model: ModelSection = field(default_factory=ModelConfig)
+    """The model family's section: `arch: uniter` (default, ModelConfig), `arch: albef`
+    (AlbefConfig), or a registered family of your own."""
     data: DataConfig = field(default_factory=DataConfig)
     tasks: dict[str, float] = field(default_factory=lambda: {"mlm": 1.0, "itm": 1.0})
     """Task mix: one task per optimizer step, drawn with probability proportional to its ratio."""
     wra: WraConfig = field(default_factory=WraConfig)
-    """Word-region alignment (optimal transport) added to ITM."""
+    """Word-region alignment (optimal transport) added to UNITER's ITM."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
-        _check_task_ratios("tasks", self.tasks, allow_empty=bool(self.data.datasets))
+        recipe = recipe_class(self.model.arch)
+        _check_task_ratios("tasks", self.tasks, recipe.tasks, allow_empty=bool(self.data.datasets))
         for d in self.data.datasets:
-            _check_task_ratios(f"data.datasets.{d.name}.tasks", d.tasks or self.tasks, allow_empty=False)
-        if self.model.arch == "albef":
-            _check_albef(self)
-        elif any(ALBEF_TASK in mix for mix in [self.tasks] + [d.tasks for d in self.data.datasets]):
-            raise ValueError(f"task {ALBEF_TASK!r} needs model.arch=albef; UNITER's tasks are "
-                             f"{', '.join(UNITER_TASKS)}")
+            _check_task_ratios(f"data.datasets.{d.name}.tasks", d.tasks or self.tasks, recipe.tasks,
+                               allow_empty=False)
+        recipe.check_config(self)
 
 
-def _check_albef(cfg: "Config") -> None:
-    mixes = [("tasks", cfg.tasks)] + [(f"data.datasets.{d.name}.tasks", d.tasks) for d in cfg.data.datasets]
-    for where, mix in mixes:
-        if mix and set(mix) != {ALBEF_TASK}:
-            raise ValueError(f"model.arch=albef trains ITC, ITM and MLM together as one task: set "
-                             f"{where} to {{{ALBEF_TASK}: 1}}, got {dict(mix)}")
-    if cfg.data.pixels.image_size != cfg.model.image_size:
-        raise ValueError(f"data.pixels.image_size={cfg.data.pixels.image_size} must equal "
-                         f"model.image_size={cfg.model.image_size}")
-    if cfg.data.token_budget:
-        raise ValueError("data.token_budget batches are for UNITER; ALBEF batches have a fixed size "
-                         "(the queue advances by the global batch): set data.token_budget=0")
-    if cfg.data.max_txt_len + 2 > cfg.model.max_position_embeddings:
-        raise ValueError(f"data.max_txt_len={cfg.data.max_txt_len} + [CLS]/[SEP] exceeds "
-                         f"model.max_position_embeddings={cfg.model.max_position_embeddings}")
-
-
-def _check_task_ratios(where: str, ratios: dict[str, float], allow_empty: bool) -> None:
+def _check_task_ratios(where: str, ratios: dict[str, float], known: tuple[str, ...], allow_empty: bool) -> None:
     if not ratios and allow_empty:
         return
     if not ratios:
         raise ValueError(f"{where}: give at least one task with a positive ratio")
     for name, ratio in ratios.items():
-        if name not in KNOWN_TASKS:
-            raise ValueError(f"unknown task {name!r} in {where}; known: {', '.join(KNOWN_TASKS)}")
+        if name not in known:
+            raise ValueError(f"unknown task {name!r} in {where}; model.arch's tasks are {', '.join(known)}")
         if ratio < 0:
             raise ValueError(f"{where}.{name}: ratio must be >= 0, got {ratio}")
     if sum(ratios.values()) <= 0:
         raise ValueError(f"{where}: the ratios must not all be 0")
 
 
+MOVED_KEYS = {
+    "data.s3": "storage.s3",
+    "data.pixels": "data.albef.pixels",
+    "data.mrm_prob": "data.uniter.mrm_prob",
+    "data.itm_neg_prob": "data.uniter.itm_neg_prob",
+    "data.itm_hard_candidates": "data.uniter.itm_hard_candidates",
+    "data.token_budget": "data.uniter.token_budget",
+}
+"""Keys of earlier versions -> where they live now."""
+
+
+def check_moved_keys(raw: Mapping) -> None:
+    """A key that moved is refused with one line naming its new place."""
+    for old, new in MOVED_KEYS.items():
+        section, key = old.split(".")
+        if isinstance(raw.get(section), Mapping) and key in raw[section]:
+            raise ConfigError(f"config key {old!r} has moved: use {new!r} (e.g. --{new}... on the command line)")
+
+
 def load_config(path: str, overrides: list[str] = ()) -> Config:
     """YAML file (+ includes) + dotted overrides → frozen `Config`."""
     raw = apply_overrides(load_yaml_with_includes(path), list(overrides))
+    check_moved_keys(raw)
     check_known_keys(Config, raw)  # costs the same for any input: a typo is named first
     check_config_values(raw)  # before from_dict, whose type errors would echo a secret URL
     return from_dict(Config, raw)
@@ -241,5 +262,6 @@ def save_config(cfg: Config, path: str) -> None:
 
 __all__ = [
     "AlbefConfig", "Config", "ConfigError", "DataConfig", "ModelConfig", "OptimConfig", "ParallelConfig",
-    "PrecisionConfig", "TrackingConfig", "TrainConfig", "load_config", "save_config", "config_to_yaml",
+    "PrecisionConfig", "StorageConfig", "TrackingConfig", "TrainConfig", "load_config", "save_config",
+    "config_to_yaml",
 ]

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from trainer.config import OptimConfig, ParallelConfig, PrecisionConfig
-from trainer.config_loader import ConfigError
+from trainer.config_files import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ import socket
 import time
 from typing import Iterator, Optional
 
-from trainer.config_loader import ConfigError
+from trainer.config_files import ConfigError
 from trainer.distributed import DistInfo, all_gather_objects
 
 log = logging.getLogger(__name__)

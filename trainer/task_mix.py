@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
+
 from trainer.config import Config
 
 SEPARATOR = "/"
@@ -81,3 +83,12 @@ def task_mix(cfg: Config) -> list[MixEntry]:
 
 def mix_ratios(cfg: Config) -> dict[str, float]:
     return {e.key: e.ratio for e in task_mix(cfg)}
+
+
+def draw_task(seed: int, step: int, ratios: dict[str, float]) -> str:
+    """The mix key of optimizer step `step`: a pure function of (seed, step), so it is
+    the same on every rank and after a resume, without communication."""
+    names = sorted(ratios)
+    p = np.array([ratios[n] for n in names], dtype=np.float64)
+    rng = np.random.default_rng([seed, step, 7])
+    return names[int(rng.choice(len(names), p=p / p.sum()))]

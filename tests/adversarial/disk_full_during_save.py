@@ -13,7 +13,7 @@ import signal
 import sys
 
 import trainer.checkpoint as ckpt
-from trainer.cli import main
+from vlpt.cli import main
 
 FAIL_AT, HOW = int(sys.argv[1]), sys.argv[2]
 LIMIT_BYTES = 4096

@@ -10,7 +10,7 @@ import zlib
 
 import numpy as np
 
-from data.demo import LABEL_DIM
+from data.demo_scenes import LABEL_DIM
 from data.shards import encode_npz
 from tests.bad_input_data import IMG_DIM
 

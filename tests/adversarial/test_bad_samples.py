@@ -12,7 +12,7 @@ import yaml
 
 from data.collate import collate_mlm
 from data.config import DataConfig
-from data.demo import LABEL_DIM
+from data.demo_scenes import LABEL_DIM
 from data.shards import (DecodeLimits, decode_pixel_sample, decode_region_sample, iter_shard, write_manifest,
                          write_shard)
 from data.tokenizer import load_tokenizer
@@ -183,7 +183,8 @@ def test_a_uniter_run_over_bad_contents_completes_and_counts_each_reason(tmp_pat
 
 @pytest.mark.slow
 def test_an_albef_run_over_bad_pictures_completes_and_counts_each_reason(tmp_path):
-    from data.demo import generate_scenes, scene_samples
+    from data.demo_pixels import scene_samples
+    from data.demo_scenes import generate_scenes
     from tests.conftest import run_vlpt, write_albef_config
 
     bad = {"bad_caption": [pixel_raw("bad-surrogate", caption=BAD_CAPTIONS["lone_surrogate"]),

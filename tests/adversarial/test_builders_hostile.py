@@ -19,7 +19,7 @@ from tests.adversarial.sample_attacks import (BAD_CAPTIONS, GOOD_CAPTION, npz_de
                                               region_arrays, small_png)
 from tests.bad_input_data import IMG_DIM
 from tests.conftest import REPO
-from trainer.cli import main
+from vlpt.cli import main
 
 REGION_ARGS = dict(conf_th=0.5, min_bb=1, max_bb=8)
 

@@ -11,6 +11,7 @@ import torch
 
 from tests.conftest import run_vlpt, write_tiny_config
 from trainer import checkpoint as ckpt
+from trainer.checkpoint_files import STATE_FILE
 from trainer.config import Config, config_to_yaml
 from trainer.distributed import DistInfo
 from trainer.models.config import ModelConfig
@@ -33,7 +34,7 @@ DAMAGE = {
     "model_states_missing": lambda tag: (tag / "mp_rank_00_model_states.pt").unlink(),
     "optim_states_missing": lambda tag: (tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt").unlink(),
     "rng_cut_in_half": lambda tag: truncate(tag / "rng_rank0.pt"),
-    "trainer_state_unreadable": lambda tag: (tag / ckpt.STATE_FILE).write_text('{"step": 2, "posi'),
+    "trainer_state_unreadable": lambda tag: (tag / STATE_FILE).write_text('{"step": 2, "posi'),
 }
 
 
@@ -105,7 +106,7 @@ def test_pretrain_resumes_from_the_previous_checkpoint(tmp_path, demo_data):
 
     for tag in ("step_00000002", "step_00000005"):
         truncate(root / tag / "mp_rank_00_model_states.pt")
-    truncate(root / "step_00000004" / ckpt.STATE_FILE)
+    truncate(root / "step_00000004" / STATE_FILE)
     proc = run_vlpt(["pretrain", "--config", str(cfg), "--train.max_steps=6"], check=False)
     assert proc.returncode == 2, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]

@@ -12,7 +12,7 @@ import os
 import pytest
 
 from tests.conftest import make_bucket, run_vlpt, s3_test_client, write_tiny_config
-from trainer import checkpoint as ckpt
+from trainer import checkpoint_files
 
 BUCKET, PREFIX = "vlpt-adv", "runs/a"
 TAG = "step_00000002"
@@ -26,7 +26,7 @@ TAG = "step_00000002"
                                   "bf16_zero_pp_rank_12_mp_rank_01_optim_states.pt", "trainer_state.json",
                                   "config.yaml", "rng_rank0.pt", "rng_rank15.pt", "teacher.pt", "zero_to_fp32.py"])
 def test_known_checkpoint_files_resolve_inside_the_tag(tmp_path, name):
-    path = ckpt.checkpoint_file_path(str(tmp_path), TAG, name, "test")
+    path = checkpoint_files.checkpoint_file_path(str(tmp_path), TAG, name, "test")
     assert path == os.path.join(str(tmp_path), TAG, name)
 
 
@@ -40,7 +40,7 @@ def test_known_checkpoint_files_resolve_inside_the_tag(tmp_path, name):
 ])
 def test_anything_else_is_refused_with_one_line(tmp_path, tag, name):
     with pytest.raises(ValueError) as err:
-        ckpt.checkpoint_file_path(str(tmp_path), tag, name, "s3://b/p")
+        checkpoint_files.checkpoint_file_path(str(tmp_path), tag, name, "s3://b/p")
     assert len(str(err.value).splitlines()) == 1 and "s3://b/p" in str(err.value)
 
 
@@ -48,10 +48,10 @@ def test_anything_else_is_refused_with_one_line(tmp_path, tag, name):
 def test_local_latest_pointer_is_validated(tmp_path, body):
     root = tmp_path / "checkpoints"
     (root / TAG).mkdir(parents=True)
-    (root / TAG / ckpt.STATE_FILE).write_text("{}")
+    (root / TAG / checkpoint_files.STATE_FILE).write_text("{}")
     (root / "latest").write_text(body)
     with pytest.raises(ValueError, match="latest"):
-        ckpt.latest_tag(str(tmp_path))
+        checkpoint_files.latest_tag(str(tmp_path))
 
 
 # ---------------------------------------------------------------- through a real S3 server
@@ -60,7 +60,7 @@ def test_local_latest_pointer_is_validated(tmp_path, body):
 def fake_checkpoint(folder) -> None:
     """The file names of a ZeRO-0 checkpoint (downloading never unpickles them)."""
     folder.mkdir(parents=True)
-    for name in ("mp_rank_00_model_states.pt", "rng_rank0.pt", "config.yaml", ckpt.STATE_FILE):
+    for name in ("mp_rank_00_model_states.pt", "rng_rank0.pt", "config.yaml", checkpoint_files.STATE_FILE):
         (folder / name).write_text(name)
 
 
@@ -84,11 +84,12 @@ def fresh_prefix(url: str, tmp_path) -> None:
 
 def fetch(url: str, run_dir, demo_data, tmp_path) -> bool:
     from trainer.config import load_config
-    from trainer.loop import fetch_from_s3
+    from trainer.run import Run
 
-    cfg = load_config(str(write_tiny_config(tmp_path / "c.yaml", demo_data, run_dir, data={"s3": {
+    cfg = load_config(str(write_tiny_config(tmp_path / "c.yaml", demo_data, run_dir, storage={"s3": {
         "endpoint_url": url, "max_retries": 1}}, train={"checkpoint_s3": f"s3://{BUCKET}/{PREFIX}"})))
-    return fetch_from_s3(cfg, str(run_dir))
+    run = Run(cfg, None, None, None, None, None, "")  # fetch_from_s3 reads only the config and run_dir
+    return run.fetch_from_s3()
 
 
 def test_a_legitimate_upload_is_downloaded(tmp_path, demo_data, s3_server, outside_guard):
@@ -97,7 +98,7 @@ def test_a_legitimate_upload_is_downloaded(tmp_path, demo_data, s3_server, outsi
     assert fetch(s3_server.endpoint_url, run_dir, demo_data, tmp_path)
     assert (run_dir / "checkpoints" / "latest").read_text() == TAG
     assert sorted(p.name for p in (run_dir / "checkpoints" / TAG).iterdir()) == \
-        sorted(["mp_rank_00_model_states.pt", "rng_rank0.pt", "config.yaml", ckpt.STATE_FILE])
+        sorted(["mp_rank_00_model_states.pt", "rng_rank0.pt", "config.yaml", checkpoint_files.STATE_FILE])
 
 
 ATTACKS = {
@@ -123,7 +124,7 @@ def test_hostile_keys_or_latest_refuse_the_download(tmp_path, demo_data, s3_serv
     assert len(str(err.value).splitlines()) == 1 and f"s3://{BUCKET}/{PREFIX}" in str(err.value)
     root = run_dir / "checkpoints"
     assert not (root / "latest").exists() and not (root / TAG).exists()
-    assert not [p for p in root.iterdir() if p.name.startswith(ckpt.TMP_PREFIX)] if root.exists() else True
+    assert not [p for p in root.iterdir() if p.name.startswith(checkpoint_files.TMP_PREFIX)] if root.exists() else True
     assert not list(tmp_path.rglob("x"))  # `../../../../x` climbs above `parent` too
 
 
@@ -136,8 +137,8 @@ def test_vlpt_pretrain_refuses_a_hostile_mirror_with_one_line(tmp_path, demo_dat
     fresh_prefix(url, tmp_path)
     for key, body in ATTACKS[attack].items():
         put(url, key, body)
-    cfg = write_tiny_config(tmp_path / "p.yaml", demo_data, run_dir, data={"s3": {"endpoint_url": url,
-                                                                                  "max_retries": 1}},
+    cfg = write_tiny_config(tmp_path / "p.yaml", demo_data, run_dir, storage={"s3": {"endpoint_url": url,
+                                                                                     "max_retries": 1}},
                             train={"checkpoint_s3": f"s3://{BUCKET}/{PREFIX}", "max_steps": 2})
     proc = run_vlpt(["pretrain", "--config", str(cfg)], check=False)
     assert proc.returncode == 2, proc.stderr[-3000:]

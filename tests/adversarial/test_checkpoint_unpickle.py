@@ -14,11 +14,12 @@ import torch
 from tests.adversarial.conftest import RunsCode
 from tests.conftest import REPO, run_vlpt, write_tiny_config
 from trainer import checkpoint as ckpt
-from trainer.cli import main
+from trainer.checkpoint_files import UnsafeCheckpointError, deepspeed_records
 from trainer.config import Config, config_to_yaml
 from trainer.distributed import DistInfo
 from trainer.models.config import ModelConfig
 from trainer.models.pretrain import UniterForPretraining
+from vlpt.cli import main
 
 TINY = ModelConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                    vocab_size=50, img_dim=16, img_label_dim=9)
@@ -27,7 +28,7 @@ ONE = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
 def plant(file: Path, marker: Path) -> None:
     """Add a payload to a real checkpoint file, keeping everything else it held."""
-    with torch.serialization.safe_globals(ckpt._deepspeed_records()):
+    with torch.serialization.safe_globals(deepspeed_records()):
         obj = torch.load(file, map_location="cpu", weights_only=True)
     obj["planted"] = RunsCode(marker)
     torch.save(obj, file)
@@ -99,7 +100,7 @@ def test_resume_refuses_a_planted_pickle(saved_run, tmp_path, kind):
     engine, run_dir, teacher = saved_run
     copy, target, marker = planted_copy(run_dir, tmp_path, kind)
 
-    with pytest.raises(ckpt.UnsafeCheckpointError) as err:
+    with pytest.raises(UnsafeCheckpointError) as err:
         ckpt.load_newest_usable(engine, str(copy), ONE, {"teacher": teacher})
     assert str(err.value).startswith(f"{target} holds objects that are not tensors or plain data")
     assert len(str(err.value).splitlines()) == 1
@@ -125,5 +126,5 @@ def test_pretrain_refuses_a_planted_rng_file_with_one_line(tmp_path, demo_data):
 
 def test_no_load_without_weights_only_in_the_project():
     found = subprocess.run(["grep", "-rn", "--include=*.py", "weights_only=False",
-                            "trainer", "data", "kernels", "cluster"], cwd=REPO, capture_output=True, text=True)
+                            "trainer", "data", "kernels", "cluster", "vlpt"], cwd=REPO, capture_output=True, text=True)
     assert found.stdout == "", found.stdout

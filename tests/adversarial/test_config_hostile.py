@@ -17,7 +17,7 @@ DEMO = str(REPO / "configs/pretrain/demo.yaml")
 
 def vlpt(*args: str, timeout: float = 20) -> tuple[subprocess.CompletedProcess, float]:
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "trainer.cli", *args], cwd=REPO, env=subprocess_env(),
+    proc = subprocess.run([sys.executable, "-m", "vlpt", *args], cwd=REPO, env=subprocess_env(),
                           capture_output=True, text=True, timeout=timeout)
     return proc, time.monotonic() - start
 
@@ -101,14 +101,14 @@ def test_alias_bomb_is_refused_quickly(tmp_path, top_key, mappings):
 def test_alias_bomb_in_an_override_is_refused_quickly():
     value = "{" + ", ".join(f"k{i}: &a{i} [" + ",".join([f"*a{i - 1}" if i else '"lol"'] * 9) + "]"
                             for i in range(9)) + "}"
-    proc, seconds = vlpt("config", "--config", DEMO, f"--data.s3={value}", timeout=20)
-    assert_refused(proc, "--data.s3")
+    proc, seconds = vlpt("config", "--config", DEMO, f"--storage.s3={value}", timeout=20)
+    assert_refused(proc, "--storage.s3")
     assert seconds < 5, seconds
 
 
 @pytest.mark.parametrize("text,needle", [
     ("tasks: &a [*a]\n", "recursive"),                              # a list that contains itself
-    ("data: &d {s3: *d}\n", "recursive"),
+    ("storage: &s {s3: *s}\n", "recursive"),
     ("tasks: " + "[" * 5000 + "]" * 5000 + "\n", "nested"),         # the YAML composer recurses per level
     ("tasks: " + "{a: " * 200 + "1" + "}" * 200 + "\n", "nested"),  # under the composer's limit, over ours
 ])

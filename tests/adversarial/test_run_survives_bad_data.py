@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from data.demo import LABEL_DIM
+from data.demo_scenes import LABEL_DIM
 from data.shards import write_manifest, write_shard
 from tests.bad_input_data import IMG_DIM, bad_sample, good_samples, truncate_mid_member
 from tests.conftest import run_vlpt, write_tiny_config

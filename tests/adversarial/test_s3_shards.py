@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from data.demo import LABEL_DIM
+from data.demo_scenes import LABEL_DIM
 from data.loader import StreamReader
 from data.shards import read_manifest, write_manifest, write_shard
 from data.sources import DatasetShards
@@ -96,9 +96,9 @@ def test_dead_endpoint_default_budget_is_under_two_minutes():
 
 def test_pretrain_on_dead_endpoint_is_one_line(dead_endpoint, tmp_path, demo_data):
     cfg = write_tiny_config(tmp_path / "c.yaml", demo_data, tmp_path / "run",
-                            data={"train": "s3://bucket/train", "val": None,
-                                  "s3": {"endpoint_url": dead_endpoint, "connect_timeout_s": 0.5,
-                                         "read_timeout_s": 0.5, "max_total_retry_s": 2.0}})
+                            data={"train": "s3://bucket/train", "val": None},
+                            storage={"s3": {"endpoint_url": dead_endpoint, "connect_timeout_s": 0.5,
+                                            "read_timeout_s": 0.5, "max_total_retry_s": 2.0}})
     t0 = time.monotonic()
     proc = run_vlpt(["pretrain", "--config", str(cfg)], check=False, timeout=120,
                     env={"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x", "AWS_DEFAULT_REGION": "us-east-1"})

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO, make_bucket, run_vlpt, s3_test_client, subprocess_env, write_tiny_config
-from trainer.cli import main
+from vlpt.cli import main
 
 DEMO = str(REPO / "configs/pretrain/demo.yaml")
 K8S = {"image": "img:1", "runs_claim": "runs", "secret_name": "vlpt-creds"}
@@ -41,7 +41,7 @@ MECHANISM = {"slurm": "sbatch", "k8s": "k8s.secret_name", "deepspeed": ".deepspe
 # URLs with a user name (a token) or a password, in the run config: refused.
 URL_USERINFO = {
     "tracking.uri": "https://ghp_FAKESECRET9c8dTrackingToken01234@mlflow.example.com",
-    "data.s3.endpoint_url": "http://FAKE-SECRET-9c8d-endpoint@127.0.0.1:9000",
+    "storage.s3.endpoint_url": "http://FAKE-SECRET-9c8d-endpoint@127.0.0.1:9000",
     "train.checkpoint_s3": "s3://AKIAFAKESECRET9C8D:FAKE-SECRET-9c8d-ckpt@bucket/prefix",
     "data.train": "https://FAKE-SECRET-9c8d-shards@data.example.com/train",
 }
@@ -70,7 +70,7 @@ def cluster_yaml(path: Path, env: dict, **sections) -> Path:
 
 
 def vlpt(args: list[str], env: dict | None = None, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "trainer.cli", *args], cwd=cwd,
+    return subprocess.run([sys.executable, "-m", "vlpt", *args], cwd=cwd,
                           env={**subprocess_env(), **(env or {})}, capture_output=True, text=True, timeout=120)
 
 
@@ -100,7 +100,7 @@ def test_credential_in_cluster_env_is_refused(target, name, tmp_path, capsys):
 def test_path_to_a_credential_file_is_not_a_credential(value, tmp_path, capsys):
     """GOOGLE_APPLICATION_CREDENTIALS (and *_FILE names) hold where a key file is, not the key."""
     cluster = cluster_yaml(tmp_path / "cluster.yaml", {"GOOGLE_APPLICATION_CREDENTIALS": value,
-                                                        "AWS_SHARED_CREDENTIALS_FILE": "/shared/aws/credentials"})
+                                                        "AWS_SHARED_CREDENTIALS_FILE": "/etc/aws/credentials"})
     assert main(["launch", "slurm", "--config", DEMO, "--cluster", str(cluster), "--out", str(tmp_path / "out"),
                  f"--train.run_dir={tmp_path}/run"]) == 0
     sbatch = (tmp_path / "out/job.sbatch").read_text()
@@ -225,7 +225,7 @@ def test_planted_secrets_appear_in_no_output(tmp_path, demo_data, s3_server, cap
     bucket = make_bucket(s3_server.endpoint_url, "secrets-ckpt")
     run_dir = outputs / "run"
     cfg = write_tiny_config(inputs / "c.yaml", demo_data, run_dir, tracking={"enabled": True},
-                            data={"s3": {"endpoint_url": s3_server.endpoint_url, "max_retries": 1}},
+                            storage={"s3": {"endpoint_url": s3_server.endpoint_url, "max_retries": 1}},
                             train={"checkpoint_s3": f"s3://{bucket}/run", "save_every": 3})
     good_cluster = cluster_yaml(inputs / "good.yaml", {"NCCL_DEBUG": "WARN"})
     for target in ("slurm", "k8s", "deepspeed", "local"):  # every render, the environment full of secrets

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from data.demo import LABEL_DIM
+from data.demo_scenes import LABEL_DIM
 from data.loader import StreamReader
 from data.shards import read_manifest, write_manifest, write_shard
 from data.sources import DatasetShards

@@ -8,7 +8,7 @@ import tarfile
 
 import pytest
 
-from data.demo import LABEL_DIM
+from data.demo_scenes import LABEL_DIM
 from data.loader import StreamReader
 from data.shards import write_manifest, write_shard
 from tests.bad_input_data import IMG_DIM, good_samples

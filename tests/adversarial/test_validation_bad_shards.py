@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from data.collate import collate_itm
-from data.demo import LABEL_DIM
+from data.demo_scenes import LABEL_DIM
 from data.loader import validation_batches
 from data.shards import PIXEL_FORMAT, read_manifest, write_manifest, write_shard
 from tests.bad_input_data import IMG_DIM, bad_sample, good_samples, truncate_mid_member
@@ -61,9 +61,10 @@ def test_retrieval_set_skips_and_counts_damage(tmp_path, pixel_data):
 
 
 def test_unreadable_held_out_data_skips_the_validation_with_one_line(monkeypatch):
-    import trainer.loop as loop
+    import trainer.run as run_module
+    from trainer.config import Config
 
-    def unreachable(cfg, tok, skipped):
+    def unreachable(cfg, recipe, tok, skipped):
         raise IOError("s3://bucket/val/manifest.json: giving up after 10 retries in 45s")
 
     class Lines:
@@ -73,15 +74,18 @@ def test_unreadable_held_out_data_skips_the_validation_with_one_line(monkeypatch
         def write(self, line):
             self.lines.append(line)
 
-    monkeypatch.setattr(loop, "read_val_splits", unreachable)
+    monkeypatch.setattr(run_module, "read_val_splits", unreachable)
     progress = Lines()
-    assert loop.run_validation(None, None, None, None, 16, None, progress, 7) == {}
+    run = run_module.Run(Config(), None, None, None, None, None, "")
+    run.state, run.progress = run_module.RunState(step=7), progress
+    assert run.validate() == {}
     assert len(progress.lines) == 1 and "validation @ step 7 skipped" in progress.lines[0]
     assert "giving up" in progress.lines[0]
 
-    def bug(cfg, tok, skipped):
+    def bug(cfg, recipe, tok, skipped):
         raise KeyError("a bug is not a data error")
 
-    monkeypatch.setattr(loop, "read_val_splits", bug)
+    monkeypatch.setattr(run_module, "read_val_splits", bug)
+    run.state.step = 8
     with pytest.raises(KeyError):
-        loop.run_validation(None, None, None, None, 16, None, progress, 8)
+        run.validate()

@@ -3,7 +3,7 @@ import torch
 import torch.distributed as dist
 
 from tests.distributed.spawn import run_distributed
-from trainer.steps import draw_task
+from trainer.task_mix import draw_task
 
 RATIOS = {"itm": 6, "mlm": 8, "mrfr": 4, "mrc-kl": 4}  # UNITER's COCO mix
 N = 2000

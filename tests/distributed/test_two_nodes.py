@@ -23,7 +23,7 @@ def test_two_nodes_c10d_rendezvous_match_one_process(tmp_path, demo_data):
     nodes = [subprocess.Popen(
         [str(Path(sys.executable).parent / "torchrun"), "--nnodes=2", "--nproc_per_node=1",
          "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", "--rdzv-id=vlpt-two-nodes",
-         "-m", "trainer.cli", "pretrain", "--config", str(cfg)],
+         "-m", "vlpt", "pretrain", "--config", str(cfg)],
         cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for _ in range(2)]
     outs = [n.communicate(timeout=600)[0] for n in nodes]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.engine_util import ListLoader, demo_region_samples, snapshot, tiny_uniter
+from tests.engine_util import ListLoader, demo_region_samples, snapshot, tiny_uniter, uniter_recipe
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 STEPS, MICRO, K = 3, 8, 4
@@ -35,17 +35,20 @@ def mlm_steps(samples, tok, micro):
 def train(model, steps, micro):
     from trainer.config import OptimConfig, ParallelConfig, PrecisionConfig
     from trainer.engine import batch_layout, build_engine
-    from trainer.steps import train_step
+    from trainer.recipes.base import StepContext
+    from trainer.step import optimizer_step
 
     optim = OptimConfig(lr=1e-3, warmup_steps=0, schedule="constant", impl="torch", global_batch_size=MICRO * K)
     layout = batch_layout(optim, micro, world_size=1)
+    device = torch.device("cpu")
+    recipe = uniter_recipe(model, layout, device)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LOCAL_RANK", "0")
-        engine, _ = build_engine(model, optim, ParallelConfig(), PrecisionConfig(), layout, STEPS,
-                                 torch.device("cpu"))
+        engine, _ = build_engine(model, optim, ParallelConfig(), PrecisionConfig(), layout, STEPS, device)
     loader = ListLoader(b for batches in steps for b in batches)
     torch.manual_seed(1)  # the dropout stream
-    losses = [train_step(engine, loader, "mlm", layout, torch.device("cpu")).means["loss"] for _ in steps]
+    losses = [optimizer_step(engine, recipe, loader, "mlm", layout, StepContext(step, 0, device)).means["loss"]
+              for step in range(len(steps))]
     assert loader.batches == [] and engine.global_steps == STEPS
     return losses, snapshot(engine.module)
 

@@ -1,4 +1,5 @@
-"""DESIGN §5 bad input end to end: every skip reason counted exactly, and the abort threshold."""
+"""Bad input end to end (docs/data.md, "Bad and hostile input"): every skip reason counted exactly, and
+the abort threshold."""
 import json
 
 import pytest

@@ -28,17 +28,17 @@ def batches(demo_data, tok):
 @pytest.mark.parametrize("task", ["mlm", "itm", "mrfr"])
 def test_baseline_is_the_same_model(batches, tok, task):
     from trainer.bench_train import baseline_model, plain_ops
-    from trainer.config import WraConfig
-    from trainer.objectives import build_objectives
+    from trainer.objectives.itm import WraConfig
+    from trainer.recipes.uniter_tasks import task_functions
 
+    fn = task_functions(WraConfig())[task]
     ours = tiny_uniter(tok)
-    ours.objectives = build_objectives(WraConfig())
     plain = baseline_model(copy.deepcopy(ours))
     assert type(plain.uniter.encoder).__name__ == "HuggingFaceEncoder"
-    got = ours(batches[task], task).loss_sum
+    got = ours(batches[task], fn).losses["loss"]
     got.backward()
     with plain_ops():
-        want = plain(batches[task], task).loss_sum
+        want = plain(batches[task], fn).losses["loss"]
     want.backward()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     plain_params = dict(plain.named_parameters())

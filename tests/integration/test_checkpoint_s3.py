@@ -15,8 +15,9 @@ COMMON = dict(train={"max_steps": 6, "save_every": 2, "keep_last": 2}, data={"sh
 
 def s3_config(tmp_path, demo_data, name: str, endpoint_url: str, **train):
     return write_tiny_config(tmp_path / f"{name}.yaml", demo_data, tmp_path / name,
-                             data={**COMMON["data"], "s3": {"endpoint_url": endpoint_url, "max_retries": 1,
-                                                            "connect_timeout_s": 1, "read_timeout_s": 5}},
+                             data=COMMON["data"],
+                             storage={"s3": {"endpoint_url": endpoint_url, "max_retries": 1,
+                                             "connect_timeout_s": 1, "read_timeout_s": 5}},
                              train={**COMMON["train"], "checkpoint_s3": "s3://vlpt-ckpt/runs/a", **train})
 
 

@@ -4,7 +4,7 @@ import json
 import pytest
 
 from kernels.triton_jit import INTERPRETED
-from trainer.cli import main
+from vlpt.cli import main
 
 TINY = ["bench", "kernels", "--device", "cpu", "--batch-sizes", "2,3", "--words", "3", "--regions", "4,9",
         "--ragged-batch", "3", "--hidden", "8", "--iterations", "5", "--reps", "2", "--warmup", "1"]

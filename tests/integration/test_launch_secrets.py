@@ -21,7 +21,7 @@ def test_planted_secret_reaches_no_mlflow_param_log_or_file(tmp_path, demo_data)
                             optim={"global_batch_size": 16})
     cluster_yaml = tmp_path / "cluster.yaml"
     cluster_yaml.write_text("nodes: 1\ngpus_per_node: 0\nnproc_per_node: 2\nmax_restarts: 0\n")
-    proc = subprocess.run([sys.executable, "-m", "trainer.cli", "launch", "local", "--config", str(cfg),
+    proc = subprocess.run([sys.executable, "-m", "vlpt", "launch", "local", "--config", str(cfg),
                            "--cluster", str(cluster_yaml), "--master-port", str(free_port()), "--submit"],
                           cwd=REPO, env={**subprocess_env(), **PLANTED_ENV}, capture_output=True, text=True,
                           timeout=600)

@@ -50,7 +50,7 @@ def multi_config(path, run_dir, demo_data, second_data, **sections):
 
 
 def expected_draws():
-    from trainer.steps import draw_task
+    from trainer.task_mix import draw_task
 
     return [draw_task(SEED, step, MIX) for step in range(MAX_STEPS)]
 

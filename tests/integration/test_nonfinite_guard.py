@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests.conftest import run_vlpt, step_losses, write_tiny_config
-from tests.engine_util import ListLoader, demo_region_samples, snapshot, tiny_uniter
+from tests.engine_util import ListLoader, demo_region_samples, snapshot, tiny_uniter, uniter_recipe
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 MICRO, ACCUM = 4, 2
@@ -33,10 +33,10 @@ def poison(model, calls: set[int], value: float) -> None:
     gradients turn non-finite too, as in a real divergence."""
     forward, seen = model.forward, [0]
 
-    def poisoned(batch, task):
-        result = forward(batch, task)
+    def poisoned(batch, task, *args):
+        result = forward(batch, task, *args)
         if seen[0] in calls:
-            result.loss_sum = result.loss_sum * value
+            result.losses = {name: loss * value for name, loss in result.losses.items()}
         seen[0] += 1
         return result
 
@@ -46,17 +46,23 @@ def poison(model, calls: set[int], value: float) -> None:
 def train(model, step_batches, dtype: str, zero_stage: int):
     from trainer.config import OptimConfig, ParallelConfig, PrecisionConfig
     from trainer.engine import batch_layout, build_engine
-    from trainer.steps import train_step
+    from trainer.recipes.base import StepContext
+    from trainer.step import optimizer_step
 
     optim = OptimConfig(lr=1e-3, warmup_steps=0, schedule="constant", impl="torch",
                         global_batch_size=MICRO * ACCUM)
     layout = batch_layout(optim, MICRO, world_size=1)
+    device = torch.device("cpu")
+    recipe = uniter_recipe(model, layout, device)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LOCAL_RANK", "0")  # ZeRO-3 reads it in every step
         engine, _ = build_engine(model, optim, ParallelConfig(zero_stage=zero_stage), PrecisionConfig(dtype=dtype),
-                                 layout, 10, torch.device("cpu"))
+                                 layout, 10, device)
         loader = ListLoader(b for batches in step_batches for b in batches)
-        results = [train_step(engine, loader, "mlm", layout, torch.device("cpu")) for _ in step_batches]
+        results = []
+        for step in range(len(step_batches)):
+            ctx = StepContext(step, 0, device, after_skip=bool(results) and results[-1].skipped)
+            results.append(optimizer_step(engine, recipe, loader, "mlm", layout, ctx))
         return results, full_parameters(engine, zero_stage)
 
 

@@ -30,10 +30,10 @@ def test_sigterm_saves_and_the_same_command_resumes(tmp_path, demo_data, launche
     run_dir = tmp_path / "run"
     cfg = write_tiny_config(tmp_path / "c.yaml", demo_data, run_dir, train={"max_steps": 1000})
     if launcher == "python":
-        cmd = [sys.executable, "-m", "trainer.cli"]
+        cmd = [sys.executable, "-m", "vlpt"]
     else:  # torchrun passes SIGTERM on to its workers
         cmd = [str(sys.executable).rsplit("/", 1)[0] + "/torchrun", "--nproc_per_node=2",
-               f"--master_port={free_port()}", "-m", "trainer.cli"]
+               f"--master_port={free_port()}", "-m", "vlpt"]
     proc = subprocess.Popen([*cmd, "pretrain", "--config", str(cfg)], cwd=REPO, env=subprocess_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for_step(run_dir, 3, proc)

@@ -73,8 +73,8 @@ def test_pretrain_streams_s3_urls(s3_server, demo_data, tmp_path):
     upload_dir(s3_server.endpoint_url, demo_data, "vlpt-demo", "demo")
     run_dir = tmp_path / "run"
     cfg = write_tiny_config(tmp_path / "c.yaml", demo_data, run_dir,
-                            data={"train": "s3://vlpt-demo/demo/train", "val": "s3://vlpt-demo/demo/val",
-                                  "s3": {"endpoint_url": s3_server.endpoint_url}},
+                            data={"train": "s3://vlpt-demo/demo/train", "val": "s3://vlpt-demo/demo/val"},
+                            storage={"s3": {"endpoint_url": s3_server.endpoint_url}},
                             train={"max_steps": 20, "log_every": 5, "val_every": 0})
     proc = run_vlpt(["pretrain", "--config", str(cfg)])
     assert "vlpt pretrain: done" in proc.stdout
@@ -88,7 +88,7 @@ def test_pretrain_streams_s3_urls(s3_server, demo_data, tmp_path):
 
 
 def test_bench_data_reports_local_and_s3_throughput_and_padding(s3_seven, s3_server, tmp_path, capsys):
-    from trainer.cli import main
+    from vlpt.cli import main
 
     local, url = s3_seven
     out = tmp_path / "bench.json"
@@ -108,8 +108,8 @@ def test_bench_data_reports_local_and_s3_throughput_and_padding(s3_seven, s3_ser
 def test_unreachable_or_missing_s3_manifest_is_one_line(s3_server, demo_data, tmp_path):
     make_bucket(s3_server.endpoint_url, "vlpt-empty")
     cfg = write_tiny_config(tmp_path / "c.yaml", demo_data, tmp_path / "run",
-                            data={"train": "s3://vlpt-empty/nothing", "val": None,
-                                  "s3": {"endpoint_url": s3_server.endpoint_url}})
+                            data={"train": "s3://vlpt-empty/nothing", "val": None},
+                            storage={"s3": {"endpoint_url": s3_server.endpoint_url}})
     proc = run_vlpt(["pretrain", "--config", str(cfg)], check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "data.train: manifest not found: s3://vlpt-empty/nothing/manifest.json" in proc.stderr

@@ -43,7 +43,7 @@ def test_sbatch_job_runs_requeues_on_usr1_and_resumes(tmp_path, demo_data, slurm
                             "rdzv_timeout_s: 300\nslurm: {cpus_per_task: 2, signal_seconds: 60}\n")
     # The job inherits this environment (sbatch --export=ALL), the planted credentials included.
     env = {**subprocess_env(), **slurm.env, "AWS_SECRET_ACCESS_KEY": SECRET, "MLFLOW_TRACKING_PASSWORD": SECRET}
-    launch = subprocess.run([sys.executable, "-m", "trainer.cli", "launch", "slurm", "--config", str(cfg),
+    launch = subprocess.run([sys.executable, "-m", "vlpt", "launch", "slurm", "--config", str(cfg),
                              "--cluster", str(cluster_yaml), "--master-port", str(free_port()), "--submit"],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert launch.returncode == 0, launch.stdout + launch.stderr

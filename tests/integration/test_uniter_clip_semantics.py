@@ -3,7 +3,7 @@
 UNITER's step over k micro-batches: backward of each micro-batch's MEAN loss, gradients
 SUMMED over the k micro-steps (no division by k), `clip_grad_norm_(params, grad_norm)` on
 that sum, then AdamW (betas (0.9, 0.98), eps 1e-6, weight decay 0.01 except biases and
-LayerNorms). Our step (DeepSpeed engine + `trainer.steps.train_step`) takes the gradient of
+LayerNorms). Our step (DeepSpeed engine + `trainer.step.optimizer_step`) takes the gradient of
 the step's global mean, k times smaller when the micro-batches have equal term counts;
 `accum_sum_semantics` divides the clip and Adam's eps by k, which must give UNITER's updates.
 
@@ -27,7 +27,8 @@ import numpy as np
 import pytest
 import torch
 
-from tests.engine_util import ListLoader, demo_region_samples, snapshot, tiny_uniter
+from tests.engine_util import ListLoader, demo_region_samples, snapshot, tiny_uniter, uniter_recipe
+from trainer.recipes import uniter_tasks
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
@@ -92,8 +93,8 @@ def uniter_reference(model, steps, grad_norm, eps):
     for batches in steps:
         opt.zero_grad(set_to_none=True)
         for batch in batches:
-            result = model(batch, "mlm")
-            (result.loss_sum / batch["n_items"]).backward()  # the micro-batch mean; grads add up
+            result = model(batch, uniter_tasks.mlm)
+            (result.losses["loss"] / batch["n_items"]).backward()  # the micro-batch mean; grads add up
         # Parameters this task does not reach (MRM's mask embedding, the ITM / region heads)
         # get a zero gradient, as in UNITER once every task has run (its optimizer.zero_grad()
         # zeroes, not frees, gradients) and as under DeepSpeed: AdamW then still decays them.
@@ -109,12 +110,13 @@ def uniter_reference(model, steps, grad_norm, eps):
     return snapshot(model), norms
 
 
-# ---------------------------------------------------------------- ours: DeepSpeed + train_step
+# ---------------------------------------------------------------- ours: DeepSpeed + optimizer_step
 
 def ours(process_group, model, steps, grad_clip, eps, accum_sum):
     from trainer.config import OptimConfig, ParallelConfig, PrecisionConfig
     from trainer.engine import accum_sum_factor, batch_layout, build_engine
-    from trainer.steps import train_step
+    from trainer.recipes.base import StepContext
+    from trainer.step import optimizer_step
 
     optim = OptimConfig(lr=LR, betas=(0.9, 0.98), eps=eps, weight_decay=WEIGHT_DECAY, impl="torch",
                         schedule="constant", warmup_steps=0, grad_clip=grad_clip,
@@ -122,6 +124,7 @@ def ours(process_group, model, steps, grad_clip, eps, accum_sum):
     layout = batch_layout(optim, MICRO, world_size=1)
     assert (layout.grad_accum, layout.world_size) == (K, 1)
     device = torch.device("cpu")
+    recipe = uniter_recipe(model, layout, device)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LOCAL_RANK", "0")  # DeepSpeedEngine asserts it is set, as a launcher would
         engine, ds_config = build_engine(model, optim, ParallelConfig(), PrecisionConfig(), layout,
@@ -131,8 +134,8 @@ def ours(process_group, model, steps, grad_clip, eps, accum_sum):
     assert ds_config["gradient_clipping"] == pytest.approx(grad_clip / factor)
     assert engine.optimizer.param_groups[0]["eps"] == pytest.approx(eps / factor)
     loader = ListLoader(b for batches in steps for b in batches)
-    for _ in steps:
-        stats = train_step(engine, loader, "mlm", layout, device).means
+    for step in range(len(steps)):
+        stats = optimizer_step(engine, recipe, loader, "mlm", layout, StepContext(step, 0, device)).means
         assert np.isfinite(stats["loss"])
     assert loader.batches == [] and engine.global_steps == STEPS
     return snapshot(engine.module)
@@ -148,8 +151,8 @@ def update_error(got, ref, start):
 def initial_summed_grad_norm(model, batches):
     model = copy.deepcopy(model)
     for batch in batches:
-        result = model(batch, "mlm")
-        (result.loss_sum / batch["n_items"]).backward()
+        result = model(batch, uniter_tasks.mlm)
+        (result.losses["loss"] / batch["n_items"]).backward()
     return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()
                                                         if p.grad is not None])))
 

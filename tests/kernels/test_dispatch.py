@@ -1,16 +1,16 @@
 """The dispatch switch: which path runs under VLPT_KERNELS, and the reasons it gives."""
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
 
-from kernels import dispatch, ipot, masked_gather, sinkhorn
-
-# `kernels` exports each op under its module's name, so fetch the modules themselves.
-ipot_mod, sinkhorn_mod, gather_mod = (importlib.import_module(f"kernels.{m}")
-                                      for m in ("ipot", "sinkhorn", "masked_gather"))
+import kernels.ipot as ipot_mod
+import kernels.masked_gather as gather_mod
+import kernels.sinkhorn as sinkhorn_mod
+from kernels import dispatch
+from kernels.ipot import ipot
+from kernels.masked_gather import masked_gather
+from kernels.sinkhorn import sinkhorn
 
 
 class KernelLaunched(Exception):
@@ -116,7 +116,10 @@ def test_everything_imports_and_runs_without_triton(tmp_path):
     from tests.conftest import REPO, subprocess_env
     code = ("import sys; sys.modules['triton'] = None\n"  # makes `import triton` raise ImportError
             "import torch\n"
-            "from kernels import ipot, masked_gather, sinkhorn, triton_jit\n"
+            "from kernels import triton_jit\n"
+            "from kernels.ipot import ipot\n"
+            "from kernels.masked_gather import masked_gather\n"
+            "from kernels.sinkhorn import sinkhorn\n"
             "assert triton_jit.triton is None and not triton_jit.INTERPRETED\n"
             "T, d = ipot(torch.rand(2, 3, 4), torch.zeros(2, 3, dtype=torch.bool), torch.zeros(2, 4, dtype=torch.bool))\n"
             "a = torch.full((1, 3), 1 / 3)\n"

@@ -4,7 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import masked_gather, ot_distance, sinkhorn, wra_loss
+from kernels.masked_gather import masked_gather
+from kernels.ot import ot_distance, wra_loss
+from kernels.sinkhorn import sinkhorn
 from kernels.triton_jit import INTERPRETED
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(

@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainer.models.albef import EMBED_TASK, ITM_SCORE_TASK, Albef, AlbefTeacher, TeacherTargets
+from trainer.models.albef import EMBED_TASK, ITM_SCORE_TASK, Albef, AlbefTeacher
+from trainer.recipes.albef_tasks import TeacherTargets, albef_losses
 from trainer.models.config import AlbefConfig
 
 TINY = AlbefConfig(vocab_size=50, hidden_size=32, num_attention_heads=2, intermediate_size=64, text_layers=1,
@@ -56,13 +57,16 @@ def test_losses_are_sums_with_their_counts_and_gradients_reach_the_student_only(
     model = Albef(TINY)
     teacher = AlbefTeacher(model)
     batch = tiny_batch()
-    result = model(batch, "albef", targets(teacher, batch))
+    result = model(batch, albef_losses, targets(teacher, batch))
     assert {k: int(v) for k, v in result.counts.items()} == {"itc": 4, "itm": 12, "itm_acc": 12, "mlm": 4,
                                                               "temp": 4}
-    torch.testing.assert_close(result.loss_sum, sum(result.losses.values()))
+    assert set(result.losses) == {"itc", "itm", "mlm"}
+    for name, loss in result.losses.items():  # stats carry the detached sums of the losses
+        torch.testing.assert_close(result.stats[name], loss.detach())
+        assert loss.requires_grad and not result.stats[name].requires_grad
     assert result.stats["temp"].item() / 4 == pytest.approx(0.07)
     assert all(torch.isfinite(v) for v in result.losses.values())
-    result.loss_sum.backward()
+    sum(result.losses.values()).backward()
     for name in ("temp", "itm_head.weight", "vision_proj.weight", "text_proj.weight",
                  "text_encoder.fusion.0.crossattention.self.key.weight", "text_encoder.cls.predictions.bias"):
         grad = dict(model.named_parameters())[name].grad
@@ -75,7 +79,7 @@ def test_the_same_negatives_seed_draws_the_same_negatives():
     model = Albef(TINY)
     teacher = AlbefTeacher(model)
     batch = tiny_batch()
-    a, b = (model(batch, "albef", targets(teacher, batch)).losses["itm"] for _ in range(2))
+    a, b = (model(batch, albef_losses, targets(teacher, batch)).losses["itm"] for _ in range(2))
     assert torch.equal(a, b)
 
 
@@ -86,9 +90,9 @@ def test_a_batch_without_masked_tokens_has_a_zero_mlm_loss():
     batch = tiny_batch()
     batch.update(mlm_index=batch["mlm_index"][:0], mlm_targets=batch["mlm_targets"][:0],
                  mlm_input_ids=batch["input_ids"])
-    result = model(batch, "albef", targets(teacher, batch))
+    result = model(batch, albef_losses, targets(teacher, batch))
     assert result.losses["mlm"].item() == 0.0 and int(result.counts["mlm"]) == 0
-    result.loss_sum.backward()  # still one graph over every parameter
+    sum(result.losses.values()).backward()  # still one graph over every parameter
 
 
 def test_ema_moves_the_teacher_towards_the_student():
@@ -114,7 +118,12 @@ def test_retrieval_tasks():
     scores = model({"text_states": out["text_states"], "attn_mask": batch["attn_mask"],
                     "image_tokens": out["image_tokens"]}, ITM_SCORE_TASK)
     assert scores.shape == (4,)
-    with pytest.raises(ValueError, match="needs the teacher"):
-        model(batch, "albef")
-    with pytest.raises(ValueError, match="unknown ALBEF task"):
+    assert EMBED_TASK is Albef.embed and ITM_SCORE_TASK is Albef.itm_score
+    torch.testing.assert_close(model.itm_score({"text_states": out["text_states"], "attn_mask": batch["attn_mask"],
+                                                "image_tokens": out["image_tokens"]}), scores)
+    # the forward runs the function it is given with the arguments it is given: the training losses
+    # without the teacher's targets, or a task name instead of a function, are refused
+    with pytest.raises(TypeError, match="teacher"):
+        model(batch, albef_losses)
+    with pytest.raises(TypeError, match="not callable"):
         model(batch, "mlm")

@@ -13,7 +13,8 @@ from data.tokenizer import load_tokenizer
 from tests.conftest import write_tiny_config
 from trainer.config import load_config
 from trainer.engine import BatchLayout
-from trainer.loop import build_train_loaders
+from trainer.recipes import recipe_class
+from trainer.run_setup import build_train_loaders
 
 TASKS = {"mlm": 1, "mrfr": 1, "mrc": 1, "mrc-kl": 1, "itm": 1, "itm-hard": 1}
 BATCHES_PER_TASK = 12
@@ -24,8 +25,8 @@ def loaders_and_samples(demo_data, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cond")
     cfg = load_config(str(write_tiny_config(tmp / "c.yaml", demo_data, tmp / "run", tasks=TASKS)))
     tok = load_tokenizer(cfg.data.vocab)
-    loaders = build_train_loaders(cfg, tok, BatchLayout(cfg.data.micro_batch_size, 2, 1), 0, {},
-                                  cfg.model.img_dim)
+    loaders = build_train_loaders(cfg, recipe_class(cfg.model.arch)(cfg), tok,
+                                  BatchLayout(cfg.data.micro_batch_size, 2, 1), 0, {})
     clean = {}
     for shard in read_manifest(cfg.data.train).shards:
         for raw in iter_shard(shard):

@@ -4,8 +4,9 @@ import re
 
 import pytest
 
-from trainer.config import Config, load_config
-from trainer.config_loader import ConfigError, flatten, parse_override, to_dict
+from trainer.config import MOVED_KEYS, Config, load_config
+from trainer.config_files import ConfigError
+from trainer.config_loader import flatten, parse_override, to_dict
 
 
 def write(tmp_path, name, text):
@@ -113,8 +114,8 @@ def test_url_with_a_password_is_refused_by_any_config_load(tmp_path):
     with pytest.raises(ConfigError, match="tracking.uri carries a password") as e:
         load_config(path)
     assert "hunter2" not in str(e.value)
-    with pytest.raises(ConfigError, match="data.s3.endpoint_url"):
-        load_config(write(tmp_path, "d.yaml", "{}"), ["--data.s3.endpoint_url=http://a:b@minio:9000"])
+    with pytest.raises(ConfigError, match="storage.s3.endpoint_url"):
+        load_config(write(tmp_path, "d.yaml", "{}"), ["--storage.s3.endpoint_url=http://a:b@minio:9000"])
     plain = write(tmp_path, "e.yaml", "tracking:\n  uri: http://mlflow:5000\n")
     assert load_config(plain).tracking.uri == "http://mlflow:5000"
 
@@ -136,11 +137,11 @@ def config_to_yaml_text(cfg) -> str:
 
 
 @pytest.mark.parametrize("overrides, needle", [
-    (["--model.arch=clip"], "model.arch: 'clip' is not one of ['uniter', 'albef']"),
+    (["--model.arch=clip"], "model.arch='clip' is not a known model family; known: albef, uniter"),
     (["--model.img_dim=16"], "unknown config key 'model.img_dim'"),  # a UNITER key in an ALBEF section
-    (["--tasks={mlm: 1}"], "set tasks to {albef: 1}"),
-    (["--data.pixels.image_size=64"], "data.pixels.image_size=64 must equal model.image_size=96"),
-    (["--data.token_budget=4096"], "data.token_budget"),
+    (["--tasks={mlm: 1}"], "unknown task 'mlm' in tasks; model.arch's tasks are albef"),
+    (["--data.albef.pixels.image_size=64"], "data.albef.pixels.image_size=64 must equal model.image_size=96"),
+    (["--data.uniter.token_budget=4096"], "data.uniter.token_budget"),
     (["--model.image_size=100"], "multiple of model.patch_size"),
     (["--model.momentum=1.0"], "model.momentum in [0, 1)"),
 ])
@@ -150,5 +151,47 @@ def test_bad_albef_configs_are_refused_with_the_fix(overrides, needle):
 
 
 def test_the_albef_task_needs_the_albef_model(tmp_path):
-    with pytest.raises(ConfigError, match="needs model.arch=albef"):
+    with pytest.raises(ConfigError, match=re.escape("unknown task 'albef' in tasks; model.arch's tasks are mlm, itm,")):
         load_config(write(tmp_path, "c.yaml", "tasks:\n  albef: 1\n"))
+
+
+# A value each moved key's new place takes: (the part below the key, the value); "" = the key itself.
+MOVED_EXAMPLES = {
+    "data.s3": ("endpoint_url", "http://minio:9000"),
+    "data.pixels": ("image_size", 64),
+    "data.mrm_prob": ("", 0.2),
+    "data.itm_neg_prob": ("", 0.25),
+    "data.itm_hard_candidates": ("", 5),
+    "data.token_budget": ("", 4096),
+}
+
+
+@pytest.mark.parametrize("form", ["yaml", "override"])
+@pytest.mark.parametrize("old", sorted(MOVED_KEYS))
+def test_a_moved_key_is_refused_with_one_line_naming_its_new_place(tmp_path, old, form):
+    import yaml
+
+    new = MOVED_KEYS[old]
+    below, value = MOVED_EXAMPLES[old]  # a KeyError here: give the newly moved key an example
+    old_key, new_key = (f"{old}.{below}", f"{new}.{below}") if below else (old, new)
+    if form == "yaml":
+        tree: dict = {}
+        node = tree
+        *parents, leaf = old_key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+        path, overrides = write(tmp_path, "c.yaml", yaml.safe_dump(tree)), []
+    else:
+        path, overrides = write(tmp_path, "c.yaml", "{}"), [f"--{old_key}={value}"]
+    with pytest.raises(ConfigError) as e:
+        load_config(path, overrides)
+    message = str(e.value)
+    assert len(message.splitlines()) == 1, message
+    assert f"config key '{old}' has moved: use '{new}'" in message
+    # The new key takes the same value.
+    cfg = load_config(write(tmp_path, "ok.yaml", "{}"), [f"--{new_key}={value}"])
+    got = cfg
+    for part in new_key.split("."):
+        got = getattr(got, part)
+    assert got == value

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer.cli import main
 from trainer.config import Config, config_to_yaml
 from trainer.models.config import ModelConfig
 from trainer.models.convert import TIED_DUPLICATES, export_uniter_state_dict
 from trainer.models.pretrain import UniterForPretraining
+from vlpt.cli import main
 
 TINY = ModelConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                    vocab_size=50, img_dim=16, img_label_dim=9)

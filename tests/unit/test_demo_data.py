@@ -8,9 +8,9 @@ import re
 import numpy as np
 import pytest
 
-from data.demo import (
+from data.demo import write_demo_dataset
+from data.demo_scenes import (
     DEMO_COLOURS, DEMO_SHAPES, LABEL_DIM, SHAPE_ASPECT, all_demo_captions, demo_prototypes, generate_scenes, stuff_band,
-    write_demo_dataset,
 )
 from data.shards import FORMAT, file_sha256, iter_shard, read_manifest, verify_manifest
 from data.tokenizer import Tokenizer, load_tokenizer

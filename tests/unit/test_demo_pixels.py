@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from data.demo import DEMO_COLOURS, DEMO_SHAPES, generate_scenes, spatial_relation
+from data.demo_scenes import DEMO_COLOURS, DEMO_SHAPES, generate_scenes, spatial_relation
 from data.demo_pixels import BAND_RGB, COLOUR_RGB, draw_shape, object_boxes, render_scene
 
 SIZE = 128
@@ -87,11 +87,12 @@ def test_pixel_demo_shards_hold_the_region_demos_captions_as_pictures(tmp_path):
     import json
 
     from data.demo import write_demo_dataset
+    from data.demo_pixels import write_demo_pixels
     from data.pixels import decode_image
     from data.shards import PIXEL_FORMAT, iter_shard, read_manifest, verify_manifest
 
     small = dict(seed=3, n_train_scenes=12, n_val_scenes=4, img_dim=16, scenes_per_shard=5)
-    summary = write_demo_dataset(tmp_path / "px", image_size=64, **small)
+    summary = write_demo_pixels(tmp_path / "px", image_size=64, **small)
     write_demo_dataset(tmp_path / "regions", **small)
     assert summary["image_size"] == 64 and summary["train"]["samples"] == 24 and summary["train"]["shards"] == 3
     for split in ("train", "val"):
@@ -104,16 +105,16 @@ def test_pixel_demo_shards_hold_the_region_demos_captions_as_pictures(tmp_path):
         for meta, png in px:
             img = decode_image(png)
             assert img.size == (64, 64)
-    again = write_demo_dataset(tmp_path / "px2", image_size=64, **small)
+    again = write_demo_pixels(tmp_path / "px2", image_size=64, **small)
     assert again["train"]["bytes"] == summary["train"]["bytes"]
     a = (tmp_path / "px" / "train" / "shard-000000.tar").read_bytes()
     assert a == (tmp_path / "px2" / "train" / "shard-000000.tar").read_bytes()  # deterministic
     with pytest.raises(ValueError, match="image_size must be at least 16"):
-        write_demo_dataset(tmp_path / "bad", image_size=8, **small)
+        write_demo_pixels(tmp_path / "bad", image_size=8, **small)
 
 
 def test_demo_data_cli_pixels(tmp_path, capsys):
-    from trainer.cli import main
+    from vlpt.cli import main
 
     out = tmp_path / "pixels"
     assert main(["demo-data", "--pixels", "--image-size", "32", "--scenes", "4", "--val-scenes", "2",

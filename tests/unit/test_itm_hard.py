@@ -1,4 +1,5 @@
-"""Hard-negative ITM ("itm-hard"): candidate drawing in collate, hardest pick in the objective."""
+"""Hard-negative ITM ("itm-hard"): candidate drawing in collate, hardest pick in the task function
+(trainer/recipes/uniter_tasks.py)."""
 from __future__ import annotations
 
 import zlib
@@ -8,14 +9,14 @@ import pytest
 import torch
 
 from data.collate import collate_itm, collate_itm_hard
-from data.config import DataConfig
+from data.config import DataConfig, UniterDataConfig
 from data.shards import RegionSample
 from data.tokenizer import load_tokenizer
 from data.vocab import DEMO_VOCAB_PATH
 from trainer.models.config import ModelConfig
 from trainer.models.pretrain import UniterForPretraining
-from trainer.objectives import OBJECTIVES, WraConfig
-from trainer.objectives.itm import hardest_negatives, itm_hard_objective, itm_objective
+from trainer.objectives.itm import WraConfig
+from trainer.recipes.uniter_tasks import hardest_negatives, itm, itm_hard, task_functions
 
 IMG_DIM = 16
 WRA = WraConfig(iterations=10)
@@ -128,12 +129,12 @@ def test_bad_candidates_raise(tok, bad):
 
 
 def test_data_config_validates_candidates():
-    assert DataConfig().itm_hard_candidates == 7
+    assert DataConfig().uniter.itm_hard_candidates == UniterDataConfig().itm_hard_candidates == 7
     with pytest.raises(ValueError, match="itm_hard_candidates"):
-        DataConfig(itm_hard_candidates=0)
+        UniterDataConfig(itm_hard_candidates=0)
 
 
-# ------------------------------------------------------------ objective, tiny real model
+# ------------------------------------------------------------ task function, tiny real model
 
 @pytest.fixture
 def model(tok):
@@ -187,12 +188,12 @@ def _candidate_images(batch, samples):
             for row in batch["hard_candidates"]]
 
 
-def test_objective_trains_the_argmax_candidate(tok, model, monkeypatch):
+def test_task_trains_the_argmax_candidate(tok, model, monkeypatch):
     batch = collate_itm_hard(MIXED, np.random.default_rng(1), tok, candidates=3)
     ref, negatives = _expected(model, tok, MIXED, _candidate_images(batch, MIXED))
-    want = itm_objective(model, ref, WRA)
+    want = itm(model, ref, WRA)
     calls = _record_encode(monkeypatch, model)
-    got = itm_hard_objective(model, batch, WRA)
+    got = itm_hard(model, batch, WRA)
 
     assert [c["rows"] for c in calls] == [len(MIXED) * 3, 2 * len(MIXED)]  # score all, train B + M
     trained = calls[1]
@@ -201,7 +202,8 @@ def test_objective_trains_the_argmax_candidate(tok, model, monkeypatch):
         nbb = len(neg.img_feat)
         assert torch.equal(trained["img_feat"][b + i, :nbb], torch.from_numpy(neg.img_feat))
         assert torch.equal(trained["input_ids"][b + i], batch["input_ids"][i])
-    assert torch.allclose(got.loss_sum, want.loss_sum, rtol=1e-5, atol=1e-6)
+    assert got.losses.keys() == want.losses.keys() == {"loss"}
+    assert torch.allclose(got.losses["loss"], want.losses["loss"], rtol=1e-5, atol=1e-6)
     assert set(got.stats) == set(want.stats) == {"loss", "acc", "ot_loss", "ot_pos", "ot_neg", "total"}
     for k in want.stats:
         assert torch.allclose(got.stats[k], want.stats[k], rtol=1e-5, atol=1e-6), k
@@ -225,25 +227,26 @@ def test_gradients_flow_and_scoring_builds_no_graph(tok, model, monkeypatch):
     model.train()
     batch = collate_itm_hard(MIXED, np.random.default_rng(2), tok, candidates=2)
     calls = _record_encode(monkeypatch, model)
-    res = OBJECTIVES["itm-hard"](model, batch)
+    res = task_functions()["itm-hard"](model, batch)
     score, train = calls
     assert not score["grad"] and not score["requires_grad"] and not score["training"]  # eval, no graph
     assert train["grad"] and train["requires_grad"] and train["training"]
     assert model.training  # mode restored
-    res.loss_sum.backward()
+    res.losses["loss"].backward()
     for p in (model.itm_output.weight, model.uniter.embeddings.word_embeddings.weight):
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
-    assert torch.isfinite(res.loss_sum) and res.loss_sum.item() > 0
+    assert torch.isfinite(res.losses["loss"]) and res.losses["loss"].item() > 0
 
 
 def test_no_candidates_trains_positives_only(tok, model, monkeypatch):
     samples = _samples(["x", "x", "x"])
     batch = collate_itm_hard(samples, np.random.default_rng(0), tok)
     calls = _record_encode(monkeypatch, model)
-    got = model(batch, "itm-hard")  # the default registry dispatches the new task
+    via_forward = model(batch, task_functions()["itm-hard"])  # the default task functions include the task
     assert [c["rows"] for c in calls] == [3]  # no scoring pass
     monkeypatch.undo()
-    want = itm_objective(model.eval(), collate_itm(samples, np.random.default_rng(0), tok, neg_prob=0.0))
-    got = itm_hard_objective(model, batch)
-    assert torch.allclose(got.loss_sum, want.loss_sum, rtol=1e-6)
+    want = itm(model.eval(), collate_itm(samples, np.random.default_rng(0), tok, neg_prob=0.0))
+    got = itm_hard(model, batch)
+    assert torch.allclose(got.losses["loss"], want.losses["loss"], rtol=1e-6)
+    assert torch.isfinite(via_forward.losses["loss"]) and set(via_forward.losses) == {"loss"}
     assert got.counts["ot_neg"].item() == 0 and batch["n_items"] == 3

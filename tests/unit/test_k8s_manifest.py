@@ -10,7 +10,7 @@ from cluster.job import plan_job
 from cluster.launch import render_job
 from tests.conftest import REPO
 from trainer.config import load_config
-from trainer.config_loader import ConfigError
+from trainer.config_files import ConfigError
 
 jsonschema = pytest.importorskip("jsonschema")
 

@@ -10,9 +10,9 @@ from cluster.config import ClusterConfig, load_cluster_config
 from cluster.job import plan_job
 from cluster.launch import launch, render_job, write_job
 from cluster.local import render_command
-from trainer.cli import main
 from trainer.config import load_config
-from trainer.config_loader import ConfigError
+from trainer.config_files import ConfigError
+from vlpt.cli import main
 
 CFG = "configs/pretrain/demo.yaml"
 NOW = "20250101-120000"
@@ -25,11 +25,11 @@ def cluster(**raw) -> ClusterConfig:
 def test_render_local_and_deepspeed():
     local = render_command("local", CFG, 4, ["--optim.lr=1e-4"], master_port=1234)
     assert local[0].endswith("torchrun")
-    assert local[1:] == ["--nproc_per_node=4", "--master_port=1234", "-m", "trainer.cli", "pretrain",
+    assert local[1:] == ["--nproc_per_node=4", "--master_port=1234", "-m", "vlpt", "pretrain",
                          "--config", CFG, "--optim.lr=1e-4"]
     ds = render_command("deepspeed", CFG, 2)
     assert ds[0].endswith("deepspeed") and ds[1:3] == ["--num_gpus", "2"]
-    assert ds[-4:] == ["trainer.cli", "pretrain", "--config", CFG]
+    assert ds[-4:] == ["vlpt", "pretrain", "--config", CFG]
 
 
 @pytest.mark.parametrize("args,needle", [(("slurm", CFG, 2), "slurm"), (("local", CFG, 0), "--nproc")])
@@ -186,7 +186,7 @@ def test_deepspeed_hostfile_and_command(tmp_path):
     bash_n(script, tmp_path)
     cmd = script.splitlines()[-1]
     for part in (f"--hostfile {plan.out_dir}/hostfile", "--num_nodes 2", "--num_gpus 4", "--master_addr n1",
-                 f"--enable_each_rank_log {plan.run_dir}/logs/deepspeed", "--module trainer.cli pretrain",
+                 f"--enable_each_rank_log {plan.run_dir}/logs/deepspeed", "--module vlpt pretrain",
                  f"--config {plan.config_path}"):
         assert part in cmd, part
     with pytest.raises(ConfigError, match="deepspeed.hosts"):

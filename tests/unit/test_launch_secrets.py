@@ -4,7 +4,7 @@ import pytest
 
 from cluster.config import load_cluster_config
 from tests.conftest import REPO
-from trainer.cli import main
+from vlpt.cli import main
 
 CFG = "configs/pretrain/demo.yaml"
 SECRET = "PLANTED-7f3a9c-SECRET"

@@ -9,7 +9,7 @@ from data.shards import read_manifest
 from data.sources import MixedSource, ShardSource, epoch_segments
 from tests.loader_util import (UNEQUAL_SIZES, dataset_of, fingerprint, make_loader, spec_for, take,
                                tokenizer, write_sized_shards)
-from trainer.steps import draw_task
+from trainer.task_mix import draw_task
 
 
 @pytest.fixture(scope="module")

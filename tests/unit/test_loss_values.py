@@ -1,23 +1,24 @@
-"""Every UNITER pretraining loss vs an independent per-example computation (DESIGN §3).
+"""Every UNITER pretraining loss vs an independent per-example computation (docs/models.md).
 
 One hand-made batch of four image-text pairs whose text lengths and region
 counts all differ, so text padding, region padding and the packed
 `[txt_i | img_i | pad]` layout all matter. It goes through the real collate
 functions (collate_mlm, collate_mrm, collate_itm), a tiny real UNITER and the
-library objectives, whose `TaskResult` sums are checked against values this file
-computes on its own:
+library task functions (trainer/recipes/uniter_tasks.py: model, then objective), whose
+`TaskResult` sums are checked against values this file computes on its own; the pure loss
+functions (trainer/objectives/) are also fed this file's reference head outputs:
 
 - hidden states: every example is run ALONE through the backbone (batch of 1,
   no padding, identity gather), never through the packed batch;
 - masks: replayed from the collate seed with `data.masking` (collate draws per
   sample, in order); the masked region features are zeroed and
   `mask_embedding.weight[1]` added HERE (not through `img_masks`);
-- heads: written out from the weights as DESIGN §2 states them
+- heads: written out from the weights as docs/models.md ("UNITER model") states them
   (dense -> erf GELU -> LayerNorm eps 1e-12 -> tied decoder / classifier);
-- losses and IPOT: explicit per-element / per-example loops following DESIGN §3.
+- losses and IPOT: explicit per-element / per-example loops following docs/models.md ("UNITER").
 
 The library returns sums; each test asserts the documented divisor explicitly
-(`loss_sum / n_items` = DESIGN's mean, MRFR/MRC-kl `loss_sum = elementwise sum / D or K`).
+(`losses["loss"] / n_items` = UNITER's mean, MRFR/MRC-kl `losses["loss"] = elementwise sum / D or K`).
 
 Precision and tolerances. The model is fp64, dropout 0, eval mode, so everything
 is deterministic. Alone vs packed hidden states agree to atol 1e-12: in fp64
@@ -45,15 +46,11 @@ from data.vocab import DEMO_VOCAB_PATH
 from kernels.ot import ot_distance, wra_loss
 from trainer.models.config import ModelConfig
 from trainer.models.pretrain import UniterForPretraining
-from trainer.objectives import (
-    TaskResult,
-    WraConfig,
-    itm_objective,
-    mlm_objective,
-    mrc_kl_objective,
-    mrc_objective,
-    mrfr_objective,
-)
+from trainer.objectives.base import TaskResult
+from trainer.objectives.itm import WraConfig, itm_loss
+from trainer.objectives.mlm import mlm_loss
+from trainer.objectives.mrm import mrc_kl_loss, mrc_loss, mrfr_loss
+from trainer.recipes import uniter_tasks
 
 F64 = torch.float64
 IMG_DIM, LABEL_DIM = 12, 7  # D, K
@@ -116,12 +113,27 @@ def setup() -> Setup:
     return Setup(tok, model, _samples(tok))
 
 
-def run_library(objective, model, batch: dict, **kw) -> TaskResult:
-    """The library objective on the collated batch; features cast to the weights' dtype
-    (what `UniterForPretraining.forward` does before dispatching)."""
+def run_library(task, model, batch: dict, *args):
+    """A library task function on the collated batch; features cast to the weights' dtype
+    (what `UniterForPretraining.forward` does before calling it)."""
     batch = dict(batch, img_feat=batch["img_feat"].to(F64), img_pos_feat=batch["img_pos_feat"].to(F64))
     with torch.no_grad():
-        return objective(model, batch, **kw)
+        return task(model, batch, *args)
+
+
+def run_forward(task, model, batch: dict, *args) -> TaskResult:
+    """The same task through `UniterForPretraining.forward` (casts the features itself and adds an
+    exact zero to each loss): must give the very same sums as calling the task function."""
+    with torch.no_grad():
+        return model(batch, task, *args)
+
+
+def assert_same_result(a: TaskResult, b: TaskResult) -> None:
+    assert a.losses.keys() == b.losses.keys() == {"loss"}
+    assert a.stats.keys() == b.stats.keys() and a.counts.keys() == b.counts.keys()
+    for x, y in [*zip(a.losses.values(), b.losses.values()), *((a.stats[k], b.stats[k]) for k in a.stats),
+                 *((a.counts[k], b.counts[k]) for k in a.counts)]:
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
 
 
 # ------------------------------------------------------------------ independent reference
@@ -204,7 +216,8 @@ def cosine_cost(x, y, eps: float = 1e-5):
 
 
 def ipot_distance(C, beta: float, iterations: int) -> float:
-    """DESIGN §3 IPOT (k = 1, uniform marginals) on one unpadded example: C [n_x, n_y] -> trace(C T)."""
+    """IPOT of docs/models.md ("ITM and WRA"; k = 1, uniform marginals) on one unpadded example:
+    C [n_x, n_y] -> trace(C T)."""
     n_x, n_y = C.shape
     sigma = torch.full((n_x, 1), 1.0 / n_x, dtype=C.dtype)  # [n_x, 1]
     T = torch.ones(n_y, n_x, dtype=C.dtype)  # [n_y, n_x]
@@ -273,10 +286,11 @@ def test_alone_equals_packed_hidden_states(setup):
 def test_mlm_loss(setup):
     model, tok, samples = setup.model, setup.tok, setup.samples
     batch = collate_mlm(samples, np.random.default_rng(MLM_SEED), tok, mlm_prob=MLM_PROB)
-    res = run_library(mlm_objective, model, batch)
+    res = run_library(uniter_tasks.mlm, model, batch)
+    assert_same_result(run_forward(uniter_tasks.mlm, model, batch), res)
 
     rng = np.random.default_rng(MLM_SEED)
-    losses, correct = [], 0
+    losses, correct, ref_logits, ref_labels = [], 0, [], []
     for s in samples:
         masked, labels = mask_tokens(s.input_ids, rng, tok.mask_id, tok.first_random_id, tok.vocab_size, MLM_PROB)
         h = alone_hidden(model, text_ids(tok, masked), s.img_feat, s.img_pos)  # full image (conditional masking)
@@ -286,68 +300,88 @@ def test_mlm_loss(setup):
             z = mlm_head(model, h[1 + k])  # [V]; +1 skips [CLS]
             losses.append(cross_entropy(z, label))
             correct += argmax(z.tolist()) == label
+            ref_logits.append(z)
+            ref_labels.append(label)
     n = len(losses)
     assert n == 9 and batch["n_items"] == n
-    mean = sum(losses) / n  # DESIGN §3: CE over selected tokens, mean
-    assert res.loss_sum.item() / batch["n_items"] == pytest.approx(mean, rel=REL)
-    assert res.stats["loss"].item() == pytest.approx(res.loss_sum.item(), rel=1e-12)
+    mean = sum(losses) / n  # docs/models.md, "MLM": CE over selected tokens, mean
+    assert res.losses["loss"].item() / batch["n_items"] == pytest.approx(mean, rel=REL)
+    assert res.stats["loss"].item() == pytest.approx(res.losses["loss"].item(), rel=1e-12)
     assert res.stats["acc"].item() == correct
     assert res.counts == {}
+    # the pure loss on this file's fp64 head outputs: same formula, no fp32 rounding
+    pure = mlm_loss(torch.stack(ref_logits), torch.tensor(ref_labels))  # [n, V], [n]
+    assert pure.losses["loss"].item() / n == pytest.approx(mean, rel=1e-10)
+    assert pure.stats["acc"].item() == correct and pure.counts == {}
 
 
 def test_mrfr_loss(setup):
     model, tok, samples = setup.model, setup.tok, setup.samples
     batch = collate_mrm(samples, np.random.default_rng(MRM_SEED), tok, mrm_prob=MRM_PROB, task="mrfr")
-    res = run_library(mrfr_objective, model, batch)
+    res = run_library(uniter_tasks.mrfr, model, batch)
+    assert_same_result(run_forward(uniter_tasks.mrfr, model, batch), res)
 
     regions = masked_regions(setup)
     n = len(regions)
     se_total = 0.0  # sum over n x D elements of the squared error
+    preds = []
     for h, target, _ in regions:
         pred = mrfr_head(model, h).tolist()  # [D]
         se_total += sum((pred[d] - target[d]) ** 2 for d in range(IMG_DIM))
+        preds.append(pred)
     assert n == 8 and batch["n_items"] == n
-    uniter_mean = se_total / (n * IMG_DIM)  # DESIGN §3: mse(reduction='none').mean() over n_masked x D
-    assert res.loss_sum.item() / batch["n_items"] == pytest.approx(uniter_mean, rel=REL)
-    assert res.loss_sum.item() == pytest.approx(se_total / IMG_DIM, rel=REL)  # documented: se.sum() / D
-    assert res.stats["loss"].item() == pytest.approx(res.loss_sum.item(), rel=1e-12)
+    # docs/models.md, "MRFR": mse(reduction='none').mean() over n_masked x D
+    uniter_mean = se_total / (n * IMG_DIM)
+    assert res.losses["loss"].item() / batch["n_items"] == pytest.approx(uniter_mean, rel=REL)
+    assert res.losses["loss"].item() == pytest.approx(se_total / IMG_DIM, rel=REL)  # documented: se.sum() / D
+    assert res.stats["loss"].item() == pytest.approx(res.losses["loss"].item(), rel=1e-12)
     # validation "MSE per region": squared L2 error per masked region
     assert res.stats["mse_per_region"].item() / n == pytest.approx(se_total / n, rel=REL)
     assert res.counts == {}
+    pure = mrfr_loss(torch.tensor(preds, dtype=F64), torch.tensor(np.stack([t for _, t, _ in regions])))
+    assert pure.losses["loss"].item() / n == pytest.approx(uniter_mean, rel=1e-10)
+    assert pure.stats["mse_per_region"].item() == pytest.approx(se_total, rel=1e-10)
 
 
 def test_mrc_loss(setup):
     model, tok, samples = setup.model, setup.tok, setup.samples
     batch = collate_mrm(samples, np.random.default_rng(MRM_SEED), tok, mrm_prob=MRM_PROB, task="mrc")
-    res = run_library(mrc_objective, model, batch)
+    res = run_library(uniter_tasks.mrc, model, batch)
+    assert_same_result(run_forward(uniter_tasks.mrc, model, batch), res)
 
     regions = masked_regions(setup)
     n = len(regions)
-    losses, correct, background_top = [], 0, 0
+    losses, correct, background_top, ref_logits = [], 0, 0, []
     for h, _, soft in regions:
         target = argmax(soft, start=1)  # = argmax(soft[1:]) + 1: class 0 never a target
         background_top += argmax(soft) == 0
         z = mrc_head(model, h)  # [K]
+        ref_logits.append(z)
         losses.append(cross_entropy(z, target))
         correct += argmax(z.tolist(), start=1) == target  # documented acc: background excluded on both sides
     assert background_top > 0  # the +1 shift matters on this batch
     assert batch["n_items"] == n
-    assert res.loss_sum.item() / batch["n_items"] == pytest.approx(sum(losses) / n, rel=REL)  # CE mean
-    assert res.stats["loss"].item() == pytest.approx(res.loss_sum.item(), rel=1e-12)
+    assert res.losses["loss"].item() / batch["n_items"] == pytest.approx(sum(losses) / n, rel=REL)  # CE mean
+    assert res.stats["loss"].item() == pytest.approx(res.losses["loss"].item(), rel=1e-12)
     assert res.stats["acc"].item() == correct
     assert res.counts == {}
+    pure = mrc_loss(torch.stack(ref_logits), torch.tensor(np.stack([s for _, _, s in regions])))
+    assert pure.losses["loss"].item() / n == pytest.approx(sum(losses) / n, rel=1e-10)
+    assert pure.stats["acc"].item() == correct
 
 
 def test_mrc_kl_loss(setup):
     model, tok, samples = setup.model, setup.tok, setup.samples
     batch = collate_mrm(samples, np.random.default_rng(MRM_SEED), tok, mrm_prob=MRM_PROB, task="mrc-kl")
-    res = run_library(mrc_kl_objective, model, batch)
+    res = run_library(uniter_tasks.mrc_kl, model, batch)
+    assert_same_result(run_forward(uniter_tasks.mrc_kl, model, batch), res)
 
     regions = masked_regions(setup)
     n = len(regions)
-    kl_total, correct, zero_probs = 0.0, 0, 0
+    kl_total, correct, zero_probs, ref_logits = 0.0, 0, 0, []
     for h, _, soft in regions:
-        z = mrc_head(model, h).tolist()  # [K]
+        ref_logits.append(mrc_head(model, h))
+        z = ref_logits[-1].tolist()  # [K]
         lse = math.log(sum(math.exp(v) for v in z))
         for k in range(LABEL_DIM):  # kl_div(log q, p) elementwise = p * (log p - log q), 0 where p = 0
             p = float(soft[k])
@@ -356,19 +390,25 @@ def test_mrc_kl_loss(setup):
         correct += argmax(z) == argmax(soft)  # documented acc: background included (UNITER's soft-target acc)
     assert zero_probs > 0
     assert batch["n_items"] == n
-    uniter_mean = kl_total / (n * LABEL_DIM)  # DESIGN §3: elementwise mean over n x K
-    assert res.loss_sum.item() / batch["n_items"] == pytest.approx(uniter_mean, rel=REL)
-    assert res.loss_sum.item() == pytest.approx(kl_total / LABEL_DIM, rel=REL)  # documented: kl.sum() / K
-    assert res.stats["loss"].item() == pytest.approx(res.loss_sum.item(), rel=1e-12)
+    uniter_mean = kl_total / (n * LABEL_DIM)  # docs/models.md, "MRC-kl": elementwise mean over n x K
+    assert res.losses["loss"].item() / batch["n_items"] == pytest.approx(uniter_mean, rel=REL)
+    assert res.losses["loss"].item() == pytest.approx(kl_total / LABEL_DIM, rel=REL)  # documented: kl.sum() / K
+    assert res.stats["loss"].item() == pytest.approx(res.losses["loss"].item(), rel=1e-12)
     assert res.stats["kl"].item() / n == pytest.approx(kl_total / n, rel=REL)  # mean KL per region
     assert res.stats["acc"].item() == correct
     assert res.counts == {}
+    # mrc_kl_loss casts the soft labels to fp32 (so p * log p is fp32): the file's fp32 tolerance
+    pure = mrc_kl_loss(torch.stack(ref_logits), torch.tensor(np.stack([s for _, _, s in regions])))
+    assert pure.losses["loss"].item() / n == pytest.approx(uniter_mean, rel=REL)
+    assert pure.stats["kl"].item() == pytest.approx(kl_total, rel=REL)
+    assert pure.stats["acc"].item() == correct
 
 
 def test_itm_loss_with_wra(setup):
     model, tok, samples = setup.model, setup.tok, setup.samples
     batch = collate_itm(samples, np.random.default_rng(ITM_SEED), tok, neg_prob=0.5)
-    res = run_library(itm_objective, model, batch, wra=WRA)
+    res = run_library(uniter_tasks.itm, model, batch, WRA)
+    assert_same_result(run_forward(uniter_tasks.itm, model, batch, WRA), res)
 
     rows = itm_reference(setup, batch)
     targets = [t for t, _, _ in rows]
@@ -382,7 +422,7 @@ def test_itm_loss_with_wra(setup):
     correct = sum(argmax(z.tolist()) == t for t, z, _ in rows)
 
     assert batch["n_items"] == B
-    assert res.loss_sum.item() / B == pytest.approx(itm_total, rel=REL, abs=ABS)
+    assert res.losses["loss"].item() / B == pytest.approx(itm_total, rel=REL, abs=ABS)
     assert res.stats["total"].item() / B == pytest.approx(itm_total, rel=REL, abs=ABS)
     assert res.stats["loss"].item() / B == pytest.approx(ce_mean, rel=REL)
     assert res.stats["ot_loss"].item() / B == pytest.approx(ot_loss, rel=REL, abs=ABS)
@@ -391,9 +431,22 @@ def test_itm_loss_with_wra(setup):
     assert res.stats["ot_pos"].item() / res.counts["ot_pos"].item() == pytest.approx(sum(d_pos) / len(d_pos), rel=REL)
     assert res.stats["ot_neg"].item() / res.counts["ot_neg"].item() == pytest.approx(sum(d_neg) / len(d_neg), rel=REL)
 
-    off = run_library(itm_objective, model, batch, wra=WraConfig(weight=0.0))  # WRA off: plain CE sum
-    assert off.loss_sum.item() / B == pytest.approx(ce_mean, rel=REL)
+    off = run_library(uniter_tasks.itm, model, batch, WraConfig(weight=0.0))  # WRA off: plain CE sum
+    assert off.losses["loss"].item() / B == pytest.approx(ce_mean, rel=REL)
     assert set(off.stats) == {"loss", "acc"} and off.counts == {}
+
+    # the pure loss on this file's fp64 logits and IPOT distances
+    logits = torch.stack([z for _, z, _ in rows])  # [B, 2]
+    dist = torch.tensor([d for _, _, d in rows], dtype=F64)  # [B]
+    pure = itm_loss(logits, batch["itm_targets"], dist, WRA.weight)
+    assert pure.losses["loss"].item() / B == pytest.approx(itm_total, rel=1e-10, abs=1e-12)
+    assert pure.stats["loss"].item() / B == pytest.approx(ce_mean, rel=1e-10)
+    assert pure.stats["ot_loss"].item() / B == pytest.approx(ot_loss, rel=1e-10, abs=1e-12)
+    assert pure.stats["acc"].item() == correct
+    assert (pure.counts["ot_pos"].item(), pure.counts["ot_neg"].item()) == (len(d_pos), len(d_neg))
+    pure_off = itm_loss(logits, batch["itm_targets"])
+    assert pure_off.losses["loss"].item() / B == pytest.approx(ce_mean, rel=1e-10)
+    assert set(pure_off.stats) == {"loss", "acc"} and pure_off.counts == {}
 
 
 def test_ot_distance_and_wra_loss_on_packed_batch(setup):

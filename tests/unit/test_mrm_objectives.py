@@ -1,4 +1,6 @@
-"""MRFR, MRC and MRC-kl objectives (DESIGN §3) against per-element reference loops."""
+"""MRFR, MRC and MRC-kl objectives (docs/models.md, "Masked region modelling") against per-element reference
+loops: the recipe's task functions (trainer/recipes/uniter_tasks.py) on a fake model with known
+heads, the pure loss functions (trainer/objectives/mrm.py) on tensors, and a real model end to end."""
 from __future__ import annotations
 
 import math
@@ -14,7 +16,8 @@ from data.tokenizer import load_tokenizer
 from data.vocab import DEMO_VOCAB_PATH
 from trainer.models.config import ModelConfig
 from trainer.models.pretrain import UniterForPretraining
-from trainer.objectives.mrm import mrc_kl_objective, mrc_objective, mrfr_objective
+from trainer.objectives.mrm import mrc_kl_loss, mrc_loss, mrc_targets, mrfr_loss
+from trainer.recipes.uniter_tasks import mrc, mrc_kl, mrfr
 
 B, L, H, D, K = 2, 5, 3, 4, 6
 
@@ -68,28 +71,28 @@ def _rows(model, batch):
 
 def test_mrfr_matches_elementwise_loop_and_uniter_mean():
     model, batch = _setup()
-    res = mrfr_objective(model, batch)
+    res = mrfr(model, batch)
     assert model.seen_masks is batch["img_masks"]
     pred, _ = _rows(model, batch)
     tgt = batch["mrfr_targets"].tolist()
     n = batch["n_items"]
     se = [[(pred[r][d] - tgt[r][d]) ** 2 for d in range(D)] for r in range(n)]
     total = sum(sum(row) for row in se)
-    assert res.loss_sum.item() == pytest.approx(total / D, rel=1e-6)
+    assert res.losses["loss"].item() == pytest.approx(total / D, rel=1e-6)
     assert res.stats["loss"].item() == pytest.approx(total / D, rel=1e-6)
     assert res.stats["mse_per_region"].item() == pytest.approx(total, rel=1e-6)  # sum_r sum_d se
     assert res.stats["mse_per_region"].item() == pytest.approx(D * res.stats["loss"].item(), rel=1e-6)
-    # loss_sum / N is UNITER's loss: mse(reduction='none').mean() over N * img_dim elements
+    # losses["loss"] / N is UNITER's loss: mse(reduction='none').mean() over N * img_dim elements
     uniter = F.mse_loss(torch.tensor(pred), torch.tensor(tgt, dtype=torch.float64), reduction="none").mean()
-    assert res.loss_sum.item() / n == pytest.approx(uniter.item(), rel=1e-6)
-    assert res.loss_sum.item() / n == pytest.approx(total / (n * D), rel=1e-6)
-    assert not res.stats["loss"].requires_grad and res.loss_sum.requires_grad
-    assert res.loss_sum.dtype == torch.float32
+    assert res.losses["loss"].item() / n == pytest.approx(uniter.item(), rel=1e-6)
+    assert res.losses["loss"].item() / n == pytest.approx(total / (n * D), rel=1e-6)
+    assert not res.stats["loss"].requires_grad and res.losses["loss"].requires_grad
+    assert res.losses["loss"].dtype == torch.float32
 
 
 def test_mrc_target_skips_background_and_ce_matches_loop():
     model, batch = _setup()
-    res = mrc_objective(model, batch)
+    res = mrc(model, batch)
     _, logits = _rows(model, batch)
     soft = batch["mrc_soft_labels"].tolist()
     assert max(range(K), key=lambda k: soft[0][k]) == 0  # background is the largest in row 0
@@ -101,7 +104,7 @@ def test_mrc_target_skips_background_and_ce_matches_loop():
         ce += lse - logits[r][t]
         # UNITER's validation accuracy for MRC ignores background on both sides.
         acc += float(max(range(1, K), key=lambda k: logits[r][k]) == t)
-    assert res.loss_sum.item() == pytest.approx(ce, rel=1e-6)
+    assert res.losses["loss"].item() == pytest.approx(ce, rel=1e-6)
     assert res.stats["loss"].item() == pytest.approx(ce, rel=1e-6)
     assert res.stats["acc"].item() == acc
     assert set(res.stats) == {"loss", "acc"}
@@ -109,7 +112,7 @@ def test_mrc_target_skips_background_and_ce_matches_loop():
 
 def test_mrc_kl_matches_loop_and_uniter_mean():
     model, batch = _setup()
-    res = mrc_kl_objective(model, batch)
+    res = mrc_kl(model, batch)
     _, logits = _rows(model, batch)
     soft = batch["mrc_soft_labels"].tolist()
     n = batch["n_items"]
@@ -125,24 +128,42 @@ def test_mrc_kl_matches_loop_and_uniter_mean():
         acc += float(max(range(K), key=lambda k: logits[r][k]) == target)
     assert soft[1][2] == 0.0
     # the exact identities documented in trainer/objectives/mrm.py:
-    #   loss_sum = kl.sum() / K;  loss_sum / N = UNITER's kl_div(reduction='none').mean() over N * K;
-    #   stats["kl"] = kl.sum() = K * loss_sum;  stats["kl"] / N = mean KL divergence per region
-    assert res.loss_sum.item() == pytest.approx(kl_total / K, rel=1e-6)
+    #   loss = kl.sum() / K;  loss / N = UNITER's kl_div(reduction='none').mean() over N * K;
+    #   stats["kl"] = kl.sum() = K * loss;  stats["kl"] / N = mean KL divergence per region
+    assert res.losses["loss"].item() == pytest.approx(kl_total / K, rel=1e-6)
     uniter = F.kl_div(F.log_softmax(torch.tensor(logits), -1), torch.tensor(soft), reduction="none").mean()
-    assert res.loss_sum.item() / n == pytest.approx(uniter.item(), rel=1e-6)
-    assert res.stats["loss"].item() == pytest.approx(res.loss_sum.item(), rel=1e-7)
+    assert res.losses["loss"].item() / n == pytest.approx(uniter.item(), rel=1e-6)
+    assert res.stats["loss"].item() == pytest.approx(res.losses["loss"].item(), rel=1e-7)
     assert res.stats["kl"].item() == pytest.approx(kl_total, rel=1e-6)
-    assert res.stats["kl"].item() == pytest.approx(K * res.loss_sum.item(), rel=1e-6)
+    assert res.stats["kl"].item() == pytest.approx(K * res.losses["loss"].item(), rel=1e-6)
     assert res.stats["kl"].item() / n == pytest.approx(sum(per_region) / n, rel=1e-6)
     assert res.stats["acc"].item() == acc
 
 
 def test_gradient_reaches_only_masked_positions():
-    for objective in (mrfr_objective, mrc_objective, mrc_kl_objective):
+    for task in (mrfr, mrc, mrc_kl):
         model, batch = _setup()
-        objective(model, batch).loss_sum.backward()
+        res = task(model, batch)
+        assert set(res.losses) == {"loss"}
+        res.losses["loss"].backward()
         touched = model.hidden.grad.reshape(-1, H).abs().sum(-1).nonzero().flatten().tolist()
-        assert touched == batch["mrm_index"].tolist(), objective.__name__
+        assert touched == batch["mrm_index"].tolist(), task.__name__
+
+
+def test_pure_losses_on_tensors_equal_the_task_functions():
+    """The loss functions alone, fed the head outputs of the masked regions, give the task's result."""
+    model, batch = _setup()
+    pred, logits = (torch.tensor(x, dtype=torch.float32) for x in _rows(model, batch))  # [N, D], [N, K]
+    soft = batch["mrc_soft_labels"]
+    assert mrc_targets(soft).tolist() == [max(range(1, K), key=lambda k: r[k]) for r in soft.tolist()]
+    for task, pure in ((mrfr, mrfr_loss(pred, batch["mrfr_targets"])), (mrc, mrc_loss(logits, soft)),
+                       (mrc_kl, mrc_kl_loss(logits, soft))):
+        res = task(model, batch)
+        assert res.losses.keys() == pure.losses.keys() == {"loss"}, task.__name__
+        assert res.stats.keys() == pure.stats.keys() and res.counts == pure.counts == {}, task.__name__
+        assert res.losses["loss"].item() == pytest.approx(pure.losses["loss"].item(), rel=1e-6), task.__name__
+        for k in res.stats:
+            assert res.stats[k].item() == pytest.approx(pure.stats[k].item(), rel=1e-6), (task.__name__, k)
 
 
 # ------------------------------------------------------------ real model, end to end
@@ -171,15 +192,21 @@ def test_real_model_runs_all_three_end_to_end():
     samples = _samples(cfg.img_dim, cfg.img_label_dim)
     batch = collate_mrm(samples, np.random.default_rng(1), tok, mrm_prob=0.3)
     mask_w = model.uniter.img_embeddings.mask_embedding.weight
-    for objective in (mrfr_objective, mrc_objective, mrc_kl_objective):
+    for task in (mrfr, mrc, mrc_kl):
         model.zero_grad(set_to_none=True)
-        res = objective(model, batch)
-        assert torch.isfinite(res.loss_sum) and res.loss_sum.item() > 0
+        torch.manual_seed(1)  # same dropout masks for both calls
+        res = model(batch, task)  # the forward the engine runs: task function + an exact zero
+        torch.manual_seed(1)
+        with torch.no_grad():
+            direct = task(model, batch)
+        assert set(res.losses) == {"loss"}
+        assert torch.equal(res.losses["loss"], direct.losses["loss"]), task.__name__
+        assert torch.isfinite(res.losses["loss"]) and res.losses["loss"].item() > 0
         assert all(torch.isfinite(v) for v in res.stats.values())
-        res.loss_sum.backward()
+        res.losses["loss"].backward()
         assert mask_w.grad is not None and torch.isfinite(mask_w.grad).all()
-        assert mask_w.grad[1].abs().sum() > 0, objective.__name__  # the mask embedding is learned
-        assert (mask_w.grad[0] == 0).all(), objective.__name__  # row 0 is never read
+        assert mask_w.grad[1].abs().sum() > 0, task.__name__  # the mask embedding is learned
+        assert (mask_w.grad[0] == 0).all(), task.__name__  # row 0 is never read
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         assert all(torch.isfinite(g).all() for g in grads)
 

@@ -1,16 +1,22 @@
 """Our import packages are top-level folders named `kernels` and `data`, which PyPI
 also has (Hugging Face's kernel hub, which transformers probes). They must resolve
-to this repo, and transformers must still import and build a model beside them."""
+to this repo, and transformers must still import and build a model beside them.
+`kernels` exports its submodules as modules, never a function under a module's name."""
+import importlib
+import inspect
+import pkgutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def test_packages_resolve_inside_repo_and_transformers_works():
     code = (
-        "import kernels, data, trainer, cluster\n"
+        "import kernels, data, trainer, cluster, vlpt\n"
         "import transformers\n"
         "from transformers import BertConfig, BertModel\n"
         "import torch\n"
@@ -37,5 +43,33 @@ def test_packages_resolve_inside_repo_in_this_process():
     import kernels
     assert Path(kernels.__file__).resolve().is_relative_to(REPO)
     assert Path(data.__file__).resolve().is_relative_to(REPO)
-    from kernels import masked_gather  # ours, not the hub's
+    from kernels.masked_gather import masked_gather  # ours, not the hub's
     assert callable(masked_gather)
+
+
+KERNEL_MODULES = sorted(m.name for m in pkgutil.iter_modules([str(REPO / "kernels")]))
+
+
+def test_kernels_submodules_are_listed():
+    assert {"dispatch", "ipot", "masked_gather", "ot", "sinkhorn"} <= set(KERNEL_MODULES)
+
+
+@pytest.mark.parametrize("name", KERNEL_MODULES)
+def test_kernels_submodule_is_a_module(name):
+    """`import kernels.<name>` then `kernels.<name>` is the module, not a function the package
+    re-exports under the module's name (which would shadow it)."""
+    namespace: dict = {}
+    exec(f"import kernels.{name}", namespace)
+    attr = getattr(namespace["kernels"], name)
+    assert inspect.ismodule(attr), f"kernels.{name} is {attr!r}, not the module"
+    assert attr is importlib.import_module(f"kernels.{name}") is sys.modules[f"kernels.{name}"]
+    exec(f"from kernels import {name} as by_from", namespace)
+    assert namespace["by_from"] is attr
+
+
+def test_kernels_package_exports_no_functions():
+    import kernels
+    public = {k: v for k, v in vars(kernels).items() if not k.startswith("_")}
+    assert all(inspect.ismodule(v) for v in public.values()), \
+        {k: v for k, v in public.items() if not inspect.ismodule(v)}
+    assert all(inspect.ismodule(getattr(kernels, name)) for name in kernels.__all__)

@@ -1,4 +1,4 @@
-"""Region masking (UNITER's `_get_img_mask`) and the MRM collate (DESIGN §3)."""
+"""Region masking (UNITER's `_get_img_mask`) and the MRM collate (docs/models.md, "Region masking")."""
 from __future__ import annotations
 
 import numpy as np
@@ -10,7 +10,7 @@ from data.masking import mask_regions
 from data.shards import RegionSample
 from data.tokenizer import load_tokenizer
 from data.vocab import DEMO_VOCAB_PATH
-from kernels import masked_gather
+from kernels.masked_gather import masked_gather
 
 DIM, LABELS = 6, 5
 

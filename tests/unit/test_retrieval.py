@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from data.pixels import MEAN, STD, PixelConfig
+from trainer.models.albef import Albef
 from trainer.retrieval import RetrievalSet, retrieval_metrics
 
 N_IMAGES, CAPTIONS_PER_IMAGE, DIM = 12, 2, 8
@@ -32,15 +33,16 @@ class TableEngine:
     def train(self):
         self.modes.append("train")
 
-    def __call__(self, batch: dict, task: str):
-        if task == "embed" and "pixels" in batch:
+    def __call__(self, batch: dict, fn):
+        """`engine(batch, fn)` as the real engine: fn is `Albef.embed` or `Albef.itm_score`."""
+        if fn is Albef.embed and "pixels" in batch:
             level = (batch["pixels"][:, 0, 0, 0] * STD[0] + MEAN[0]) * 255.0
             i = torch.round(level / 10.0).long()
             return {"image_feat": self.image_feat[i], "image_tokens": i.float()[:, None, None]}
-        if task == "embed":
+        if fn is Albef.embed:
             t = batch["input_ids"][:, 1]
             return {"text_feat": self.text_feat[t], "text_states": t.float()[:, None, None]}
-        assert task == "itm_score"
+        assert fn is Albef.itm_score, fn
         t, i = batch["text_states"][:, 0, 0].long(), batch["image_tokens"][:, 0, 0].long()
         return self.score[t, i]
 

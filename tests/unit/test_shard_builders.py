@@ -16,7 +16,7 @@ from data.shards import (
 )
 from data.tokenizer import load_tokenizer
 from data.vocab import DEMO_VOCAB_PATH
-from trainer.cli import main
+from vlpt.cli import main
 
 IMG_DIM, LABEL_DIM = 16, 5
 REGION_ARGS = dict(conf_th=0.5, min_bb=4, max_bb=8)

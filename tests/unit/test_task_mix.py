@@ -5,10 +5,9 @@ import pytest
 import yaml
 
 from trainer.config import load_config
-from trainer.config_loader import ConfigError
+from trainer.config_files import ConfigError
 from trainer.engine import BatchLayout, accum_sum_factor, build_deepspeed_config
-from trainer.steps import draw_task
-from trainer.task_mix import mix_ratios, task_mix, task_of
+from trainer.task_mix import draw_task, mix_ratios, task_mix, task_of
 
 
 def config(tmp_path, body: dict):
@@ -81,7 +80,7 @@ def test_ready_uniter_configs_hold_uniters_recipe(name, datasets, ratios, accum)
     o = cfg.optim
     assert (o.lr, o.betas, o.eps, o.weight_decay, o.warmup_steps, o.grad_clip) == (5e-5, (0.9, 0.98), 1e-6, 0.01, 10000, 5.0)
     assert o.schedule == "linear" and o.accum_sum_semantics and cfg.train.max_steps == 200000
-    assert cfg.data.max_txt_len == 60 and cfg.data.mrm_prob == 0.15 and cfg.data.itm_neg_prob == 0.5
+    assert cfg.data.max_txt_len == 60 and cfg.data.uniter.mrm_prob == 0.15 and cfg.data.uniter.itm_neg_prob == 0.5
     assert (cfg.wra.weight, cfg.wra.beta, cfg.wra.iterations, cfg.wra.k) == (0.1, 0.5, 50, 1)
     assert cfg.model.hidden_size == 768 and cfg.model.num_hidden_layers == 12
     # On UNITER's 8 GPUs the derived accumulation is UNITER's, and the clip its summed one.

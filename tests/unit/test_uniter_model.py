@@ -1,4 +1,5 @@
-"""UNITER model: checkpoint compatibility, BERT equivalence and DESIGN §2 checks (CPU, tiny)."""
+"""UNITER model: checkpoint compatibility, BERT equivalence and the formulas of
+docs/models.md, "UNITER model" (CPU, tiny)."""
 from __future__ import annotations
 
 import ast
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 import yaml
 from torch import Tensor, nn
 
-from kernels import masked_gather
+from kernels.masked_gather import masked_gather
 from trainer.models import bert as bert_module
 from trainer.models.bert import SelfAttention, extended_attention_mask
 from trainer.models.config import ModelConfig
@@ -28,7 +29,8 @@ from trainer.models.convert import (
     load_uniter_checkpoint,
     save_uniter_checkpoint,
 )
-from trainer.models.pretrain import UniterForPretraining, build_model
+from trainer.models.pretrain import UniterForPretraining, build_uniter
+from trainer.recipes import recipe_class
 
 REPO = Path(__file__).resolve().parents[2]
 FIXTURE = REPO / "tests" / "fixtures" / "uniter_base_state_dict.txt"
@@ -299,24 +301,28 @@ def test_load_bert_directory_vocab_resize(tmp_path):
     assert torch.equal(model.uniter.embeddings.word_embeddings.weight, bert.embeddings.word_embeddings.weight[:50])
 
 
-def test_build_model_init_order_and_missing_paths(tmp_path):
+def test_build_uniter_init_order_and_missing_paths(tmp_path):
     bert = randomize_(hf_bert(TINY), seed=6)
     bert.save_pretrained(tmp_path / "bert")
     ref = uniter_format_state_dict(seed=7)
     torch.save(ref, tmp_path / "model_step_1.pt")
-    model = build_model(replace(TINY, init_from_bert=str(tmp_path / "bert")))
+    model = build_uniter(replace(TINY, init_from_bert=str(tmp_path / "bert")))
     assert torch.equal(model.uniter.encoder.layer[0].output.dense.weight, bert.encoder.layer[0].output.dense.weight)
-    model = build_model(replace(TINY, init_from_bert=str(tmp_path / "bert"),
+    model = build_uniter(replace(TINY, init_from_bert=str(tmp_path / "bert"),
                                 init_from_uniter=str(tmp_path / "model_step_1.pt")))
     assert torch.equal(model.state_dict()[WORD_EMB], ref[WORD_EMB])  # UNITER applied last
     for field, missing in (("init_from_bert", tmp_path / "nope"), ("init_from_uniter", tmp_path / "nope.pt")):
         with pytest.raises(ValueError, match=re.escape(str(missing))):
-            build_model(replace(TINY, **{field: str(missing)}))
+            build_uniter(replace(TINY, **{field: str(missing)}))
+    # model.arch picks the builder through the recipe registry (UniterRecipe.build_model -> build_uniter);
+    # an arch no recipe knows is refused there
+    recipe = recipe_class("uniter")
+    assert recipe.model_config is ModelConfig and recipe.build_model is not recipe_class("albef").build_model
     with pytest.raises(ValueError, match="arch"):
-        build_model(replace(TINY, arch="albef"))
+        recipe_class("no-such-arch")
 
 
-# ---------------------------------------------------------------- 4. DESIGN §2 formulas
+# ---------------------------------------------------------------- 4. docs/models.md formulas
 
 def _ln(x: Tensor, mod: nn.LayerNorm) -> Tensor:
     return F.layer_norm(x, x.shape[-1:], mod.weight, mod.bias, eps=1e-12)

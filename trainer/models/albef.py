@@ -1,4 +1,4 @@
-"""ALBEF (DESIGN §4): the student (a ViT image encoder, a BERT split into text layers and fusion
+"""ALBEF (docs/models.md, "ALBEF"): the student (a ViT image encoder, a BERT split into text layers and fusion
 layers that cross-attend to the image tokens, 256-d projections for ITC, ITM and MLM heads,
 the learned temperature) and its teacher (EMA copies of the encoders, projections and MLM
 head, with the feature queues).
@@ -6,63 +6,28 @@ head, with the feature queues).
 The teacher lives outside the DeepSpeed engine, in fp32 and whole on every rank: its EMA
 then never rounds to bf16 (at momentum 0.995 a bf16 copy would stop moving), and ZeRO-3
 needs no second partitioned model; the EMA gathers the student's partitioned parameters
-(`ema_update`). The trainer (trainer/albef_step.py) runs the teacher on all micro-batches
+(`ema_update`). The ALBEF recipe (trainer/recipes/albef.py) runs the teacher on all micro-batches
 of a step first, so every micro-batch contrasts against the momentum features of the whole
 global batch plus the queue, then hands each micro-batch's `TeacherTargets` to the student.
 """
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kernels import masked_gather
+from kernels.masked_gather import masked_gather
 from trainer.models.bert import (Attention, Intermediate, Layer, Output, SelfOutput, SelfAttention,
                                  extended_attention_mask, init_bert_weights)
 from trainer.models.config import AlbefConfig, ModelConfig
 from trainer.models.heads import MlmHead
 from trainer.models.momentum import FeatureQueues, ema_update
 from trainer.models.uniter import TextEmbeddings
-from trainer.objectives import albef as objectives
-from trainer.objectives.base import TaskResult
+from trainer.models.sharing import register_shared_parameters
 
-TRAIN_TASK = "albef"
-EMBED_TASK = "embed"
-"""Retrieval: L2-normalised ITC features and the image tokens / text states fusion needs."""
-ITM_SCORE_TASK = "itm_score"
-"""Retrieval: the ITM match logit of (text, image tokens) pairs."""
-
-
-@dataclass
-class TeacherTargets:
-    """What the teacher gives one micro-batch of the student."""
-
-    image_feat_m: Tensor
-    """[B, D] momentum image features of the whole global batch (all ranks, stream order)."""
-    text_feat_m: Tensor
-    """[B, D]"""
-    image_queue: Tensor
-    """[D, Q] the queue before this step's push."""
-    text_queue: Tensor
-    offset: int
-    """Row of this micro-batch's first pair in the global batch."""
-    mlm_logits_m: Tensor
-    """[N, V] the teacher's MLM logits at this micro-batch's masked positions."""
-    alpha: float
-    """Distillation weight at this step."""
-    negatives_seed: int
-    """Seeds the hard-negative draw: a function of (seed, step, stream), so it does not depend
-    on how streams are spread over ranks."""
-
-
-@dataclass
-class AlbefResult(TaskResult):
-    losses: dict[str, Tensor] = field(default_factory=dict)
-    """Sums over this micro-batch's terms, with gradient: itc (b rows), itm (3b pairs), mlm (N
-    masked tokens); the trainer divides each by its count over the whole step."""
 
 
 def vision_transformer(cfg: AlbefConfig) -> nn.Module:
@@ -137,8 +102,8 @@ class TextEncoder(nn.Module):
 
 
 class Albef(nn.Module):
-    """The student. `forward(batch, task, teacher)` dispatches like UNITER's model, so one
-    DeepSpeed engine serves training ("albef") and retrieval ("embed", "itm_score")."""
+    """The student. `forward(batch, task, *args)` runs `task` inside the module, so one
+    DeepSpeed engine serves training and retrieval."""
 
     TEACHER_PARTS = ("visual_encoder", "vision_proj", "text_encoder", "text_proj")
     """What the teacher copies: all but the temperature and the ITM head (ALBEF)."""
@@ -155,68 +120,16 @@ class Albef(nn.Module):
             init_bert_weights(head, cfg.initializer_range)
         # [1], not ALBEF's 0-d scalar: DeepSpeed broadcasts parameters as bytes, which a 0-d tensor cannot be viewed as.
         self.temp = nn.Parameter(torch.tensor([cfg.temp]))
-        register_shared_parameters(self)
+        register_shared_parameters([(self.text_encoder.cls, self.text_encoder.embeddings.word_embeddings.weight)])
 
-    def forward(self, batch: dict, task: str = TRAIN_TASK, teacher: TeacherTargets | None = None):
-        if task == TRAIN_TASK:
-            if teacher is None:
-                raise ValueError("ALBEF training needs the teacher's targets (trainer/albef_step.py)")
-            return self.losses(batch, teacher)
-        if task == EMBED_TASK:
-            return self.embed(batch)
-        if task == ITM_SCORE_TASK:
-            return self.itm_score(batch)
-        raise ValueError(f"unknown ALBEF task {task!r}; known: {TRAIN_TASK}, {EMBED_TASK}, {ITM_SCORE_TASK}")
+    def forward(self, batch: dict, task: Callable, *args):
+        """`task(self, batch, *args)`: the training losses (trainer/recipes/albef_tasks.py) or a
+        retrieval pass (`Albef.embed`, `Albef.itm_score`), run inside the module the engine wraps."""
+        return task(self, batch, *args)
 
     def image_tokens(self, pixels: Tensor) -> Tensor:
         dtype = self.vision_proj.weight.dtype  # under bf16/fp16 engines the inputs follow the weights
         return self.visual_encoder(pixel_values=pixels.to(dtype)).last_hidden_state  # [B, 1+P, Hv]
-
-    def losses(self, batch: dict, teacher: TeacherTargets) -> AlbefResult:
-        """ITC, hard-negative ITM and distilled MLM of this micro-batch's b pairs."""
-        objectives.clamp_temperature_(self.temp)
-        image = self.image_tokens(batch["pixels"])  # [b, 1+P, Hv]
-        text = self.text_encoder.text(batch["input_ids"], batch["attn_mask"])  # [b, L, H]
-        # ITC in fp32: the 65,536-column softmax and the temperature do not belong in bf16.
-        image_feat = F.normalize(self.vision_proj(image[:, 0]).float(), dim=-1)  # [b, D]
-        text_feat = F.normalize(self.text_proj(text[:, 0]).float(), dim=-1)  # [b, D]
-        b, offset = image_feat.size(0), teacher.offset
-        itc = objectives.itc_loss(image_feat, text_feat, teacher.image_feat_m, teacher.text_feat_m,
-                                  teacher.image_queue, teacher.text_queue, self.temp.float()[0], teacher.alpha, offset)
-        generator = torch.Generator(device=image.device).manual_seed(teacher.negatives_seed)
-        itm_sum, itm_correct = self.itm(image, text, batch, itc.sim_i2t[:, offset:offset + b],
-                                        itc.sim_t2i[:, offset:offset + b], generator)
-        losses = {"itc": itc.loss * b, "itm": itm_sum, "mlm": self.distilled_mlm(image, batch, teacher)}
-        counts = {"itc": b, "itm": 3 * b, "itm_acc": 3 * b, "mlm": batch["mlm_index"].numel(), "temp": b}
-        stats = {**{k: v.detach() for k, v in losses.items()}, "itm_acc": itm_correct,
-                 "temp": self.temp.detach().float()[0] * b}
-        return AlbefResult(sum(losses.values()), stats,
-                           {k: torch.tensor(float(v), device=image.device) for k, v in counts.items()},
-                           losses=losses)
-
-    def itm(self, image: Tensor, text: Tensor, batch: dict, sim_i2t: Tensor, sim_t2i: Tensor,
-            generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        """Summed CE and correct count over b positives, b (image, hard negative text) and b
-        (hard negative image, text) pairs."""
-        mask = batch["attn_mask"]
-        neg_text, neg_image = objectives.sample_hard_negatives(sim_i2t, sim_t2i, batch["image_ids"], generator)
-        fused = self.text_encoder.fuse(torch.cat([text, text[neg_text], text]),
-                                       torch.cat([mask, mask[neg_text], mask]),
-                                       torch.cat([image, image, image[neg_image]]))  # [3b, L, H]
-        logits = self.itm_head(fused[:, 0]).float()  # [3b, 2]
-        labels = objectives.itm_labels(image.size(0), image.device)
-        correct = (logits.argmax(-1) == labels).float().sum().detach()
-        return F.cross_entropy(logits, labels, reduction="sum"), correct
-
-    def distilled_mlm(self, image: Tensor, batch: dict, teacher: TeacherTargets) -> Tensor:
-        """Summed distilled MLM loss over the masked positions (0 when there are none)."""
-        ids, mask, index = batch["mlm_input_ids"], batch["attn_mask"], batch["mlm_index"]
-        enc = self.text_encoder
-        logits = enc.mlm_logits(enc.fuse(enc.text(ids, mask), mask, image), index)  # [N, V]
-        if index.numel() == 0:  # a shape known on the host: no sync
-            return logits.float().sum() * 0.0
-        loss = objectives.distilled_mlm_loss(logits, teacher.mlm_logits_m, batch["mlm_targets"], teacher.alpha)
-        return loss * index.numel()
 
     @torch.no_grad()
     def embed(self, batch: dict) -> dict[str, Tensor]:
@@ -235,16 +148,6 @@ class Albef(nn.Module):
         """Match logits [n] of n (text states, image tokens) pairs."""
         fused = self.text_encoder.fuse(batch["text_states"], batch["attn_mask"], batch["image_tokens"])
         return self.itm_head(fused[:, 0]).float()[:, 1]
-
-
-def register_shared_parameters(model: Albef) -> None:
-    """ZeRO-3: the MLM decoder reads the word embeddings outside their owner module."""
-    try:
-        from deepspeed.zero import register_external_parameter
-    except ImportError:  # DeepSpeed is a dependency, but the model is usable without it
-        return
-    enc = model.text_encoder
-    register_external_parameter(enc.cls, enc.embeddings.word_embeddings.weight)
 
 
 class AlbefTeacher(nn.Module):
@@ -294,3 +197,9 @@ def build_albef(cfg: AlbefConfig) -> Albef:
         if cfg.init_from_vit:
             albef_init.load_vit_directory(model.visual_encoder, cfg.init_from_vit)
     return model
+
+
+EMBED_TASK = Albef.embed
+"""Retrieval: L2-normalised ITC features and the image tokens / text states fusion needs."""
+ITM_SCORE_TASK = Albef.itm_score
+"""Retrieval: the ITM match logit of (text, image tokens) pairs."""

@@ -1,4 +1,4 @@
-"""Initialise ALBEF's encoders from local checkpoint directories (DESIGN §4).
+"""Initialise ALBEF's encoders from local checkpoint directories (docs/models.md, "ALBEF model").
 
 - The image encoder (a `transformers.ViTModel`) from a Hugging Face ViT directory (config.json
   + weights; `vit.`-prefixed classification checkpoints too) or a timm one (fused `qkv`),
@@ -13,21 +13,20 @@ Only local paths are read, nothing is downloaded. Weights are read with safetens
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
-import pickle
 import re
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
 from torch import Tensor, nn
 
-from trainer.models.convert import PathLike, _existing, _listed, _read_bert_weights, _rename_legacy_layernorm
+from trainer.models.weights import (
+    PathLike, existing_path, listed, plain_state_dict, read_bert_weights, read_config_json, reading_weights,
+    rename_legacy_layernorm,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -74,59 +73,17 @@ _BERT_LAYER_KEY = re.compile(r"^encoder\.layer\.(\d+)\.((?:attention|intermediat
 # ---------------------------------------------------------------------------- reading files
 
 
-@contextmanager
-def _reading(source: Path) -> Iterator[None]:
-    """Turn the readers' errors into ValueErrors that name the file."""
-    try:
-        yield
-    except pickle.UnpicklingError as e:
-        # weights_only refused a non-tensor object (or the bytes are no pickle at all). Only
-        # torch's reason is quoted: its advice to retry without weights_only is not ours.
-        reason = re.search(r"Unsupported [^.\n]*", str(e))
-        raise ValueError(f"{source}: refused to load: it holds objects other than tensors, or is no torch "
-                         f"file ({reason.group(0) if reason else type(e).__name__}); re-save it as a plain "
-                         "state dict of tensors or as model.safetensors") from e
-    except (RuntimeError, EOFError, KeyError, OSError, SafetensorError) as e:
-        raise ValueError(f"{source}: cannot read the weights ({type(e).__name__}: {e})") from e
-
-
-def _plain_state_dict(obj: object, source: Path) -> Dict[str, Tensor]:
-    """name -> tensor, unwrapping the {"model": ...} / {"state_dict": ...} training checkpoints
-    that DeiT and timm's training scripts write."""
-    if isinstance(obj, Mapping):
-        for wrapper in ("model", "state_dict"):
-            if isinstance(obj.get(wrapper), Mapping):
-                obj = obj[wrapper]
-                break
-    if not isinstance(obj, Mapping) or not obj:
-        raise ValueError(f"{source}: not a state dict (expected a non-empty mapping of name -> tensor)")
-    bad = [f"{k} ({type(v).__name__})" for k, v in obj.items() if not isinstance(v, Tensor)]
-    if bad:
-        raise ValueError(f"{source}: not a plain state dict; non-tensor entries {_listed(bad)}")
-    return dict(obj)
-
-
 def _read_weights(d: Path) -> Dict[str, Tensor]:
     """model.safetensors, pytorch_model.bin (Hugging Face / timm on the Hub) or one *.pth (timm, DeiT)."""
     if (d / "model.safetensors").is_file() or (d / "pytorch_model.bin").is_file():
-        with _reading(d):
-            return _plain_state_dict(_read_bert_weights(d), d)
+        with reading_weights(d):
+            return plain_state_dict(read_bert_weights(d), d)
     pth = sorted(d.glob("*.pth"))
     if len(pth) != 1:
         found = f"several *.pth files {[p.name for p in pth]}" if pth else "no weights file"
         raise ValueError(f"{d}: {found}; expected model.safetensors, pytorch_model.bin or exactly one *.pth")
-    with _reading(pth[0]):
-        return _plain_state_dict(torch.load(pth[0], map_location="cpu", weights_only=True), pth[0])
-
-
-def _read_config(d: Path) -> dict:
-    f = d / "config.json"
-    if not f.is_file():
-        return {}
-    try:
-        return json.loads(f.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{f}: not valid JSON ({e})") from e
+    with reading_weights(pth[0]):
+        return plain_state_dict(torch.load(pth[0], map_location="cpu", weights_only=True), pth[0])
 
 
 # ---------------------------------------------------------------------------- ViT: file names
@@ -199,7 +156,7 @@ def _to_file_names(sd: Mapping[str, Tensor], d: Path) -> Tuple[Dict[str, Tensor]
     if "patch_embed.proj.weight" in sd:
         return _from_timm(sd)
     raise ValueError(f"{d}: neither a Hugging Face ViT ({PATCH}) nor a timm ViT (patch_embed.proj.weight) "
-                     f"checkpoint; its keys: {_listed(sorted(sd))}")
+                     f"checkpoint; its keys: {listed(sorted(sd))}")
 
 
 def _to_module_names(sd: Mapping[str, Tensor], module_keys: List[str]) -> Dict[str, Tensor]:
@@ -275,12 +232,12 @@ def _check_complete(sd: Mapping[str, Tensor], ours: Mapping[str, Tensor], d: Pat
     missing = [k for k in ours if k not in sd]
     unexpected = [k for k in sd if k not in ours]
     if missing or unexpected:
-        raise ValueError(f"{d} does not match the image encoder: missing {_listed(missing)}; unexpected "
-                         f"{_listed(unexpected)}. Use a plain ViT checkpoint (cls token, absolute positions, "
+        raise ValueError(f"{d} does not match the image encoder: missing {listed(missing)}; unexpected "
+                         f"{listed(unexpected)}. Use a plain ViT checkpoint (cls token, absolute positions, "
                          "qkv bias, final LayerNorm) of the model's sizes")
     bad = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in ours.items() if sd[k].shape != v.shape]
     if bad:
-        raise ValueError(f"{d}: shape mismatch (file vs model) in {_listed(bad)}; check the model.vision_* sizes")
+        raise ValueError(f"{d}: shape mismatch (file vs model) in {listed(bad)}; check the model.vision_* sizes")
 
 
 def _warn_config(config: dict, expected: Mapping[str, object], source: Path) -> None:
@@ -296,8 +253,8 @@ def load_vit_directory(vit: nn.Module, path: PathLike) -> List[str]:
     Strict: every tensor of `vit` must come from the checkpoint; only classification heads and
     poolers may be left over. Returns those ignored checkpoint keys. Never downloads anything.
     """
-    d = _existing(path, "init_from_vit", is_dir=True)
-    config = _read_config(d)
+    d = existing_path(path, "init_from_vit", is_dir=True)
+    config = read_config_json(d)
     sd, ignored = _to_file_names(_read_weights(d), d)
     ours = vit.state_dict()
     _check_vit_sizes(sd, ours, config, vit, d)
@@ -309,7 +266,7 @@ def load_vit_directory(vit: nn.Module, path: PathLike) -> List[str]:
     vit_cfg = getattr(vit, "config", None)
     if vit_cfg is not None:
         _warn_config(config, {"hidden_act": vit_cfg.hidden_act, "layer_norm_eps": vit_cfg.layer_norm_eps}, d)
-    logger.info("init_from_vit %s: loaded %d tensors; ignored %s", d, len(sd), _listed(ignored))
+    logger.info("init_from_vit %s: loaded %d tensors; ignored %s", d, len(sd), listed(ignored))
     return ignored
 
 
@@ -346,7 +303,7 @@ def _check_bert_sizes(config: dict, enc: nn.Module, source: Path) -> None:
 
 def _text_encoder_key(key: str, text_layers: int, fusion_layers: int) -> Optional[str]:
     """A BERT key -> the text encoder's, or None when it has no place there."""
-    key = _rename_legacy_layernorm(key.removeprefix("bert."))
+    key = rename_legacy_layernorm(key.removeprefix("bert."))
     layer = _BERT_LAYER_KEY.match(key)
     if layer:
         i, rest = int(layer.group(1)), layer.group(2)
@@ -374,11 +331,11 @@ def _check_text_complete(to_load: Mapping[str, Tensor], ours: Mapping[str, Tenso
     left = [k for k in ours if k not in to_load]
     missing = [k for k in left if ".crossattention." not in k and (has_head or not k.startswith("cls."))]
     if missing:
-        raise ValueError(f"{d}: no BERT weights for {_listed(missing)}; expected a complete Hugging Face BERT "
+        raise ValueError(f"{d}: no BERT weights for {listed(missing)}; expected a complete Hugging Face BERT "
                          "(keys like [bert.]encoder.layer.0.attention.self.query.weight)")
     bad = [f"{k} {tuple(v.shape)} vs {tuple(ours[k].shape)}" for k, v in to_load.items() if v.shape != ours[k].shape]
     if bad:
-        raise ValueError(f"{d}: shape mismatch (file vs model) in {_listed(bad)}; check the model sizes")
+        raise ValueError(f"{d}: shape mismatch (file vs model) in {listed(bad)}; check the model sizes")
     return left
 
 
@@ -390,11 +347,11 @@ def load_bert_into_text_encoder(text_encoder: nn.Module, path: PathLike) -> List
     text-encoder keys left at their initial values (the cross-attention, and the MLM head
     when absent). Never downloads anything.
     """
-    d = _existing(path, "init_from_bert", is_dir=True)
-    cfg_file = _existing(d / "config.json", "init_from_bert config")
-    _check_bert_sizes(_read_config(d), text_encoder, cfg_file)
-    with _reading(d):
-        sd = _plain_state_dict(_read_bert_weights(d), d)
+    d = existing_path(path, "init_from_bert", is_dir=True)
+    cfg_file = existing_path(d / "config.json", "init_from_bert config")
+    _check_bert_sizes(read_config_json(d), text_encoder, cfg_file)
+    with reading_weights(d):
+        sd = plain_state_dict(read_bert_weights(d), d)
     _check_tied_decoder(sd, d)
     ours = text_encoder.state_dict()
     to_load, ignored = {}, []
@@ -407,5 +364,5 @@ def load_bert_into_text_encoder(text_encoder: nn.Module, path: PathLike) -> List
     left = _check_text_complete(to_load, ours, d)
     text_encoder.load_state_dict(to_load, strict=False)
     logger.info("init_from_bert %s: loaded %d tensors; left at their initial values %s; ignored %s",
-                d, len(to_load), _listed(left), _listed(ignored))
+                d, len(to_load), listed(left), listed(ignored))
     return left

@@ -1,4 +1,4 @@
-"""Post-LayerNorm BERT encoder layers (DESIGN §2).
+"""Post-LayerNorm BERT encoder layers (docs/models.md, "UNITER model").
 
 Our own implementation; module attribute names reproduce Hugging Face BERT's
 state-dict keys (`layer.{i}.attention.self.query`, ...) so that BERT and UNITER

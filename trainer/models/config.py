@@ -1,5 +1,5 @@
-"""Model section of the run config: UNITER (DESIGN §2, `arch: uniter`, the default) or
-ALBEF (DESIGN §4, `arch: albef`). Defaults are the base sizes of each."""
+"""Model sections of the run config: UNITER (`arch: uniter`, the default) and ALBEF (`arch: albef`),
+described in docs/models.md ("UNITER model", "ALBEF model"). Defaults are the base sizes of each."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -57,6 +57,8 @@ class ModelConfig:
     """UNITER `model_step_*.pt` state dict file to load after (overriding) `init_from_bert`."""
 
     def __post_init__(self) -> None:
+        if self.arch != "uniter":
+            raise ValueError(f"model.arch={self.arch!r}: this is the UNITER section (arch: uniter)")
         for name in _POSITIVE_FIELDS:
             value = getattr(self, name)
             if value <= 0:
@@ -87,7 +89,7 @@ _ALBEF_POSITIVE = ("vocab_size", "hidden_size", "num_attention_heads", "intermed
 
 @dataclass(frozen=True)
 class AlbefConfig:
-    """ALBEF (DESIGN §4); defaults are ALBEF-base: ViT-B/16 at 256 px, BERT-base with layers
+    """ALBEF (docs/models.md, "ALBEF model"); defaults are ALBEF-base: ViT-B/16 at 256 px, BERT-base with layers
     6-11 as fusion layers, 256-d contrastive projections, a 65,536-feature queue."""
 
     arch: Literal["albef"] = "albef"
@@ -137,6 +139,8 @@ class AlbefConfig:
     """Local Hugging Face or timm ViT directory for the image encoder (positions interpolated)."""
 
     def __post_init__(self) -> None:
+        if self.arch != "albef":
+            raise ValueError(f"model.arch={self.arch!r}: this is the ALBEF section (arch: albef)")
         for name in _ALBEF_POSITIVE:
             if getattr(self, name) <= 0:
                 raise ValueError(f"model.{name} must be > 0, got {getattr(self, name)}")

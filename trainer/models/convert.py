@@ -1,4 +1,5 @@
-"""Checkpoint conversion between UNITER / Hugging Face BERT files and our model (DESIGN §2).
+"""Checkpoint conversion between UNITER / Hugging Face BERT files and our model
+(docs/models.md, "UNITER checkpoint compatibility").
 
 Our state dict is UNITER's minus the two tied duplicates
 (`cls.predictions.decoder.weight`, `feat_regress.weight`), which UNITER stores
@@ -10,14 +11,14 @@ import json
 import logging
 from collections import Counter
 from pathlib import Path
-from typing import Dict, List, Mapping, Sequence, Union
+from typing import Dict, List, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
-logger = logging.getLogger(__name__)
+from trainer.models.weights import PathLike, existing_path, listed, read_bert_weights, rename_legacy_layernorm
 
-PathLike = Union[str, Path]
+logger = logging.getLogger(__name__)
 
 WORD_EMB = "uniter.embeddings.word_embeddings.weight"
 IMG_LINEAR = "uniter.img_embeddings.img_linear.weight"
@@ -30,21 +31,11 @@ TIED_DUPLICATES = {
 }
 _BERT_CONFIG_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
 _VOCAB_KEYS = (WORD_EMB, "cls.predictions.bias")
-_MAX_LISTED = 10
-
-
-def _rename_legacy_layernorm(key: str) -> str:
-    """Old BERT/UNITER files name LayerNorm parameters `gamma`/`beta`."""
-    if key.endswith(".gamma"):
-        return key[: -len("gamma")] + "weight"
-    if key.endswith(".beta"):
-        return key[: -len("beta")] + "bias"
-    return key
 
 
 def import_uniter_state_dict(sd: Mapping[str, Tensor]) -> Dict[str, Tensor]:
     """UNITER-format state dict -> our keys (legacy names fixed, tied duplicates dropped)."""
-    out = {_rename_legacy_layernorm(k): v for k, v in sd.items()}
+    out = {rename_legacy_layernorm(k): v for k, v in sd.items()}
     for dup, src in TIED_DUPLICATES.items():
         if dup not in out:
             continue
@@ -81,40 +72,25 @@ def _add_tied_duplicates(out: Dict[str, Tensor], sd: Mapping[str, Tensor]) -> No
             out[dup] = sd[src].detach().clone()
 
 
-def _existing(path: PathLike, what: str, is_dir: bool = False) -> Path:
-    p = Path(path)
-    ok = p.is_dir() if is_dir else p.is_file()
-    if not ok:
-        kind = "directory" if is_dir else "file"
-        raise ValueError(f"{what}: {p} is not an existing {kind} (only local paths are read; nothing is downloaded)")
-    return p
-
-
-def _listed(keys: Sequence[str]) -> str:
-    shown = ", ".join(keys[:_MAX_LISTED])
-    more = f" ... and {len(keys) - _MAX_LISTED} more" if len(keys) > _MAX_LISTED else ""
-    return f"{len(keys)} [{shown}{more}]"
-
-
 def _load_strict(model: nn.Module, sd: Mapping[str, Tensor], source: Path) -> None:
     ours = model.state_dict()
     missing = [k for k in ours if k not in sd]
     unexpected = [k for k in sd if k not in ours]
     if missing or unexpected:
         raise ValueError(
-            f"{source} does not match the model: missing {_listed(missing)}; "
-            f"unexpected {_listed(unexpected)}. Check the model config sizes and that "
+            f"{source} does not match the model: missing {listed(missing)}; "
+            f"unexpected {listed(unexpected)}. Check the model config sizes and that "
             "this is a UNITER pretraining checkpoint"
         )
     bad = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in ours.items() if sd[k].shape != v.shape]
     if bad:
-        raise ValueError(f"{source}: shape mismatch (file vs model) in {_listed(bad)}; check the model config sizes")
+        raise ValueError(f"{source}: shape mismatch (file vs model) in {listed(bad)}; check the model config sizes")
     model.load_state_dict(sd, strict=True)
 
 
 def load_uniter_checkpoint(model: nn.Module, path: PathLike) -> None:
     """Load a UNITER `model_step_*.pt` state dict into `model` (strict)."""
-    p = _existing(path, "init_from_uniter")
+    p = existing_path(path, "init_from_uniter")
     sd = torch.load(p, map_location="cpu", weights_only=True)
     if not isinstance(sd, Mapping) or not all(isinstance(v, Tensor) for v in sd.values()):
         raise ValueError(f"{p} is not a plain state dict (name -> tensor) as UNITER saves it")
@@ -146,22 +122,11 @@ def _check_bert_config(bert_cfg: Mapping, model_cfg: object, allow_vocab_resize:
         logger.warning("%s: hidden_act=%r, but our encoder uses exact GELU", source, bert_cfg.get("hidden_act"))
 
 
-def _read_bert_weights(directory: Path) -> Dict[str, Tensor]:
-    st, pt = directory / "model.safetensors", directory / "pytorch_model.bin"
-    if st.is_file():
-        from safetensors.torch import load_file
-
-        return load_file(str(st))
-    if pt.is_file():
-        return torch.load(pt, map_location="cpu", weights_only=True)
-    raise ValueError(f"{directory} has neither model.safetensors nor pytorch_model.bin")
-
-
 def _map_bert_keys(sd: Mapping[str, Tensor]) -> Dict[str, Tensor]:
     """Hugging Face BERT keys -> ours; keys with no counterpart (NSP head, buffers) are dropped."""
     out = {}
     for key, value in sd.items():
-        key = _rename_legacy_layernorm(key.removeprefix("bert."))
+        key = rename_legacy_layernorm(key.removeprefix("bert."))
         if key.startswith(("embeddings.", "encoder.", "pooler.")):
             out["uniter." + key] = value
         elif key.startswith("cls.predictions.transform.") or key == "cls.predictions.bias":
@@ -183,12 +148,12 @@ def load_bert_directory(model: nn.Module, path: PathLike, allow_vocab_resize: bo
 
     Returns the list of our keys that were loaded. Never downloads anything.
     """
-    d = _existing(path, "init_from_bert", is_dir=True)
-    cfg_file = _existing(d / "config.json", "init_from_bert config")
+    d = existing_path(path, "init_from_bert", is_dir=True)
+    cfg_file = existing_path(d / "config.json", "init_from_bert config")
     _check_bert_config(json.loads(cfg_file.read_text()), model.config, allow_vocab_resize, cfg_file)
     ours = model.state_dict()
     to_load: Dict[str, Tensor] = {}
-    for key, value in _map_bert_keys(_read_bert_weights(d)).items():
+    for key, value in _map_bert_keys(read_bert_weights(d)).items():
         if key not in ours:
             continue
         if value.shape != ours[key].shape:

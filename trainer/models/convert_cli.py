@@ -1,4 +1,5 @@
-"""`vlpt convert {import,export}`: UNITER checkpoint files <-> ours on disk (DESIGN §2).
+"""`vlpt convert {import,export}`: UNITER checkpoint files <-> ours on disk
+(docs/models.md, "UNITER checkpoint compatibility").
 
 import: a UNITER `model_step_*.pt` state dict -> our key names (.pt or .safetensors).
 export: our state-dict file, or a training checkpoint (run dir, its `checkpoints/`
@@ -21,8 +22,8 @@ from typing import Any, Dict, Iterator, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from trainer import checkpoint as ckpt
-from trainer.config_loader import ConfigError
+from trainer.checkpoint_files import UnsafeCheckpointError, load_tensors
+from trainer.config_files import ConfigError
 from trainer.models.convert import TIED_DUPLICATES, export_uniter_state_dict, import_uniter_state_dict
 
 StateDict = Dict[str, Tensor]
@@ -154,20 +155,20 @@ def _load_deepspeed_file(path: Path) -> Dict[str, Any]:
     """DeepSpeed's model-states file, read like every checkpoint file: `weights_only=True`
     with DeepSpeed's plain records allowed, a file pickling anything else refused."""
     try:
-        return ckpt.load_tensors(str(path))
+        return load_tensors(str(path))
     except ValueError as e:  # unsafe, truncated or damaged: load_tensors says which, in one line
         raise ConfigError(str(e)) from None
 
 
 @contextlib.contextmanager
 def _weights_only_torch_load() -> Iterator[None]:
-    """Within the block, `torch.load` is `ckpt.load_tensors`: DeepSpeed's ZeRO consolidation
+    """Within the block, `torch.load` is `load_tensors`: DeepSpeed's ZeRO consolidation
     calls it on every file of the checkpoint with the full unpickler, which would run
     whatever a planted pickle holds."""
     original = torch.load
 
     def weights_only_load(f, map_location=None, weights_only=None, **kwargs):
-        return ckpt.load_tensors(f, map_location=map_location, **kwargs)
+        return load_tensors(f, map_location=map_location, **kwargs)
 
     torch.load = weights_only_load
     try:
@@ -185,7 +186,7 @@ def _zero_fp32_state_dict(tag_dir: Path) -> StateDict:
     try:
         with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter), _weights_only_torch_load():
             sd = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
-    except ckpt.UnsafeCheckpointError as e:
+    except UnsafeCheckpointError as e:
         raise ConfigError(str(e)) from None
     except Exception as e:  # missing rank files, damaged pickles, foreign layouts
         raise ConfigError(f"{tag_dir}: DeepSpeed could not consolidate this ZeRO checkpoint ({_one_line(e)}); "

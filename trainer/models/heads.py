@@ -1,4 +1,4 @@
-"""UNITER pretraining heads (DESIGN §2), named as UNITER's checkpoint keys.
+"""UNITER pretraining heads (docs/models.md, "UNITER model"), named as UNITER's checkpoint keys.
 
 The MLM decoder and the MRFR output layer are tied to backbone weights
 (`word_embeddings.weight`, `img_linear.weight`). The tied weight is passed in at

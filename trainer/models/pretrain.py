@@ -1,15 +1,16 @@
 """UNITER with its pretraining heads (MLM, MRFR, MRC, ITM) and the model builder."""
 from __future__ import annotations
 
-from typing import Mapping, Optional
+from typing import Callable, Mapping, Optional
 
 import torch
 from torch import Tensor, nn
 
 from trainer.models.bert import init_bert_weights
-from trainer.models.config import AlbefConfig, ModelConfig
+from trainer.models.config import ModelConfig
 from trainer.models.convert import load_bert_directory, load_uniter_checkpoint
 from trainer.models.heads import MlmHead, RegionClassification, RegionFeatureRegression
+from trainer.models.sharing import register_shared_parameters
 from trainer.models.uniter import UniterModel
 
 _TEXT_KEYS = ("input_ids", "position_ids", "attn_masks")
@@ -36,24 +37,22 @@ class UniterForPretraining(nn.Module):
             head.apply(lambda m: init_bert_weights(m, cfg.initializer_range))
         nn.init.zeros_(self.cls.predictions.bias)
         nn.init.zeros_(self.feat_regress.bias)
-        register_shared_parameters(self)
-        # Task -> objective with the run's settings (trainer.objectives.build_objectives);
-        # None uses the defaults. A plain attribute: no parameters, not in the state dict.
-        self.objectives: Optional[dict] = None
+        uniter = self.uniter
+        register_shared_parameters([(self.cls, uniter.embeddings.word_embeddings.weight),
+                                    (self.feat_regress, uniter.img_embeddings.img_linear.weight),
+                                    (uniter, uniter.embeddings.token_type_embeddings.weight),
+                                    (uniter.img_embeddings, uniter.img_embeddings.mask_embedding.weight)])
 
-    def forward(self, batch: dict, task: str):
-        """One pretraining task on a collated batch -> `TaskResult` (summed loss and stats).
+    def forward(self, batch: dict, task: Callable, *args):
+        """`task(self, batch, *args)` on a collated batch -> `TaskResult` (summed losses and stats).
 
-        As in UNITER, the model dispatches on the task, so the DeepSpeed engine wraps
-        one module whatever the task mix.
+        `task` is one of the recipe's task functions (trainer/recipes/uniter_tasks.py). Running it
+        here, inside the module the DeepSpeed engine wraps, lets one engine serve every task of
+        the mix, as UNITER's model dispatches on its task inside forward.
         """
-        from trainer.objectives import OBJECTIVES
-
-        objectives = self.objectives or OBJECTIVES
-        if task not in objectives:
-            raise ValueError(f"unknown task {task!r}; known: {sorted(objectives)}")
-        result = objectives[task](self, self._cast_features(batch))
-        result.loss_sum = result.loss_sum + self._zero_for_unreached(result.loss_sum.device)
+        result = task(self, self._cast_features(batch), *args)
+        zero = self._zero_for_unreached(batch["input_ids"].device)
+        result.losses = {name: loss + zero for name, loss in result.losses.items()}
         return result
 
     def _zero_for_unreached(self, device: torch.device) -> Tensor:
@@ -116,32 +115,8 @@ class UniterForPretraining(nn.Module):
         return self.itm_output(self.uniter.pooled(hidden))
 
 
-def register_shared_parameters(model: UniterForPretraining) -> None:
-    """Tell ZeRO-3 which modules read a parameter they do not own.
-
-    ZeRO-3 gathers a partitioned parameter only around its owner's forward; the
-    tied heads and the embedding rows read outside their owners must be gathered
-    for the reader too. Outside ZeRO-3 this only records the pairs.
-    """
-    try:
-        from deepspeed.zero import register_external_parameter
-    except ImportError:  # DeepSpeed is a dependency, but the model is usable without it
-        return
-    uniter = model.uniter
-    register_external_parameter(model.cls, uniter.embeddings.word_embeddings.weight)
-    register_external_parameter(model.feat_regress, uniter.img_embeddings.img_linear.weight)
-    register_external_parameter(uniter, uniter.embeddings.token_type_embeddings.weight)
-    register_external_parameter(uniter.img_embeddings, uniter.img_embeddings.mask_embedding.weight)
-
-
-def build_model(cfg: ModelConfig | AlbefConfig) -> nn.Module:
-    """UNITER with `init_from_bert`, then `init_from_uniter`, applied if set; or the ALBEF student."""
-    if isinstance(cfg, AlbefConfig):
-        from trainer.models.albef import build_albef
-
-        return build_albef(cfg)
-    if cfg.arch != "uniter":
-        raise ValueError(f"model.arch={cfg.arch!r} is not supported; use 'uniter' or 'albef'")
+def build_uniter(cfg: ModelConfig) -> UniterForPretraining:
+    """UNITER with `init_from_bert`, then `init_from_uniter`, applied if set."""
     model = UniterForPretraining(cfg)
     if cfg.init_from_bert:
         load_bert_directory(model, cfg.init_from_bert)

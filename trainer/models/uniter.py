@@ -1,4 +1,5 @@
-"""UNITER single-stream encoder: text + region embeddings, packed, BERT encoder (DESIGN §2)."""
+"""UNITER single-stream encoder: text + region embeddings, packed, BERT encoder
+(docs/models.md, "UNITER model")."""
 from __future__ import annotations
 
 from typing import Optional

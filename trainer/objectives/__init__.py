@@ -1,33 +1,7 @@
-"""Pretraining objectives: each maps (model, batch) to a summed loss and summed stats.
+"""Pretraining objectives: functions of tensors (model outputs and batch tensors) to summed losses.
 
-Losses are returned as sums over the batch's loss terms (`batch["n_items"]` of
-them); the trainer divides by the number of terms in the whole optimizer step
-over all ranks, so the gradient is that of the global mean whatever the split
-into processes and micro-batches.
+Losses are returned as sums over the batch's loss terms; the optimizer step divides each by
+its number of terms in the whole step over all ranks, so the gradient is that of the global
+mean whatever the split into processes and micro-batches. The recipes (trainer/recipes/)
+run the model and hand its outputs to these functions.
 """
-from __future__ import annotations
-
-import functools
-from typing import Callable, Optional
-
-from trainer.objectives.base import TaskResult
-from trainer.objectives.itm import WraConfig, itm_hard_objective, itm_objective
-from trainer.objectives.mlm import mlm_objective
-from trainer.objectives.mrm import mrc_kl_objective, mrc_objective, mrfr_objective
-
-Objective = Callable[..., TaskResult]
-
-
-def build_objectives(wra: Optional[WraConfig] = None) -> dict[str, Objective]:
-    """Task name -> objective, with the run's objective settings bound."""
-    wra = wra or WraConfig()
-    return {"mlm": mlm_objective,
-            "itm": functools.partial(itm_objective, wra=wra),
-            "itm-hard": functools.partial(itm_hard_objective, wra=wra),
-            "mrfr": mrfr_objective, "mrc": mrc_objective, "mrc-kl": mrc_kl_objective}
-
-
-OBJECTIVES = build_objectives()
-
-__all__ = ["OBJECTIVES", "Objective", "TaskResult", "WraConfig", "build_objectives", "itm_hard_objective",
-           "itm_objective", "mlm_objective", "mrc_kl_objective", "mrc_objective", "mrfr_objective"]

@@ -1,4 +1,4 @@
-"""ALBEF's objectives on features and logits (DESIGN §4): ITC against momentum queues with
+"""ALBEF's objectives on features and logits (docs/models.md, "ALBEF"): ITC against momentum queues with
 soft targets, hard-negative sampling for ITM, MLM with momentum distillation.
 
 The functions here take tensors, not models, so each formula can be checked on its own;

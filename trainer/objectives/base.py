@@ -8,8 +8,10 @@ import torch
 
 @dataclass
 class TaskResult:
-    loss_sum: torch.Tensor
-    """Scalar: sum of the per-term losses of this micro-batch (the gradient flows through it)."""
+    losses: dict[str, torch.Tensor]
+    """Scalar sums over this micro-batch's loss terms, with gradient, by loss name (UNITER: one,
+    "loss"; ALBEF: "itc", "itm", "mlm"). The step divides each by its own term count over the
+    whole step and all ranks (the recipe's `term_counts`)."""
     stats: dict[str, torch.Tensor]
     """Detached scalar sums (e.g. `loss`, `acc`); divided by the term count when reported."""
     counts: dict[str, torch.Tensor] = field(default_factory=dict)

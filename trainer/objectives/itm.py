@@ -1,4 +1,4 @@
-"""Image-text matching with word-region alignment (UNITER, DESIGN §3).
+"""Image-text matching with word-region alignment (UNITER; docs/models.md, "ITM and WRA").
 
 ITM: 2-way CE on the pooled [CLS] state; negatives were made in collate by
 swapping in the image of a different `image_id` with p = 0.5 (target 1 = match).
@@ -6,10 +6,8 @@ WRA: IPOT optimal transport between the last-layer text states (with [CLS] and
 [SEP]) and region states, in fp32, plan without gradient:
 `itm_total = CE.mean() + weight * (sum d_pos - sum d_neg) / B`.
 
-Hard-negative ITM ("itm-hard", UNITER's retrieval fine-tuning recipe): collate packs
-each text with its own image and with up to k other images of the micro-batch; the
-model scores the candidates without gradient, and the same ITM + WRA loss is then
-trained on the B positives and each text's highest-scoring (hardest) negative.
+Hard-negative ITM ("itm-hard", UNITER's retrieval fine-tuning recipe) picks its rows in
+trainer/recipes/uniter_tasks.py and trains this same loss on them.
 """
 from __future__ import annotations
 
@@ -20,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels.ot import ot_distance, wra_loss
+from kernels.ot import wra_loss
 from trainer.objectives.base import TaskResult
 
 
@@ -52,25 +50,21 @@ def split_text_regions(hidden: torch.Tensor, batch: dict):
     return hidden[:, :lt], img, txt_pad, img_pad
 
 
-def itm_objective(model, batch: dict, wra: Optional[WraConfig] = WraConfig()) -> TaskResult:
-    hidden = model.encode(batch)  # [B, L, H]
-    logits = model.itm_logits(hidden).float()  # [B, 2]
-    targets = batch["itm_targets"]  # [B]
+def itm_loss(logits: Tensor, targets: Tensor, dist: Optional[Tensor] = None, weight: float = 0.0) -> TaskResult:
+    """logits [B, 2] (fp32), targets [B] (1 = match), dist [B] the OT distance of each pair (None:
+    no WRA) -> `CE.sum() + weight * (sum d_pos - sum d_neg)` as a sum over the B pairs."""
     ce_sum = F.cross_entropy(logits, targets, reduction="sum")
     correct = (logits.argmax(-1) == targets).sum().float()
     stats = {"loss": ce_sum.detach(), "acc": correct}
-    if wra is None or wra.weight == 0:
-        return TaskResult(ce_sum, stats)
-    txt, img, txt_pad, img_pad = split_text_regions(hidden, batch)
-    dist = ot_distance(txt.float(), img.float(), txt_pad, img_pad,
-                       beta=wra.beta, iterations=wra.iterations, k=wra.k)  # [B]
+    if dist is None:
+        return TaskResult({"loss": ce_sum}, stats)
     ot_loss, pos_sum, neg_sum, n_pos, n_neg = wra_loss(dist, targets)
     # ot_loss is already divided by B; as a sum over the batch's B terms it is ot_loss * B.
     ot_sum = ot_loss * targets.numel()
     stats.update(ot_loss=ot_sum.detach(), ot_pos=pos_sum.detach(), ot_neg=neg_sum.detach(),
-                 total=(ce_sum + wra.weight * ot_sum).detach())
+                 total=(ce_sum + weight * ot_sum).detach())
     counts = {"ot_pos": n_pos, "ot_neg": n_neg}
-    return TaskResult(ce_sum + wra.weight * ot_sum, stats, counts)
+    return TaskResult({"loss": ce_sum + weight * ot_sum}, stats, counts)
 
 
 # Per-pair tensors of a packed ITM batch; `position_ids` [1, Lt] is shared by all rows.
@@ -88,40 +82,3 @@ def take_rows(batch: dict, rows: Tensor) -> dict:
     for key in _ROW_KEYS:
         out[key] = batch[key].index_select(0, rows)
     return out
-
-
-@torch.no_grad()
-def hardest_negatives(model, batch: dict) -> Tensor:
-    """Row of the highest-scoring candidate of each text in `hard_texts` -> [M] long.
-
-    Score = logit[1] - logit[0] (the log-odds of "match", monotone in softmax p(match)).
-    Like UNITER's `UniterForImageTextRetrievalHardNeg`, the candidates are scored in eval
-    mode, so the pick is the model's deterministic hardest negative and not dropout noise;
-    the previous train/eval mode is restored afterwards (also on error).
-    """
-    n_pos, n_rows = batch["hard_candidates"].size(0), batch["input_ids"].size(0)
-    cand = batch["hard_candidates"].index_select(0, batch["hard_texts"])  # [M, k]; -1 = none
-    rows = torch.arange(n_pos, n_rows, device=cand.device)  # [R - B] the candidate rows
-    was_training = model.training
-    model.eval()
-    try:
-        logits = model.itm_logits(model.encode(take_rows(batch, rows))).float()  # [R - B, 2]
-    finally:
-        model.train(was_training)
-    score = logits[:, 1] - logits[:, 0]  # [R - B]
-    per_text = score[(cand - n_pos).clamp_min(0)].masked_fill(cand < 0, float("-inf"))  # [M, k]
-    return cand.gather(1, per_text.argmax(1, keepdim=True)).squeeze(1)  # [M]
-
-
-def itm_hard_objective(model, batch: dict, wra: Optional[WraConfig] = WraConfig()) -> TaskResult:
-    """ITM + WRA on the B positives and each text's hardest negative (`collate_itm_hard`).
-
-    The scoring pass builds no autograd graph; the selected B + M rows are then encoded
-    again with gradient and go through `itm_objective` unchanged, so the loss has
-    `n_items` = B + M terms. Selection stays on the device (no host sync).
-    """
-    n_pos = batch["hard_candidates"].size(0)
-    rows = torch.arange(n_pos, device=batch["input_ids"].device)  # [B] the positives
-    if batch["hard_texts"].numel():  # a shape, not a value: no sync
-        rows = torch.cat([rows, hardest_negatives(model, batch)])  # [B + M]
-    return itm_objective(model, take_rows(batch, rows), wra)

@@ -1,10 +1,10 @@
-"""Masked region modelling (UNITER, DESIGN §3): MRFR, MRC and MRC-kl.
+"""Masked region modelling (UNITER; docs/models.md, "Masked region modelling"): MRFR, MRC, MRC-kl.
 
 Conditional masking: `collate_mrm` zeroed the features of the masked regions
 (the model adds `mask_embedding.weight[1]` there via `img_masks`) and left the
-text whole. All three objectives read the last hidden states at the masked
-regions, `h = masked_gather(hidden, mrm_index)` [N, H], N = `n_items` = the
-number of masked regions in the batch, and compute their loss in fp32.
+text whole. All three losses take the head outputs at the N masked regions
+(N = `n_items`, the masked regions of the batch: trainer/recipes/uniter_tasks.py
+gathers them) and compute in fp32.
 
 Normalisation. The trainer divides `loss_sum` (and every stat) by the number of
 terms N of the whole step, so `loss_sum` is chosen such that `loss_sum / N`
@@ -22,69 +22,57 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
-from kernels import masked_gather
 from trainer.objectives.base import TaskResult
 
 
-def _masked_hidden(model, batch: dict) -> torch.Tensor:
-    """Hidden states of the masked regions [N, H] (regions masked, text whole)."""
-    hidden = model.encode(batch, img_masks=batch["img_masks"])  # [B, L, H]
-    return masked_gather(hidden, batch["mrm_index"])  # [N, H]
-
-
-def mrc_targets(soft: torch.Tensor) -> torch.Tensor:
+def mrc_targets(soft: Tensor) -> Tensor:
     """Hard MRC targets [N] from soft labels [N, K]: argmax over classes 1.. (0 = background never)."""
     return soft[:, 1:].argmax(-1) + 1
 
 
-def mrfr_objective(model, batch: dict) -> TaskResult:
-    """Masked region feature regression.
+def mrfr_loss(pred: Tensor, target: Tensor) -> TaskResult:
+    """Masked region feature regression: pred [N, D] (fp32) regressed features, target [N, D].
 
     stats (sums over the N masked regions; the trainer divides by N):
-      loss            same as loss_sum: / N gives the MSE per feature element (UNITER's loss)
+      loss            same as the loss: / N gives the MSE per feature element (UNITER's loss)
       mse_per_region  sum over regions of the squared error summed over img_dim:
                       / N gives the squared L2 error per region ("MRFR MSE per region"
                       in validation); it equals img_dim * loss.
     """
-    pred = model.mrfr_features(_masked_hidden(model, batch)).float()  # [N, D]
-    target = batch["mrfr_targets"].to(device=pred.device, dtype=torch.float32)  # [N, D]
+    target = target.to(device=pred.device, dtype=torch.float32)  # [N, D]
     se = F.mse_loss(pred, target, reduction="none")  # [N, D]
     se_sum = se.sum()
     loss_sum = se_sum / se.size(-1)
-    return TaskResult(loss_sum, {"loss": loss_sum.detach(), "mse_per_region": se_sum.detach()})
+    return TaskResult({"loss": loss_sum}, {"loss": loss_sum.detach(), "mse_per_region": se_sum.detach()})
 
 
-def mrc_objective(model, batch: dict) -> TaskResult:
-    """Masked region classification: CE against argmax(soft[:, 1:]) + 1.
+def mrc_loss(logits: Tensor, soft: Tensor) -> TaskResult:
+    """Masked region classification: logits [N, K] (fp32), CE against argmax(soft[:, 1:]) + 1.
 
     stats: loss (CE sum), acc (count of argmax(logits[:, 1:]) == argmax(soft[:, 1:]):
     as UNITER's validation, background is excluded on both sides).
     """
-    logits = model.mrc_logits(_masked_hidden(model, batch)).float()  # [N, K]
-    targets = mrc_targets(batch["mrc_soft_labels"].to(logits.device))  # [N]
+    targets = mrc_targets(soft.to(logits.device))  # [N]
     loss_sum = F.cross_entropy(logits, targets, reduction="sum")
     correct = (logits[:, 1:].argmax(-1) + 1 == targets).sum().float()
-    return TaskResult(loss_sum, {"loss": loss_sum.detach(), "acc": correct})
+    return TaskResult({"loss": loss_sum}, {"loss": loss_sum.detach(), "acc": correct})
 
 
-def mrc_kl_objective(model, batch: dict) -> TaskResult:
-    """Masked region classification with KL divergence to the detector's soft labels.
+def mrc_kl_loss(logits: Tensor, soft: Tensor) -> TaskResult:
+    """Masked region classification with KL divergence to the detector's soft labels [N, K].
 
     stats (sums over the N masked regions; the trainer divides by N):
-      loss  same as loss_sum: / N gives UNITER's elementwise-mean KL loss
+      loss  same as the loss: / N gives UNITER's elementwise-mean KL loss
       kl    KL(soft || softmax(z)) summed over classes and regions: / N gives the
             mean KL divergence per region; it equals K * loss
       acc   count of argmax(logits) == argmax(soft), background included (UNITER's
             `compute_accuracy_for_soft_targets`)
     """
-    logits = model.mrc_logits(_masked_hidden(model, batch)).float()  # [N, K]
-    soft = batch["mrc_soft_labels"].to(device=logits.device, dtype=torch.float32)  # [N, K]
+    soft = soft.to(device=logits.device, dtype=torch.float32)  # [N, K]
     kl = F.kl_div(F.log_softmax(logits, dim=-1), soft, reduction="none")  # [N, K]
     kl_sum = kl.sum()
     loss_sum = kl_sum / kl.size(-1)
     correct = (logits.argmax(-1) == soft.argmax(-1)).sum().float()
-    return TaskResult(loss_sum, {"loss": loss_sum.detach(), "kl": kl_sum.detach(), "acc": correct})
-
-
-__all__ = ["mrc_kl_objective", "mrc_objective", "mrc_targets", "mrfr_objective"]
+    return TaskResult({"loss": loss_sum}, {"loss": loss_sum.detach(), "kl": kl_sum.detach(), "acc": correct})

@@ -1,4 +1,4 @@
-"""The `vlpt` command: pretrain, config, demo-data, shards, convert, launch, bench.
+"""The `vlpt` command (also `python -m vlpt`): pretrain, config, demo-data, shards, convert, launch, bench.
 
 User errors (bad config key or type, missing file) end the process with one
 line on stderr and exit code 2, never a traceback.
@@ -9,7 +9,7 @@ import argparse
 import os
 import sys
 
-from trainer.config_loader import ConfigError
+from trainer.config_files import ConfigError
 from trainer.errors import RunAborted, RunStopped
 
 EXIT_USER_ERROR = 2
@@ -32,7 +32,7 @@ def cmd_pretrain(args, extra: list[str]) -> int:
     from trainer.config import load_config
 
     cfg = load_config(args.config, split_overrides(extra))
-    from trainer.loop import pretrain
+    from trainer.run import pretrain
 
     pretrain(cfg)
     return 0
@@ -48,15 +48,20 @@ def cmd_config(args, extra: list[str]) -> int:
 def cmd_demo_data(args, extra: list[str]) -> int:
     if extra:
         raise ConfigError(f"unrecognised arguments: {' '.join(extra)}")
-    from data.demo import write_demo_dataset
-
     out = args.out or ("demo_pixels" if args.pixels else "demo_data")
     if os.path.isfile(os.path.join(out, "train", "manifest.json")) and not args.force:
         print(f"{out} already holds the demo data (use --force to rewrite it)")
         return 0
+    common = dict(seed=args.seed, n_train_scenes=args.scenes, n_val_scenes=args.val_scenes, img_dim=args.img_dim)
     try:
-        summary = write_demo_dataset(out, seed=args.seed, n_train_scenes=args.scenes, n_val_scenes=args.val_scenes,
-                                     img_dim=args.img_dim, image_size=args.image_size if args.pixels else None)
+        if args.pixels:
+            from data.demo_pixels import write_demo_pixels
+
+            summary = write_demo_pixels(out, image_size=args.image_size, **common)
+        else:
+            from data.demo import write_demo_dataset
+
+            summary = write_demo_dataset(out, **common)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     print(f"demo data written to {out}: {summary}")
@@ -112,19 +117,24 @@ def cmd_bench_data(args, extra: list[str]) -> int:
         raise ConfigError(f"unrecognised arguments: {' '.join(extra)}")
     from data.bench import BenchConfig, format_result, run_bench
     from data.storage import S3Options
-    from trainer.bench_record import stamp, write_record
 
     sources = tuple(s for s in (args.data, args.s3) if s)
+    return _bench("data", args.out, format_result, lambda: run_bench(BenchConfig(
+        sources=sources, vocab=args.vocab, task=args.task, batch_size=args.batch_size,
+        token_budget=args.token_budget, workers=args.workers, shuffle_buffer=args.shuffle_buffer,
+        max_samples=args.max_samples, s3=S3Options(endpoint_url=args.endpoint_url, region=args.region))))
+
+
+def _bench(kind: str, out: str, fmt, run) -> int:
+    """Run a benchmark (its bad settings: one line, exit 2), print it, and record it under `out`."""
+    from trainer.bench_record import stamp, write_record
+
     try:
-        cfg = BenchConfig(sources=sources, vocab=args.vocab, task=args.task, batch_size=args.batch_size,
-                          token_budget=args.token_budget, workers=args.workers,
-                          shuffle_buffer=args.shuffle_buffer, max_samples=args.max_samples,
-                          s3=S3Options(endpoint_url=args.endpoint_url, region=args.region))
-        result = run_bench(cfg)
+        result = run()
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    print(format_result(result))
-    print(f"written to {write_record(stamp('data', result), args.out)}")
+    print(fmt(result))
+    print(f"written to {write_record(stamp(kind, result), out)}")
     return 0
 
 
@@ -139,20 +149,12 @@ def cmd_bench_kernels(args, extra: list[str]) -> int:
     if extra:
         raise ConfigError(f"unrecognised arguments: {' '.join(extra)}")
     from kernels.bench import KernelBenchConfig, format_kernel_result, run_kernel_bench
-    from trainer.bench_record import stamp, write_record
 
-    try:
-        cfg = KernelBenchConfig(
-            **({"device": args.device} if args.device else {}), batch_sizes=args.batch_sizes,
-            words=args.words, regions=args.regions, ragged_batch=args.ragged_batch, hidden=args.hidden,
-            iterations=args.iterations, reps=args.reps, warmup=args.warmup, pot=not args.no_pot,
-            ops=tuple(args.ops.split(",")), gather_dtype=args.gather_dtype)
-        result = run_kernel_bench(cfg)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    print(format_kernel_result(result))
-    print(f"written to {write_record(stamp('kernels', result), args.out)}")
-    return 0
+    return _bench("kernels", args.out, format_kernel_result, lambda: run_kernel_bench(KernelBenchConfig(
+        **({"device": args.device} if args.device else {}), batch_sizes=args.batch_sizes,
+        words=args.words, regions=args.regions, ragged_batch=args.ragged_batch, hidden=args.hidden,
+        iterations=args.iterations, reps=args.reps, warmup=args.warmup, pot=not args.no_pot,
+        ops=tuple(args.ops.split(",")), gather_dtype=args.gather_dtype)))
 
 
 def cmd_bench_train(args, extra: list[str]) -> int:
@@ -225,14 +227,15 @@ def _add_launch(sub) -> None:
     sp.set_defaults(fn=cmd_launch)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vlpt", description="vision-and-language pretraining")
-    sub = p.add_subparsers(dest="command", required=True)
+def _add_run_commands(sub) -> None:
     for name, fn, text in (("pretrain", cmd_pretrain, "run pretraining from a YAML config"),
                            ("config", cmd_config, "print the resolved config and exit")):
         sp = sub.add_parser(name, help=text, description=f"{text}; add --section.key=value overrides")
         sp.add_argument("--config", required=True, help="YAML file (may `include:` others)")
         sp.set_defaults(fn=fn)
+
+
+def _add_demo_data(sub) -> None:
     sp = sub.add_parser("demo-data", help="write the deterministic demo shards")
     sp.add_argument("--out", help="default demo_data (regions) or demo_pixels (--pixels)")
     sp.add_argument("--seed", type=int, default=0)
@@ -243,6 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--image-size", type=int, default=96, help="--pixels: side of the pictures")
     sp.add_argument("--force", action="store_true", help="rewrite existing data")
     sp.set_defaults(fn=cmd_demo_data)
+
+
+def _add_shards(sub) -> None:
     sp = sub.add_parser("shards", help="build webdataset shards + manifest from COCO, region npz or TSV data")
     shard_sub = sp.add_subparsers(dest="source", required=True)
     coco = shard_sub.add_parser("coco", help="COCO-captions JSON + image folder -> pixel shards")
@@ -264,15 +270,18 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--allow-outside-root", action="store_true",
                        help="read source files that the annotations place outside the image/feature/TSV folder")
         q.set_defaults(fn=cmd_shards)
+
+
+def _add_convert(sub) -> None:
     sp = sub.add_parser("convert", help="import / export UNITER checkpoints")
     sp.add_argument("direction", choices=["import", "export"],
                     help="import: UNITER model_step_*.pt -> ours; export: ours -> UNITER key names")
     sp.add_argument("--src", required=True, help="input file (state dict) or our checkpoint directory")
     sp.add_argument("--dst", required=True, help="output .pt file")
     sp.set_defaults(fn=cmd_convert)
-    _add_launch(sub)
-    sp = sub.add_parser("bench", help="measure a part of the system")
-    bench = sp.add_subparsers(dest="what", required=True)
+
+
+def _add_bench_data(bench) -> None:
     data = bench.add_parser("data", help="input pipeline samples/s (local, S3) and padding of the batchings")
     data.add_argument("--data", default="demo_data/train", help="local shard directory (with manifest.json)")
     data.add_argument("--s3", help="also read this s3://bucket/prefix (the same data, uploaded)")
@@ -287,8 +296,25 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--max-samples", type=int, default=0, help="stop each pass here (0: one epoch)")
     data.add_argument("--out", help="JSON path (default benchmarks/results/data-<time>.json)")
     data.set_defaults(fn=cmd_bench_data)
+
+
+def _add_bench(sub) -> None:
+    sp = sub.add_parser("bench", help="measure a part of the system")
+    bench = sp.add_subparsers(dest="what", required=True)
+    _add_bench_data(bench)
     _add_bench_kernels(bench)
     _add_bench_train(bench)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vlpt", description="vision-and-language pretraining")
+    sub = p.add_subparsers(dest="command", required=True)
+    _add_run_commands(sub)
+    _add_demo_data(sub)
+    _add_shards(sub)
+    _add_convert(sub)
+    _add_launch(sub)
+    _add_bench(sub)
     return p
 
 

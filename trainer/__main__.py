@@ -1,3 +1,0 @@
-from trainer.cli import entry
-
-entry()

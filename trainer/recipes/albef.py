@@ -1,0 +1,128 @@
+"""ALBEF (docs/models.md, "ALBEF"): ViT pixels + text; ITC against a momentum queue, hard-negative
+ITM and distilled MLM on every batch, with a momentum teacher outside the DeepSpeed engine.
+
+One optimizer step: the teacher (EMA of the student, fp32, whole on every rank) first encodes
+every micro-batch of the step; the momentum features of the whole global batch are all-gathered;
+each micro-batch's student loss then contrasts against them plus the queue; the queue takes the
+global batch once, after the last micro-batch. Each loss is normalised by its term count over the
+whole step (ITC: B pairs, ITM: 3B pairs, MLM: the masked tokens) and the hard negatives are drawn
+from a seed of (seed, step, stream), so the update does not depend on how the global batch is
+split into ranks and micro-batches.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from data.collate_albef import collate_albef
+from data.shards import PIXEL_FORMAT
+from trainer.distributed import all_gather_varying_rows
+from trainer.models.albef import AlbefTeacher, build_albef
+from trainer.models.config import AlbefConfig
+from trainer.objectives.albef import alpha_at
+from trainer.recipes import register
+from trainer.recipes.albef_tasks import TeacherTargets, albef_losses, negatives_seed, teacher_precision
+from trainer.recipes.base import Recipe, StepContext, StepPlan
+from trainer.retrieval import load_retrieval_set, retrieval_metrics
+
+TASK = "albef"
+"""ALBEF's one task: ITC + hard-negative ITM + distilled MLM on every batch, summed."""
+
+
+@register
+class AlbefRecipe(Recipe):
+    arch = "albef"
+    model_config = AlbefConfig
+    tasks = (TASK,)
+    shard_format = PIXEL_FORMAT
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        if cfg.data.albef.pixels.image_size != cfg.model.image_size:
+            raise ValueError(f"data.albef.pixels.image_size={cfg.data.albef.pixels.image_size} must equal "
+                             f"model.image_size={cfg.model.image_size}")
+        if cfg.data.uniter.token_budget:
+            raise ValueError("data.uniter.token_budget batches are for UNITER; ALBEF batches have a fixed size "
+                             "(the queue advances by the global batch): set data.uniter.token_budget=0")
+        if cfg.data.max_txt_len + 2 > cfg.model.max_position_embeddings:
+            raise ValueError(f"data.max_txt_len={cfg.data.max_txt_len} + [CLS]/[SEP] exceeds "
+                             f"model.max_position_embeddings={cfg.model.max_position_embeddings}")
+
+    def stream_options(self) -> dict:
+        return {"modality": "pixels", "img_dim": 0}
+
+    def build_model(self):
+        return build_albef(self.cfg.model)
+
+    def collate(self, task: str, tok):
+        d = self.cfg.data
+        return functools.partial(collate_albef, tok=tok, pixels=d.albef.pixels, max_txt_len=d.max_txt_len,
+                                 mlm_prob=d.mlm_prob)
+
+    def attach(self, model, layout, device) -> None:
+        """The momentum model and queues, copied from the student before the engine wraps it."""
+        teacher = AlbefTeacher(model)
+        try:
+            teacher.queues.check_batch(layout.global_batch_size)
+        except ValueError as e:
+            raise ValueError(f"model.queue_size: {e}") from None
+        self.teacher = teacher.to(device)
+
+    def on_loaders(self, loaders: dict, layout) -> None:
+        warmup = self.cfg.model.alpha_warmup_steps
+        if warmup is None:  # one epoch of the training data, as ALBEF
+            samples = sum(loader.dataset.spec.total_samples for loader in loaders.values())
+            warmup = -(-samples // layout.global_batch_size)
+        self.alpha_warmup = warmup
+
+    def replicated(self) -> dict:
+        return {"teacher": self.teacher}
+
+    def term_counts(self, batch: dict, task: str) -> dict[str, float]:
+        rows = float(batch["n_items"])
+        return {"itc": rows, "itm": 3.0 * rows, "mlm": float(batch["mlm_index"].numel())}
+
+    def begin_step(self, engine, batches: list[dict], task: str, ctx: StepContext) -> StepPlan:
+        """EMA (not right after a skipped step: the student did not move, the EMA must not apply it
+        twice), then the teacher's features of the whole global batch."""
+        teacher, precision = self.teacher, self.cfg.precision.dtype
+        if not ctx.after_skip:
+            teacher.update(engine.module)
+        with teacher_precision(ctx.device, precision):
+            encoded = [teacher.encode(b) for b in batches]  # (image tokens, image feat, text feat)
+        local = torch.cat([torch.cat([image_f, text_f], dim=1) for _, image_f, text_f in encoded])  # [rows, 2D]
+        features, sizes = all_gather_varying_rows(local)  # [B, 2D], rows in stream order
+        image_all, text_all = features.chunk(2, dim=1)
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        offsets = [sum(sizes[:rank]) + sum(b["n_items"] for b in batches[:i]) for i in range(len(batches))]
+        alpha = alpha_at(self.cfg.model.alpha, ctx.step, self.alpha_warmup)
+
+        def forward_args(i: int, batch: dict) -> tuple:
+            with teacher_precision(ctx.device, precision):
+                logits_m = teacher.mlm_logits(batch, encoded[i][0])  # [N, V]
+            targets = TeacherTargets(image_all, text_all, teacher.queues.image_queue, teacher.queues.text_queue,
+                                     offsets[i], logits_m, alpha, negatives_seed(ctx.seed, ctx.step,
+                                                                                  int(batch["stream"])))
+            return albef_losses, targets
+
+        def finish(means: dict[str, float], skipped: bool) -> None:
+            means["loss"] = means["itc"] + means["itm"] + means["mlm"]
+            if not skipped:  # a skipped step leaves the queue as it was, like the weights
+                teacher.queues.push(image_all, text_all)
+
+        return StepPlan(forward_args, finish)
+
+    def read_val_split(self, shards: list[str], tok, skipped: dict[str, int]):
+        d = self.cfg.data
+        return load_retrieval_set(shards, tok, d.max_txt_len, self.cfg.storage.s3, d.decode_limits(), skipped=skipped)
+
+    def validate(self, engine, tok, splits: dict, info, skipped: dict[str, int]) -> dict[str, float]:
+        """Retrieval (ITC top-k re-scored by ITM) on each held-out split; keys `val/<key>_t2i_r1`."""
+        cfg, metrics = self.cfg, {}
+        for key, (_, data) in splits.items():
+            found = retrieval_metrics(engine, data, cfg.data.albef.pixels, k=cfg.model.k_test,
+                                      batch_size=cfg.data.val_batch_size, device=info.device, rank=info.rank,
+                                      world=info.world_size)
+            metrics.update({f"val/{key}_{k}": v for k, v in found.items()})
+        return metrics

@@ -1,0 +1,110 @@
+"""The protocol every model family implements (docs/design.md, "Recipes").
+
+A recipe says what is particular to one family: its config section, its model, how a task's
+samples become a batch, what runs inside the engine's forward and over which term counts its
+losses are normalised, what happens around an optimizer step, what it saves beside the
+engine, and how it validates. Everything else (the loop, the optimizer step, checkpoints,
+data loading, tracking) is the run's and is the same for every family.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from trainer.config import Config
+    from trainer.distributed import DistInfo
+    from trainer.engine import BatchLayout
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """What one optimizer step may depend on besides its batches."""
+
+    step: int
+    """Optimizer steps done before this one (0 for the first)."""
+    seed: int
+    device: torch.device
+    after_skip: bool = False
+    """The previous step was skipped (non-finite loss): the weights did not move."""
+
+
+def _nothing_after(means: dict[str, float], skipped: bool) -> None:
+    return None
+
+
+@dataclass
+class StepPlan:
+    """A recipe's part of one optimizer step, made after the step's batches are read."""
+
+    forward_args: Callable[[int, dict], tuple]
+    """(micro-batch index, batch) -> the arguments of `engine(batch, *args)` after the batch:
+    a task function `(model, batch, *rest) -> TaskResult` and its extra arguments."""
+    finish: Callable[[dict[str, float], bool], None] = field(default=_nothing_after)
+    """Called with the step's global means (may add derived ones) and whether the step is
+    skipped, before the update is applied."""
+
+
+class Recipe:
+    """One model family. The registry (trainer/recipes/__init__.py) maps `model.arch` to it;
+    the run makes one instance per run from the resolved config."""
+
+    arch: ClassVar[str]
+    """The `model.arch` value that selects this family."""
+    model_config: ClassVar[type]
+    """Dataclass of the `model:` section (must have an `arch` field defaulting to `arch`)."""
+    tasks: ClassVar[tuple[str, ...]]
+    """Task names a mix (`tasks:`) may use."""
+    shard_format: ClassVar[str]
+    """The `format` its manifests must declare (data/shards.py)."""
+
+    def __init__(self, cfg: "Config") -> None:
+        self.cfg = cfg
+
+    @classmethod
+    def check_config(cls, cfg: "Config") -> None:
+        """Rules across sections (ValueError with the keys to change); the task names are checked already."""
+
+    def check_manifest(self, manifest, where: str) -> None:
+        """A dataset the run will read against the model (ValueError naming the key to change)."""
+
+    def stream_options(self) -> dict[str, Any]:
+        """Keyword arguments of the training and validation streams (data.loader.StreamSpec)."""
+        return {"modality": "regions", "img_dim": 0}
+
+    def build_model(self) -> nn.Module:
+        raise NotImplementedError
+
+    def collate(self, task: str, tok) -> Callable:
+        """(samples, rng) -> batch for `task`; picklable (DataLoader workers build batches)."""
+        raise NotImplementedError
+
+    def attach(self, model: nn.Module, layout: "BatchLayout", device: torch.device) -> None:
+        """After the model is built and before the engine wraps it (ALBEF copies its teacher here)."""
+
+    def on_loaders(self, loaders: dict, layout: "BatchLayout") -> None:
+        """Once the training loaders exist (e.g. to size a schedule by the epoch)."""
+
+    def replicated(self) -> dict[str, nn.Module]:
+        """Modules outside the engine, whole and alike on every rank, saved and restored with it."""
+        return {}
+
+    def term_counts(self, batch: dict, task: str) -> dict[str, float]:
+        """Loss name -> number of loss terms in `batch`, for every loss its task returns."""
+        raise NotImplementedError
+
+    def begin_step(self, engine, batches: list[dict], task: str, ctx: StepContext) -> StepPlan:
+        raise NotImplementedError
+
+    def read_val_split(self, shards: list[str], tok, skipped: dict[str, int]) -> Any:
+        """A held-out split read whole on this rank; bad samples and shards counted into `skipped`."""
+        raise NotImplementedError
+
+    def validate(self, engine, tok, splits: dict[str, tuple[str, Any]], info: "DistInfo",
+                 skipped: dict[str, int]) -> dict[str, float]:
+        """Collective. Metrics named `val/<mix key>_<name>` over every split {key: (task, data)};
+        bad samples met here are added to `skipped` (already summed over ranks)."""
+        raise NotImplementedError

@@ -1,0 +1,103 @@
+"""UNITER (docs/models.md, "UNITER"): region features + text, a task mix of MLM, ITM with
+word-region alignment, MRFR, MRC and MRC-kl (and hard-negative ITM), one task per step."""
+from __future__ import annotations
+
+import functools
+from typing import Iterable
+
+import torch
+
+from data.collate import collate_itm, collate_itm_hard, collate_mlm, collate_mrm
+from data.loader import add_counts, iter_split, pin, validation_batches
+from data.shards import FORMAT
+from trainer.distributed import all_gather_objects, all_reduce_sum
+from trainer.models.config import ModelConfig
+from trainer.models.pretrain import build_uniter
+from trainer.recipes import register
+from trainer.recipes.base import Recipe, StepContext, StepPlan
+from trainer.recipes.uniter_tasks import task_functions
+from trainer.step import accumulate, global_means
+from trainer.task_mix import task_of
+
+
+@register
+class UniterRecipe(Recipe):
+    arch = "uniter"
+    model_config = ModelConfig
+    tasks = ("mlm", "itm", "itm-hard", "mrfr", "mrc", "mrc-kl")
+    shard_format = FORMAT
+
+    def check_manifest(self, manifest, where: str) -> None:
+        model = self.cfg.model
+        if manifest.img_dim != model.img_dim:
+            raise ValueError(f"model.img_dim={model.img_dim} but {where} has {manifest.img_dim}-d region features")
+        if manifest.label_dim != model.img_label_dim:
+            raise ValueError(f"model.img_label_dim={model.img_label_dim} but {where} has "
+                             f"{manifest.label_dim} soft-label classes")
+
+    def stream_options(self) -> dict:
+        return {"modality": "regions", "img_dim": self.cfg.model.img_dim,
+                "token_budget": self.cfg.data.uniter.token_budget}
+
+    def build_model(self):
+        return build_uniter(self.cfg.model)
+
+    def collate(self, task: str, tok):
+        d = self.cfg.data
+        if task == "mlm":
+            return functools.partial(collate_mlm, tok=tok, mlm_prob=d.mlm_prob)
+        if task == "itm":
+            return functools.partial(collate_itm, tok=tok, neg_prob=d.uniter.itm_neg_prob)
+        if task == "itm-hard":
+            return functools.partial(collate_itm_hard, tok=tok, candidates=d.uniter.itm_hard_candidates)
+        # MRFR, MRC and MRC-kl share the region masking; only their losses differ.
+        return functools.partial(collate_mrm, tok=tok, mrm_prob=d.uniter.mrm_prob, task=task)
+
+    def attach(self, model, layout, device) -> None:
+        self.task_fns = task_functions(self.cfg.wra)
+
+    def term_counts(self, batch: dict, task: str) -> dict[str, float]:
+        return {"loss": float(batch["n_items"])}
+
+    def begin_step(self, engine, batches: list[dict], task: str, ctx: StepContext) -> StepPlan:
+        fn = self.task_fns[task]
+        return StepPlan(lambda i, batch: (fn,))
+
+    def read_val_split(self, shards: list[str], tok, skipped: dict[str, int]) -> list[dict]:
+        return list(iter_split(shards, self.cfg.storage.s3, skipped, self.cfg.data.max_member_bytes))
+
+    def validate(self, engine, tok, splits: dict, info, skipped: dict[str, int]) -> dict[str, float]:
+        """Mean loss / accuracy of each task on its held-out split (`val/<key>_loss`, ...)."""
+        cfg, mine = self.cfg, {}
+        batches = {key: validation_batches((), tok, self.collate(task, tok), task=key, seed=cfg.train.seed,
+                                           rank=info.rank, world=info.world_size,
+                                           batch_size=cfg.data.val_batch_size, max_txt_len=cfg.data.max_txt_len,
+                                           img_dim=cfg.model.img_dim, s3=cfg.storage.s3, skipped=mine,
+                                           limits=cfg.data.decode_limits(cfg.precision.dtype), raws=raws)
+                   for key, (task, raws) in splits.items()}
+        metrics = self.evaluate(engine, batches, info.device) if batches else {}
+        for rank_skips in all_gather_objects(mine):  # each rank decoded its own share
+            add_counts(skipped, rank_skips)
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(self, engine, task_batches: dict[str, Iterable[dict]], device: torch.device) -> dict[str, float]:
+        """Mean loss / accuracy per mix key ("mlm", "coco/itm") over the held-out split, over all ranks."""
+        engine.eval()
+        metrics: dict[str, float] = {}
+        try:
+            for key, batches in task_batches.items():
+                fn = self.task_fns[task_of(key)]
+                sums: dict[str, torch.Tensor] = {}
+                counts: dict[str, torch.Tensor] = {}
+                n = torch.zeros((), dtype=torch.float64, device=device)
+                for batch in batches:
+                    accumulate(sums, counts, engine(pin(batch, device), fn))
+                    n += batch["n_items"]
+                if not sums:
+                    continue
+                for k, v in global_means(sums, counts, all_reduce_sum(n).float()).items():
+                    metrics[f"val/{key}_{k}"] = v
+        finally:
+            engine.train()
+        return metrics

@@ -1,0 +1,165 @@
+"""What a run checks and builds before its first step: inputs, logging, the run folder, the
+datasets against the model, and the training loaders."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+from data.loader import ResumableTaskLoader, StreamSpec, TaskBatches
+from data.shards import read_manifest
+from data.sources import DatasetShards
+from data.storage import is_s3
+from trainer import checkpoint as ckpt
+from trainer.config import Config, PrecisionConfig
+from trainer.config_files import ConfigError
+from trainer.distributed import DistInfo, all_gather_objects
+from trainer.engine import BatchLayout
+from trainer.recipes.base import Recipe
+from trainer.task_mix import task_mix
+
+log = logging.getLogger("vlpt")
+
+
+def check_precision(precision: PrecisionConfig, info: DistInfo) -> None:
+    """fp16 needs the accelerator's fp16 support. DeepSpeed's CPU accelerator claims it only
+    with mkldnn fp16 (AVX512-FP16 / AMX), yet torch runs fp16 on any CPU in software: there
+    we let DeepSpeed go ahead, so a laptop can check an fp16 config (loss scaling, overflow
+    skips, ZeRO) before it goes to GPUs."""
+    if precision.dtype != "fp16":
+        return
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    if accelerator.is_fp16_supported():
+        return
+    if accelerator.device_name() != "cpu":
+        raise ConfigError(f"precision.dtype=fp16: DeepSpeed's {accelerator.device_name()} accelerator does "
+                          "not support fp16 on this machine; use bf16 or fp32")
+    if info.is_main:
+        log.warning("precision.dtype=fp16 on a CPU without native fp16: runs in software, to check the fp16 "
+                    "path (loss scaling, overflow skips), not for speed; bf16 is the fast CPU choice")
+    accelerator.is_fp16_supported = lambda: True  # DeepSpeed's only objection (engine config check)
+
+
+@dataclass(frozen=True)
+class DatasetDir:
+    where: str
+    """The config key naming it, for error messages."""
+    path: str
+
+
+def dataset_dirs(cfg: Config) -> list[DatasetDir]:
+    """Every shard directory the run reads (train and val of each dataset)."""
+    if not cfg.data.datasets:
+        named = [("data.train", cfg.data.train), ("data.val", cfg.data.val)]
+    else:
+        named = [(f"data.datasets.{d.name}.{split}", getattr(d, split))
+                 for d in cfg.data.datasets for split in ("train", "val")]
+    return [DatasetDir(where, path) for where, path in named if path]
+
+
+def check_inputs(cfg: Config) -> None:
+    """Fail before any heavy work when a file the config names is missing."""
+    need = {"data.vocab": cfg.data.vocab}
+    for d in dataset_dirs(cfg):
+        if not is_s3(d.path):  # remote manifests are checked when read
+            need[d.where] = os.path.join(d.path, "manifest.json")
+    for key in ("init_from_bert", "init_from_uniter", "init_from_vit"):
+        if getattr(cfg.model, key, None):
+            need[f"model.{key}"] = getattr(cfg.model, key)
+    for key, path in need.items():
+        if not os.path.exists(path):
+            hint = " (make it with `vlpt demo-data`)" if key.startswith("data.") and "demo" in path else ""
+            raise ConfigError(f"{key}: file not found: {path}{hint}")
+
+
+def validate_against_data(cfg: Config, recipe: Recipe, tok) -> None:
+    """Check the vocabulary and every manifest against the model."""
+    if tok.vocab_size != cfg.model.vocab_size:
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} but {cfg.data.vocab} has "
+                          f"{tok.vocab_size} tokens; set model.vocab_size={tok.vocab_size}")
+    for d in dataset_dirs(cfg):
+        try:
+            manifest = read_manifest(d.path, recipe.shard_format, s3=cfg.storage.s3,
+                                     allow_outside=cfg.data.allow_outside_shards)
+        except ValueError as e:  # missing, unreadable or invalid: one line naming the key
+            hint = (f" (model.arch={recipe.arch} reads {recipe.shard_format!r} shards: "
+                    "`vlpt demo-data [--pixels]`, `vlpt shards ...`)" if "format" in str(e) else "")
+            raise ConfigError(f"{d.where}: {e}{hint}") from None
+        try:
+            recipe.check_manifest(manifest, f"{d.where}={d.path}")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
+
+def setup_logging(info: DistInfo) -> None:
+    level = logging.INFO if info.is_main else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S", force=True)
+    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "alembic", "mlflow"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        from deepspeed.utils import logger as ds_logger
+
+        ds_logger.setLevel(logging.WARNING)
+    except ImportError:
+        pass
+
+
+def resolve_run_dir(cfg: Config) -> Config:
+    """Fill `{now}` in train.run_dir with rank 0's time, so all ranks agree."""
+    if "{now}" not in cfg.train.run_dir:
+        return cfg
+    now = all_gather_objects(time.strftime("%Y%m%d-%H%M%S"))[0]
+    return dataclasses.replace(cfg, train=dataclasses.replace(
+        cfg.train, run_dir=cfg.train.run_dir.replace("{now}", now)))
+
+
+def check_fresh_start(run_dir: str, resume: bool) -> None:
+    if not resume and ckpt.list_complete(ckpt.checkpoint_root(run_dir)):
+        raise ConfigError(f"train.run_dir={run_dir} already holds checkpoints and train.resume is false; "
+                          "set --train.resume=true to continue that run or choose a new train.run_dir")
+
+
+def build_train_loaders(cfg: Config, recipe: Recipe, tok, layout: BatchLayout, rank: int,
+                        positions: dict) -> dict[str, ResumableTaskLoader]:
+    """One loader per mix key; the key (not the task) names its RNG streams, so two
+    datasets' MLM loaders draw different masks."""
+    mine = range(rank * layout.grad_accum, (rank + 1) * layout.grad_accum)
+    d = cfg.data
+    loaders = {}
+    for entry in task_mix(cfg):
+        datasets = []
+        for source in entry.sources:
+            manifest = read_manifest(source.train, recipe.shard_format, s3=cfg.storage.s3,
+                                     allow_outside=d.allow_outside_shards)
+            datasets.append(DatasetShards.from_manifest(source.name, manifest, source.weight))
+        spec = StreamSpec(datasets=tuple(datasets), task=entry.key, seed=cfg.train.seed,
+                          n_streams=layout.n_streams, batch_size=layout.micro_batch_size,
+                          shuffle_buffer=d.shuffle_buffer, max_txt_len=d.max_txt_len,
+                          parts=max(1, d.num_workers), resampled=d.resampled, s3=cfg.storage.s3,
+                          limits=d.decode_limits(cfg.precision.dtype), verify_sha256=d.verify_sha256,
+                          **recipe.stream_options())
+        try:
+            dataset = TaskBatches(spec, tok, recipe.collate(entry.task, tok), mine, positions.get(entry.key))
+        except ValueError as e:  # positions that do not fit this run: one line, exit 2
+            raise ConfigError(str(e)) from None
+        loaders[entry.key] = ResumableTaskLoader(dataset, d.num_workers, seed=cfg.train.seed)
+    return loaders
+
+
+def read_val_splits(cfg: Config, recipe: Recipe, tok, skipped: dict[str, int]) -> dict[str, tuple]:
+    """Every held-out split, read whole on this rank (no collectives): key -> (task, the recipe's
+    reading of it). Damaged, missing or bad data is skipped and counted into `skipped` alike on
+    every rank; what cannot be read at all (an invalid manifest, S3 past its retry budget, no
+    usable sample) raises."""
+    splits = {}
+    for e in task_mix(cfg):
+        for key, source in e.val_keys():
+            manifest = read_manifest(source.val, recipe.shard_format, s3=cfg.storage.s3,
+                                     allow_outside=cfg.data.allow_outside_shards)
+            splits[key] = (e.task, recipe.read_val_split(manifest.shards, tok, skipped))
+    return splits

@@ -1,0 +1,3 @@
+from vlpt.cli import entry
+
+entry()
