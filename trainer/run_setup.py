@@ -81,6 +81,10 @@ def validate_against_data(cfg: Config, recipe: Recipe, tok) -> None:
     if tok.vocab_size != cfg.model.vocab_size:
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} but {cfg.data.vocab} has "
                           f"{tok.vocab_size} tokens; set model.vocab_size={tok.vocab_size}")
+    pad = getattr(cfg.model, "pad_token_id", None)
+    if pad is not None and pad != tok.pad_id:
+        raise ConfigError(f"model.pad_token_id={pad} but [PAD] is token {tok.pad_id} of {cfg.data.vocab}; "
+                          f"set model.pad_token_id={tok.pad_id}")
     for d in dataset_dirs(cfg):
         try:
             manifest = read_manifest(d.path, recipe.shard_format, s3=cfg.storage.s3,

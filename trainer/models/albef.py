@@ -74,7 +74,7 @@ class TextEncoder(nn.Module):
     def __init__(self, cfg: AlbefConfig) -> None:
         super().__init__()
         bert = cfg.bert()
-        self.embeddings = TextEmbeddings(bert)
+        self.embeddings = TextEmbeddings(bert, padding_idx=cfg.pad_token_id)
         self.layer = nn.ModuleList(Layer(bert) for _ in range(cfg.text_layers))
         self.fusion = nn.ModuleList(FusionLayer(bert, cfg.vision_width) for _ in range(cfg.fusion_layers))
         self.cls = MlmHead(cfg.hidden_size, cfg.vocab_size)

@@ -28,9 +28,13 @@ def extended_attention_mask(attn_masks: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def init_bert_weights(module: nn.Module, std: float) -> None:
-    """BERT/UNITER init: Linear/Embedding ~ N(0, std), Linear bias 0, LayerNorm (1, 0)."""
+    """BERT/UNITER init: Linear/Embedding ~ N(0, std), an Embedding's padding row 0 (as Hugging Face's
+    BERT), Linear bias 0, LayerNorm (1, 0)."""
     if isinstance(module, (nn.Linear, nn.Embedding)):
         nn.init.normal_(module.weight, mean=0.0, std=std)
+    if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+        with torch.no_grad():
+            module.weight[module.padding_idx].zero_()
     if isinstance(module, nn.Linear) and module.bias is not None:
         nn.init.zeros_(module.bias)
     if isinstance(module, nn.LayerNorm):

@@ -95,6 +95,9 @@ class AlbefConfig:
     arch: Literal["albef"] = "albef"
     vocab_size: int = 30522
     """Word pieces (30522 = bert-base-uncased, ALBEF's text model)."""
+    pad_token_id: int = 0
+    """[PAD]'s id in the vocabulary (checked against data.vocab): its word embedding gets no gradient,
+    as in ALBEF (Hugging Face's BertEmbeddings), when a random MLM replacement draws it."""
     hidden_size: int = 768
     num_attention_heads: int = 12
     intermediate_size: int = 3072
@@ -144,6 +147,8 @@ class AlbefConfig:
         for name in _ALBEF_POSITIVE:
             if getattr(self, name) <= 0:
                 raise ValueError(f"model.{name} must be > 0, got {getattr(self, name)}")
+        if not 0 <= self.pad_token_id < self.vocab_size:
+            raise ValueError(f"model.pad_token_id={self.pad_token_id} must be a token id below model.vocab_size")
         for width, heads in (("hidden_size", "num_attention_heads"), ("vision_width", "vision_heads")):
             if getattr(self, width) % getattr(self, heads):
                 raise ValueError(f"model.{width} ({getattr(self, width)}) must be divisible by model.{heads} "

@@ -14,12 +14,13 @@ TEXT_TYPE, IMAGE_TYPE = 0, 1
 
 
 class TextEmbeddings(nn.Module):
-    """`LN(word[ids] + pos[position_ids] + type[0])`, dropout."""
+    """`LN(word[ids] + pos[position_ids] + type[0])`, dropout. `padding_idx`: a word row that gets no
+    gradient (ALBEF's [PAD], as its Hugging Face BertEmbeddings; UNITER's code has none)."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, padding_idx: Optional[int] = None) -> None:
         super().__init__()
         h = cfg.hidden_size
-        self.word_embeddings = nn.Embedding(cfg.vocab_size, h)
+        self.word_embeddings = nn.Embedding(cfg.vocab_size, h, padding_idx=padding_idx)
         self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, h)
         # Shared with the image embeddings (row 1), as in UNITER.
         self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, h)
