@@ -32,8 +32,6 @@ import numpy as np
 import torch
 from torch import nn
 
-# trainer/run.py and trainer/run_setup.py still reach STATE_FILE, checkpoint_root and list_complete
-# as `ckpt.<name>`; they live in trainer.checkpoint_files.
 from trainer.checkpoint_files import (
     STATE_FILE, TMP_PREFIX, UnreadableCheckpointError, UnsafeCheckpointError, check_tag, checkpoint_file_path,
     checkpoint_root, latest_tag, list_complete, load_tensors, read_trainer_state, resume_candidates, save_tensors,

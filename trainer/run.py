@@ -14,6 +14,7 @@ from data.loader import add_counts, merge_states
 from data.sources import NoUsableData
 from data.tokenizer import load_tokenizer
 from trainer import checkpoint as ckpt
+from trainer.checkpoint_files import STATE_FILE, checkpoint_root
 from trainer.checkpoint_s3 import download_checkpoint, remote_latest, upload_checkpoint
 from trainer.config import Config, config_to_yaml
 from trainer.config_files import ConfigError
@@ -154,7 +155,7 @@ class Run:
 
     def fetch_from_s3(self) -> bool:
         """Rank 0: download the newest upload when run_dir has no checkpoint; True if it did."""
-        url, root = self.cfg.train.checkpoint_s3, ckpt.checkpoint_root(self.run_dir)
+        url, root = self.cfg.train.checkpoint_s3, checkpoint_root(self.run_dir)
         if not url or os.path.isfile(os.path.join(root, "latest")):
             return False
         tag = remote_latest(url, self.cfg.storage.s3)
@@ -334,7 +335,7 @@ class Run:
         final = {k: v for k, v in summary.items() if isinstance(v, float) and not k.startswith("val/")}
         self.tracker.log_metrics(final, self.state.step)
         self.tracker.log_artifact(os.path.join(path, "config.yaml"), "final_checkpoint")
-        self.tracker.log_artifact(os.path.join(path, ckpt.STATE_FILE), "final_checkpoint")
+        self.tracker.log_artifact(os.path.join(path, STATE_FILE), "final_checkpoint")
         self.tracker.set_tag("final_checkpoint", path)
         with open(os.path.join(self.run_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)

@@ -12,7 +12,7 @@ from data.loader import ResumableTaskLoader, StreamSpec, TaskBatches
 from data.shards import read_manifest
 from data.sources import DatasetShards
 from data.storage import is_s3
-from trainer import checkpoint as ckpt
+from trainer.checkpoint_files import checkpoint_root, list_complete
 from trainer.config import Config, PrecisionConfig
 from trainer.config_files import ConfigError
 from trainer.distributed import DistInfo, all_gather_objects
@@ -123,7 +123,7 @@ def resolve_run_dir(cfg: Config) -> Config:
 
 
 def check_fresh_start(run_dir: str, resume: bool) -> None:
-    if not resume and ckpt.list_complete(ckpt.checkpoint_root(run_dir)):
+    if not resume and list_complete(checkpoint_root(run_dir)):
         raise ConfigError(f"train.run_dir={run_dir} already holds checkpoints and train.resume is false; "
                           "set --train.resume=true to continue that run or choose a new train.run_dir")
 
