@@ -8,6 +8,7 @@ import os
 import time
 from dataclasses import dataclass
 
+from data.config import DataConfig
 from data.loader import ResumableTaskLoader, StreamSpec, TaskBatches
 from data.shards import read_manifest
 from data.sources import DatasetShards
@@ -51,20 +52,20 @@ class DatasetDir:
     path: str
 
 
-def dataset_dirs(cfg: Config) -> list[DatasetDir]:
+def dataset_dirs(data: DataConfig) -> list[DatasetDir]:
     """Every shard directory the run reads (train and val of each dataset)."""
-    if not cfg.data.datasets:
-        named = [("data.train", cfg.data.train), ("data.val", cfg.data.val)]
+    if not data.datasets:
+        named = [("data.train", data.train), ("data.val", data.val)]
     else:
         named = [(f"data.datasets.{d.name}.{split}", getattr(d, split))
-                 for d in cfg.data.datasets for split in ("train", "val")]
+                 for d in data.datasets for split in ("train", "val")]
     return [DatasetDir(where, path) for where, path in named if path]
 
 
 def check_inputs(cfg: Config) -> None:
     """Fail before any heavy work when a file the config names is missing."""
     need = {"data.vocab": cfg.data.vocab}
-    for d in dataset_dirs(cfg):
+    for d in dataset_dirs(cfg.data):
         if not is_s3(d.path):  # remote manifests are checked when read
             need[d.where] = os.path.join(d.path, "manifest.json")
     for key in ("init_from_bert", "init_from_uniter", "init_from_vit"):
@@ -85,7 +86,7 @@ def validate_against_data(cfg: Config, recipe: Recipe, tok) -> None:
     if pad is not None and pad != tok.pad_id:
         raise ConfigError(f"model.pad_token_id={pad} but [PAD] is token {tok.pad_id} of {cfg.data.vocab}; "
                           f"set model.pad_token_id={tok.pad_id}")
-    for d in dataset_dirs(cfg):
+    for d in dataset_dirs(cfg.data):
         try:
             manifest = read_manifest(d.path, recipe.shard_format, s3=cfg.storage.s3,
                                      allow_outside=cfg.data.allow_outside_shards)
