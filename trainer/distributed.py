@@ -121,5 +121,9 @@ def barrier() -> None:
 
 
 def teardown() -> None:
+    """After a run that ended well on every rank: wait for all of them, then take the process group
+    down before the interpreter exits (left to exit-time destructors, gloo's threads can abort a
+    finished process with "terminate called without an active exception")."""
     if dist.is_initialized():
+        barrier()
         dist.destroy_process_group()

@@ -20,7 +20,7 @@ from trainer.config import Config, config_to_yaml
 from trainer.config_files import ConfigError
 from trainer.config_loader import flatten, to_dict
 from trainer.data_health import DataCounts, bad_rate_error, data_counts, data_metrics, is_data_error
-from trainer.distributed import DistInfo, all_gather_objects, setup_distributed
+from trainer.distributed import DistInfo, all_gather_objects, setup_distributed, teardown
 from trainer.engine import BatchLayout, batch_layout, build_engine
 from trainer.errors import RunAborted, RunStopped
 from trainer.preemption import StopRequest
@@ -61,6 +61,7 @@ class RunState:
 
 def pretrain(cfg: Config) -> dict:
     check_inputs(cfg)
+    joined = torch.distributed.is_initialized()  # a caller's group is the caller's to take down
     info = setup_distributed(cfg.parallel.backend, cfg.parallel.timeout_minutes)
     setup_logging(info)
     check_precision(cfg.precision, info)
@@ -79,7 +80,10 @@ def pretrain(cfg: Config) -> dict:
         validate_against_data(cfg, recipe, tok)
         run = Run.build(cfg, recipe, info, tok, config_yaml)
         run.open(run.resume())
-        return run.train()
+        summary = run.train()
+    if not joined:
+        teardown()
+    return summary
 
 
 class Run:

@@ -108,3 +108,32 @@ def test_bf16_on_cpu_runs_with_finite_losses(tmp_path, demo_data):
     losses = step_losses(run_dir)
     assert sorted(losses) == [1, 2, 3, 4]
     assert all(0 < v < 20 for v in losses.values())
+
+
+def test_a_finished_run_takes_its_process_group_down(tmp_path, demo_data):
+    """A group pretrain joined itself is destroyed before the process exits (left to exit-time
+    destructors, gloo's threads can abort a finished rank); a caller's own group is left alone."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO, free_port, subprocess_env
+
+    def pretrain_in_a_process(name: str, own_group: bool) -> str:
+        cfg = write_tiny_config(tmp_path / f"{name}.yaml", demo_data, tmp_path / name, train={"max_steps": 2})
+        code = ("import torch.distributed as dist\n"
+                "from trainer.config import load_config\n"
+                "from trainer.run import pretrain\n"
+                + ("import os, deepspeed\n"
+                   f"os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT='{free_port()}', RANK='0', "
+                   "WORLD_SIZE='1', LOCAL_RANK='0')\n"
+                   "deepspeed.init_distributed(dist_backend='gloo', auto_mpi_discovery=False)\n"
+                   if own_group else "")
+                + f"pretrain(load_config({str(cfg)!r}))\n"
+                "print('initialized after:', dist.is_initialized())\n")
+        proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=subprocess_env(), capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout
+
+    assert "initialized after: False" in pretrain_in_a_process("joined", own_group=False)
+    assert "initialized after: True" in pretrain_in_a_process("callers", own_group=True)
