@@ -61,12 +61,11 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 
+from data.limits import DEFAULT_MAX_MEMBER_BYTES, FLOAT32_MAX, DecodeLimits
 from data.pixels import ImageTooLargeError, open_image
-from data.shards import (
-    DEFAULT_MAX_MEMBER_BYTES, FLOAT32_MAX, FORMAT, MANIFEST_NAME, PIXEL_FORMAT, REGION_FIELDS, DecodeLimits,
-    _as_float32, _check_shapes, _check_values, caption_reason, encode_npz, file_sha256, read_region_npz,
-    write_manifest, write_shard,
-)
+from data.shards import (FORMAT, MANIFEST_NAME, PIXEL_FORMAT, REGION_FIELDS, _as_float32, _check_shapes,
+                         _check_values, caption_reason, encode_npz, file_sha256, read_region_npz,
+                         write_manifest, write_shard)
 from data.storage import join_inside
 
 BUILDER_VERSION = 2

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from data.pixels import PixelConfig
-from data.shards import DTYPE_MAX, DecodeLimits
+from data.limits import DTYPE_MAX, DecodeLimits
 
 DATASET_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 

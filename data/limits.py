@@ -1,6 +1,6 @@
 """What one shard sample may cost and hold (DecodeLimits), with the defaults behind it.
 
-A module of its own, below both readers: data/shards.py (which re-exports these names) and
+A module of its own, below both readers: data/shards.py and
 data/pixels.py import it, so the picture decoder needs nothing from the shard reader.
 """
 from __future__ import annotations

@@ -31,8 +31,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data.batching import SIZE_MULTIPLE, batch_schedule, batches_per_epoch, token_buckets
-from data.shards import (DecodeLimits, RegionSample, decode_pixel_sample, decode_region_sample,
-                         iter_shard)
+from data.limits import DecodeLimits
+from data.shards import RegionSample, decode_pixel_sample, decode_region_sample, iter_shard
 from data.sources import CORRUPT_SHARD_ERRORS, DatasetShards, MixedSource, NoUsableData, ShardSource, reader_share
 from data.storage import NotARegularFile, S3Options
 

@@ -26,7 +26,7 @@ import numpy as np
 import webdataset as wds
 
 # DecodeLimits and its defaults live in data/limits.py (data/pixels.py needs them too); re-exported here.
-from data.limits import DEFAULT_MAX_MEMBER_BYTES, DTYPE_MAX, FLOAT32_MAX, DecodeLimits  # noqa: F401
+from data.limits import DEFAULT_MAX_MEMBER_BYTES, DecodeLimits
 from data.storage import (NotARegularFile, S3Options, check_regular_file, join, join_inside, open_stream, read_bytes,
                           sha256_of)
 

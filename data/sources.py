@@ -30,7 +30,8 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
-from data.shards import DEFAULT_MAX_MEMBER_BYTES, Manifest, iter_shard
+from data.limits import DEFAULT_MAX_MEMBER_BYTES
+from data.shards import Manifest, iter_shard
 from data.storage import NotARegularFile, S3Options, object_size, sha256_of
 
 CORRUPT_SHARD_ERRORS = (tarfile.TarError, EOFError)

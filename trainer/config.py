@@ -1,6 +1,6 @@
 """The resolved run config: one frozen dataclass per section, composed here.
 
-Each builder receives only its own section (`build_model(cfg.model)`,
+Each builder receives only its own section (`build_uniter(cfg.model)`,
 `build_deepspeed_config(cfg.optim, cfg.parallel, cfg.precision, ...)`).
 """
 from __future__ import annotations

@@ -19,7 +19,8 @@ from torch import Tensor
 from data.collate_albef import caption_batch, eval_images
 from data.loader import add_counts, iter_split, pin
 from data.pixels import PixelConfig
-from data.shards import DecodeLimits, decode_pixel_sample
+from data.limits import DecodeLimits
+from data.shards import decode_pixel_sample
 from data.storage import S3Options
 from trainer.distributed import all_gather_rows
 from trainer.models.albef import EMBED_TASK, ITM_SCORE_TASK

@@ -77,6 +77,12 @@ def check_inputs(cfg: Config) -> None:
             raise ConfigError(f"{key}: file not found: {path}{hint}")
 
 
+def run_manifest(cfg: Config, recipe: Recipe, path: str):
+    """A shard directory's manifest, read as every part of the run reads it: the recipe's format,
+    the run's storage options, and the data section's rule on shards outside the directory."""
+    return read_manifest(path, recipe.shard_format, s3=cfg.storage.s3, allow_outside=cfg.data.allow_outside_shards)
+
+
 def validate_against_data(cfg: Config, recipe: Recipe, tok) -> None:
     """Check the vocabulary and every manifest against the model."""
     if tok.vocab_size != cfg.model.vocab_size:
@@ -88,8 +94,7 @@ def validate_against_data(cfg: Config, recipe: Recipe, tok) -> None:
                           f"set model.pad_token_id={tok.pad_id}")
     for d in dataset_dirs(cfg.data):
         try:
-            manifest = read_manifest(d.path, recipe.shard_format, s3=cfg.storage.s3,
-                                     allow_outside=cfg.data.allow_outside_shards)
+            manifest = run_manifest(cfg, recipe, d.path)
         except ValueError as e:  # missing, unreadable or invalid: one line naming the key
             hint = (f" (model.arch={recipe.arch} reads {recipe.shard_format!r} shards: "
                     "`vlpt demo-data [--pixels]`, `vlpt shards ...`)" if "format" in str(e) else "")
@@ -139,8 +144,7 @@ def build_train_loaders(cfg: Config, recipe: Recipe, tok, layout: BatchLayout, r
     for entry in task_mix(cfg):
         datasets = []
         for source in entry.sources:
-            manifest = read_manifest(source.train, recipe.shard_format, s3=cfg.storage.s3,
-                                     allow_outside=d.allow_outside_shards)
+            manifest = run_manifest(cfg, recipe, source.train)
             datasets.append(DatasetShards.from_manifest(source.name, manifest, source.weight))
         spec = StreamSpec(datasets=tuple(datasets), task=entry.key, seed=cfg.train.seed,
                           n_streams=layout.n_streams, batch_size=layout.micro_batch_size,
@@ -164,7 +168,6 @@ def read_val_splits(cfg: Config, recipe: Recipe, tok, skipped: dict[str, int]) -
     splits = {}
     for e in task_mix(cfg):
         for key, source in e.val_keys():
-            manifest = read_manifest(source.val, recipe.shard_format, s3=cfg.storage.s3,
-                                     allow_outside=cfg.data.allow_outside_shards)
+            manifest = run_manifest(cfg, recipe, source.val)
             splits[key] = (e.task, recipe.read_val_split(manifest.shards, tok, skipped))
     return splits

@@ -13,8 +13,8 @@ import yaml
 from data.collate import collate_mlm
 from data.config import DataConfig
 from data.demo_scenes import LABEL_DIM
-from data.shards import (DecodeLimits, decode_pixel_sample, decode_region_sample, iter_shard, write_manifest,
-                         write_shard)
+from data.limits import DecodeLimits
+from data.shards import decode_pixel_sample, decode_region_sample, iter_shard, write_manifest, write_shard
 from data.tokenizer import load_tokenizer
 from tests.adversarial.sample_attacks import (BAD_CAPTIONS, WHITESPACE_CAPTION, npz_header_bomb, pixel_raw, png_bomb,
                                               region_arrays, region_raw)

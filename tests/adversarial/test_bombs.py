@@ -13,8 +13,9 @@ import pytest
 from PIL import Image
 
 from data.config import DataConfig
-from data.shards import (PIXEL_SKIP_REASONS, SKIP_REASONS, DecodeLimits, decode_pixel_sample,
-                         decode_region_sample, encode_npz, write_shard)
+from data.limits import DecodeLimits
+from data.shards import (PIXEL_SKIP_REASONS, SKIP_REASONS, decode_pixel_sample, decode_region_sample,
+                         encode_npz, write_shard)
 from data.tokenizer import load_tokenizer
 from tests.adversarial.sample_attacks import (npz_deflate_bomb, npz_header_bomb, pixel_raw, png_bomb, region_arrays,
                                               region_raw, small_png)

@@ -110,7 +110,7 @@ class AlbefConfig:
     attention_probs_dropout_prob: float = 0.1
     initializer_range: float = 0.02
     image_size: int = 256
-    """Side of the square input in pixels; must equal data.pixels.image_size."""
+    """Side of the square input in pixels; must equal data.albef.pixels.image_size."""
     patch_size: int = 16
     vision_width: int = 768
     vision_layers: int = 12
