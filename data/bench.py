@@ -3,8 +3,11 @@
 One pass of the training pipeline (read, decode, tokenize, mask, collate) per
 source (local directory and/or s3:// prefix), timed, with `workers` DataLoader
 workers; then the same data batched in fixed-size batches and in token-budget
-buckets, with the padded share of `[B, L]` slots of each. Figures go to stdout
-and to a JSON file (default benchmarks/results/).
+buckets, with the padded share of `[B, L]` slots of each. With `pack_len` > 0 the
+fixed-size batches are also packed into rows of `pack_len` positions (data/packing.py,
+inside collate, so it is timed too) and the padded share of those rows is reported
+beside the `[B, L]` one of the same batches. Figures go to stdout and to a JSON file
+(default benchmarks/results/).
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ from dataclasses import dataclass
 
 from data.collate import collate_itm, collate_mlm
 from data.loader import ResumableTaskLoader, StreamSpec, TaskBatches, single_dataset
+from data.packing import check_pack_len
 from data.shards import read_manifest
 from data.storage import S3Options
 from data.tokenizer import load_tokenizer
@@ -31,7 +35,12 @@ class BenchConfig:
     max_txt_len: int = 60
     max_samples: int = 0
     """Stop each pass after about this many samples (0: one whole epoch)."""
+    pack_len: int = 0
+    """> 0: also pack the fixed-size batches into rows of this many positions (data.uniter.pack_len)."""
     s3: S3Options = S3Options()
+
+    def __post_init__(self) -> None:
+        check_pack_len(self.pack_len, "--pack-len")
 
 
 def _spec(cfg: BenchConfig, source: str, token_budget: int) -> StreamSpec:
@@ -42,13 +51,15 @@ def _spec(cfg: BenchConfig, source: str, token_budget: int) -> StreamSpec:
                       token_budget=token_budget, s3=cfg.s3, epochs=1)
 
 
-def one_pass(cfg: BenchConfig, source: str, token_budget: int = 0) -> dict:
-    """Time one epoch (or max_samples) of the pipeline; samples/s and padding of its batches."""
+def one_pass(cfg: BenchConfig, source: str, token_budget: int = 0, pack_len: int = 0) -> dict:
+    """Time one epoch (or max_samples) of the pipeline; samples/s and padding of its batches
+    (`[B, L]` slots, and with pack_len > 0 also the packed rows the encoder would run on)."""
     tok = load_tokenizer(cfg.vocab)
-    collate = (functools.partial(collate_itm, tok=tok) if cfg.task == "itm"
-               else functools.partial(collate_mlm, tok=tok))
+    pack = {"pack_len": pack_len} if pack_len else {}
+    collate = (functools.partial(collate_itm, tok=tok, **pack) if cfg.task == "itm"
+               else functools.partial(collate_mlm, tok=tok, **pack))
     loader = ResumableTaskLoader(TaskBatches(_spec(cfg, source, token_budget), tok, collate, [0]), cfg.workers)
-    samples = batches = used = slots = 0
+    samples = batches = used = slots = rows = row_slots = 0
     sizes: list[int] = []
     t0 = time.perf_counter()
     for batch in loader:
@@ -56,28 +67,39 @@ def one_pass(cfg: BenchConfig, source: str, token_budget: int = 0) -> dict:
         samples, batches = samples + attn.shape[0], batches + 1
         used, slots = used + int(attn.sum()), slots + attn.numel()
         sizes.append(attn.shape[0])
+        if pack_len:
+            seg = batch["segment_ids"]  # [R, pack_len]: -1 at the packed rows' pads
+            rows, row_slots = rows + seg.shape[0], row_slots + seg.numel()
         if cfg.max_samples and samples >= cfg.max_samples:
             break
     seconds = time.perf_counter() - t0
-    return {"source": source, "samples": samples, "batches": batches, "seconds": round(seconds, 3),
-            "samples_per_s": round(samples / seconds, 1),
-            "samples_per_s_per_worker": round(samples / seconds / max(1, cfg.workers), 1),
-            "padding_fraction": round(1 - used / max(slots, 1), 4),
-            "mean_batch_size": round(samples / max(batches, 1), 2), "max_batch_size": max(sizes, default=0),
-            "retries": loader.retries, "skipped": loader.skip_counts}
+    out = {"source": source, "samples": samples, "batches": batches, "seconds": round(seconds, 3),
+           "samples_per_s": round(samples / seconds, 1),
+           "samples_per_s_per_worker": round(samples / seconds / max(1, cfg.workers), 1),
+           "padding_fraction": round(1 - used / max(slots, 1), 4),
+           "mean_batch_size": round(samples / max(batches, 1), 2), "max_batch_size": max(sizes, default=0),
+           "retries": loader.retries, "skipped": loader.skip_counts}
+    if pack_len:  # the packed rows hold the same valid positions as the [B, L] slots
+        out.update(packed_padding_fraction=round(1 - used / max(row_slots, 1), 4),
+                   packed_mean_rows=round(rows / max(batches, 1), 2))
+    return out
 
 
 def run_bench(cfg: BenchConfig) -> dict:
-    throughput = [one_pass(cfg, source) for source in cfg.sources]
+    throughput = [one_pass(cfg, source, pack_len=cfg.pack_len) for source in cfg.sources]
     fixed = throughput[0]
     buckets = one_pass(cfg, cfg.sources[0], token_budget=cfg.token_budget)
+    padding = {"fixed_size": fixed["padding_fraction"], "token_buckets": buckets["padding_fraction"],
+               "fixed_mean_batch": fixed["mean_batch_size"], "buckets_mean_batch": buckets["mean_batch_size"],
+               "buckets_max_batch": buckets["max_batch_size"]}
+    if cfg.pack_len:
+        padding.update(pack_len=cfg.pack_len, packed=fixed["packed_padding_fraction"],
+                       packed_mean_rows=fixed["packed_mean_rows"])
     return {
         "config": {"task": cfg.task, "batch_size": cfg.batch_size, "token_budget": cfg.token_budget,
-                   "workers": cfg.workers, "shuffle_buffer": cfg.shuffle_buffer},
+                   "pack_len": cfg.pack_len, "workers": cfg.workers, "shuffle_buffer": cfg.shuffle_buffer},
         "throughput": throughput,
-        "padding": {"fixed_size": fixed["padding_fraction"], "token_buckets": buckets["padding_fraction"],
-                    "fixed_mean_batch": fixed["mean_batch_size"], "buckets_mean_batch": buckets["mean_batch_size"],
-                    "buckets_max_batch": buckets["max_batch_size"]},
+        "padding": padding,
     }
 
 
@@ -88,4 +110,8 @@ def format_result(result: dict) -> str:
     p = result["padding"]
     lines.append(f"padding: fixed-size batches {p['fixed_size']:.1%} (mean {p['fixed_mean_batch']}) vs token "
                  f"buckets {p['token_buckets']:.1%} (mean {p['buckets_mean_batch']}, max {p['buckets_max_batch']})")
+    if "packed" in p:
+        lines.append(f"padding: fixed-size {p['fixed_size']:.1%} -> packed (pack_len {p['pack_len']}) "
+                     f"{p['packed']:.1%} ({p['packed_mean_rows']} rows of {p['pack_len']} per batch of "
+                     f"{p['fixed_mean_batch']} samples)")
     return "\n".join(lines)

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from data.masking import mask_regions, mask_tokens
+from data.packing import pack_batch
 from data.shards import RegionSample
 
 
@@ -86,12 +87,14 @@ def _check_samples(samples: Sequence[RegionSample]) -> None:
         raise ValueError(f"samples of one batch must share img_dim, got {sorted(dims)}")
 
 
-def collate_mlm(samples: Sequence[RegionSample], rng: np.random.Generator, tok, mlm_prob: float = 0.15) -> dict:
+def collate_mlm(samples: Sequence[RegionSample], rng: np.random.Generator, tok, mlm_prob: float = 0.15,
+                pack_len: int = 0) -> dict:
     """MLM batch: text masked per sample in order, regions untouched (conditional masking).
 
     Adds txt_labels [B, Lt] (-1 off target), and mlm_index / mlm_targets [N]:
     the flat positions i * L + j of the targets in the packed [B, L] layout
     (text occupies the same columns there as in input_ids) and their ids.
+    `pack_len` > 0: packed rows (data/packing.py), mlm_index then indexes the [R, pack_len] rows.
     """
     _check_samples(samples)
     masked, labels = [], []
@@ -107,7 +110,7 @@ def collate_mlm(samples: Sequence[RegionSample], rng: np.random.Generator, tok, 
     batch["mlm_index"] = torch.from_numpy((rows * out_len + cols).astype(np.int64))  # [N]
     batch["mlm_targets"] = torch.from_numpy(txt_labels[rows, cols])  # [N]
     batch["n_items"] = int(len(rows))
-    return batch
+    return pack_batch(batch, pack_len)
 
 
 def _negative_partner(i: int, samples: Sequence[RegionSample], rng: np.random.Generator,
@@ -121,11 +124,13 @@ def _negative_partner(i: int, samples: Sequence[RegionSample], rng: np.random.Ge
     return candidates[int(rng.integers(len(candidates)))]
 
 
-def collate_itm(samples: Sequence[RegionSample], rng: np.random.Generator, tok, neg_prob: float = 0.5) -> dict:
+def collate_itm(samples: Sequence[RegionSample], rng: np.random.Generator, tok, neg_prob: float = 0.5,
+                pack_len: int = 0) -> dict:
     """ITM batch: each text keeps its image (target 1) or, with `neg_prob`, gets the
     original image of another sample with a different image_id (target 0).
 
     `image_ids` / `keys` stay those of the texts' own samples. Nothing is masked.
+    `pack_len` > 0: packed rows (data/packing.py).
     """
     _check_samples(samples)
     if not 0.0 <= neg_prob <= 1.0:
@@ -135,7 +140,7 @@ def collate_itm(samples: Sequence[RegionSample], rng: np.random.Generator, tok, 
     batch = _batch([s.input_ids for s in samples], images, samples, tok, "itm")
     batch["itm_targets"] = torch.tensor([1 if j is None else 0 for j in partners], dtype=torch.long)  # [B]
     batch["n_items"] = len(samples)
-    return batch
+    return pack_batch(batch, pack_len)
 
 
 def _check_candidates(candidates) -> None:
@@ -180,6 +185,9 @@ def collate_itm_hard(samples: Sequence[RegionSample], rng: np.random.Generator, 
       hard_texts       [M] long, the texts with >= 1 candidate (host-computed, so the
                        objective picks negatives with static shapes, no device sync)
       n_items          B + M: the positives plus one hardest negative per text in hard_texts
+
+    Never packed into multi-sample rows (data.uniter.pack_len): the objective selects rows of
+    it on the device (`take_rows`), which needs one sample per row.
     """
     _check_samples(samples)
     _check_candidates(candidates)
@@ -202,7 +210,7 @@ def collate_itm_hard(samples: Sequence[RegionSample], rng: np.random.Generator, 
 
 
 def collate_mrm(samples: Sequence[RegionSample], rng: np.random.Generator, tok, mrm_prob: float = 0.15,
-                task: str = "mrm") -> dict:
+                task: str = "mrm", pack_len: int = 0) -> dict:
     """Masked-region batch for MRFR, MRC and MRC-kl alike (docs/models.md, "Region masking").
 
     Conditional masking: the text is untouched; per sample, in order, the
@@ -217,7 +225,8 @@ def collate_mrm(samples: Sequence[RegionSample], rng: np.random.Generator, tok, 
       mrc_soft_labels  [N, label_dim] float32, soft labels, same order
       n_items          N, the number of masked regions
 
-    `task` only labels the batch (e.g. "mrfr", "mrc", "mrc-kl").
+    `task` only labels the batch (e.g. "mrfr", "mrc", "mrc-kl"). `pack_len` > 0: packed rows
+    (data/packing.py), mrm_index then indexes the [R, pack_len] rows.
     """
     _check_samples(samples)
     label_dims = {s.soft_labels.shape[1] for s in samples}
@@ -242,4 +251,4 @@ def collate_mrm(samples: Sequence[RegionSample], rng: np.random.Generator, tok, 
     batch["mrfr_targets"] = torch.from_numpy(np.ascontiguousarray(targets))
     batch["mrc_soft_labels"] = torch.from_numpy(np.ascontiguousarray(soft))
     batch["n_items"] = int(len(rows))
-    return batch
+    return pack_batch(batch, pack_len)

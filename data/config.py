@@ -7,6 +7,7 @@ from typing import Optional
 
 from data.pixels import PixelConfig
 from data.limits import DTYPE_MAX, DecodeLimits
+from data.packing import check_pack_len
 
 DATASET_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
@@ -53,6 +54,10 @@ class UniterDataConfig:
     token_budget: int = 0
     """> 0: UNITER's token-budget batches (longest row x size <= budget, sizes multiples of 8)
     instead of micro_batch_size samples; 0 = fixed-size batches."""
+    pack_len: int = 0
+    """> 0: pack several samples into each encoder row of this many positions (a multiple of 8, at
+    least data.max_txt_len + 2 + the most regions an image has) with block-diagonal attention, for
+    tasks mlm, itm, mrfr, mrc and mrc-kl (docs/data.md, "Packed rows"); 0 = one sample per row."""
 
     def __post_init__(self) -> None:
         for name in ("mrm_prob", "itm_neg_prob"):
@@ -62,6 +67,7 @@ class UniterDataConfig:
             raise ValueError(f"data.uniter.itm_hard_candidates must be >= 1, got {self.itm_hard_candidates}")
         if self.token_budget < 0:
             raise ValueError(f"data.uniter.token_budget must be >= 0, got {self.token_budget}")
+        check_pack_len(self.pack_len)
 
 
 @dataclass(frozen=True)

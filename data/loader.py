@@ -383,8 +383,10 @@ def check_state(state: Optional[dict], spec: StreamSpec, streams: Sequence[int])
 class ResumableTaskLoader:
     """Iterates a task's micro-batches and remembers each reader's position."""
 
-    def __init__(self, dataset: TaskBatches, num_workers: int, seed: int = 0):
-        self.dataset, self.seed = dataset, seed
+    def __init__(self, dataset: TaskBatches, num_workers: int, seed: int = 0, pin_memory: bool = False):
+        """`pin_memory`: the DataLoader's own thread pins each batch as it arrives (CUDA runs), so the
+        step's copies to the GPU are asynchronous and do not pin on the training thread."""
+        self.dataset, self.seed, self.pin_memory = dataset, seed, pin_memory
         if max(1, num_workers) != dataset.spec.parts:
             raise ValueError(f"{num_workers} DataLoader workers for streams of {dataset.spec.parts} readers; "
                              f"StreamSpec.parts must be max(1, num_workers)")
@@ -405,7 +407,7 @@ class ResumableTaskLoader:
         # An own generator: creating workers must not consume the global (dropout) RNG.
         loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
                             prefetch_factor=4, generator=torch.Generator().manual_seed(self.seed),
-                            persistent_workers=False)
+                            persistent_workers=False, pin_memory=self.pin_memory)
         return iter(loader)
 
     def next(self) -> dict:
@@ -465,7 +467,7 @@ def pin(batch: dict, device: torch.device) -> dict:
     for k, v in batch.items():
         if isinstance(v, torch.Tensor):
             if device.type == "cuda" and v.device.type == "cpu":
-                v = v.pin_memory().to(device, non_blocking=True)
+                v = (v if v.is_pinned() else v.pin_memory()).to(device, non_blocking=True)
             else:
                 v = v.to(device)
         out[k] = v

@@ -56,3 +56,31 @@ class ListLoader:
 
 def snapshot(model):
     return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def engine_from_config(config_path, overrides=(), seed: int = 0):
+    """(cfg, recipe, layout, loaders, engine) of a one-process run of the config, as the run builds
+    them (needs the session's process group)."""
+    import pytest
+    import torch
+
+    from data.tokenizer import load_tokenizer
+    from trainer.config import load_config
+    from trainer.engine import batch_layout, build_engine
+    from trainer.recipes import recipe_class
+    from trainer.run_setup import build_train_loaders
+
+    cfg = load_config(str(config_path), list(overrides))
+    device = torch.device("cpu")
+    recipe = recipe_class(cfg.model.arch)(cfg)
+    layout = batch_layout(cfg.optim, cfg.data.micro_batch_size, 1)
+    torch.manual_seed(seed)
+    model = recipe.build_model()
+    recipe.attach(model, layout, device)
+    loaders = build_train_loaders(cfg, recipe, load_tokenizer(cfg.data.vocab), layout, 0, {})
+    recipe.on_loaders(loaders, layout)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LOCAL_RANK", "0")
+        engine, _ = build_engine(model, cfg.optim, cfg.parallel, cfg.precision, layout, cfg.train.max_steps,
+                                 device)
+    return cfg, recipe, layout, loaders, engine

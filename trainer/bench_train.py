@@ -4,42 +4,39 @@ Both sides train the same model (same initial weights) on the same pre-collated 
 (read once from the config's data, then cycled, so the input pipeline is not measured) in
 the same task order, at the config's precision:
 
-  ours      our UNITER encoder on the DeepSpeed engine of the config (ZeRO stage, fused
-            optimizer), masked gathers from collate's flat positions, the fused IPOT kernel
-            on CUDA, one host sync per step (the stats);
-  baseline  the plain way: Hugging Face `BertEncoder` as the backbone, boolean-mask gathers
-            (`hidden[mask]`, a host sync each), UNITER's eager per-op IPOT loop, torch DDP
-            without ZeRO, torch AdamW, autocast for bf16/fp16 and `loss.item()` per micro-batch.
+  ours      our model on the DeepSpeed engine of the config (ZeRO stage, fused optimizer,
+            `train.compile` if set) through the run's `optimizer_step`: one host sync per step;
+  baseline  the plain way: torch DDP without ZeRO, torch AdamW, autocast for bf16/fp16, eager,
+            the losses read back (`.item()`) every micro-batch, and the family's plain model
+            and ops (trainer/bench_families.py: UNITER's Hugging Face encoder, boolean-mask
+            gathers and eager IPOT loop; ALBEF's same model).
 
-MFU (CUDA, bf16/fp16 only) counts the matmul FLOPs of the encoder at the padded length:
-forward+backward = 3 x forward; per sample forward = 2 P L + 4 n_layers L^2 H, P the
-encoder's linear weights, L the padded sequence, H the hidden size.
+MFU (CUDA, bf16/fp16 only) counts the useful model FLOPs, real tokens only (the recipe's
+`step_flops`, trainer/bench_flops.py), over the dense tensor-core peak; `mfu_padded` is the
+same at the padded layout. Each side's peak device memory is recorded on CUDA (null elsewhere).
+`--sweep` (trainer/bench_sweep.py) repeats the comparison at several micro-batch sizes.
 """
 from __future__ import annotations
 
 import contextlib
+import gc
 import itertools
-import os
 import time
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Optional
-from unittest import mock
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
+from trainer.bench_families import BenchFamily, bench_family
+from trainer.bench_flops import NO_WORK, PEAK_FLOPS, BatchWork
 from trainer.config import Config
-from trainer.config_files import ConfigError
 from trainer.engine import BatchLayout, batch_layout, build_engine, param_groups
-from trainer.models.bert import extended_attention_mask
-from trainer.models.config import ModelConfig
-from trainer.recipes.base import StepContext
-from trainer.recipes.uniter import UniterRecipe
+from trainer.recipes import recipe_class
+from trainer.recipes.base import Recipe, StepContext
 from trainer.step import optimizer_step
 from trainer.task_mix import draw_task, mix_ratios, task_of
-
-# Dense bf16/fp16 tensor-core peak per GPU (vendor data sheets, SXM parts).
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
 @dataclass(frozen=True)
@@ -47,7 +44,7 @@ class TrainBenchConfig:
     steps: int = 20
     """Timed optimizer steps per side."""
     warmup: int = 5
-    """Untimed steps first (allocator, autotuning, DeepSpeed's first-step work)."""
+    """Untimed steps first (allocator, autotuning, compilation, DeepSpeed's first-step work)."""
     batches_per_task: int = 4
     """Optimizer steps' worth of batches read per mix key, then cycled."""
     profile_steps: int = 0
@@ -72,91 +69,35 @@ class CyclingLoader:
         return batch
 
 
-# ---------------------------------------------------------------- the plain-way model
+@dataclass(frozen=True)
+class Setup:
+    """One measured configuration: the recipe (fresh: recipes hold per-run state), its layout,
+    its prefetched batches and task order."""
 
+    recipe: Recipe
+    family: BenchFamily
+    layout: BatchLayout
+    batches: dict
+    tasks: list[str]
+    device: torch.device
 
-class HuggingFaceEncoder(nn.Module):
-    """`transformers`' BertEncoder in the place of ours (same parameter names)."""
-
-    def __init__(self, cfg) -> None:
-        super().__init__()
-        from transformers import BertConfig
-        from transformers.models.bert.modeling_bert import BertEncoder
-
-        hf = BertConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
-                        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
-                        intermediate_size=cfg.intermediate_size, hidden_act="gelu",
-                        hidden_dropout_prob=cfg.hidden_dropout_prob,
-                        attention_probs_dropout_prob=cfg.attention_probs_dropout_prob,
-                        layer_norm_eps=1e-12)
-        self.layer = BertEncoder(hf).layer
-
-    def forward(self, hidden: Tensor, attn_masks: Tensor) -> Tensor:
-        mask = extended_attention_mask(attn_masks, hidden.dtype)  # [B, 1, 1, L]
-        for layer in self.layer:
-            out = layer(hidden, mask)
-            hidden = out[0] if isinstance(out, tuple) else out
-        return hidden
-
-
-def baseline_model(model: nn.Module) -> nn.Module:
-    """`model` with its encoder swapped for Hugging Face's, carrying the same weights."""
-    encoder = HuggingFaceEncoder(model.config)
-    encoder.load_state_dict(model.uniter.encoder.state_dict(), strict=True)
-    model.uniter.encoder = encoder
-    return model
-
-
-def boolean_mask_gather(hidden: Tensor, index: Tensor) -> Tensor:
-    """UNITER's gather: a boolean mask over every position, `hidden[mask]` (synchronises)."""
-    b, length, h = hidden.shape
-    mask = torch.zeros(b * length, dtype=torch.bool, device=hidden.device)
-    mask[index] = True  # collate's positions are ascending, so the rows come out in its order
-    return hidden.reshape(b * length, h)[mask]  # [N, H]
-
-
-@contextlib.contextmanager
-def plain_ops():
-    """Boolean-mask gathers in the heads and the eager IPOT loop (kernels off)."""
-    import trainer.recipes.uniter_tasks as tasks
-
-    with mock.patch.dict(os.environ, {"VLPT_KERNELS": "off"}), \
-            mock.patch.object(tasks, "masked_gather", boolean_mask_gather):
-        yield
+    @property
+    def cfg(self) -> Config:
+        return self.recipe.cfg
 
 
 # ---------------------------------------------------------------- timing
 
 
-@dataclass
-class Timed:
-    seconds: float = 0.0
-    steps: int = 0
-    samples: int = 0
-    tokens: int = 0
-    """Valid text tokens + regions (attention-mask ones)."""
-    flops: float = 0.0
-
-    def figures(self, peak: Optional[float], world: int) -> dict:
-        s = max(self.seconds, 1e-9)
-        out = {"steps_per_s": self.steps / s, "samples_per_s": self.samples / s, "tokens_per_s": self.tokens / s,
-               "seconds": self.seconds, "steps": self.steps}
-        if peak:
-            out["mfu"] = self.flops / s / (peak * world)
-        return out
-
-
-def step_work(batches: list[dict], m: ModelConfig, world: int) -> tuple[int, int, float]:
-    """(samples, tokens, model FLOPs) of one optimizer step over all ranks, from this rank's batches."""
-    params = m.num_hidden_layers * (4 * m.hidden_size ** 2 + 2 * m.hidden_size * m.intermediate_size)
-    samples = tokens = 0
-    flops = 0.0
-    for b in batches:
-        bsz, length = b["attn_masks"].shape
-        samples += bsz
-        tokens += int(b["attn_masks"].sum())
-        flops += 3 * bsz * (2 * params * length + 4 * m.num_hidden_layers * length ** 2 * m.hidden_size)
-    return samples * world, tokens * world, flops * world
+def figures(seconds: float, work: BatchWork, steps: int, peak: Optional[float], world: int) -> dict:
+    """Rates of one side over the timed steps; MFU on a GPU of known peak."""
+    s = max(seconds, 1e-9)
+    out = {"steps_per_s": steps / s, "samples_per_s": work.samples / s, "tokens_per_s": work.tokens / s,
+           "seconds": seconds, "steps": steps}
+    if peak:
+        out["mfu"] = work.flops / s / (peak * world)
+        out["mfu_padded"] = work.padded_flops / s / (peak * world)
+    return out
 
 
 def timed_loop(tasks: list[str], warmup: int, device: torch.device, run_step) -> float:
@@ -193,12 +134,22 @@ def profiled_steps(tasks: list[str], device: torch.device, run_step) -> dict[str
     return {name: ops.table(sort_by=key, row_limit=PROFILE_ROWS).splitlines() for name, key in sorts.items()}
 
 
-def measure(tasks: list[str], bench: TrainBenchConfig, device: torch.device,
-            run_step) -> tuple[float, dict[str, list[str]]]:
-    """(timed seconds, profile tables or {})."""
+@dataclass
+class Measured:
+    seconds: float
+    profile: dict
+    peak_memory: Optional[int]
+    """torch.cuda.max_memory_allocated over the side (model, engine, steps); None off CUDA."""
+    parameters: Optional[int] = None
+    """Of the model the side trained (what ZeRO partitions and the gradients' collectives carry)."""
+
+
+def measure(setup: Setup, bench: TrainBenchConfig, run_step) -> Measured:
+    tasks, device = setup.tasks, setup.device
     seconds = timed_loop(tasks, bench.warmup, device, run_step)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     table = profiled_steps(tasks[bench.warmup:][:bench.profile_steps], device, run_step) if bench.profile_steps else {}
-    return seconds, table
+    return Measured(seconds, table, peak)
 
 
 def sync(device: torch.device) -> None:
@@ -208,73 +159,127 @@ def sync(device: torch.device) -> None:
         torch.distributed.barrier()
 
 
-def run_ours(recipe: UniterRecipe, model: nn.Module, layout: BatchLayout, batches: dict, tasks: list[str],
-             bench: TrainBenchConfig, device: torch.device) -> tuple[float, dict]:
-    cfg = recipe.cfg
+def release(device: torch.device) -> None:
+    """Free what the last side (or its out-of-memory error) left, so the next starts clean."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+# ---------------------------------------------------------------- the two sides
+
+
+def run_ours(setup: Setup, model: nn.Module, bench: TrainBenchConfig) -> Measured:
+    cfg, recipe, layout, device = setup.cfg, setup.recipe, setup.layout, setup.device
+    if cfg.train.compile:
+        from trainer.compile import compile_regions
+
+        compile_regions(model, recipe)
     total = cfg.optim.total_steps or cfg.train.max_steps
     engine, _ = build_engine(model, cfg.optim, cfg.parallel, cfg.precision, layout, total, device)
-    loaders = {key: CyclingLoader(b) for key, b in batches.items()}
+    loaders = {key: CyclingLoader(b) for key, b in setup.batches.items()}
     steps = itertools.count()
-    measured = measure(tasks, bench, device, lambda key: optimizer_step(
-        engine, recipe, loaders[key], task_of(key), layout, StepContext(next(steps), cfg.train.seed, device)))
-    engine.destroy()
-    return measured
+    try:
+        return measure(setup, bench, lambda key: optimizer_step(
+            engine, recipe, loaders[key], task_of(key), layout, StepContext(next(steps), cfg.train.seed, device)))
+    finally:
+        engine.destroy()
 
 
-def run_baseline(recipe: UniterRecipe, model: nn.Module, layout: BatchLayout, batches: dict, tasks: list[str],
-                 bench: TrainBenchConfig, device: torch.device) -> tuple[float, dict]:
+def run_baseline(setup: Setup, model: nn.Module, bench: TrainBenchConfig) -> Measured:
+    """The plain loop over the recipe's protocol (begin_step, forward_args, term_counts, finish), so
+    every family's step does the same work as ours: each loss over its terms in the micro-batch."""
     from torch.nn.parallel import DistributedDataParallel
 
-    cfg = recipe.cfg
-    model = baseline_model(model).to(device)
+    cfg, recipe, layout, device = setup.cfg, setup.recipe, setup.layout, setup.device
+    model = setup.family.plain_model(model).to(device)
     ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     o = cfg.optim
     optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision.dtype)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
-    loaders = {key: CyclingLoader(b) for key, b in batches.items()}
+    loaders = {key: CyclingLoader(b) for key, b in setup.batches.items()}
+    engine_view = SimpleNamespace(module=model)  # what a recipe's begin_step reads of an engine
+    steps = itertools.count()
 
     def step(key: str) -> None:
-        for i in range(layout.grad_accum):
-            batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in loaders[key].next().items()}
-            no_sync = ddp.no_sync() if i + 1 < layout.grad_accum else contextlib.nullcontext()
+        task, accum = task_of(key), layout.grad_accum
+        micro = [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in loaders[key].next().items()}
+                 for _ in range(accum)]
+        plan = recipe.begin_step(engine_view, micro, task, StepContext(next(steps), cfg.train.seed, device))
+        means: dict[str, float] = {}
+        for i, batch in enumerate(micro):
+            counts = recipe.term_counts(batch, task)
+            no_sync = ddp.no_sync() if i + 1 < accum else contextlib.nullcontext()
             with no_sync, torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                result = ddp(batch, recipe.task_fns[task_of(key)])
-                loss = result.losses["loss"] / max(batch["n_items"], 1) / layout.grad_accum
-            scaler.scale(loss).backward()
-            loss.item()  # the plain way logs every micro-batch's loss
+                losses = ddp(batch, *plan.forward_args(i, batch)).losses
+                terms = {k: v / max(counts[k], 1) / accum for k, v in losses.items()}
+            scaler.scale(sum(terms.values())).backward()
+            # the plain way logs every micro-batch's losses
+            for k, v in zip(terms, torch.stack([v.detach().float() for v in terms.values()]).tolist()):
+                means[k] = means.get(k, 0.0) + v
+        plan.finish(means, False)
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
 
-    with plain_ops():
-        return measure(tasks, bench, device, step)
+    with setup.family.plain_ops():
+        return measure(setup, bench, step)
 
 
-def prefetch(recipe: UniterRecipe, tok, layout: BatchLayout, rank: int, n_steps: int) -> dict:
+SIDES = {"ours": run_ours, "baseline": run_baseline}
+
+
+def run_side(setup: Setup, runner, bench: TrainBenchConfig) -> Measured:
+    """A fresh model from the seed, the recipe's state attached, then `runner`."""
+    release(setup.device)
+    torch.manual_seed(setup.cfg.train.seed)
+    model = setup.recipe.build_model()
+    setup.recipe.attach(model, setup.layout, setup.device)
+    parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    measured = runner(setup, model, bench)
+    measured.parameters = parameters
+    return measured
+
+
+# ---------------------------------------------------------------- batches and their work
+
+
+def prefetch(recipe: Recipe, tok, layout: BatchLayout, rank: int, n_steps: int) -> dict:
     """`n_steps` optimizer steps' worth of this rank's micro-batches per mix key."""
     from trainer.run_setup import build_train_loaders
 
     loaders = build_train_loaders(recipe.cfg, recipe, tok, layout, rank, {})
+    recipe.on_loaders(loaders, layout)  # e.g. ALBEF's alpha ramp, sized by the epoch
     return {key: [loader.next() for _ in range(n_steps * layout.grad_accum)] for key, loader in loaders.items()}
 
 
-def timed_work(model: ModelConfig, batches: dict, tasks: list[str], warmup: int, accum: int,
-               world: int) -> Timed:
-    """Samples, tokens and FLOPs of the timed steps: the batches both sides read in those steps."""
-    work, cursor = Timed(), {key: 0 for key in batches}
-    for i, key in enumerate(tasks):
+def timed_work(setup: Setup, warmup: int) -> tuple[BatchWork, int]:
+    """(work, steps) of the timed steps over all ranks: the batches both sides read in those steps,
+    this rank's taken as every rank's."""
+    batches, accum, world = setup.batches, setup.layout.grad_accum, setup.layout.world_size
+    work, steps, cursor = NO_WORK, 0, {key: 0 for key in batches}
+    for i, key in enumerate(setup.tasks):
         step_batches = [batches[key][(cursor[key] + j) % len(batches[key])] for j in range(accum)]
         cursor[key] += accum
         if i >= warmup:
-            samples, tokens, flops = step_work(step_batches, model, world)
-            work.steps += 1
-            work.samples += samples
-            work.tokens += tokens
-            work.flops += flops
-    return work
+            steps += 1
+            for b in step_batches:
+                work = work + setup.recipe.step_flops(b, task_of(key))
+    return scaled(work, world), steps
+
+
+def scaled(work: BatchWork, k: int) -> BatchWork:
+    return BatchWork(work.samples * k, work.tokens * k, work.padded_tokens * k, work.flops * k,
+                     work.padded_flops * k)
+
+
+def work_record(work: BatchWork, steps: int) -> dict:
+    return {"timed_steps": steps, "samples": work.samples, "tokens": work.tokens,
+            "padded_tokens": work.padded_tokens, "flops": work.flops, "padded_flops": work.padded_flops}
 
 
 def peak_flops(device: torch.device, dtype: str) -> Optional[float]:
@@ -284,55 +289,100 @@ def peak_flops(device: torch.device, dtype: str) -> Optional[float]:
     return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
 
-def run_train_bench(cfg: Config, bench: TrainBenchConfig) -> dict:
-    """Collective under torchrun; every rank returns the same figures."""
-    from trainer.distributed import setup_distributed
-    from data.tokenizer import load_tokenizer
+def make_setup(cfg: Config, tok, info, bench: TrainBenchConfig) -> Setup:
+    """A fresh recipe of `cfg`, its layout and this rank's prefetched batches; the task order."""
     from trainer.run_setup import validate_against_data
 
-    if cfg.model.arch != "uniter":
-        raise ConfigError(f"vlpt bench train measures UNITER's step; model.arch={cfg.model.arch} is not "
-                          "benchmarked yet (time a `vlpt pretrain` run: its summary reports samples/s)")
-    info = setup_distributed(cfg.parallel.backend, cfg.parallel.timeout_minutes)
-    tok = load_tokenizer(cfg.data.vocab)
-    recipe = UniterRecipe(cfg)
+    recipe = recipe_class(cfg.model.arch)(cfg)
+    if type(recipe).step_flops is Recipe.step_flops:
+        raise ValueError(f"model.arch={cfg.model.arch!r}: its recipe does not count its model FLOPs "
+                         "(Recipe.step_flops, trainer/bench_flops.py), which vlpt bench train needs for MFU")
     validate_against_data(cfg, recipe, tok)
     layout = batch_layout(cfg.optim, cfg.data.micro_batch_size, info.world_size)
     batches = prefetch(recipe, tok, layout, info.rank, bench.batches_per_task)
     ratios = mix_ratios(cfg)
     tasks = [draw_task(cfg.train.seed, s, ratios) for s in range(bench.warmup + bench.steps)]
-    work = timed_work(cfg.model, batches, tasks, bench.warmup, layout.grad_accum, info.world_size)
-    results = {}
-    for side, runner in (("ours", run_ours), ("baseline", run_baseline)):
-        torch.manual_seed(cfg.train.seed)
-        model = recipe.build_model()
-        recipe.attach(model, layout, info.device)
-        seconds, tables = runner(recipe, model, layout, batches, tasks, bench, info.device)
-        timed = Timed(seconds, work.steps, work.samples, work.tokens, work.flops)
-        results[side] = timed.figures(peak_flops(info.device, cfg.precision.dtype), info.world_size)
-        if tables:
-            results[side]["profile"] = {"steps": bench.profile_steps, **tables}
-    ratio = {k: results["ours"][k] / results["baseline"][k] for k in ("steps_per_s", "samples_per_s", "tokens_per_s")}
-    return {"world_size": info.world_size, "global_batch_size": layout.global_batch_size,
-            "precision": cfg.precision.dtype, "zero_stage": cfg.parallel.zero_stage,
-            "tasks": dict(sorted(ratios.items())), "timed_steps": bench.steps, "warmup_steps": bench.warmup,
-            "ours": results["ours"], "baseline": results["baseline"], "ours_over_baseline": ratio}
+    return Setup(recipe, bench_family(cfg.model.arch), layout, batches, tasks, info.device)
+
+
+def compare(setup: Setup, bench: TrainBenchConfig, runners: dict = SIDES) -> dict:
+    """Both sides on `setup`: their figures, peak memory and the ours / baseline ratios."""
+    work, steps = timed_work(setup, bench.warmup)
+    peak = peak_flops(setup.device, setup.cfg.precision.dtype)
+    out = {"work": work_record(work, steps)}
+    for side, runner in runners.items():
+        try:
+            measured = run_side(setup, runner, bench)
+        except torch.cuda.OutOfMemoryError as e:
+            # One GPU: recorded, and the next side or point starts from freed memory. Several: the
+            # other ranks wait in a collective this rank left; size the points to fit instead.
+            message = str(e).strip().splitlines() or ["out of memory"]
+            out[side] = {"oom": True, "error": message[0][:300]}
+            continue
+        finally:
+            release(setup.device)
+        out[side] = {**figures(measured.seconds, work, steps, peak, setup.layout.world_size),
+                     "peak_memory_bytes": measured.peak_memory}
+        out.setdefault("parameters", measured.parameters)
+        if measured.profile:
+            out[side]["profile"] = {"steps": bench.profile_steps, **measured.profile}
+    out["ours_over_baseline"] = ratios(out["ours"], out["baseline"])
+    return out
+
+
+def ratios(ours: dict, baseline: dict) -> Optional[dict]:
+    if "steps_per_s" not in ours or "steps_per_s" not in baseline:
+        return None  # a side ran out of memory
+    return {k: ours[k] / baseline[k] for k in ("steps_per_s", "samples_per_s", "tokens_per_s")}
+
+
+def run_train_bench(cfg: Config, bench: TrainBenchConfig, count_only: bool = False) -> dict:
+    """Collective under torchrun; every rank returns the same figures. `count_only`: the work of the
+    timed steps (samples, tokens, useful and padded FLOPs) without training."""
+    from data.tokenizer import load_tokenizer
+    from trainer.distributed import setup_distributed
+
+    info = setup_distributed(cfg.parallel.backend, cfg.parallel.timeout_minutes)
+    tok = load_tokenizer(cfg.data.vocab)
+    setup = make_setup(cfg, tok, info, bench)
+    head = {"arch": cfg.model.arch, "world_size": info.world_size,
+            "global_batch_size": setup.layout.global_batch_size, "micro_batch_size": setup.layout.micro_batch_size,
+            "precision": cfg.precision.dtype, "zero_stage": cfg.parallel.zero_stage, "compile": cfg.train.compile,
+            "tasks": dict(sorted(mix_ratios(cfg).items())), "timed_steps": bench.steps, "warmup_steps": bench.warmup}
+    if count_only:
+        work, steps = timed_work(setup, bench.warmup)
+        return {**head, "work": work_record(work, steps)}
+    return {**head, **compare(setup, bench)}
+
+
+def side_line(side: str, r: dict) -> str:
+    if r.get("oom"):
+        return f"  {side:<9} out of memory"
+    mfu = f", MFU {100 * r['mfu']:.1f}% (padded {100 * r['mfu_padded']:.1f}%)" if "mfu" in r else ""
+    mem = f", peak {r['peak_memory_bytes'] / 2 ** 30:.1f} GiB" if r.get("peak_memory_bytes") else ""
+    return (f"  {side:<9} {r['steps_per_s']:8.2f} steps/s {r['samples_per_s']:10.1f} samples/s "
+            f"{r['tokens_per_s']:12.0f} tokens/s{mfu}{mem}")
+
+
+def format_work(w: dict) -> str:
+    return (f"  work of the {w['timed_steps']} timed steps: {w['samples']} samples, {w['tokens']} real tokens "
+            f"({w['padded_tokens']} padded), {w['flops']:.4g} useful FLOPs ({w['padded_flops']:.4g} padded)")
 
 
 def format_train_result(result: dict) -> str:
-    lines = [f"bench train: world {result['world_size']}, global batch {result['global_batch_size']}, "
-             f"{result['precision']}, ZeRO-{result['zero_stage']}, {result['timed_steps']} timed steps"]
-    for side in ("ours", "baseline"):
-        r = result[side]
-        mfu = f", MFU {100 * r['mfu']:.1f}%" if "mfu" in r else ""
-        lines.append(f"  {side:<9} {r['steps_per_s']:8.2f} steps/s {r['samples_per_s']:10.1f} samples/s "
-                     f"{r['tokens_per_s']:12.0f} tokens/s{mfu}")
+    lines = [f"bench train: {result['arch']}, world {result['world_size']}, global batch "
+             f"{result['global_batch_size']}, {result['precision']}, ZeRO-{result['zero_stage']}, "
+             f"{result['timed_steps']} timed steps", format_work(result["work"])]
+    if "ours" not in result:
+        return "\n".join(lines)
+    lines += [side_line(side, result[side]) for side in ("ours", "baseline")]
     for side in ("ours", "baseline"):
         if "profile" in result[side]:
             profile = result[side]["profile"]
             lines += [f"  {side}: top ops by host time over {profile['steps']} profiled steps",
                       *profile["by_self_cpu"][:PROFILE_PRINTED]]
     q = result["ours_over_baseline"]
-    lines.append(f"  ours/baseline: steps/s {q['steps_per_s']:.2f}x  samples/s {q['samples_per_s']:.2f}x  "
-                 f"tokens/s {q['tokens_per_s']:.2f}x")
+    if q:
+        lines.append(f"  ours/baseline: steps/s {q['steps_per_s']:.2f}x  samples/s {q['samples_per_s']:.2f}x  "
+                     f"tokens/s {q['tokens_per_s']:.2f}x")
     return "\n".join(lines)

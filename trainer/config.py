@@ -79,12 +79,22 @@ class ParallelConfig:
     """ZeRO-3: parameters with fewer elements stay unpartitioned (stage3_param_persistence_threshold)."""
     timeout_minutes: int = 30
     """Collective timeout; finite so a dead rank ends the job instead of hanging it."""
+    overlap_comm: Optional[bool] = None
+    """ZeRO-1/2: reduce gradient buckets while the backward still runs; None = on CUDA only
+    (on CPU gloo gains nothing from it)."""
+    reduce_bucket_size: int = 500_000_000
+    """ZeRO-1/2: elements per gradient reduction bucket (DeepSpeed's default)."""
+    allgather_bucket_size: int = 500_000_000
+    """ZeRO-1/2: elements per all-gather of the updated parameters (DeepSpeed's default)."""
 
     def __post_init__(self) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
         if self.offload_optimizer and self.zero_stage == 0:
             raise ValueError("offload_optimizer needs zero_stage >= 1")
+        if self.reduce_bucket_size <= 0 or self.allgather_bucket_size <= 0:
+            raise ValueError("parallel.reduce_bucket_size and parallel.allgather_bucket_size must be positive "
+                             "(elements; DeepSpeed's default is 500000000)")
 
 
 @dataclass(frozen=True)
@@ -123,6 +133,9 @@ class TrainConfig:
     max_consecutive_nonfinite: int = 10
     """An optimizer step whose loss is NaN/inf on any rank is skipped (weights and optimizer
     state untouched) and counted; this many in a row end the run with one error line."""
+    compile: bool = False
+    """torch.compile each transformer block (the recipe's `blocks_to_compile`) with dynamic shapes
+    (trainer/compile.py, docs/operations.md "Compiled layers"); off until measured on a GPU."""
 
     def __post_init__(self) -> None:
         if self.max_steps <= 0 or self.log_every <= 0 or self.keep_last <= 0:
@@ -206,6 +219,10 @@ class Config:
             _check_task_ratios(f"data.datasets.{d.name}.tasks", d.tasks or self.tasks, recipe.tasks,
                                allow_empty=False)
         recipe.check_config(self)
+        if self.train.compile and self.parallel.zero_stage == 3:
+            raise ValueError("train.compile needs parallel.zero_stage <= 2: ZeRO-3 gathers each submodule's "
+                             "parameters in module hooks torch.compile cannot trace, which cuts every compiled "
+                             "layer into a graph per submodule; set parallel.zero_stage=2 or train.compile=false")
 
 
 def _check_task_ratios(where: str, ratios: dict[str, float], known: tuple[str, ...], allow_empty: bool) -> None:

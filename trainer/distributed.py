@@ -31,7 +31,7 @@ def setup_distributed(backend: str = "auto", timeout_minutes: int = 30) -> DistI
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu"
+    use_cuda = uses_cuda()
     if backend == "auto":
         backend = "nccl" if use_cuda else "gloo"
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
@@ -51,6 +51,11 @@ def setup_distributed(backend: str = "auto", timeout_minutes: int = 30) -> DistI
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout)
     return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(),
                     local_rank=local_rank, device=device)
+
+
+def uses_cuda() -> bool:
+    """Whether this process trains on a GPU (`DS_ACCELERATOR=cpu` keeps it on the CPU)."""
+    return torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu"
 
 
 def _init_elastic_group(backend: str, rank: int, world: int, timeout: datetime.timedelta) -> None:
@@ -96,15 +101,38 @@ def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
 
 def all_gather_varying_rows(t: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
     """[n_r, ...] of every rank (n_r may differ), concatenated in rank order, and the n_r.
-    One small all-gather of the counts (a host sync), then one of the padded rows."""
+    The counts are known on the host: they go through the host group, then one all-gather of
+    the padded rows."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return t.detach(), [t.size(0)]
-    sizes = all_gather_rows(torch.tensor([t.size(0)], device=t.device)).tolist()
+    sizes = all_gather_host_ints(t.size(0))
     most = max(sizes)
     padded = torch.zeros((most, *t.shape[1:]), dtype=t.dtype, device=t.device)
     padded[:t.size(0)] = t.detach()
     rows = all_gather_rows(padded)  # [world * most, ...]
     return torch.cat([rows[r * most:r * most + n] for r, n in enumerate(sizes)]), sizes
+
+
+_HOST_GROUP: dict[str, Any] = {}
+
+
+def host_group():
+    """A gloo group beside an NCCL default group, for values that live on the host: exchanging
+    them there leaves the GPU streams alone (an NCCL exchange would be read back with a device
+    synchronisation). None when the default group is gloo already. Collective on first use."""
+    if dist.get_backend() == "gloo":
+        return None
+    if "group" not in _HOST_GROUP:
+        _HOST_GROUP["group"] = dist.new_group(backend="gloo")
+    return _HOST_GROUP["group"]
+
+
+def all_gather_host_ints(n: int) -> list[int]:
+    """Every rank's host integer `n`, in rank order, without touching the device."""
+    local = torch.tensor([n], dtype=torch.int64)
+    out = [torch.zeros_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, local, group=host_group())
+    return [int(x) for x in out]
 
 
 def all_gather_objects(obj: Any) -> list[Any]:

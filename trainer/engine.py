@@ -12,6 +12,7 @@ from torch import nn
 
 from trainer.config import OptimConfig, ParallelConfig, PrecisionConfig
 from trainer.config_files import ConfigError
+from trainer.gradients import GradientPolicy, trainer_clips
 
 log = logging.getLogger(__name__)
 
@@ -50,17 +51,15 @@ def batch_layout(optim: OptimConfig, micro_batch_size: int, world_size: int) -> 
 
 
 def build_deepspeed_config(optim: OptimConfig, parallel: ParallelConfig, precision: PrecisionConfig,
-                           layout: BatchLayout) -> dict[str, Any]:
-    zero: dict[str, Any] = {"stage": parallel.zero_stage}
-    if parallel.zero_stage == 3:
-        zero["stage3_param_persistence_threshold"] = parallel.zero3_persistence_threshold
-    if parallel.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+                           layout: BatchLayout, device_type: str = "cpu") -> dict[str, Any]:
+    ours = trainer_clips(parallel, precision)
+    zero = zero_section(parallel, device_type, ours)
     cfg: dict[str, Any] = {
         "train_batch_size": layout.global_batch_size,
         "train_micro_batch_size_per_gpu": layout.micro_batch_size,
         "gradient_accumulation_steps": layout.grad_accum,
-        "gradient_clipping": optim.grad_clip / accum_sum_factor(optim, layout),
+        # trainer/gradients.py clips where DeepSpeed's checks would read the norm on the host
+        "gradient_clipping": 0.0 if ours else clip_norm(optim, layout),
         "zero_optimization": zero,
         # Our AdamW is built here, not by DeepSpeed's name lookup, so ZeRO must accept it.
         "zero_allow_untested_optimizer": True,
@@ -68,13 +67,34 @@ def build_deepspeed_config(optim: OptimConfig, parallel: ParallelConfig, precisi
         "wall_clock_breakdown": False,
     }
     if precision.dtype == "bf16":
-        cfg["bf16"] = {"enabled": True}
+        cfg["bf16"] = {"enabled": True, "check_grad_overflow": not ours}
     elif precision.dtype == "fp16":
         cfg["fp16"] = {"enabled": True, "loss_scale": 0,
                        "initial_scale_power": precision.initial_scale_power,
                        "loss_scale_window": precision.loss_scale_window,
                        "min_loss_scale": precision.min_loss_scale}
     return cfg
+
+
+def zero_section(parallel: ParallelConfig, device_type: str, trainer_clips: bool) -> dict[str, Any]:
+    zero: dict[str, Any] = {"stage": parallel.zero_stage}
+    if parallel.zero_stage in (1, 2):
+        overlap = parallel.overlap_comm if parallel.overlap_comm is not None else device_type == "cuda"
+        zero.update(overlap_comm=overlap, contiguous_gradients=True,
+                    reduce_bucket_size=parallel.reduce_bucket_size,
+                    allgather_bucket_size=parallel.allgather_bucket_size)
+    if trainer_clips:
+        zero["compute_grad_norm"] = False
+    if parallel.zero_stage == 3:
+        zero["stage3_param_persistence_threshold"] = parallel.zero3_persistence_threshold
+    if parallel.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    return zero
+
+
+def clip_norm(optim: OptimConfig, layout: BatchLayout) -> float:
+    """The max norm of the gradient DeepSpeed sees (the step's mean loss's); 0 = no clip."""
+    return optim.grad_clip / accum_sum_factor(optim, layout)
 
 
 def accum_sum_factor(optim: OptimConfig, layout: BatchLayout) -> int:
@@ -199,7 +219,7 @@ def build_engine(model: nn.Module, optim: OptimConfig, parallel: ParallelConfig,
     """deepspeed.initialize with our optimizer and LR schedule."""
     import deepspeed
 
-    ds_config = build_deepspeed_config(optim, parallel, precision, layout)
+    ds_config = build_deepspeed_config(optim, parallel, precision, layout, device.type)
     model.to(device)
     optimizer = build_optimizer(model, optim, device, parallel.offload_optimizer,
                                 eps_divisor=accum_sum_factor(optim, layout))
@@ -208,6 +228,9 @@ def build_engine(model: nn.Module, optim: OptimConfig, parallel: ParallelConfig,
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            lr_scheduler=scheduler, config=ds_config)
     engine.step_gate = gate
+    engine.gradient_policy = GradientPolicy(
+        parallel.zero_stage, clip_norm(optim, layout) if trainer_clips(parallel, precision) else 0.0,
+        layout.world_size if parallel.zero_stage == 0 else 1, measured=precision.dtype != "fp16")
     log.info("DeepSpeed engine: ZeRO-%d, %s, global batch %d = %d micro x %d accum x %d ranks",
              parallel.zero_stage, precision.dtype, layout.global_batch_size,
              layout.micro_batch_size, layout.grad_accum, layout.world_size)

@@ -2,8 +2,9 @@
 
 Slurm (requeue, preemption, `scancel`), Kubernetes (pod deletion) and torchrun (a
 restart) send SIGTERM and kill the processes some seconds later (Slurm's KillWait,
-the pod's grace period). The first SIGTERM or Ctrl-C only sets a flag; after the step in
-flight, every rank learns whether any rank got one, and together they save and exit.
+the pod's grace period). The first SIGTERM or Ctrl-C only sets a flag; with the stats of the
+step in flight (trainer/step.py) every rank learns whether any rank got one, and together they
+save and exit.
 A second signal acts at once (the default handlers are back).
 """
 from __future__ import annotations
@@ -13,9 +14,6 @@ import threading
 from types import FrameType
 from typing import Optional
 
-import torch
-
-from trainer.distributed import all_reduce_sum
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -40,11 +38,6 @@ class StopRequest:
     def _handle(self, signum: int, frame: Optional[FrameType]) -> None:
         self.signum = signum
         self.uninstall()
-
-    def any_rank(self, device: torch.device) -> bool:
-        """Collective: whether some rank got a signal (every rank gets the same answer)."""
-        got = torch.tensor([1.0 if self.signum else 0.0], device=device)
-        return bool(all_reduce_sum(got).item())
 
     @property
     def name(self) -> str:

@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import sys
 import time
+from typing import Optional
 
 from tqdm import tqdm
+
+from trainer.step_timer import format_breakdown
 
 
 class Progress:
@@ -20,7 +23,9 @@ class Progress:
         self.retries = 0
         """S3 retries so far in this process's run (all ranks), set by the loop."""
 
-    def update(self, step: int, task: str, stats: dict[str, float], batch_size: int) -> None:
+    def update(self, step: int, task: str, stats: dict[str, float], batch_size: int,
+               times: Optional[dict[str, float]] = None) -> None:
+        """`times`: the step-time breakdown (trainer/step_timer.py), given on log steps."""
         for k, v in stats.items():
             self.window.setdefault(f"{task}_{k}", []).append(v)
         self.samples += batch_size
@@ -32,7 +37,9 @@ class Progress:
             parts = [f"{k} {sum(v) / len(v):.4f}" for k, v in sorted(self.window.items())]
             skipped = f"  | {self.skipped:,} bad samples skipped" if self.skipped else ""
             retries = f"  | {self.retries:,} S3 retries" if self.retries else ""
-            self.write(f"step {step}: " + "  ".join(parts) + f"  | {rate:.0f} samples/s" + skipped + retries)
+            breakdown = f"  | {format_breakdown(times)}" if times else ""
+            self.write(f"step {step}: " + "  ".join(parts) + f"  | {rate:.0f} samples/s" + breakdown + skipped
+                       + retries)
             self.window.clear()
 
     def write(self, line: str) -> None:

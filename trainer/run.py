@@ -6,7 +6,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -16,6 +16,7 @@ from data.tokenizer import load_tokenizer
 from trainer import checkpoint as ckpt
 from trainer.checkpoint_files import STATE_FILE, checkpoint_root
 from trainer.checkpoint_s3 import download_checkpoint, remote_latest, upload_checkpoint
+from trainer.compile import compile_regions
 from trainer.config import Config, config_to_yaml
 from trainer.config_files import ConfigError
 from trainer.config_loader import flatten, to_dict
@@ -31,6 +32,7 @@ from trainer.run_lock import hold_run_lock
 from trainer.run_setup import (build_train_loaders, check_fresh_start, check_inputs, check_precision,
                                read_val_splits, resolve_run_dir, setup_logging, validate_against_data)
 from trainer.step import StepStats, optimizer_step
+from trainer.step_timer import StepTimer
 from trainer.summary import mlm_loss_drop, print_summary
 from trainer.task_mix import draw_task, mix_ratios, task_of
 from trainer.tracking import Tracker
@@ -92,6 +94,7 @@ class Run:
     def __init__(self, cfg: Config, recipe: Recipe, info: DistInfo, engine, layout: BatchLayout, tok,
                  config_yaml: str) -> None:
         self.cfg, self.recipe, self.info, self.engine, self.layout = cfg, recipe, info, engine, layout
+        self.timer = StepTimer.off()
         self.tok, self.config_yaml = tok, config_yaml
         self.run_dir = os.path.abspath(cfg.train.run_dir)
         self.state = RunState()
@@ -109,6 +112,8 @@ class Run:
             recipe.attach(model, layout, info.device)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        if cfg.train.compile:
+            compile_regions(model, recipe)
         total_steps = cfg.optim.total_steps or cfg.train.max_steps
         engine, _ = build_engine(model, cfg.optim, cfg.parallel, cfg.precision, layout, total_steps, info.device)
         return cls(cfg, recipe, info, engine, layout, tok, config_yaml)
@@ -173,28 +178,32 @@ class Run:
         last_step = min(cfg.train.max_steps, cfg.train.stop_after_steps or cfg.train.max_steps)
         self.progress = Progress(enabled=self.info.is_main, start=state.step, total=cfg.train.max_steps,
                                  log_every=cfg.train.log_every, bar=cfg.train.progress)
+        self.timer = StepTimer(self.info.device)
+        self.timer.watch_gradient_reduction(self.engine)
         t0, start_step, ratios = time.time(), state.step, mix_ratios(cfg)
         stop = StopRequest().install()
         try:
             while state.step < last_step:
                 key = draw_task(cfg.train.seed, state.step, ratios)
-                self.log_step(key, self.step(key))
+                result = self.step(key, lambda: stop.signum is not None)
+                self.log_step(key, result)
                 more = state.step < last_step
                 if cfg.train.val_every and state.step % cfg.train.val_every == 0 and more:
                     self.validate()
                 if cfg.train.save_every and state.step % cfg.train.save_every == 0 and more:
                     self.save()
-                if stop.any_rank(self.info.device):
+                if result.stop_requested:
                     self.stop(stop)
         finally:
             stop.uninstall()
         return self.finish(time.time() - t0, start_step)
 
-    def step(self, key: str) -> StepStats:
+    def step(self, key: str, stop_requested: Callable[[], bool] = lambda: False) -> StepStats:
         ctx = StepContext(self.state.step, self.cfg.train.seed, self.info.device,
                           after_skip=self.state.nonfinite_in_a_row > 0)
         try:
-            return optimizer_step(self.engine, self.recipe, self.loaders[key], task_of(key), self.layout, ctx)
+            return optimizer_step(self.engine, self.recipe, self.loaders[key], task_of(key), self.layout, ctx,
+                                  self.timer, stop_requested)
         except NoUsableData as e:  # a dataset with nothing readable left: one line, exit 2
             self.end("FAILED")
             raise ConfigError(str(e)) from None
@@ -205,10 +214,14 @@ class Run:
         state.task_counts[key] = state.task_counts.get(key, 0) + 1
         stats = self.count_nonfinite(result, key)
         record = {"lr": self.engine.get_lr()[0], **{f"{key}_{k}": v for k, v in stats.items()}}
+        if result.grad_norm is not None and not result.skipped:
+            record["grad_norm"] = result.grad_norm
+        times = self.timer.report() if state.step % self.cfg.train.log_every == 0 else {}
+        record.update({f"time/{phase}_ms": ms for phase, ms in times.items()})
         self.tracker.log_metrics(record, state.step, task=key)
         if state.step % self.cfg.train.log_every == 0:
             self.check_data(self.data_counts())
-        self.progress.update(state.step, key, stats, self.layout.global_batch_size)
+        self.progress.update(state.step, key, stats, self.layout.global_batch_size, times)
 
     def end(self, status: str) -> None:
         """Close the progress bar and the tracker's run with `status` (an abnormal end)."""
@@ -216,7 +229,7 @@ class Run:
         self.tracker.finish(status)
 
     def count_nonfinite(self, result: StepStats, key: str) -> dict[str, float]:
-        """Count a skipped step (the same on every rank: the loss was reduced over ranks) and end
+        """Count a skipped step (the same on every rank: the loss and the gradient norm were reduced over ranks) and end
         the run after `train.max_consecutive_nonfinite` in a row. Returns the stats to log:
         none of a skipped step's NaN/inf values, only the running count."""
         state = self.state
@@ -227,7 +240,7 @@ class Run:
         state.nonfinite_in_a_row += 1
         limit = self.cfg.train.max_consecutive_nonfinite
         first = state.step - state.nonfinite_in_a_row + 1
-        self.progress.write(f"step {state.step}: non-finite {key} loss on some rank; step skipped "
+        self.progress.write(f"step {state.step}: non-finite {key} loss or gradient on some rank; step skipped "
                             f"({state.nonfinite_in_a_row} in a row, {state.nonfinite_steps} in this run)")
         self.tracker.log_metrics({"nonfinite_steps": float(state.nonfinite_steps)}, state.step)
         if state.nonfinite_in_a_row >= limit:

@@ -16,7 +16,7 @@ from data.storage import is_s3
 from trainer.checkpoint_files import checkpoint_root, list_complete
 from trainer.config import Config, PrecisionConfig
 from trainer.config_files import ConfigError
-from trainer.distributed import DistInfo, all_gather_objects
+from trainer.distributed import DistInfo, all_gather_objects, uses_cuda
 from trainer.engine import BatchLayout
 from trainer.recipes.base import Recipe
 from trainer.task_mix import task_mix
@@ -156,7 +156,8 @@ def build_train_loaders(cfg: Config, recipe: Recipe, tok, layout: BatchLayout, r
             dataset = TaskBatches(spec, tok, recipe.collate(entry.task, tok), mine, positions.get(entry.key))
         except ValueError as e:  # positions that do not fit this run: one line, exit 2
             raise ConfigError(str(e)) from None
-        loaders[entry.key] = ResumableTaskLoader(dataset, d.num_workers, seed=cfg.train.seed)
+        loaders[entry.key] = ResumableTaskLoader(dataset, d.num_workers, seed=cfg.train.seed,
+                                                 pin_memory=uses_cuda() and d.num_workers > 0)
     return loaders
 
 

@@ -122,7 +122,8 @@ def cmd_bench_data(args, extra: list[str]) -> int:
     return _bench("data", args.out, format_result, lambda: run_bench(BenchConfig(
         sources=sources, vocab=args.vocab, task=args.task, batch_size=args.batch_size,
         token_budget=args.token_budget, workers=args.workers, shuffle_buffer=args.shuffle_buffer,
-        max_samples=args.max_samples, s3=S3Options(endpoint_url=args.endpoint_url, region=args.region))))
+        max_samples=args.max_samples, pack_len=args.pack_len,
+        s3=S3Options(endpoint_url=args.endpoint_url, region=args.region))))
 
 
 def _bench(kind: str, out: str, fmt, run) -> int:
@@ -158,31 +159,54 @@ def cmd_bench_kernels(args, extra: list[str]) -> int:
 
 
 def cmd_bench_train(args, extra: list[str]) -> int:
+    import time
+
     from trainer.bench_record import stamp, write_record
     from trainer.bench_train import TrainBenchConfig, format_train_result, run_train_bench
     from trainer.config import load_config
 
     cfg = load_config(args.config, split_overrides(extra))
+    main = int(os.environ.get("RANK", "0")) == 0
+    kind = "train-sweep" if args.sweep else "train"
+    # one file, rewritten after every sweep point: a sweep cut short keeps the points it ran
+    out = args.out or time.strftime(f"benchmarks/results/{kind}-%Y%m%d-%H%M%S.json")
+
+    def record(result: dict) -> str:
+        return write_record(stamp(kind, {"config": args.config, **result}), out) if main else out
+
     try:
         bench = TrainBenchConfig(steps=args.steps, warmup=args.warmup, batches_per_task=args.batches_per_task,
                                  profile_steps=args.profile_steps)
+        if args.sweep:
+            if args.count_only:
+                raise ValueError("bench train: --count-only counts the config's own batches; drop --sweep")
+            from trainer.bench_sweep import format_sweep, run_sweep
+
+            fmt, result = format_sweep, run_sweep(cfg, bench, args.sweep, on_point=record)
+        else:
+            fmt, result = format_train_result, run_train_bench(cfg, bench, args.count_only)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    result = run_train_bench(cfg, bench)
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(format_train_result(result))
-        print(f"written to {write_record(stamp('train', {'config': args.config, **result}), args.out)}")
+    if main:
+        print(fmt(result))
+        print(f"written to {record(result)}")
     return 0
 
 
 def _add_bench_train(bench) -> None:
-    sp = bench.add_parser("train", help="training steps/s, samples/s, tokens/s, MFU: ours vs the plain way")
+    sp = bench.add_parser("train", help="training steps/s, samples/s, tokens/s, MFU, peak memory: ours vs the "
+                                        "plain way")
     sp.add_argument("--config", required=True, help="pretraining YAML; dotted --section.key=value overrides follow")
     sp.add_argument("--steps", type=int, default=20, help="timed optimizer steps per side")
     sp.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     sp.add_argument("--batches-per-task", type=int, default=4, help="steps' worth of batches read per task, cycled")
     sp.add_argument("--profile-steps", type=int, default=0,
                     help="after timing, profile this many more steps per side (torch.profiler; top ops in the JSON)")
+    sp.add_argument("--sweep", type=_ints, default=(),
+                    help="micro-batch sizes in real tokens per GPU, e.g. 8192,16384,32768: both sides at each "
+                         "(default JSON benchmarks/results/train-sweep-<time>.json)")
+    sp.add_argument("--count-only", action="store_true",
+                    help="print the timed steps' samples, tokens and useful / padded FLOPs; no training")
     sp.add_argument("--out", help="JSON path (default benchmarks/results/train-<time>.json)")
     sp.set_defaults(fn=cmd_bench_train)
 
@@ -294,6 +318,9 @@ def _add_bench_data(bench) -> None:
     data.add_argument("--workers", type=int, default=1, help="DataLoader workers")
     data.add_argument("--shuffle-buffer", type=int, default=512)
     data.add_argument("--max-samples", type=int, default=0, help="stop each pass here (0: one epoch)")
+    data.add_argument("--pack-len", type=int, default=0,
+                      help="also pack the fixed-size batches into rows of this many positions (a multiple of 8, "
+                           "as data.uniter.pack_len) and report their padding; 0: skip")
     data.add_argument("--out", help="JSON path (default benchmarks/results/data-<time>.json)")
     data.set_defaults(fn=cmd_bench_data)
 

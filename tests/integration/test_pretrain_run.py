@@ -24,7 +24,11 @@ def test_run_writes_checkpoint_summary_and_mlflow(tmp_path, demo_data):
         assert (run_dir / "checkpoints" / "step_00000006" / name).is_file()
     state = json.loads((run_dir / "checkpoints" / "step_00000006" / "trainer_state.json").read_text())
     assert state["step"] == 6 and set(state["positions"]) == {"mlm", "itm"}
-    assert [r["step"] for r in read_metrics(run_dir) if "task" in r] == list(range(1, 7))
+    steps = [r for r in read_metrics(run_dir) if "task" in r]
+    assert [r["step"] for r in steps] == list(range(1, 7))
+    # log_every 1: the step-time breakdown on every step, in the progress line too; the norm always
+    assert all(r["grad_norm"] > 0 and r["time/step_ms"] > 0 and r["time/forward_ms"] > 0 for r in steps)
+    assert proc.stdout.count(" ms  |") + proc.stdout.count(" ms\n") >= 6 and proc.stdout.count("fwd ") >= 6
 
     from mlflow.tracking import MlflowClient
     client = MlflowClient(tracking_uri=f"sqlite:///{run_dir}/mlflow.db")

@@ -195,3 +195,24 @@ def test_a_moved_key_is_refused_with_one_line_naming_its_new_place(tmp_path, old
     for part in new_key.split("."):
         got = getattr(got, part)
     assert got == value
+
+
+def test_train_compile_is_off_by_default_and_takes_a_bool(tmp_path):
+    import glob
+
+    path = write(tmp_path, "c.yaml", "{}")
+    assert load_config(path).train.compile is False
+    assert all(load_config(p).train.compile is False for p in glob.glob("configs/pretrain/*.yaml"))
+    assert load_config(path, ["--train.compile=true"]).train.compile is True
+    assert load_config(write(tmp_path, "on.yaml", "train:\n  compile: on\n")).train.compile is True  # YAML 1.1
+    with pytest.raises(ConfigError, match=re.escape("train.compile: expected bool, got 'layers'")):
+        load_config(path, ["--train.compile=layers"])
+
+
+def test_train_compile_under_zero3_is_refused_with_the_fix(tmp_path):
+    path = write(tmp_path, "c.yaml", "{}")
+    with pytest.raises(ConfigError, match=re.escape("train.compile needs parallel.zero_stage <= 2")) as e:
+        load_config(path, ["--train.compile=true", "--parallel.zero_stage=3"])
+    assert "set parallel.zero_stage=2 or train.compile=false" in str(e.value)
+    assert load_config(path, ["--train.compile=true", "--parallel.zero_stage=2"]).train.compile is True
+    assert load_config("configs/pretrain/demo-albef.yaml", ["--train.compile=true"]).train.compile is True

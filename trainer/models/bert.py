@@ -27,6 +27,14 @@ def extended_attention_mask(attn_masks: Tensor, dtype: torch.dtype) -> Tensor:
     return (1.0 - m) * MASK_VALUE
 
 
+def block_diagonal_mask(segment_ids: Tensor, dtype: torch.dtype) -> Tensor:
+    """Additive mask [R, 1, Lp, Lp] of packed rows: a position attends only to positions of its own
+    sample (same segment id). Pads (-1) attend to the row's pads, so no query row is empty; with
+    the additive MASK_VALUE an empty row would not be NaN either, only meaningless."""
+    same = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]  # [R, 1, Lp, Lp]
+    return (1.0 - same.to(dtype)) * MASK_VALUE
+
+
 def init_bert_weights(module: nn.Module, std: float) -> None:
     """BERT/UNITER init: Linear/Embedding ~ N(0, std), an Embedding's padding row 0 (as Hugging Face's
     BERT), Linear bias 0, LayerNorm (1, 0)."""
@@ -61,8 +69,8 @@ class SelfAttention(nn.Module):
         return x.view(b, l, self.num_heads, self.head_dim).transpose(1, 2)  # [B, nh, L, d]
 
     def forward(self, hidden: Tensor, mask: Optional[Tensor], context: Optional[Tensor] = None) -> Tensor:
-        """hidden [B, L, H], additive key mask [B, 1, 1, S] or None, context [B, S, C]
-        (default: hidden) -> [B, L, H]."""
+        """hidden [B, L, H], additive mask [B, 1, 1, S] (keys), [B, 1, L, S] (packed rows'
+        block-diagonal) or None, context [B, S, C] (default: hidden) -> [B, L, H]."""
         source = hidden if context is None else context
         q = self._heads(self.query(hidden))  # [B, nh, L, d]
         k = self._heads(self.key(source))  # [B, nh, S, d]
@@ -151,9 +159,14 @@ class Encoder(nn.Module):
         self.layer = nn.ModuleList(Layer(cfg) for _ in range(cfg.num_hidden_layers))
         self.activation_checkpointing = cfg.activation_checkpointing
 
-    def forward(self, hidden: Tensor, attn_masks: Tensor) -> Tensor:
-        """hidden [B, L, H], attn_masks [B, L] (1 valid, 0 pad) -> [B, L, H]."""
-        mask = extended_attention_mask(attn_masks, hidden.dtype)  # [B, 1, 1, L]
+    def forward(self, hidden: Tensor, attn_masks: Optional[Tensor], segment_ids: Optional[Tensor] = None) -> Tensor:
+        """hidden [B, L, H], attn_masks [B, L] (1 valid, 0 pad) -> [B, L, H]; or packed rows
+        hidden [R, Lp, H] with segment_ids [R, Lp] (sample per position, -1 pad; attn_masks
+        unused) -> [R, Lp, H], attending within each sample only."""
+        if segment_ids is None:
+            mask = extended_attention_mask(attn_masks, hidden.dtype)  # [B, 1, 1, L]
+        else:
+            mask = block_diagonal_mask(segment_ids, hidden.dtype)  # [R, 1, Lp, Lp]
         for layer in self.layer:
             if self.activation_checkpointing and self.training:
                 # Non-reentrant: works with inputs that do not require grad and

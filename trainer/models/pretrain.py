@@ -81,7 +81,8 @@ class UniterForPretraining(nn.Module):
         return out
 
     def encode(self, batch: Mapping[str, Optional[Tensor]], img_masks: Optional[Tensor] = None) -> Tensor:
-        """Run the backbone on a collated batch -> last hidden states [B, L, H].
+        """Run the backbone on a collated batch -> last hidden states [B, L, H], or [R, Lp, H] for
+        a batch packed into multi-sample rows (its `pack_index` / `segment_ids`, data/packing.py).
 
         Image keys may be absent or None for text-only batches.
         """
@@ -96,6 +97,8 @@ class UniterForPretraining(nn.Module):
             batch["attn_masks"],
             batch.get("gather_index"),
             img_masks=img_masks,
+            pack_index=batch.get("pack_index"),
+            segment_ids=batch.get("segment_ids"),
         )
 
     def mlm_logits(self, h: Tensor) -> Tensor:
@@ -110,9 +113,10 @@ class UniterForPretraining(nn.Module):
         """h [N, H] (masked regions) -> detector-class logits [N, img_label_dim]."""
         return self.region_classifier(h)
 
-    def itm_logits(self, hidden: Tensor) -> Tensor:
-        """hidden [B, L, H] -> match / no-match logits [B, 2] from the pooled [CLS]."""
-        return self.itm_output(self.uniter.pooled(hidden))
+    def itm_logits(self, hidden: Tensor, cls_index: Optional[Tensor] = None) -> Tensor:
+        """hidden [B, L, H] -> match / no-match logits [B, 2] from the pooled [CLS]; packed rows
+        [R, Lp, H] need the batch's `cls_index` [B]."""
+        return self.itm_output(self.uniter.pooled(hidden, cls_index))
 
 
 def build_uniter(cfg: ModelConfig) -> UniterForPretraining:

@@ -80,8 +80,13 @@ class Pooler(nn.Module):
         super().__init__()
         self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
 
-    def forward(self, hidden: Tensor) -> Tensor:
-        return torch.tanh(self.dense(hidden[:, 0]))  # [B, H]
+    def forward(self, hidden: Tensor, cls_index: Optional[Tensor] = None) -> Tensor:
+        """hidden [B, L, H] -> [B, H]; packed rows [R, Lp, H] hold several samples per row, so
+        their [CLS] states are read at the flat positions `cls_index` [B] instead of column 0."""
+        if cls_index is None:
+            return torch.tanh(self.dense(hidden[:, 0]))  # [B, H]
+        cls = hidden.reshape(-1, hidden.size(-1)).index_select(0, cls_index)  # [B, H]
+        return torch.tanh(self.dense(cls))
 
 
 class UniterModel(nn.Module):
@@ -105,10 +110,14 @@ class UniterModel(nn.Module):
         attn_masks: Tensor,
         gather_index: Optional[Tensor],
         img_masks: Optional[Tensor] = None,
+        pack_index: Optional[Tensor] = None,
+        segment_ids: Optional[Tensor] = None,
     ) -> Tensor:
         """Return the last hidden states [B, L, H] of the packed `[txt_i | img_i | pad]` sequence.
 
-        With `img_feat=None` the input is text only: L = Lt and no gather is done.
+        With `img_feat=None` the input is text only: L = Lt and no gather is done. With
+        `pack_index` and `segment_ids` [R, Lp] (data/packing.py) the samples' valid positions
+        are moved into R packed rows after embedding, and the result is [R, Lp, H].
         """
         txt_emb = self.embeddings(input_ids, position_ids)  # [B, Lt, H]
         if img_feat is None:
@@ -123,18 +132,35 @@ class UniterModel(nn.Module):
         # gather moves each example's regions right after its own text so the
         # sequence has no holes and padding only sits at the end.
         emb = torch.cat([txt_emb, img_emb], dim=1)  # [B, Lt + Ni, H]
+        if pack_index is not None or segment_ids is not None:
+            packed_rows = _pack(emb, gather_index, pack_index, segment_ids)  # [R, Lp, H]
+            return self.encoder(packed_rows, None, segment_ids=segment_ids)
         index = gather_index.unsqueeze(-1).expand(-1, -1, emb.size(-1))  # [B, L, H]
         packed = torch.gather(emb, 1, index)  # [B, L, H]
         return self.encoder(packed, attn_masks)
 
-    def pooled(self, hidden: Tensor) -> Tensor:
-        """hidden [B, L, H] -> pooled [CLS] representation [B, H]."""
-        return self.pooler(hidden)
+    def pooled(self, hidden: Tensor, cls_index: Optional[Tensor] = None) -> Tensor:
+        """hidden [B, L, H] (or packed rows [R, Lp, H] with `cls_index` [B]) -> pooled [CLS] [B, H]."""
+        return self.pooler(hidden, cls_index)
+
+
+def _pack(emb: Tensor, gather_index: Tensor, pack_index: Optional[Tensor],
+          segment_ids: Optional[Tensor]) -> Tensor:
+    """Per-sample embeddings [B, Lt + Ni, H] -> packed rows [R, Lp, H] in one index_select: packed
+    slot (r, p) reads the per-sample position pack_index[r, p] = i * L + j, which the gather
+    trick would have filled from emb[i, gather_index[i, j]]."""
+    if pack_index is None or segment_ids is None:
+        raise ValueError("packed rows need both pack_index and segment_ids (data/packing.py); pass both or none")
+    _check_same_shape("pack_index", pack_index, "segment_ids", segment_ids)
+    b, width, h = emb.shape
+    starts = torch.arange(b, device=emb.device)[:, None] * width  # [B, 1]
+    source = (gather_index + starts).reshape(-1).index_select(0, pack_index.reshape(-1))  # [R * Lp]
+    return emb.reshape(-1, h).index_select(0, source).view(*pack_index.shape, h)
 
 
 def _check_same_shape(name_a: str, a: Tensor, name_b: str, b: Tensor) -> None:
     if a.shape != b.shape:
         raise ValueError(
             f"{name_a} has shape {tuple(a.shape)} but {name_b} has {tuple(b.shape)}; "
-            "both must be [B, L] over the same (packed) sequence"
+            "both must be [B, L] (or [R, Lp] for packed rows) over the same sequence"
         )

@@ -38,7 +38,11 @@ class WraConfig:
 
 
 def split_text_regions(hidden: torch.Tensor, batch: dict):
-    """Packed `[txt_i | img_i | pad]` states -> (txt [B, Lt, H], img [B, Ni, H], txt_pad, img_pad)."""
+    """Packed `[txt_i | img_i | pad]` states -> (txt [B, Lt, H], img [B, Ni, H], txt_pad, img_pad).
+
+    `hidden` may also be a multi-sample packed batch's rows [R, Lp, H] (its `unpack_index`)."""
+    if batch.get("unpack_index") is not None:
+        hidden = unpack_rows(hidden, batch["unpack_index"])  # [B, L, H]
     b, length, h = hidden.shape
     lt, ni = batch["input_ids"].size(1), batch["img_feat"].size(1)
     txt_lens, num_bbs = batch["txt_lens"], batch["num_bbs"]  # [B], [B]
@@ -48,6 +52,13 @@ def split_text_regions(hidden: torch.Tensor, batch: dict):
     index = (txt_lens[:, None] + cols).masked_fill(img_pad, 0).clamp_max(length - 1)  # [B, Ni]
     img = torch.gather(hidden, 1, index[..., None].expand(-1, -1, h))  # [B, Ni, H]
     return hidden[:, :lt], img, txt_pad, img_pad
+
+
+def unpack_rows(hidden: Tensor, unpack_index: Tensor) -> Tensor:
+    """Packed rows [R, Lp, H] -> the per-sample layout [B, L, H] at the flat positions
+    `unpack_index` [B, L]; slots past a sample's length read some valid state (masked later)."""
+    flat = hidden.reshape(-1, hidden.size(-1)).index_select(0, unpack_index.reshape(-1))  # [B * L, H]
+    return flat.view(*unpack_index.shape, hidden.size(-1))
 
 
 def itm_loss(logits: Tensor, targets: Tensor, dist: Optional[Tensor] = None, weight: float = 0.0) -> TaskResult:
@@ -78,6 +89,7 @@ def take_rows(batch: dict, rows: Tensor) -> dict:
     Trailing all-pad columns are kept: trimming them needs the selected rows' max
     length on the host (a sync); pads are masked out of attention, so they only cost compute.
     """
+    assert "segment_ids" not in batch, "take_rows needs one sample per row; itm-hard batches are never packed"
     out = dict(batch)
     for key in _ROW_KEYS:
         out[key] = batch[key].index_select(0, rows)

@@ -69,6 +69,14 @@ class AlbefRecipe(Recipe):
             raise ValueError(f"model.queue_size: {e}") from None
         self.teacher = teacher.to(device)
 
+    def blocks_to_compile(self, model) -> dict:
+        """The student's blocks and the teacher's: the teacher encodes every micro-batch of every step."""
+        teacher = self.teacher
+        return {"ViT blocks": vit_blocks(model.visual_encoder), "text layers": list(model.text_encoder.layer),
+                "fusion layers": list(model.text_encoder.fusion),
+                "teacher blocks": [*vit_blocks(teacher.visual_encoder), *teacher.text_encoder.layer,
+                                   *teacher.text_encoder.fusion]}
+
     def on_loaders(self, loaders: dict, layout) -> None:
         warmup = self.cfg.model.alpha_warmup_steps
         if warmup is None:  # one epoch of the training data, as ALBEF
@@ -113,6 +121,11 @@ class AlbefRecipe(Recipe):
 
         return StepPlan(forward_args, finish)
 
+    def step_flops(self, batch: dict, task: str):
+        from trainer.bench_flops import albef_work
+
+        return albef_work(batch, self.cfg.model)  # student fwd + bwd and the teacher's forward
+
     def read_val_split(self, shards: list[str], tok, skipped: dict[str, int]):
         d = self.cfg.data
         return load_retrieval_set(shards, tok, d.max_txt_len, self.cfg.storage.s3, d.decode_limits(), skipped=skipped)
@@ -126,3 +139,8 @@ class AlbefRecipe(Recipe):
                                       world=info.world_size)
             metrics.update({f"val/{key}_{k}": v for k, v in found.items()})
         return metrics
+
+
+def vit_blocks(vit) -> list:
+    """A `transformers` ViTModel's blocks: in `layers` from transformers 5, in `encoder.layer` before."""
+    return list(vit.layers if hasattr(vit, "layers") else vit.encoder.layer)

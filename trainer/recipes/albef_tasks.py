@@ -69,7 +69,8 @@ def albef_losses(model, batch: dict, teacher: TeacherTargets) -> TaskResult:
     counts = {"itc": b, "itm": 3 * b, "itm_acc": 3 * b, "mlm": batch["mlm_index"].numel(), "temp": b}
     stats = {**{k: v.detach() for k, v in losses.items()}, "itm_acc": itm_correct,
              "temp": model.temp.detach().float()[0] * b}
-    return TaskResult(losses, stats, {k: torch.tensor(float(v), device=image.device) for k, v in counts.items()})
+    # torch.full fills on the device; torch.tensor(v, device=...) would copy from the host and wait
+    return TaskResult(losses, stats, {k: torch.full((), float(v), device=image.device) for k, v in counts.items()})
 
 
 def hard_negative_itm(model, image: Tensor, text: Tensor, batch: dict, sim_i2t: Tensor, sim_t2i: Tensor,

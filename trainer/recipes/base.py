@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
+    from trainer.bench_flops import BatchWork
     from trainer.config import Config
     from trainer.distributed import DistInfo
     from trainer.engine import BatchLayout
@@ -85,6 +86,13 @@ class Recipe:
     def attach(self, model: nn.Module, layout: "BatchLayout", device: torch.device) -> None:
         """After the model is built and before the engine wraps it (ALBEF copies its teacher here)."""
 
+    def blocks_to_compile(self, model: nn.Module) -> dict[str, list[nn.Module]]:
+        """`train.compile`: the repeated blocks (transformer layers) that trainer/compile.py compiles one
+        by one, grouped by what they are for its log line ({"encoder layers": [...]}). Called after
+        `attach`, so it may name blocks of what the recipe holds beside the model (a teacher that runs
+        every step). None (the default) refuses `train.compile` for the family."""
+        return {}
+
     def on_loaders(self, loaders: dict, layout: "BatchLayout") -> None:
         """Once the training loaders exist (e.g. to size a schedule by the epoch)."""
 
@@ -97,6 +105,11 @@ class Recipe:
         raise NotImplementedError
 
     def begin_step(self, engine, batches: list[dict], task: str, ctx: StepContext) -> StepPlan:
+        raise NotImplementedError
+
+    def step_flops(self, batch: dict, task: str) -> "BatchWork":
+        """Samples, real tokens and model FLOPs of training on `batch` (trainer/bench_flops.py): the
+        useful ones over real tokens only and those of the padded layout, for `vlpt bench train`'s MFU."""
         raise NotImplementedError
 
     def read_val_split(self, shards: list[str], tok, skipped: dict[str, int]) -> Any:

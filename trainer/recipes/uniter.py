@@ -9,6 +9,7 @@ import torch
 
 from data.collate import collate_itm, collate_itm_hard, collate_mlm, collate_mrm
 from data.loader import add_counts, iter_split, pin, validation_batches
+from data.packing import round_up
 from data.shards import FORMAT
 from trainer.distributed import all_gather_objects, all_reduce_sum
 from trainer.models.config import ModelConfig
@@ -27,6 +28,15 @@ class UniterRecipe(Recipe):
     tasks = ("mlm", "itm", "itm-hard", "mrfr", "mrc", "mrc-kl")
     shard_format = FORMAT
 
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        pack_len, max_txt_len = cfg.data.uniter.pack_len, cfg.data.max_txt_len
+        if pack_len and pack_len < max_txt_len + 3:
+            raise ValueError(f"data.uniter.pack_len={pack_len} cannot hold the longest caption, data.max_txt_len="
+                             f"{max_txt_len} word pieces + [CLS]/[SEP], with even one region; set it to a multiple "
+                             f"of 8 of at least data.max_txt_len + 2 + the most regions per image (e.g. "
+                             f"{round_up(max_txt_len + 2 + 100)} for UNITER's up to 100 boxes), or 0")
+
     def check_manifest(self, manifest, where: str) -> None:
         model = self.cfg.model
         if manifest.img_dim != model.img_dim:
@@ -34,6 +44,17 @@ class UniterRecipe(Recipe):
         if manifest.label_dim != model.img_label_dim:
             raise ValueError(f"model.img_label_dim={model.img_label_dim} but {where} has "
                              f"{manifest.label_dim} soft-label classes")
+        self._check_pack_len_fits(manifest, where)
+
+    def _check_pack_len_fits(self, manifest, where: str) -> None:
+        """Shards built by `vlpt shards regions` record their max_bb: refuse a pack_len too short for it
+        now rather than at the first sample that does not fit (collate says so then too)."""
+        max_bb = (manifest.meta.get("params") or {}).get("max_bb")
+        pack_len, max_txt_len = self.cfg.data.uniter.pack_len, self.cfg.data.max_txt_len
+        if pack_len and isinstance(max_bb, int) and pack_len < max_txt_len + 2 + max_bb:
+            raise ValueError(f"data.uniter.pack_len={pack_len} is shorter than the longest sample {where} can "
+                             f"hold: data.max_txt_len={max_txt_len} + [CLS]/[SEP] + max_bb={max_bb} regions; set "
+                             f"it to at least {round_up(max_txt_len + 2 + max_bb)}")
 
     def stream_options(self) -> dict:
         return {"modality": "regions", "img_dim": self.cfg.model.img_dim,
@@ -43,18 +64,24 @@ class UniterRecipe(Recipe):
         return build_uniter(self.cfg.model)
 
     def collate(self, task: str, tok):
+        """The task's collate, for training and validation alike; with data.uniter.pack_len > 0 its
+        batches come in packed rows, except itm-hard's (whose rows the objective selects)."""
         d = self.cfg.data
+        pack = {"pack_len": d.uniter.pack_len} if d.uniter.pack_len else {}
         if task == "mlm":
-            return functools.partial(collate_mlm, tok=tok, mlm_prob=d.mlm_prob)
+            return functools.partial(collate_mlm, tok=tok, mlm_prob=d.mlm_prob, **pack)
         if task == "itm":
-            return functools.partial(collate_itm, tok=tok, neg_prob=d.uniter.itm_neg_prob)
+            return functools.partial(collate_itm, tok=tok, neg_prob=d.uniter.itm_neg_prob, **pack)
         if task == "itm-hard":
             return functools.partial(collate_itm_hard, tok=tok, candidates=d.uniter.itm_hard_candidates)
         # MRFR, MRC and MRC-kl share the region masking; only their losses differ.
-        return functools.partial(collate_mrm, tok=tok, mrm_prob=d.uniter.mrm_prob, task=task)
+        return functools.partial(collate_mrm, tok=tok, mrm_prob=d.uniter.mrm_prob, task=task, **pack)
 
     def attach(self, model, layout, device) -> None:
         self.task_fns = task_functions(self.cfg.wra)
+
+    def blocks_to_compile(self, model) -> dict:
+        return {"encoder layers": list(model.uniter.encoder.layer)}
 
     def term_counts(self, batch: dict, task: str) -> dict[str, float]:
         return {"loss": float(batch["n_items"])}
@@ -62,6 +89,11 @@ class UniterRecipe(Recipe):
     def begin_step(self, engine, batches: list[dict], task: str, ctx: StepContext) -> StepPlan:
         fn = self.task_fns[task]
         return StepPlan(lambda i, batch: (fn,))
+
+    def step_flops(self, batch: dict, task: str):
+        from trainer.bench_flops import uniter_work
+
+        return uniter_work(batch, self.cfg.model)  # every task runs the encoder once per row
 
     def read_val_split(self, shards: list[str], tok, skipped: dict[str, int]) -> list[dict]:
         return list(iter_split(shards, self.cfg.storage.s3, skipped, self.cfg.data.max_member_bytes))

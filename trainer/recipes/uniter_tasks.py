@@ -24,7 +24,8 @@ TaskFn = Callable[..., TaskResult]
 
 
 def mlm(model, batch: dict) -> TaskResult:
-    hidden = model.encode(batch)  # [B, L, H]
+    # A packed batch's rows are [R, Lp, H]: collate moved mlm_index into that layout already.
+    hidden = model.encode(batch)  # [B, L, H] or [R, Lp, H]
     masked = masked_gather(hidden, batch["mlm_index"])  # [N, H]
     logits = model.mlm_logits(masked).float()  # [N, V]; CE in fp32 under bf16/fp16
     return mlm_loss(logits, batch["mlm_targets"])
@@ -32,7 +33,7 @@ def mlm(model, batch: dict) -> TaskResult:
 
 def _masked_regions(model, batch: dict) -> Tensor:
     """Hidden states of the masked regions [N, H] (regions masked, text whole)."""
-    hidden = model.encode(batch, img_masks=batch["img_masks"])  # [B, L, H]
+    hidden = model.encode(batch, img_masks=batch["img_masks"])  # [B, L, H] or [R, Lp, H]
     return masked_gather(hidden, batch["mrm_index"])  # [N, H]
 
 
@@ -54,8 +55,8 @@ def mrc_kl(model, batch: dict) -> TaskResult:
 def itm(model, batch: dict, wra: WraConfig = WraConfig()) -> TaskResult:
     """ITM on the pooled [CLS] state, plus WRA: IPOT optimal transport between the last-layer
     text states (with [CLS] and [SEP]) and region states, in fp32, plan without gradient."""
-    hidden = model.encode(batch)  # [B, L, H]
-    logits = model.itm_logits(hidden).float()  # [B, 2]
+    hidden = model.encode(batch)  # [B, L, H] or packed rows [R, Lp, H]
+    logits = model.itm_logits(hidden, batch.get("cls_index")).float()  # [B, 2]
     if wra.weight == 0:
         return itm_loss(logits, batch["itm_targets"])
     txt, img, txt_pad, img_pad = split_text_regions(hidden, batch)
