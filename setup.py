@@ -27,6 +27,9 @@ setup(
         "tqdm",
         "pyyaml",
         "numpy",
+        "lmdb>=1.4",  # vlpt shards uniter-lmdb / lmdb-features (data/region_formats)
+        "lz4>=4.0",
+        "msgpack>=1.0",
     ],
     entry_points={"console_scripts": ["vlpt = vlpt.cli:entry"]},
 )

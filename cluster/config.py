@@ -66,7 +66,8 @@ class SlurmConfig:
 @dataclass(frozen=True)
 class K8sConfig:
     image: str = ""
-    """Container image holding this repository with `vlpt` installed (required for k8s)."""
+    """Container image holding this repository with `vlpt` installed (required for k8s): the repository's
+    Dockerfile builds it (`docker build -t <registry>/vlpt:<tag> .`, then `docker push`)."""
     namespace: str = "default"
     workdir: str = "/workspace/vlpt"
     """Working directory in the container; relative paths of the run config resolve against it."""
@@ -135,6 +136,9 @@ class ClusterConfig:
     env: dict[str, str] = field(default_factory=dict)
     """Extra environment of the job (NCCL_SOCKET_IFNAME, ...), written into the job's files: a credential
     (by its name or the look of its value) is refused here (cluster/secrets.py says where they go)."""
+    shared_paths: tuple[str, ...] = ()
+    """Path prefixes every node sees alike (/shared, /fsx, an NFS home): `vlpt launch` warns about each
+    dataset, tokenizer or run-dir path outside them (k8s: also inside k8s.runs_mount); empty = unchecked."""
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     k8s: K8sConfig = field(default_factory=K8sConfig)
     deepspeed: DeepSpeedLauncherConfig = field(default_factory=DeepSpeedLauncherConfig)
@@ -153,6 +157,9 @@ class ClusterConfig:
             if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", name):
                 raise ValueError(f"env.{name}: not an environment variable name")
         check_env(self.env, "env")
+        for prefix in self.shared_paths:
+            if not prefix.startswith("/"):
+                raise ValueError(f"shared_paths: {prefix!r} must be an absolute path prefix (e.g. /shared)")
 
     @property
     def procs_per_node(self) -> int:

@@ -19,7 +19,8 @@ def render_k8s(plan: JobPlan) -> str:
     """Two YAML documents: the ConfigMap, then the PyTorchJob."""
     k = plan.cluster.k8s
     if not k.image:
-        raise ConfigError("k8s needs k8s.image (an image with vlpt installed) in the --cluster YAML")
+        raise ConfigError("k8s needs k8s.image in the --cluster YAML: build it from the repository's Dockerfile "
+                          "(docker build -t <registry>/vlpt:<tag> . && docker push <registry>/vlpt:<tag>)")
     if not k.runs_claim and not plan.run_config.train.checkpoint_s3:
         raise ConfigError("k8s needs k8s.runs_claim (a ReadWriteMany PersistentVolumeClaim for train.run_dir) "
                           "or train.checkpoint_s3, or a restarted pod could not resume")

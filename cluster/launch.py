@@ -7,15 +7,19 @@ The files of a job (into `<run_dir>/launch/`, for k8s `runs/k8s/<job>/`):
     launch.sh         local / deepspeed: the command     -> `bash launch.sh`
     hostfile          deepspeed over several hosts
 `--dry-run` prints them and writes nothing; `--submit` writes and runs the last column.
+Before anything is rendered the run config is checked at the job's world size (cluster/checks.py):
+a refused job writes nothing.
 """
 from __future__ import annotations
 
 import os
 import shlex
 import subprocess
+import sys
 from dataclasses import dataclass
 from typing import Literal, Optional
 
+from cluster.checks import check_run_config, unshared_path_warnings
 from cluster.config import load_cluster_config
 from cluster.job import JobPlan, plan_job
 from cluster.k8s import render_k8s
@@ -36,9 +40,11 @@ class RenderedJob:
 
 
 def render_job(plan: JobPlan) -> RenderedJob:
+    """The job's files; ConfigError when its run config would be refused at its world size."""
     def path(name: str) -> str:
         return os.path.join(plan.out_dir, name)
 
+    check_run_config(plan.run_config, plan.cluster.nodes * plan.cluster.procs_per_node)
     files = {"config.yaml": plan.config_yaml}
     if plan.target == "slurm":
         files["job.sbatch"] = render_slurm(plan)
@@ -73,6 +79,8 @@ def launch(target: str, config: str, overrides: list[str], mode: Mode = "render"
     """`cluster_values` (nodes, gpus_per_node, nproc_per_node, master_port) override the --cluster YAML."""
     plan = plan_job(target, config, overrides, load_cluster_config(cluster, cluster_values, target), out, now)
     job = render_job(plan)
+    for line in unshared_path_warnings(plan):
+        print(line, file=sys.stderr, flush=True)
     if mode == "dry-run":
         for name, text in job.files.items():
             print(f"# ---- {os.path.join(plan.out_dir, name)}\n{text}", end="" if text.endswith("\n") else "\n")

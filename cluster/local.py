@@ -14,6 +14,10 @@ from cluster.templating import fill
 from trainer.config_files import ConfigError
 
 LAUNCHERS = ("local", "deepspeed")
+# A GPU job forgets the DS_ACCELERATOR of the shell that runs it (cpu, for CPU runs on this machine),
+# which would keep DeepSpeed on the CPU; a CPU job (gpus_per_node: 0) keeps it.
+GPU_JOB_UNSET = ("# DeepSpeed finds the GPUs itself; the DS_ACCELERATOR of a CPU session (cpu) would keep them idle\n"
+                 "unset DS_ACCELERATOR")
 
 
 def render_command(launcher: str, config: str, nproc: int, overrides: Sequence[str] = (),
@@ -62,4 +66,5 @@ def render_local(plan: JobPlan, hostfile: Optional[str]) -> str:
             raise ConfigError(str(e)) from None
     return fill("local.sh", name=plan.name, nodes=c.nodes, nproc=c.procs_per_node, target=plan.target,
                 config_path=plan.config_path, workdir=shlex.quote(plan.workdir), env=env_exports(c.env),
+                accelerator=GPU_JOB_UNSET if c.gpus_per_node else "",
                 pdsh_filter=pdsh_filter() if over_pdsh else "", command=shlex.join(argv))

@@ -13,6 +13,14 @@ from trainer.config_files import ConfigError
 # Paths go into #SBATCH lines (not shell-parsed) and unquoted shell words: keep them plain.
 PLAIN_PATH = re.compile(r"^[\w./+@=:,-]+$")
 
+HOST_LOCAL_ENV = ("DS_ACCELERATOR", "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+"""Settings of the machine that runs `sbatch`, unset in the job before slurm.setup and the cluster's env:
+DS_ACCELERATOR=cpu (a CPU laptop or login node) would run the GPU nodes on their CPUs (DeepSpeed finds
+each node's accelerator itself, CPU where there is no GPU); CUDA_VISIBLE_DEVICES names the submitting
+machine's GPUs (Slurm sets the nodes' own); OMP/MKL thread counts are sized for its cores (torchrun
+gives each rank 1 thread unless the job sets more). PATH, VIRTUAL_ENV, PYTHONPATH and LD_LIBRARY_PATH
+stay: on a shared filesystem they name what the nodes run, as `slurm.torchrun`'s default assumes."""
+
 
 def render_slurm(plan: JobPlan) -> str:
     """The script text; `plan.run_dir/logs` must exist before `sbatch` (Slurm opens --output there)."""
@@ -26,6 +34,7 @@ def render_slurm(plan: JobPlan) -> str:
     return fill("slurm.sbatch", name=plan.name, nodes=c.nodes, nproc=c.procs_per_node,
                 cpus_per_task=s.cpus_per_task, sbatch_options=sbatch_options(plan),
                 signal_seconds=s.signal_seconds, log_root=log_root, workdir=plan.workdir,
+                host_local_env=" ".join(HOST_LOCAL_ENV),
                 setup="\n".join(s.setup), env=env_exports(c.env),
                 timeout_minutes=plan.run_config.parallel.timeout_minutes, torchrun=torchrun,
                 master_port=c.master_port, rdzv_timeout_s=c.rdzv_timeout_s, max_restarts=c.max_restarts,

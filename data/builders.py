@@ -3,8 +3,10 @@
 Three sources, one pipeline:
 
 - `build_coco_shards`: COCO-captions JSON + image folder -> pixel shards
-  (format PIXEL_FORMAT): per caption `<key>.jpg` (or `.png`/`.webp`: the
-  original file bytes, never re-encoded) + `<key>.json` {image_id, caption, caption_id}.
+  (format PIXEL_FORMAT, vlpt-pixels-v2): per picture `<key>.jpg` (or `.png`/`.webp`:
+  the original file bytes, never re-encoded, stored once) + `<key>.json`
+  {image_id, captions, caption_ids} with all its captions (at most
+  DecodeLimits.max_captions a sample: an image with more is split over several).
 - `build_region_shards`: one `<image_id>.npz` per image (UNITER's detector
   output: features [n, D], norm_bb [n, 6], conf [n], soft_labels [n, K]) +
   captions (COCO JSON or a list of {image_id, caption[, caption_id]}) ->
@@ -12,6 +14,10 @@ Three sources, one pipeline:
   num_bb = min(max_bb, max(min_bb, #(conf > conf_th))) most confident boxes.
 - `build_tsv_shards`: `local_image_path<TAB>caption` lines -> pixel shards;
   the image_id is the normalised path, so one image on two lines keeps one id.
+- `build_region_record_shards`: the region pipeline of `build_region_shards` for
+  other sources: data/region_formats' readers (bottom-up-attention TSV, UNITER
+  LMDBs, detectron2-style LMDB) plan entries with a `locator` and hand the
+  builder an `opener` that reads them in its worker processes.
 
 How a build runs:
 
@@ -55,21 +61,23 @@ import os
 import re
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 
 from data.limits import DEFAULT_MAX_MEMBER_BYTES, FLOAT32_MAX, DecodeLimits
 from data.pixels import ImageTooLargeError, open_image
-from data.shards import (FORMAT, MANIFEST_NAME, PIXEL_FORMAT, REGION_FIELDS, _as_float32, _check_shapes,
-                         _check_values, caption_reason, encode_npz, file_sha256, read_region_npz,
-                         write_manifest, write_shard)
+from data.shards import (FORMAT, MANIFEST_NAME, PIXEL_FORMAT, REGION_FIELDS, REQUIRED_REGION_FIELDS,
+                         _as_float32, _check_shapes, _check_values, caption_reason, encode_npz, file_sha256,
+                         read_region_npz, write_manifest, write_shard)
 from data.storage import join_inside
 
-BUILDER_VERSION = 2
-"""2: bad captions, fp16 overflow, npz and picture bombs and paths outside the root are skipped."""
+BUILDER_VERSION = 3
+"""2: bad captions, fp16 overflow, npz and picture bombs and paths outside the root are skipped.
+3: picture shards hold each picture once with all its captions (vlpt-pixels-v2)."""
 SIDECAR_DIR = ".build"
 IMAGE_EXTS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}
 """Image file suffix -> shard member extension (the bytes are stored as they are)."""
@@ -96,6 +104,38 @@ class Entry:
     caption_id: str
     size: int  # source size and mtime enter the plan digest: a changed file rebuilds its shards
     mtime_ns: int
+    locator: str = ""
+    """Where in `source` the image's regions are (a TSV row's byte offset, an LMDB key: the readers
+    of data/region_formats); empty for a file per image."""
+
+
+@dataclass(frozen=True)
+class PictureEntry:
+    """One planned picture sample: the image file and its captions (vlpt-pixels-v2)."""
+
+    key: str
+    """The key of its first caption's Entry: unique in the build, as those are."""
+    source: str
+    image_id: str
+    captions: tuple[str, ...]
+    caption_ids: tuple[str, ...]
+    size: int
+    mtime_ns: int
+
+
+def _pictures(entries: list[Entry], max_captions: int = DecodeLimits.max_captions) -> list[PictureEntry]:
+    """The caption entries grouped by picture, in order of each picture's first caption, captions in
+    input order; more than `max_captions` of one picture make several samples (the reader's limit)."""
+    groups: dict[tuple[str, str], list[Entry]] = {}
+    for e in entries:
+        groups.setdefault((e.image_id, e.source), []).append(e)
+    out = []
+    for group in groups.values():
+        for at in range(0, len(group), max_captions):
+            part = group[at:at + max_captions]
+            out.append(PictureEntry(part[0].key, part[0].source, part[0].image_id, tuple(e.caption for e in part),
+                                    tuple(e.caption_id for e in part), part[0].size, part[0].mtime_ns))
+    return out
 
 
 # ---------------------------------------------------------------- captions
@@ -220,12 +260,17 @@ def select_regions(arrays: dict[str, np.ndarray], conf_th: float, min_bb: int, m
     """The num_bb = min(max_bb, max(min_bb, #(conf > conf_th))) most confident boxes, by conf descending.
 
     Fewer boxes than num_bb: all of them (sorted the same way). Ties keep the
-    file order. Arrays are cast to the shard schema's dtypes.
+    file order. Without `conf`: the first max_bb boxes, in file order (detectors write them
+    most confident first). Arrays are cast to the shard schema's dtypes.
     """
-    conf = np.asarray(arrays["conf"], dtype=np.float32)
-    num_bb = min(max_bb, max(min_bb, int((conf > conf_th).sum())))
-    order = np.argsort(-conf, kind="stable")[:num_bb]
-    return {k: np.ascontiguousarray(arrays[k][order]).astype(_REGION_DTYPES[k]) for k in REGION_FIELDS}
+    if "conf" in arrays:
+        conf = np.asarray(arrays["conf"], dtype=np.float32)
+        num_bb = min(max_bb, max(min_bb, int((conf > conf_th).sum())))
+        order = np.argsort(-conf, kind="stable")[:num_bb]
+    else:
+        order = np.arange(min(max_bb, len(arrays["features"])))
+    return {k: np.ascontiguousarray(arrays[k][order]).astype(_REGION_DTYPES[k]) for k in REGION_FIELDS
+            if k in arrays}
 
 
 def _load_npz(path: str) -> tuple[Optional[dict], Optional[str]]:
@@ -234,37 +279,58 @@ def _load_npz(path: str) -> tuple[Optional[dict], Optional[str]]:
     return read_region_npz(path, DEFAULT_MAX_MEMBER_BYTES)
 
 
-def _as_stored(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The arrays in the shard schema's dtypes; what fp16 cannot hold becomes inf, as it would on disk."""
+def _as_stored(arrays: dict[str, np.ndarray], fields: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """The dataset's `fields` in the shard schema's dtypes; what fp16 cannot hold becomes inf, as it would
+    on disk."""
     with np.errstate(over="ignore", invalid="ignore"):
-        return {k: np.asarray(arrays[k]).astype(_REGION_DTYPES[k]) for k in REGION_FIELDS}
+        return {k: np.asarray(arrays[k]).astype(_REGION_DTYPES[k]) for k in fields}
 
 
-def _region_npz(path: str, params: dict) -> tuple[Optional[bytes], Optional[str]]:
-    arrays, reason = _load_npz(path)
+def _fields(params: dict) -> tuple[str, ...]:
+    """The region arrays the shards of a build carry (params record them only when some are absent, so
+    the plan digests of builds with all four stay what they were)."""
+    return tuple(params.get("fields", REGION_FIELDS))
+
+
+def region_npz(arrays: dict[str, np.ndarray], params: dict) -> tuple[Optional[bytes], Optional[str]]:
+    """The npz member of one image's region arrays as the build's `params` store them (its fields, the
+    schema's dtypes, the selected boxes), or (None, skip reason): the same rules as training's decoder."""
+    fields = _fields(params)
+    if any(k not in arrays for k in fields):  # the dataset carries it; this image lacks it
+        return None, "missing_field"
+    arrays = {k: arrays[k] for k in fields}  # what the dataset does not carry is neither checked nor stored
+    label_dim = params["label_dim"] if "soft_labels" in fields else 0
+    reason = _check_shapes(arrays, params["img_dim"], label_dim)  # also refuses non-numeric dtypes
     if reason:
         return None, reason
-    reason = _check_shapes(arrays, params["img_dim"], params["label_dim"])  # also refuses non-numeric dtypes
-    if reason:
-        return None, reason
-    stored = _as_stored(arrays)  # checked as written: a feature of 1e5 is finite in the source, inf in fp16
+    stored = _as_stored(arrays, fields)  # checked as written: a feature of 1e5 is finite in the source, inf in fp16
     reason = _check_values(_as_float32(stored), FLOAT32_MAX)
     if reason:
         return None, reason
-    if not np.isfinite(stored["conf"]).all():
+    if "conf" in stored and not np.isfinite(stored["conf"]).all():
         return None, "nonfinite_features"
     return encode_npz(select_regions(stored, params["conf_th"], params["min_bb"], params["max_bb"])), None
 
 
-def _infer_dims(paths: list[str]) -> tuple[int, int]:
-    """img_dim and label_dim from the first npz (in plan order) that holds valid 2-d arrays."""
+def region_layout(arrays: dict[str, np.ndarray]) -> Optional[tuple[int, int, tuple[str, ...]]]:
+    """(img_dim, label_dim, fields) of one image's valid 2-d region arrays, else None; label_dim is 0
+    without soft labels."""
+    feats, soft = arrays["features"], arrays.get("soft_labels")
+    if feats.ndim != 2 or feats.shape[1] < 1 or (soft is not None and (soft.ndim != 2 or soft.shape[1] < 1)):
+        return None
+    fields = tuple(k for k in REGION_FIELDS if k in arrays)
+    return int(feats.shape[1]), int(soft.shape[1]) if soft is not None else 0, fields
+
+
+def _infer_dims(paths: list[str]) -> tuple[int, int, tuple[str, ...]]:
+    """img_dim, label_dim and fields from the first npz (in plan order) that holds valid 2-d arrays."""
     for path in paths:
         arrays, reason = _load_npz(path)
-        if reason is None and arrays["features"].ndim == 2 and arrays["soft_labels"].ndim == 2 \
-                and arrays["features"].shape[1] > 0 and arrays["soft_labels"].shape[1] > 0:
-            return int(arrays["features"].shape[1]), int(arrays["soft_labels"].shape[1])
+        layout = region_layout(arrays) if reason is None else None
+        if layout is not None:
+            return layout
     raise ValueError(f"none of the {len(paths)} npz files holds readable region features "
-                     f"({', '.join(REGION_FIELDS)})")
+                     f"({', '.join(REQUIRED_REGION_FIELDS)}, optionally {', '.join(REGION_FIELDS[2:])})")
 
 
 # ---------------------------------------------------------------- shard building
@@ -281,42 +347,53 @@ def _image_ok(data: bytes, ext: str) -> bool:
     return data[:4] == b"RIFF" and data[8:12] == b"WEBP"
 
 
-def _pixel_samples(entries: list[Entry], skipped: Counter) -> Iterator[dict]:
-    for e in entries:
+def _pixel_samples(pictures: list[PictureEntry], skipped: Counter) -> Iterator[dict]:
+    """One sample per picture; a picture that cannot be used is counted once per caption (pair) lost."""
+    for e in pictures:
         ext = IMAGE_EXTS[Path(e.source).suffix.lower()]
         try:
             data = Path(e.source).read_bytes()
         except OSError:
-            skipped["unreadable_image"] += 1
+            skipped["unreadable_image"] += len(e.captions)
             continue
         if not _image_ok(data, ext):  # a magic-number check: empty, truncated-at-start or mislabelled files
-            skipped["bad_image"] += 1
+            skipped["bad_image"] += len(e.captions)
             continue
-        yield {"__key__": e.key, ext: data, "json": _meta(e)}
+        meta = {"image_id": e.image_id, "captions": list(e.captions), "caption_ids": list(e.caption_ids)}
+        yield {"__key__": e.key, ext: data, "json": meta}
 
 
-def _within_budget(samples: Iterator[dict], max_pixels: int, skipped: Counter) -> Iterator[dict]:
+def _within_budget(samples: Iterator[dict], max_pixels: int, skipped: Counter, sizes: Counter) -> Iterator[dict]:
     """The samples whose picture header is readable and declares at most `max_pixels` pixels
-    (training's budget: a few KB of PNG can declare 12000 x 12000); nothing is decoded."""
+    (training's budget: a few KB of PNG can declare 12000 x 12000); nothing is decoded. `sizes`
+    tallies what is written: pairs, picture bytes, and the picture bytes one sample per caption
+    (vlpt-pixels-v1) would have stored."""
     for sample in samples:
         data = next(v for k, v in sample.items() if k in IMAGE_EXTS.values())
+        n = len(sample["json"]["captions"])
         try:
             open_image(data, max_pixels)
         except ImageTooLargeError:
-            skipped["image_too_large"] += 1
+            skipped["image_too_large"] += n
             continue
         except ValueError:
-            skipped["bad_image"] += 1
+            skipped["bad_image"] += n
             continue
+        sizes.update(num_pairs=n, picture_bytes=len(data), picture_bytes_one_per_caption=n * len(data))
         yield sample
 
 
-def _region_samples(entries: list[Entry], params: dict, skipped: Counter) -> Iterator[dict]:
-    cache: dict[str, tuple[Optional[bytes], Optional[str]]] = {}  # npz per image, for this shard's captions
+def _region_samples(entries: list[Entry], params: dict, skipped: Counter,
+                    load: Optional[Callable[[Entry], tuple[Optional[dict], Optional[str]]]] = None) -> Iterator[dict]:
+    """Region samples of a shard's entries; `load(entry)` gives an image's arrays (default: its npz file)."""
+    load = load or (lambda e: _load_npz(e.source))
+    cache: dict[tuple[str, str], tuple[Optional[bytes], Optional[str]]] = {}  # npz per image, for this shard
     for e in entries:
-        if e.source not in cache:
-            cache[e.source] = _region_npz(e.source, params)
-        npz, reason = cache[e.source]
+        where = (e.source, e.locator)
+        if where not in cache:
+            arrays, reason = load(e)
+            cache[where] = (None, reason) if reason else region_npz(arrays, params)
+        npz, reason = cache[where]
         if reason:
             skipped[reason] += 1
             continue
@@ -337,15 +414,23 @@ def _build_shard(job: dict) -> dict:
     """Write one shard (temporary name, then rename) and its sidecar; return the sidecar record."""
     path = Path(job["path"])
     skipped: Counter = Counter()
-    if job["kind"] == "regions":
-        samples = _region_samples(job["entries"], job["params"], skipped)
-    else:
-        samples = _within_budget(_pixel_samples(job["entries"], skipped), job["params"]["max_image_pixels"], skipped)
+    sizes: Counter = Counter()
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        count = write_shard(tmp, samples)
+        with ExitStack() as stack:
+            if job.get("opener") is not None:  # a region_formats reader: open its source once per shard
+                load = stack.enter_context(job["opener"](job["params"]))
+                samples = _region_samples(job["entries"], job["params"], skipped, load)
+            elif job["kind"] == "regions":
+                samples = _region_samples(job["entries"], job["params"], skipped)
+            else:
+                samples = _within_budget(_pixel_samples(job["entries"], skipped), job["params"]["max_image_pixels"],
+                                         skipped, sizes)
+            count = write_shard(tmp, samples)
         record = {"plan": job["digest"], "num_samples": count, "bytes": tmp.stat().st_size,
                   "sha256": file_sha256(tmp), "skipped": dict(sorted(skipped.items()))}
+        if job["kind"] != "regions":  # picture shards: pairs and picture bytes, for the manifest and summary
+            record.update({k: sizes[k] for k in ("num_pairs", "picture_bytes", "picture_bytes_one_per_caption")})
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -365,8 +450,15 @@ def _up_to_date(path: Path, digest: str) -> Optional[dict]:
         return None
 
 
+def _entry_plan(e: Entry) -> dict:
+    plan = asdict(e)
+    if not plan.get("locator"):  # a file per image: the digest stays what it was before locators existed
+        plan.pop("locator", None)
+    return plan
+
+
 def _digest(kind: str, params: dict, entries: list[Entry]) -> str:
-    plan = {"builder": kind, "version": BUILDER_VERSION, "params": params, "entries": [asdict(e) for e in entries]}
+    plan = {"builder": kind, "version": BUILDER_VERSION, "params": params, "entries": [_entry_plan(e) for e in entries]}
     return hashlib.sha256(json.dumps(plan, sort_keys=True).encode("utf-8")).hexdigest()
 
 
@@ -385,7 +477,7 @@ def _check_common(out: Path, samples_per_shard: int, workers: int) -> None:
 
 
 def _run(kind: str, out: Path, entries: list[Entry], skipped: Counter, params: dict, meta: dict, fmt: str,
-         samples_per_shard: int, workers: int, progress: bool) -> dict:
+         samples_per_shard: int, workers: int, progress: bool, opener: Optional[Callable] = None) -> dict:
     if not entries:
         raise ValueError(f"no usable samples for {out} (skipped: {dict(sorted(skipped.items())) or 'none'})")
     out.mkdir(parents=True, exist_ok=True)
@@ -395,7 +487,7 @@ def _run(kind: str, out: Path, entries: list[Entry], skipped: Counter, params: d
     for i, start in enumerate(range(0, len(entries), samples_per_shard)):
         chunk = entries[start:start + samples_per_shard]
         jobs.append({"kind": kind, "path": str(out / f"shard-{i:06d}.tar"), "entries": chunk, "params": params,
-                     "digest": _digest(kind, params, chunk)})
+                     "digest": _digest(kind, params, chunk), "opener": opener})
     records: dict[int, dict] = {}
     pending = []
     for i, job in enumerate(jobs):
@@ -426,8 +518,12 @@ def _run(kind: str, out: Path, entries: list[Entry], skipped: Counter, params: d
     paths = [job["path"] for job in jobs]
     counts = [records[i]["num_samples"] for i in range(len(jobs))]
     manifest_meta = {**meta, "builder": kind, "params": params, "skipped": dict(sorted(skipped.items()))}
-    manifest = write_manifest(out, paths, manifest_meta, counts, fmt=fmt)
-    return {
+    pictures = fmt == PIXEL_FORMAT
+    pairs = [records[i]["num_pairs"] for i in range(len(jobs))] if pictures else None
+    manifest = write_manifest(out, paths, manifest_meta, counts, fmt=fmt, pairs=pairs)
+    sizes = {k: sum(records[i][k] for i in records)
+             for k in ("num_pairs", "picture_bytes", "picture_bytes_one_per_caption")} if pictures else {}
+    return {**sizes,
         "out_dir": str(out),
         "manifest": str(out / MANIFEST_NAME),
         "format": fmt,
@@ -445,7 +541,9 @@ def _run(kind: str, out: Path, entries: list[Entry], skipped: Counter, params: d
 def build_coco_shards(captions: str | Path, images: str | Path, out: str | Path, *, samples_per_shard: int = 1000,
                       workers: int = 1, progress: bool = False,
                       max_image_pixels: int = DecodeLimits.max_image_pixels, allow_outside_root: bool = False) -> dict:
-    """COCO-captions JSON + image folder -> pixel shards in `out` (one sample per caption); a summary dict.
+    """COCO-captions JSON + image folder -> pixel shards in `out` (one sample per picture, holding its
+    captions; `samples_per_shard` pictures a shard); a summary dict, with the pairs and the picture bytes
+    stored (`picture_bytes`) beside those one sample per caption would store.
 
     A `file_name` leading out of `images` is skipped ("path_outside_root") unless `allow_outside_root`.
     """
@@ -471,8 +569,8 @@ def build_coco_shards(captions: str | Path, images: str | Path, out: str | Path,
         if e is not None:
             entries.append(e)
     meta = {"source": "coco", "captions": str(Path(captions).resolve()), "images": str(images.resolve())}
-    return _run("coco", out, _dedupe(entries, skipped), skipped, {"max_image_pixels": max_image_pixels}, meta,
-                PIXEL_FORMAT, samples_per_shard, workers, progress)
+    return _run("coco", out, _pictures(_dedupe(entries, skipped)), skipped, {"max_image_pixels": max_image_pixels},
+                meta, PIXEL_FORMAT, samples_per_shard, workers, progress)
 
 
 def build_region_shards(features: str | Path, captions: str | Path, out: str | Path, *, conf_th: float = 0.2,
@@ -480,20 +578,15 @@ def build_region_shards(features: str | Path, captions: str | Path, out: str | P
                         progress: bool = False, allow_outside_root: bool = False) -> dict:
     """`<image_id>.npz` region features + captions -> region shards in `out`; a summary dict.
 
-    img_dim / label_dim come from the first readable npz; files of other widths are skipped.
+    img_dim / label_dim and the fields stored (conf and soft_labels are optional) come from the
+    first readable npz; files of other widths, or lacking one of its fields, are skipped.
     An image_id leading out of `features` (`../x`, `/x`) is skipped unless `allow_outside_root`.
     """
     out, features = Path(out), Path(os.path.abspath(features))
     _check_common(out, samples_per_shard, workers)
     if not features.is_dir():
         raise ValueError(f"feature folder not found: {features}")
-    for name, v in (("min_bb", min_bb), ("max_bb", max_bb)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
-    if min_bb > max_bb:
-        raise ValueError(f"min_bb ({min_bb}) must not exceed max_bb ({max_bb})")
-    if not np.isfinite(conf_th):
-        raise ValueError(f"conf_th must be a finite number, got {conf_th!r}")
+    check_box_args(conf_th, min_bb, max_bb)
     rows, _, skipped = load_captions(captions)
     entries, stats = [], {}
     for image_id, caption, caption_id in rows:
@@ -510,12 +603,40 @@ def build_region_shards(features: str | Path, captions: str | Path, out: str | P
         entries.append(Entry(f"{_safe(image_id)}-{_safe(caption_id)}", str(path), image_id, caption, caption_id,
                              st.st_size, st.st_mtime_ns))
     entries = _dedupe(entries, skipped)
-    img_dim, label_dim = _infer_dims(list(dict.fromkeys(e.source for e in entries))) if entries else (0, 0)
+    layout = _infer_dims(list(dict.fromkeys(e.source for e in entries))) if entries else (0, 0, REGION_FIELDS)
+    meta = {"source": "regions", "captions": str(Path(captions).resolve()), "features": str(features.resolve())}
+    return build_region_record_shards("regions", out, entries, skipped, layout, meta, conf_th=conf_th, min_bb=min_bb,
+                                      max_bb=max_bb, samples_per_shard=samples_per_shard, workers=workers,
+                                      progress=progress)
+
+
+def check_box_args(conf_th: float, min_bb: int, max_bb: int) -> None:
+    """The box-selection arguments of the region builders (`select_regions`)."""
+    for name, v in (("min_bb", min_bb), ("max_bb", max_bb)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+    if min_bb > max_bb:
+        raise ValueError(f"min_bb ({min_bb}) must not exceed max_bb ({max_bb})")
+    if not np.isfinite(conf_th):
+        raise ValueError(f"conf_th must be a finite number, got {conf_th!r}")
+
+
+def build_region_record_shards(kind: str, out: Path, entries: list[Entry], skipped: Counter,
+                               layout: tuple[int, int, tuple[str, ...]], meta: dict, *, conf_th: float, min_bb: int,
+                               max_bb: int, samples_per_shard: int, workers: int, progress: bool,
+                               opener: Optional[Callable] = None, reader_params: Optional[dict] = None) -> dict:
+    """Region shards of planned `entries` (`kind` names the builder); a summary dict. `layout`: the
+    dataset's (img_dim, label_dim, fields), from its first usable image. `opener(params)`: a context
+    manager giving `load(entry) -> (arrays, None) | (None, skip reason)`, for sources other than an
+    npz per image (data/region_formats); a picklable object, as worker processes call it.
+    `reader_params`: what the reader needs besides (TSV field names, ...); they enter the plan digest."""
+    img_dim, label_dim, fields = layout
     params = {"conf_th": float(conf_th), "min_bb": min_bb, "max_bb": max_bb, "img_dim": img_dim,
-              "label_dim": label_dim}
-    meta = {"source": "regions", "img_dim": img_dim, "label_dim": label_dim,
-            "captions": str(Path(captions).resolve()), "features": str(features.resolve())}
-    return _run("regions", out, entries, skipped, params, meta, FORMAT, samples_per_shard, workers, progress)
+              "label_dim": label_dim, **(reader_params or {})}
+    if tuple(fields) != REGION_FIELDS:
+        params["fields"] = list(fields)
+    meta = {**meta, "img_dim": img_dim, "label_dim": label_dim, "fields": list(fields)}
+    return _run(kind, out, entries, skipped, params, meta, FORMAT, samples_per_shard, workers, progress, opener)
 
 
 def build_tsv_shards(tsv: str | Path, out: str | Path, *, samples_per_shard: int = 1000, workers: int = 1,
@@ -563,5 +684,5 @@ def build_tsv_shards(tsv: str | Path, out: str | Path, *, samples_per_shard: int
             if e is not None:
                 entries.append(e)
     meta = {"source": "tsv", "tsv": str(tsv.resolve())}
-    return _run("tsv", out, entries, skipped, {"max_image_pixels": max_image_pixels}, meta, PIXEL_FORMAT,
-                samples_per_shard, workers, progress)
+    return _run("tsv", out, _pictures(entries), skipped, {"max_image_pixels": max_image_pixels}, meta,
+                PIXEL_FORMAT, samples_per_shard, workers, progress)

@@ -79,6 +79,19 @@ class AlbefDataConfig:
 
 
 @dataclass(frozen=True)
+class TokenizerConfig:
+    """`data.tokenizer:` which word pieces captions become (docs/data.md, "Tokenizer")."""
+
+    path: str = "data/vocab/demo-vocab.txt"
+    """A BERT `vocab.txt` (one word piece a line), or a local Hugging Face tokenizer directory
+    (tokenizer.json / vocab.txt + tokenizer_config.json, e.g. one `vlpt vocab train` wrote)."""
+    lowercase: Optional[bool] = None
+    """Lower-case (and strip accents from) captions before splitting them: true for uncased
+    vocabularies (bert-base-uncased, ALBEF), false for cased ones (bert-base-cased, UNITER). Required
+    with a vocab.txt, which cannot say; a directory says itself (leave it out, or give the same)."""
+
+
+@dataclass(frozen=True)
 class DataConfig:
     train: str = "demo_data/train"
     """Directory of the training shards, holding `manifest.json` (single-dataset runs)."""
@@ -86,8 +99,8 @@ class DataConfig:
     """Held-out shard directory (with `manifest.json`) for validation; None skips it."""
     datasets: list[DatasetConfig] = field(default_factory=list)
     """Several datasets, each with its own task ratios; when given, `train` and `val` are not used."""
-    vocab: str = "data/vocab/demo-vocab.txt"
-    """Word-piece vocabulary file (one token a line)."""
+    tokenizer: TokenizerConfig = field(default_factory=lambda: TokenizerConfig(lowercase=False))
+    """The word-piece tokenizer (`path`, `lowercase`); default: the demo vocabulary, cased."""
     micro_batch_size: int = 32
     """Samples per process per micro-step (the global batch is set in `optim`)."""
     val_batch_size: int = 64

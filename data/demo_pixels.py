@@ -5,6 +5,7 @@ true of the picture as of the regions."""
 from __future__ import annotations
 
 import io
+import json
 import math
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from data.demo_scenes import DEMO_COLOURS, DEMO_SHAPES, STUFF_BANDS, DemoScene, caption_samples, write_scene_shards
-from data.shards import PIXEL_FORMAT
+from data.shards import PIXEL_FORMAT, PIXEL_FORMAT_V1, PIXEL_FORMATS
 
 COLOUR_RGB = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 170, 50), "yellow": (240, 220, 40),
               "purple": (140, 50, 170), "orange": (250, 140, 20), "white": (250, 250, 250), "black": (15, 15, 15)}
@@ -82,12 +83,19 @@ def render_scene(scene: DemoScene, size: int = 128) -> Image.Image:
     return img
 
 
-def scene_samples(scene: DemoScene, image_size: int) -> list[dict]:
-    """One shard sample per (scene, caption) pair: the scene drawn as a PNG of side `image_size`
-    (vlpt-pixels-v1, as `vlpt shards coco`)."""
+def scene_samples(scene: DemoScene, image_size: int, fmt: str = PIXEL_FORMAT) -> list[dict]:
+    """The scene drawn as a PNG of side `image_size`: one shard sample holding it with all its
+    captions (vlpt-pixels-v2, as `vlpt shards coco`), or with `fmt` PIXEL_FORMAT_V1 one sample per
+    (scene, caption) pair, the picture repeated. Keys and caption ids are the same in both."""
     buf = io.BytesIO()
     render_scene(scene, image_size).save(buf, format="PNG")
-    return caption_samples(scene, {"png": buf.getvalue()})
+    one_per_caption = caption_samples(scene, {"png": buf.getvalue()})
+    if fmt == PIXEL_FORMAT_V1:
+        return one_per_caption
+    metas = [s["json"] for s in one_per_caption]
+    meta = {"image_id": scene.image_id, "captions": [m["caption"] for m in metas],
+            "caption_ids": [m["caption_id"] for m in metas]}
+    return [{"__key__": scene.image_id, "json": meta, "png": buf.getvalue()}]
 
 
 def write_demo_pixels(
@@ -100,20 +108,31 @@ def write_demo_pixels(
     img_dim: int = 64,
     scenes_per_shard: int = 250,
     noise_std: float = 0.5,
+    fmt: str = PIXEL_FORMAT,
 ) -> dict:
     """Write `out_dir/train/` and `out_dir/val/` (pixel shards + manifest.json); return a summary.
 
     The same scenes and captions as `write_demo_dataset` with the same seed, img_dim and
     noise_std (they shape the scene stream), drawn as pictures; byte-identical for the same arguments.
+    `fmt`: PIXEL_FORMAT (one sample per picture) or the older PIXEL_FORMAT_V1 (one per caption,
+    kept to compare sizes and to test its reader). Either way the readers' epochs hold the same
+    (picture, caption) pairs in the same order: a scene's captions are consecutive in both.
     """
     if image_size < 16:
         raise ValueError(f"image_size must be at least 16 (one ViT patch), got {image_size}")
+    if fmt not in PIXEL_FORMATS:
+        raise ValueError(f"fmt must be one of {PIXEL_FORMATS}, got {fmt!r}")
 
     def split_meta(split: str, n_scenes: int) -> dict:
         return {"split": split, "num_scenes": n_scenes, "generator": "vlpt-demo-pixels", "seed": seed,
                 "image_size": image_size}
 
-    return write_scene_shards(out_dir, seed=seed, n_train_scenes=n_train_scenes, n_val_scenes=n_val_scenes,
-                              img_dim=img_dim, scenes_per_shard=scenes_per_shard, noise_std=noise_std,
-                              to_samples=lambda scene: scene_samples(scene, image_size), split_meta=split_meta,
-                              fmt=PIXEL_FORMAT, kind={"image_size": image_size})
+    summary = write_scene_shards(out_dir, seed=seed, n_train_scenes=n_train_scenes, n_val_scenes=n_val_scenes,
+                                 img_dim=img_dim, scenes_per_shard=scenes_per_shard, noise_std=noise_std,
+                                 to_samples=lambda scene: scene_samples(scene, image_size, fmt),
+                                 split_meta=split_meta, fmt=fmt, kind={"image_size": image_size, "format": fmt})
+    for split in ("train", "val"):  # v1 samples are pairs; v2 manifests count them
+        manifest = json.loads(Path(summary[split]["manifest"]).read_text())
+        summary[split]["pairs"] = manifest.get("num_pairs", manifest["num_samples"])
+    summary["num_pairs"] = summary["train"]["pairs"] + summary["val"]["pairs"]
+    return summary

@@ -16,14 +16,19 @@ every sample once per epoch) or token-budget buckets. Its *position* after a
 batch is (epoch, batch index, block start cursor, batches used of the block):
 a resumed reader re-opens the shard at the block's byte offset, rebuilds the
 block and continues with exactly the batches the uninterrupted run would have
-given. Bad input never stops a reader (docs/data.md, "Bad and hostile input"): skips are counted by reason
+given. Picture shards with several captions per picture are read as (picture,
+caption) pairs (data/sources.py): a block holds pairs, a picture is decoded once per
+block however many of its pairs the block holds, and each pair is augmented on its own
+in collate. Bad input never stops a reader (docs/data.md, "Bad and hostile input"): skips are counted by reason
 and travel with the batches, also out of DataLoader workers.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import zlib
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
@@ -32,7 +37,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data.batching import SIZE_MULTIPLE, batch_schedule, batches_per_epoch, token_buckets
 from data.limits import DecodeLimits
-from data.shards import RegionSample, decode_pixel_sample, decode_region_sample, iter_shard
+from data.shards import (PAIR_MARK, RegionSample, decode_pixel_sample, decode_region_sample, iter_shard,
+                         picture_key, pixel_pairs)
 from data.sources import CORRUPT_SHARD_ERRORS, DatasetShards, MixedSource, NoUsableData, ShardSource, reader_share
 from data.storage import NotARegularFile, S3Options
 
@@ -98,11 +104,17 @@ class StreamSpec:
         if self.modality == "pixels" and self.token_budget:
             raise ValueError("token-budget batches need region counts; pixel batches have a fixed size")
 
-    def decode(self, raw: dict, tokenizer) -> tuple[Optional[object], Optional[str]]:
-        """(sample, None) or (None, skip reason) for one raw shard sample."""
+    def decode(self, raw: dict, tokenizer, pictures: Optional[dict] = None) -> tuple[Optional[object], Optional[str]]:
+        """(sample, None) or (None, skip reason) for one raw shard sample (or picture-caption pair);
+        `pictures`: decoded pictures shared by the pairs of one block (decode_pixel_sample)."""
         if self.modality == "pixels":
-            return decode_pixel_sample(raw, tokenizer, self.limits)
+            return decode_pixel_sample(raw, tokenizer, self.limits, pictures)
         return decode_region_sample(raw, tokenizer, self.max_txt_len, self.img_dim, limits=self.limits)
+
+    def pairs(self) -> Optional[Callable[[dict], Optional[int]]]:
+        """How a reader counts the (picture, caption) pairs of a raw sample; None: one unit each."""
+        return functools.partial(pixel_pairs, max_captions=self.limits.max_captions) \
+            if self.modality == "pixels" else None
 
     @property
     def n_readers(self) -> int:
@@ -139,6 +151,15 @@ class Block:
     """Raw samples read for it (good and bad)."""
     decoded: bool
     """True when `batches` hold decoded samples (token buckets), False for raw ones."""
+    uses: Counter = field(default_factory=Counter)
+    """Pairs of each multi-caption picture (picture_key) in the block not decoded yet."""
+    pictures: dict = field(default_factory=dict)
+    """Decoded pictures the block's remaining pairs still need: each picture is decoded once per
+    block, and dropped after its last pair, so a block holds at most its distinct pictures."""
+
+    def __post_init__(self) -> None:
+        if not self.decoded:
+            self.uses.update(picture_key(r) for batch in self.batches for r in batch if PAIR_MARK in r)
 
 
 class StreamReader:
@@ -192,7 +213,8 @@ class StreamReader:
                             n_readers=spec.n_readers, resampled=spec.resampled, cycle=spec.mixed,
                             s3=spec.s3, stats=self.retries, on_bad_shard=self._on_bad_shard,
                             state=(state["sources"][k] if spec.mixed else state) if state else None,
-                            verify_sha256=spec.verify_sha256, max_member_bytes=spec.limits.max_member_bytes)
+                            verify_sha256=spec.verify_sha256, max_member_bytes=spec.limits.max_member_bytes,
+                            pairs=spec.pairs())
                 for k, ds in enumerate(spec.datasets)]
         if not spec.mixed:
             return subs[0]
@@ -207,8 +229,14 @@ class StreamReader:
         return reader_share(spec.total_samples, self.reader, spec.n_readers)
 
     # ------------------------------------------------------------ blocks
-    def _decode(self, raw: dict) -> Optional[RegionSample]:
-        sample, reason = self.spec.decode(raw, self.tok)
+    def _decode(self, raw: dict, block: Optional[Block] = None) -> Optional[RegionSample]:
+        pictures = block.pictures if block is not None and PAIR_MARK in raw else None
+        sample, reason = self.spec.decode(raw, self.tok, pictures)
+        if pictures is not None:
+            key = picture_key(raw)
+            block.uses[key] -= 1
+            if block.uses[key] <= 0:
+                pictures.pop(key, None)
         if sample is None:
             self._count_skip(reason)
         else:
@@ -267,7 +295,7 @@ class StreamReader:
         if block.decoded:
             return batch
         self._count_seen(len(batch))
-        return [s for s in map(self._decode, batch) if s is not None]
+        return [s for s in (self._decode(raw, block) for raw in batch) if s is not None]
 
     def batches(self) -> Iterator[tuple[int, int, list, dict]]:
         """(epoch, batch index in epoch, samples, position after this batch), epoch after epoch."""

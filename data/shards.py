@@ -4,7 +4,9 @@ One tar member group per image-text pair (key `train-scene-000123-1`):
 
     <key>.json  {"image_id": str, "caption": str, "caption_id": str}
     <key>.npz   np.savez (uncompressed): features [n, img_dim] fp16, norm_bb [n, 6] fp32,
-                conf [n] fp32, soft_labels [n, label_dim] fp16
+                optional conf [n] fp32, optional soft_labels [n, label_dim] fp16
+
+The manifest's `fields` lists the arrays its shards carry (manifests without it carry all four).
 
 `manifest.json` beside the shards lists them with sample counts, sizes and
 sha256 checksums. Decoding never raises on bad data: it returns
@@ -31,10 +33,23 @@ from data.storage import (NotARegularFile, S3Options, check_regular_file, join, 
                           sha256_of)
 
 FORMAT = "vlpt-regions-v1"
-PIXEL_FORMAT = "vlpt-pixels-v1"
-"""Pixel shards (data/builders.py): `<key>.jpg`/`.png` (original file bytes) + the same `<key>.json`."""
+PIXEL_FORMAT = "vlpt-pixels-v2"
+"""Picture shards as the builders write them (data/builders.py, data/demo_pixels.py): one sample per
+picture, `<key>.jpg`/`.png`/`.webp` (the original file bytes) + `<key>.json` {"image_id", "captions":
+[str, ...], "caption_ids": [str, ...]}; the manifest counts pictures (`num_samples`) and pairs
+(`num_pairs`)."""
+PIXEL_FORMAT_V1 = "vlpt-pixels-v1"
+"""The older picture layout, still read: one sample per (picture, caption) pair, `<key>.json`
+{"image_id", "caption", "caption_id"}; the picture repeated for each caption."""
+PIXEL_FORMATS = (PIXEL_FORMAT_V1, PIXEL_FORMAT)
+PAIR_MARK = "__pair__"
+"""Raw-sample key the readers add to a multi-caption picture sample: which of its captions this
+(picture, caption) pair is (data/sources.py expands a sample into its pairs)."""
 MANIFEST_NAME = "manifest.json"
-REGION_FIELDS = ("features", "norm_bb", "conf", "soft_labels")
+REQUIRED_REGION_FIELDS = ("features", "norm_bb")
+OPTIONAL_REGION_FIELDS = ("conf", "soft_labels")
+"""conf only serves box selection when shards are built; soft_labels only the MRC tasks."""
+REGION_FIELDS = REQUIRED_REGION_FIELDS + OPTIONAL_REGION_FIELDS
 SKIP_REASONS = (
     "missing_json", "bad_json", "missing_image_id", "missing_caption", "bad_caption", "empty_caption",
     "missing_npz", "bad_npz", "npz_too_large", "missing_field", "no_regions", "wrong_feature_dim",
@@ -48,10 +63,18 @@ would take more than `DecodeLimits.max_member_bytes`; "nonfinite_features": a va
 finite in the training dtype (float32, and fp16's range in fp16 runs); "bad_boxes": a
 `norm_bb` value outside [0, 1] by more than BOX_TOLERANCE; "bad_soft_labels": a soft label
 row with a negative entry or not summing to 1 within SOFT_LABEL_SUM_TOLERANCE."""
+LENGTH_FILTERED = ("caption_too_long",)
+"""Skip reasons that are the length policy, not bad input: UNITER drops captions over data.max_txt_len
+word pieces (ALBEF truncates them in collate). The run counts them as "filtered_length", never toward
+data.max_bad_per_1000 (docs/data.md, "Captions over data.max_txt_len")."""
 PIXEL_SKIP_REASONS = ("missing_json", "bad_json", "missing_image_id", "missing_caption", "bad_caption",
-                      "empty_caption", "missing_image", "bad_image", "image_too_large", "corrupt_tar")
+                      "empty_caption", "missing_image", "bad_image", "image_too_large", "corrupt_tar",
+                      "bad_captions", "no_captions", "too_many_captions")
 """Why a picture sample was skipped (decode_pixel_sample; "corrupt_tar" as above);
-"image_too_large": its header declares more than `DecodeLimits.max_image_pixels` pixels."""
+"image_too_large": its header declares more than `DecodeLimits.max_image_pixels` pixels. A
+multi-caption sample whose `captions` are not a list of strings (or whose `caption_ids` do not
+match them) is "bad_captions", an empty list "no_captions", a list longer than
+`DecodeLimits.max_captions` "too_many_captions": each one bad input, counted once."""
 # webdataset's rule: key = everything up to the first dot of the basename.
 _KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
 
@@ -108,24 +131,35 @@ def _count_keys(path: Path) -> int:
     return len(keys - {None})
 
 
+def _count_pairs(path: Path) -> int:
+    """(picture, caption) pairs of a picture shard: what a reader expands its samples into."""
+    return sum(pixel_pairs(raw, DecodeLimits().max_captions) or 1 for raw in iter_shard(path))
+
+
 def write_manifest(
     directory: str | Path, shard_paths: Iterable[str | Path], meta: dict, counts: Optional[list[int]] = None,
-    fmt: str = FORMAT,
+    fmt: str = FORMAT, pairs: Optional[list[int]] = None,
 ) -> dict:
     """Write `directory/manifest.json` for the given shards; return the manifest dict.
 
     `fmt` is the manifest's `format`. For region shards (FORMAT) `meta` must hold
-    `img_dim` and `label_dim`; other keys (split, seed, ...) are kept.
+    `img_dim` and `label_dim` (0 when its `fields` lack soft_labels); other keys (split,
+    seed, `fields`, ...) are kept.
     Shard paths are stored relative to `directory`. `counts` (samples per shard,
     as returned by write_shard) saves re-reading the tars to count their keys.
+    Picture shards (PIXEL_FORMAT) also list their (picture, caption) pairs, `num_pairs`, per
+    shard and in all: `pairs` per shard, else counted from the tars.
     """
     directory = Path(directory)
     for k in ("img_dim", "label_dim") if fmt == FORMAT else ():
-        if not isinstance(meta.get(k), int) or meta[k] < 1:
-            raise ValueError(f"manifest meta needs a positive int {k!r}, got {meta.get(k)!r}")
+        least = 0 if k == "label_dim" and "soft_labels" not in meta.get("fields", REGION_FIELDS) else 1
+        if not isinstance(meta.get(k), int) or meta[k] < least:
+            raise ValueError(f"manifest meta needs an int {k!r} >= {least}, got {meta.get(k)!r}")
     paths = [Path(p) for p in shard_paths]
     if counts is not None and len(counts) != len(paths):
         raise ValueError(f"got {len(counts)} counts for {len(paths)} shards")
+    if pairs is not None and len(pairs) != len(paths):
+        raise ValueError(f"got {len(pairs)} pair counts for {len(paths)} shards")
     shards = []
     for k, p in enumerate(paths):
         shards.append({
@@ -134,12 +168,16 @@ def write_manifest(
             "bytes": p.stat().st_size,
             "sha256": file_sha256(p),
         })
+        if fmt == PIXEL_FORMAT:
+            shards[-1]["num_pairs"] = _count_pairs(p) if pairs is None else int(pairs[k])
     manifest = {
         **meta,
         "format": fmt,
         "num_samples": sum(s["num_samples"] for s in shards),
         "shards": shards,
     }
+    if fmt == PIXEL_FORMAT:
+        manifest["num_pairs"] = sum(s["num_pairs"] for s in shards)
     (directory / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     return manifest
 
@@ -159,10 +197,27 @@ class Manifest:
     meta: dict
     sizes: list[Optional[int]] = field(default_factory=list)
     """Bytes of each shard as the manifest lists them (None where it gives none)."""
+    pairs: list[int] = field(default_factory=list)
+    """(picture, caption) pairs of each shard (PIXEL_FORMAT); empty: one pair per sample."""
 
     @property
     def num_samples(self) -> int:
         return sum(self.counts)
+
+    @property
+    def units(self) -> list[int]:
+        """What a reader splits an epoch into, per shard: pairs of picture shards, else samples."""
+        return self.pairs or self.counts
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        """The region arrays its shards carry (`fields`; all four in manifests written before it)."""
+        fields = self.meta.get("fields")
+        return tuple(fields) if isinstance(fields, list) else REGION_FIELDS
+
+    @property
+    def has_soft_labels(self) -> bool:
+        return "soft_labels" in self.fields
 
 
 def _manifest_location(where: str) -> str:
@@ -174,15 +229,17 @@ def _manifest_location(where: str) -> str:
     return str(Path(where) / MANIFEST_NAME)
 
 
-def read_manifest(directory: str | Path, expected_format: str = FORMAT, s3: Optional[S3Options] = None,
+def read_manifest(directory: str | Path, expected_format: str | tuple[str, ...] = FORMAT,
+                  s3: Optional[S3Options] = None,
                   allow_outside: bool = False) -> Manifest:
     """Parse `directory/manifest.json` (or a manifest file path); ValueError naming the file if bad.
 
     `directory` may be a local directory or an `s3://bucket/prefix` (read with the
     options `s3`); shard paths in the manifest are relative to it. A manifest of
     another `format` than `expected_format` is rejected (a pixel dataset is never
-    read as region features). Non-region manifests need no img_dim/label_dim;
-    those fields are then 0 unless the manifest has them.
+    read as region features); `expected_format` may be a tuple of formats, and a reader of
+    PIXEL_FORMAT also takes the older PIXEL_FORMAT_V1. Non-region manifests need no
+    img_dim/label_dim; those fields are then 0 unless the manifest has them.
 
     Shard paths must stay inside the manifest's folder (after `..` and symlinks) or S3
     prefix, unless `allow_outside` (`data.allow_outside_shards`): a manifest is data, and
@@ -215,17 +272,28 @@ def read_manifest(directory: str | Path, expected_format: str = FORMAT, s3: Opti
     return manifest
 
 
-def _parse_manifest(file: str, data: dict, expected_format: str = FORMAT, allow_outside: bool = False) -> Manifest:
-    if data.get("format") != expected_format:
-        raise ValueError(f"format is {data.get('format')!r}, expected {expected_format!r}")
+def _accepted_formats(expected: str | tuple[str, ...]) -> tuple[str, ...]:
+    """The formats a reader of `expected` takes: a PIXEL_FORMAT reader also takes PIXEL_FORMAT_V1."""
+    expected = (expected,) if isinstance(expected, str) else tuple(expected)
+    return tuple(dict.fromkeys(f for e in expected for f in (PIXEL_FORMATS if e == PIXEL_FORMAT else (e,))))
+
+
+def _parse_manifest(file: str, data: dict, expected_format: str | tuple[str, ...] = FORMAT,
+                    allow_outside: bool = False) -> Manifest:
+    accepted = _accepted_formats(expected_format)
+    if data.get("format") not in accepted:
+        raise ValueError(f"format is {data.get('format')!r}, expected {' or '.join(map(repr, accepted))}")
+    expected_format = data["format"]
     if expected_format == FORMAT:
         img_dim, label_dim = data["img_dim"], data["label_dim"]
     else:
         img_dim, label_dim = data.get("img_dim", 0), data.get("label_dim", 0)
     if not (isinstance(img_dim, int) and isinstance(label_dim, int)):
         raise ValueError("img_dim and label_dim must be integers")
-    root = file.rsplit("/", 1)[0] if file.startswith("s3://") else str(Path(file).parent.resolve())
-    paths, counts, sums, sizes = [], [], [], []
+    if expected_format == FORMAT:
+        _check_fields(data.get("fields", list(REGION_FIELDS)), label_dim)
+    root = manifest_root(file)
+    paths, counts, sums, sizes, pairs = [], [], [], [], []
     for s in data["shards"]:
         p = str(s["path"])
         paths.append(join(root, p) if allow_outside else join_inside(root, p))
@@ -237,10 +305,33 @@ def _parse_manifest(file: str, data: dict, expected_format: str = FORMAT, allow_
         if size is not None and (not isinstance(size, int) or size < 0):
             raise ValueError(f"shard {p}: bytes must be a non-negative int")
         sizes.append(size)
+        if expected_format == PIXEL_FORMAT:  # each sample holds one picture and at least one caption
+            if not isinstance(s["num_pairs"], int) or s["num_pairs"] < s["num_samples"]:
+                raise ValueError(f"shard {p}: num_pairs must be an int >= its num_samples")
+            pairs.append(s["num_pairs"])
     if not paths:
         raise ValueError("it lists no shards")
     meta = {k: v for k, v in data.items() if k != "shards"}
-    return Manifest(root, paths, counts, img_dim, label_dim, sums, meta, sizes)
+    return Manifest(root, paths, counts, img_dim, label_dim, sums, meta, sizes, pairs)
+
+
+def _check_fields(fields: Any, label_dim: int) -> None:
+    if not (isinstance(fields, list) and all(isinstance(f, str) for f in fields)):
+        raise ValueError("fields must be a list of array names")
+    unknown = sorted(set(fields) - set(REGION_FIELDS))
+    missing = [f for f in REQUIRED_REGION_FIELDS if f not in fields]
+    if unknown or missing:
+        raise ValueError(f"fields {fields} must hold {', '.join(REQUIRED_REGION_FIELDS)} and only "
+                         f"{', '.join(REGION_FIELDS)}")
+    if "soft_labels" in fields and label_dim < 1:
+        raise ValueError(f"its shards carry soft_labels but label_dim is {label_dim}")
+
+
+def manifest_root(where: str) -> str:
+    """The folder or S3 prefix a dataset's shard paths are relative to: where its manifest lies
+    (`where` as `data.train` names it: a folder, an s3:// prefix or the manifest file)."""
+    file = _manifest_location(str(where))
+    return file.rsplit("/", 1)[0] if file.startswith("s3://") else str(Path(file).parent.resolve())
 
 
 def verify_manifest(manifest: Manifest) -> list[str]:
@@ -347,7 +438,7 @@ class RegionSample:
     input_ids: np.ndarray  # [T] int64 word pieces, no [CLS]/[SEP], T <= max_txt_len
     img_feat: np.ndarray  # [n, img_dim] float32
     img_pos: np.ndarray  # [n, 7] float32: x1, y1, x2, y2, w, h, w*h
-    soft_labels: np.ndarray  # [n, label_dim] float32
+    soft_labels: np.ndarray  # [n, label_dim] float32; [n, 0] when the shards carry none
     dataset: str = ""
     """Name of the dataset it came from (several may be mixed in one batch)."""
 
@@ -410,7 +501,8 @@ def _load_regions(raw: dict, max_bytes: int) -> tuple[Optional[dict], Optional[s
 def read_region_npz(source: Any, max_bytes: int) -> tuple[Optional[dict], Optional[str]]:
     """The REGION_FIELDS arrays of an npz (a binary file object or a local path: the shard
     builders read their source files with it), all together within `max_bytes` once inflated;
-    (arrays, None) or (None, "missing_field" | "npz_too_large" | "bad_npz"). Never raises."""
+    (arrays, None) or (None, "missing_field" | "npz_too_large" | "bad_npz"). The optional
+    fields (conf, soft_labels) are left out of `arrays` when the npz has none. Never raises."""
     arrays: dict[str, np.ndarray] = {}
     try:
         # Whole-array reads (not np.load's small zip-stream reads): this runs for every sample
@@ -419,6 +511,8 @@ def read_region_npz(source: Any, max_bytes: int) -> tuple[Optional[dict], Option
             members = {i.filename: i for i in z.infolist()}
             for k in REGION_FIELDS:
                 if f"{k}.npy" not in members:
+                    if k in OPTIONAL_REGION_FIELDS:
+                        continue
                     return None, "missing_field"
                 array = _read_npy(z, members[f"{k}.npy"], max_bytes - sum(a.nbytes for a in arrays.values()))
                 if array is None:
@@ -430,18 +524,25 @@ def read_region_npz(source: Any, max_bytes: int) -> tuple[Optional[dict], Option
 
 
 def _check_shapes(a: dict, img_dim: Optional[int], label_dim: Optional[int]) -> Optional[str]:
+    """Why the arrays `a` (features and norm_bb, conf and soft_labels where present) cannot be one
+    image's regions, else None. `label_dim` > 0: soft labels of that width are required; 0: none
+    are expected (any present are ignored); None: any width."""
     feats = a["features"]
     if feats.ndim != 2 or (img_dim is not None and feats.shape[1] != img_dim):
         return "wrong_feature_dim"
     n = feats.shape[0]
     if n == 0:
         return "no_regions"
-    soft = a["soft_labels"]
-    if a["norm_bb"].shape != (n, 6) or a["conf"].shape != (n,) or soft.ndim != 2 or soft.shape[0] != n:
+    if a["norm_bb"].shape != (n, 6) or ("conf" in a and a["conf"].shape != (n,)):
         return "bad_shape"
-    if label_dim is not None and soft.shape[1] != label_dim:
+    soft = a.get("soft_labels")
+    if soft is None:
+        if label_dim:
+            return "missing_field"
+    elif label_dim != 0 and (soft.ndim != 2 or soft.shape[0] != n
+                             or (label_dim is not None and soft.shape[1] != label_dim)):
         return "bad_shape"
-    if not all(np.issubdtype(a[k].dtype, np.number) for k in REGION_FIELDS):
+    if not all(np.issubdtype(a[k].dtype, np.number) for k in REGION_FIELDS if k in a):
         return "bad_shape"
     return None
 
@@ -449,7 +550,7 @@ def _check_shapes(a: dict, img_dim: Optional[int], label_dim: Optional[int]) -> 
 def _as_float32(a: dict) -> dict[str, np.ndarray]:
     """features, norm_bb and soft_labels as the model gets them; values beyond float32 become inf."""
     with np.errstate(over="ignore", invalid="ignore"):
-        return {k: a[k].astype(np.float32) for k in ("features", "norm_bb", "soft_labels")}
+        return {k: a[k].astype(np.float32) for k in ("features", "norm_bb", "soft_labels") if k in a}
 
 
 def _check_values(f32: dict, max_abs: float) -> Optional[str]:
@@ -461,7 +562,9 @@ def _check_values(f32: dict, max_abs: float) -> Optional[str]:
     bb = f32["norm_bb"]  # [n, 6] with n >= 1 (_check_shapes)
     if bb.min() < -BOX_TOLERANCE or bb.max() > 1 + BOX_TOLERANCE:
         return "bad_boxes"
-    soft = f32["soft_labels"]  # [n, K]
+    soft = f32.get("soft_labels")  # [n, K]; K = 0 sums to 0: bad_soft_labels
+    if soft is None:
+        return None
     sums = soft.sum(axis=1)  # [n] pairwise float32 sums: error ~1e-7, far below the tolerance
     if (soft.size and soft.min() < 0) or np.abs(sums - 1).max() > SOFT_LABEL_SUM_TOLERANCE:
         return "bad_soft_labels"
@@ -480,9 +583,11 @@ def decode_region_sample(
     or the SKIP_MARK reason iter_shard put on it).
 
     Bad data never raises. Captions longer than `max_txt_len` word pieces are
-    dropped, as UNITER drops them (its text DB keeps only ids with len <= max_txt_len);
-    `img_dim`/`label_dim`, when given, are the expected widths; `limits` bound what a
-    sample may cost and hold.
+    dropped, as UNITER drops them (its text DB keeps only ids with len <= max_txt_len), with
+    the reason "caption_too_long", which is in LENGTH_FILTERED (a policy, not bad input);
+    `img_dim`/`label_dim`, when given, are the expected widths (`label_dim` 0: the dataset
+    carries no soft labels, see `_check_shapes`); `limits` bound what a sample may cost and
+    hold. A sample without soft labels gets `soft_labels` of shape [n, 0].
     """
     if max_txt_len < 1:
         raise ValueError(f"max_txt_len must be >= 1, got {max_txt_len}")
@@ -497,6 +602,8 @@ def decode_region_sample(
     reason = _check_shapes(arrays, img_dim, label_dim)
     if reason:
         return None, reason
+    if label_dim == 0:  # the dataset has no soft labels: ignore a sample's own
+        arrays.pop("soft_labels", None)
     f32 = _as_float32(arrays)
     reason = _check_values(f32, limits.max_abs_value)
     if reason:
@@ -508,13 +615,14 @@ def decode_region_sample(
         return None, "caption_too_long"
     bb = f32["norm_bb"]  # [n, 6]
     img_pos = np.concatenate([bb, bb[:, 4:5] * bb[:, 5:6]], axis=1)  # [n, 7], UNITER appends w*h
+    soft = f32.get("soft_labels")  # absent: shards built without them (only MRC needs them)
     sample = RegionSample(
         key=str(raw.get("__key__", meta.get("caption_id", ""))),
         image_id=meta["image_id"],
         input_ids=ids,
         img_feat=f32["features"],
         img_pos=img_pos,
-        soft_labels=f32["soft_labels"],
+        soft_labels=soft if soft is not None else np.zeros((len(bb), 0), np.float32),
     )
     return sample, None
 
@@ -536,29 +644,129 @@ class PixelSample:
     dataset: str = ""
 
 
-def decode_pixel_sample(raw: dict, tokenizer,
-                        limits: DecodeLimits = DecodeLimits()) -> tuple[Optional[PixelSample], Optional[str]]:
-    """Decode a raw pixel-shard sample; (sample, None) or (None, reason from PIXEL_SKIP_REASONS
-    or SKIP_MARK).
-    Bad data never raises: an undecodable picture is "bad_image", one whose header declares
-    more than `limits.max_image_pixels` pixels is "image_too_large" (and is not decoded)."""
-    from data.pixels import ImageTooLargeError, decode_image
+def _captions_reason(meta: dict, max_captions: int) -> Optional[str]:
+    """Why a multi-caption sample's `captions` (and `caption_ids`, optional) cannot be used, else None.
+    The length is checked before the items, so a hostile list costs one len() before it is refused."""
+    captions, ids = meta.get("captions"), meta.get("caption_ids")
+    if not isinstance(captions, list):
+        return "bad_captions"
+    if len(captions) > max_captions:
+        return "too_many_captions"
+    if not captions:
+        return "no_captions"
+    if not all(isinstance(c, str) for c in captions):
+        return "bad_captions"
+    if ids is not None and not (isinstance(ids, list) and len(ids) == len(captions)
+                                and all(isinstance(i, str) and i for i in ids)):
+        return "bad_captions"
+    return None
 
-    if raw.get(SKIP_MARK):  # iter_shard found it bad (a huge or repeated member)
-        return None, raw[SKIP_MARK]
-    meta, reason = _decode_meta(raw)
+
+def _json_object(raw: dict) -> Optional[dict]:
+    try:
+        meta = json.loads(raw["json"])
+    except (ValueError, TypeError, KeyError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def pixel_pairs(raw: dict, max_captions: int) -> Optional[int]:
+    """How many (picture, caption) pairs a raw picture sample stands for, read from its JSON:
+    len(captions) for a multi-caption (vlpt-pixels-v2) sample, 1 for one whose captions cannot be
+    used (one bad input, which decode_pixel_sample skips with its reason), and None for a
+    one-caption (vlpt-pixels-v1) sample or one whose JSON cannot be read (decoded as it is).
+    A function of the sample's bytes only, so every reader counts the same pairs."""
+    if raw.get(SKIP_MARK) or raw.get("json") is None:
+        return None
+    meta = _json_object(raw)
+    if meta is None or "captions" not in meta:
+        return None
+    return 1 if _captions_reason(meta, max_captions) else len(meta["captions"])
+
+
+def pair_of(raw: dict, k: int) -> dict:
+    """Pair k of a multi-caption raw sample: a shallow copy (the picture's bytes are shared)."""
+    return {**raw, PAIR_MARK: k}
+
+
+def iter_pixel_pairs(raws: Iterable[dict], max_captions: int) -> Iterator[dict]:
+    """Raw picture samples as decode_pixel_sample takes them: a multi-caption sample as its
+    (picture, caption) pairs in caption order, a one-caption sample as it is."""
+    for raw in raws:
+        n = pixel_pairs(raw, max_captions)
+        yield from (raw,) if n is None else (pair_of(raw, k) for k in range(n))
+
+
+def _pair_meta(raw: dict, max_captions: int) -> tuple[Optional[tuple[str, str, str]], Optional[str]]:
+    """(image_id, caption, key) of pair raw[PAIR_MARK] of a multi-caption sample, or (None, reason)."""
+    meta = _json_object(raw)
+    if meta is None:
+        return None, "bad_json"
+    if not isinstance(meta.get("image_id"), str) or not meta["image_id"]:
+        return None, "missing_image_id"
+    reason = _captions_reason(meta, max_captions)
     if reason:
         return None, reason
+    k = raw[PAIR_MARK]
+    caption = meta["captions"][k]
+    reason = caption_reason(caption)
+    if reason:
+        return None, reason
+    ids = meta.get("caption_ids")
+    return (meta["image_id"], caption, ids[k] if ids else f"{raw.get('__key__', '')}-{k}"), None
+
+
+def picture_key(raw: dict) -> tuple:
+    """Which stored picture a raw sample (or one of its pairs) holds: its shard and byte offset."""
+    return raw.get("__url__"), raw.get("__offset__"), raw.get("__key__")
+
+
+def _decode_picture(raw: dict, limits: DecodeLimits, pictures: Optional[dict]) -> tuple[Any, Optional[str]]:
+    """(PIL RGB image, None) or (None, reason); through `pictures` ({picture_key: result}) when
+    given, so the pairs of one picture decode it once."""
+    from data.pixels import ImageTooLargeError, decode_image
+
+    key = picture_key(raw)
+    if pictures is not None and key in pictures:
+        return pictures[key]
     data = next((raw[ext] for ext in IMAGE_EXTENSIONS if raw.get(ext) is not None), None)
-    if data is None:
-        return None, "missing_image"
-    if not tokenizer.encode(meta["caption"]):  # e.g. only characters the normaliser drops
-        return None, "empty_caption"
     try:
-        image = decode_image(data, limits.max_image_pixels)
+        result = decode_image(data, limits.max_image_pixels), None
     except ImageTooLargeError:
-        return None, "image_too_large"
+        result = None, "image_too_large"
     except ValueError:
-        return None, "bad_image"
-    key = str(raw.get("__key__", meta.get("caption_id", "")))
-    return PixelSample(key, meta["image_id"], meta["caption"], image), None
+        result = None, "bad_image"
+    if pictures is not None:
+        pictures[key] = result
+    return result
+
+
+def decode_pixel_sample(raw: dict, tokenizer, limits: DecodeLimits = DecodeLimits(),
+                        pictures: Optional[dict] = None) -> tuple[Optional[PixelSample], Optional[str]]:
+    """Decode a raw pixel-shard sample, or one (picture, caption) pair of a multi-caption sample
+    (the readers mark which with PAIR_MARK); (sample, None) or (None, reason from
+    PIXEL_SKIP_REASONS or SKIP_MARK).
+    Bad data never raises: an undecodable picture is "bad_image", one whose header declares
+    more than `limits.max_image_pixels` pixels is "image_too_large" (and is not decoded).
+    `pictures`: a cache the caller keeps while pairs of the same pictures are decoded
+    ({picture_key: (image, reason)}; the caller drops entries it no longer needs); the decoded
+    image is shared by those pairs and must not be changed in place (collate makes new views)."""
+    if raw.get(SKIP_MARK):  # iter_shard found it bad (a huge or repeated member)
+        return None, raw[SKIP_MARK]
+    if PAIR_MARK in raw:
+        pair, reason = _pair_meta(raw, limits.max_captions)
+    else:
+        meta, reason = _decode_meta(raw)
+        pair = (meta["image_id"], meta["caption"], str(raw.get("__key__", meta.get("caption_id", "")))) \
+            if meta else None
+    if reason:
+        return None, reason
+    image_id, caption, key = pair
+    if not any(raw.get(ext) is not None for ext in IMAGE_EXTENSIONS):
+        return None, "missing_image"
+    if not tokenizer.encode(caption):  # e.g. only characters the normaliser drops
+        return None, "empty_caption"
+    image, reason = _decode_picture(raw, limits, pictures)
+    if reason:
+        return None, reason
+    return PixelSample(key, image_id, caption, image), None

@@ -18,6 +18,14 @@ A source's `state()` is a small JSON-able cursor (segment, sample index and byte
 offset of the next sample); a source built from it continues exactly there,
 re-opening the shard at that byte (a ranged GET on S3), not from its start.
 
+Picture shards of the vlpt-pixels-v2 layout hold one sample per picture with all
+its captions. Their unit is the (picture, caption) pair: `pairs(raw)` says how many
+a raw sample holds (data.shards.pixel_pairs), the manifest counts pairs per shard,
+and everything above (ranges, cursors, epochs) counts pairs, so an epoch reads every
+pair once, as it read every one-caption sample once. A cursor inside a picture's
+captions keeps the byte offset of that picture's sample plus `base`, the pair index
+its first caption has; the sample is read again on resume.
+
 A shard that cannot be read as listed never stops a reader: it is skipped or read as far
 as it goes, and reported through `on_bad_shard(url, reason, detail)` with a reason of
 data.shards.SHARD_SKIP_REASONS, once per shard and epoch by the reader that meets it.
@@ -31,7 +39,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import numpy as np
 
 from data.limits import DEFAULT_MAX_MEMBER_BYTES
-from data.shards import Manifest, iter_shard
+from data.shards import Manifest, iter_shard, pair_of
 from data.storage import NotARegularFile, S3Options, object_size, sha256_of
 
 CORRUPT_SHARD_ERRORS = (tarfile.TarError, EOFError)
@@ -46,7 +54,8 @@ class NoUsableData(ValueError):
 
 @dataclass(frozen=True)
 class DatasetShards:
-    """One dataset as a reader sees it: shard URLs with their manifest sample counts."""
+    """One dataset as a reader sees it: shard URLs with their manifest counts of what a reader
+    reads one by one (samples; (picture, caption) pairs for picture shards)."""
 
     name: str
     shards: tuple[str, ...]
@@ -63,7 +72,7 @@ class DatasetShards:
 
     @classmethod
     def from_manifest(cls, name: str, manifest: Manifest, weight: float = 1.0) -> "DatasetShards":
-        return cls(name, tuple(manifest.shards), tuple(manifest.counts), weight,
+        return cls(name, tuple(manifest.shards), tuple(manifest.units), weight,
                    tuple(manifest.sizes), tuple(manifest.sha256))
 
 
@@ -96,6 +105,8 @@ class ShardSource:
 
     `next()` returns the next raw sample, or None at the end of a non-resampled
     epoch when `cycle` is False (the caller starts the next with `start_epoch`).
+    With `pairs` (picture shards), a raw sample for which it gives n is returned as n
+    pairs (data.shards.pair_of), one by one; None means a one-caption sample.
     `on_bad_shard(url, reason, detail)` is called once per damaged, missing or
     mismatching shard (see the module doc): for damage and a short shard by the
     reader whose range holds the place, for a missing or refused shard by every
@@ -106,14 +117,15 @@ class ShardSource:
     def __init__(self, ds: DatasetShards, *, seed: int, name_id: int, reader: int, n_readers: int,
                  resampled: bool, cycle: bool, s3: Optional[S3Options], stats: dict,
                  on_bad_shard: Callable[[str, str, str], None], state: Optional[dict] = None,
-                 verify_sha256: bool = False, max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES):
+                 verify_sha256: bool = False, max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
+                 pairs: Optional[Callable[[dict], Optional[int]]] = None):
         if not ds.shards:
             raise ValueError(f"dataset {ds.name!r} has no shards")
         self.ds, self.seed, self.name_id = ds, seed, name_id
         self.reader, self.n_readers = reader, n_readers
         self.resampled, self.cycle, self.s3, self.stats = resampled, cycle, s3, stats
         self.on_bad_shard = on_bad_shard
-        self.verify_sha256, self.max_member_bytes = verify_sha256, max_member_bytes
+        self.verify_sha256, self.max_member_bytes, self.pairs = verify_sha256, max_member_bytes, pairs
         self._checksums: dict[int, bool] = {}
         self._draws: dict[int, np.ndarray] = {}
         self._it: Optional[Iterator[dict]] = None
@@ -122,10 +134,14 @@ class ShardSource:
         else:
             self.epoch, self.seg = int(state["epoch"]), int(state["seg"])
             self.sample, self.offset = int(state["sample"]), int(state["offset"])
+            self.base = int(state.get("base", self.sample))
             self._segments = self._plan(self.epoch)
 
     def state(self) -> dict:
-        return {"epoch": self.epoch, "seg": self.seg, "sample": self.sample, "offset": self.offset}
+        state = {"epoch": self.epoch, "seg": self.seg, "sample": self.sample, "offset": self.offset}
+        if self.base != self.sample:  # inside a picture's captions
+            state["base"] = self.base
+        return state
 
     def start_epoch(self, epoch: int) -> None:
         self.epoch, self._segments = epoch, self._plan(epoch)
@@ -150,13 +166,14 @@ class ShardSource:
     def _enter(self, j: int) -> None:
         segment = self._segment(j)
         self.seg, self.sample, self.offset = j, (segment[1] if segment else 0), -1
+        self.base = self.sample
 
     def _read_segment(self) -> Iterator[dict]:
-        """From the cursor to the segment's end; advances the cursor past each sample."""
+        """From the cursor to the segment's end; advances the cursor past each sample (pair)."""
         shard, first, end = self._segment(self.seg)
         url = self.ds.shards[shard]
         known = self.offset >= 0
-        index = self.sample if known else 0
+        index, start = (self.base if known else 0), self.sample  # index: of the next raw sample's first pair
         try:
             if not known and not self._shard_usable(shard, report=first == 0):
                 return
@@ -164,13 +181,16 @@ class ShardSource:
             for raw in raws:
                 if index >= end:
                     return
-                index += 1
-                if index == end == self.ds.counts[shard]:
-                    self._check_shard_ends(url, raws, end)
-                if index > first:
-                    self.sample, self.offset = index, raw["__end__"]
-                    raw["__dataset__"] = self.ds.name
-                    yield raw
+                n = self.pairs(raw) if self.pairs else None
+                at, index = index, index + (n or 1)
+                if index >= end == self.ds.counts[shard]:
+                    self._check_shard_ends(url, raws, end, index)
+                raw["__dataset__"] = self.ds.name
+                for unit in range(max(at, start), min(index, end)):
+                    inside = unit + 1 < index  # more of this picture's captions follow
+                    self.sample, self.base = unit + 1, (at if inside else index)
+                    self.offset = raw["__offset__"] if inside else raw["__end__"]
+                    yield raw if n is None else pair_of(raw, unit - at)
         except CORRUPT_SHARD_ERRORS as e:
             if index >= first:  # the damage lies in this reader's range: it alone reports it
                 self.on_bad_shard(url, "corrupt_tar", f"{type(e).__name__}: {e}")
@@ -185,8 +205,13 @@ class ShardSource:
             self.on_bad_shard(url, "manifest_mismatch", f"it holds {index} samples, its manifest lists "
                               f"{self.ds.counts[shard]}")
 
-    def _check_shard_ends(self, url: str, raws: Iterator[dict], listed: int) -> None:
-        """Reads ahead one sample past the manifest's last: there must be none."""
+    def _check_shard_ends(self, url: str, raws: Iterator[dict], listed: int, read: int) -> None:
+        """Reads ahead one sample past the manifest's last: there must be none (and the last must
+        not hold more pairs than listed: `read` pairs so far)."""
+        if read > listed:
+            self.on_bad_shard(url, "manifest_mismatch", f"it holds more than the {listed} pairs its "
+                              f"manifest lists; the rest is not read")
+            return
         try:
             extra = next(raws, None)
         except CORRUPT_SHARD_ERRORS as e:  # damage after the last listed sample

@@ -77,7 +77,8 @@ def write_tiny_config(path: Path, data_dir: Path, run_dir: Path, **sections) -> 
     cfg = {
         "model": {**TINY_MODEL, "vocab_size": load_tokenizer(vocab).vocab_size, "img_dim": 16,
                   "img_label_dim": 9},
-        "data": {"train": str(data_dir / "train"), "val": str(data_dir / "val"), "vocab": vocab,
+        "data": {"train": str(data_dir / "train"), "val": str(data_dir / "val"),
+                 "tokenizer": {"path": vocab, "lowercase": False},
                  "micro_batch_size": 8, "val_batch_size": 20, "shuffle_buffer": 32},
         "tasks": {"mlm": 1, "itm": 1},
         "optim": {"lr": 1e-3, "warmup_steps": 2},
@@ -94,7 +95,7 @@ NO_DROPOUT = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
 
 @pytest.fixture(scope="session")
 def pixel_data(tmp_path_factory) -> Path:
-    """The demo scenes drawn as 32-px pictures (vlpt-pixels-v1 shards) for tiny ALBEF runs."""
+    """The demo scenes drawn as 32-px pictures (vlpt-pixels-v2 shards: a picture per scene) for tiny ALBEF runs."""
     from data.demo_pixels import write_demo_pixels
 
     out = tmp_path_factory.mktemp("pixels")
@@ -117,7 +118,8 @@ def write_albef_config(tmp_path: Path, data: Path, name: str, steps: int, **sect
                   "max_position_embeddings": 32, **NO_DROPOUT, "image_size": 32, "patch_size": 16,
                   "vision_width": 32, "vision_layers": 2, "vision_heads": 2, "vision_mlp": 64, "embed_dim": 16, "queue_size": 48, "alpha_warmup_steps": 4, "k_test": 8,
                   "initializer_range": 0.1},
-        "data": {"train": str(data / "train"), "val": str(data / "val"), "vocab": vocab, "micro_batch_size": 8,
+        "data": {"train": str(data / "train"), "val": str(data / "val"),
+                 "tokenizer": {"path": vocab, "lowercase": False}, "micro_batch_size": 8,
                  "val_batch_size": 16, "shuffle_buffer": 32, "max_txt_len": 23,
                  "albef": {"pixels": {"image_size": 32}}},
         "tasks": {"albef": 1},
@@ -147,9 +149,11 @@ def subprocess_env(nthreads: int = 1) -> dict:
 
 
 def run_vlpt(args: list[str], launcher: str = "python", nproc: int = 1, timeout: int = 600,
-             check: bool = True, env: dict | None = None, module: str = "vlpt") -> subprocess.CompletedProcess:
+             check: bool = True, env: dict | None = None, module: str = "vlpt",
+             cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Run `vlpt <args>` as one process, under torchrun, or under the DeepSpeed launcher;
-    `module`: a test wrapper of the CLI (e.g. one that injects a fault) instead."""
+    `module`: a test wrapper of the CLI (e.g. one that injects a fault) instead; `cwd`: the
+    working directory (default: the repository)."""
     bin_dir = Path(sys.executable).parent
     if launcher == "python":
         cmd = [sys.executable, "-m", module, *args]
@@ -161,8 +165,8 @@ def run_vlpt(args: list[str], launcher: str = "python", nproc: int = 1, timeout:
                "--module", module, *args]
     else:
         raise AssertionError(launcher)
-    proc = subprocess.run(cmd, cwd=REPO, env={**subprocess_env(), **(env or {})}, capture_output=True, text=True,
-                          timeout=timeout)
+    proc = subprocess.run(cmd, cwd=cwd or REPO, env={**subprocess_env(), **(env or {})}, capture_output=True,
+                          text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n"
                              f"{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")

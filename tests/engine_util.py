@@ -64,7 +64,7 @@ def engine_from_config(config_path, overrides=(), seed: int = 0):
     import pytest
     import torch
 
-    from data.tokenizer import load_tokenizer
+    from data.tokenizer import tokenizer_from_config
     from trainer.config import load_config
     from trainer.engine import batch_layout, build_engine
     from trainer.recipes import recipe_class
@@ -77,7 +77,7 @@ def engine_from_config(config_path, overrides=(), seed: int = 0):
     torch.manual_seed(seed)
     model = recipe.build_model()
     recipe.attach(model, layout, device)
-    loaders = build_train_loaders(cfg, recipe, load_tokenizer(cfg.data.vocab), layout, 0, {})
+    loaders = build_train_loaders(cfg, recipe, tokenizer_from_config(cfg.data.tokenizer), layout, 0, {})
     recipe.on_loaders(loaders, layout)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LOCAL_RANK", "0")

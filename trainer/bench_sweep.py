@@ -71,14 +71,14 @@ def run_sweep(cfg: Config, bench: TrainBenchConfig, tokens: tuple[int, ...],
               on_point: Optional[Callable[[dict], None]] = None) -> dict:
     """Collective under torchrun; every rank returns the same figures. `on_point(result so far)`
     after each point (the CLI rewrites its record, so a sweep cut short keeps what it measured)."""
-    from data.tokenizer import load_tokenizer
+    from data.tokenizer import tokenizer_from_config
     from trainer.distributed import setup_distributed
 
     if not tokens or any(t < 1 for t in tokens):
         raise ValueError(f"bench train --sweep: positive token counts per micro-batch, e.g. 8192,16384; "
                          f"got {list(tokens)}")
     info = setup_distributed(cfg.parallel.backend, cfg.parallel.timeout_minutes)
-    tok = load_tokenizer(cfg.data.vocab)
+    tok = tokenizer_from_config(cfg.data.tokenizer)
     per_sample = mean_tokens_per_sample(cfg, bench, tok, info)
     release(info.device)
     points: list[dict] = []

@@ -339,11 +339,11 @@ def ratios(ours: dict, baseline: dict) -> Optional[dict]:
 def run_train_bench(cfg: Config, bench: TrainBenchConfig, count_only: bool = False) -> dict:
     """Collective under torchrun; every rank returns the same figures. `count_only`: the work of the
     timed steps (samples, tokens, useful and padded FLOPs) without training."""
-    from data.tokenizer import load_tokenizer
+    from data.tokenizer import tokenizer_from_config
     from trainer.distributed import setup_distributed
 
     info = setup_distributed(cfg.parallel.backend, cfg.parallel.timeout_minutes)
-    tok = load_tokenizer(cfg.data.vocab)
+    tok = tokenizer_from_config(cfg.data.tokenizer)
     setup = make_setup(cfg, tok, info, bench)
     head = {"arch": cfg.model.arch, "world_size": info.world_size,
             "global_batch_size": setup.layout.global_batch_size, "micro_batch_size": setup.layout.micro_batch_size,

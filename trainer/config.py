@@ -12,7 +12,7 @@ from typing import Literal, Mapping, Optional
 import yaml
 
 from data.config import DataConfig
-from trainer.config_files import ConfigError, load_yaml_with_includes
+from trainer.config_files import ConfigError, load_yaml_with_includes, resolve_paths
 from trainer.config_loader import apply_overrides, check_config_values, check_known_keys, from_dict, to_dict
 from data.storage import S3Options
 from trainer.models.config import AlbefConfig, ModelConfig
@@ -106,10 +106,16 @@ class PrecisionConfig:
     min_loss_scale: float = 1.0
 
 
+RESUME_MODES = ("auto", "never", "must")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     run_dir: str = "runs/default"
-    """Everything of a run lives here: checkpoints, metrics.jsonl, the MLflow store."""
+    """Everything of a run lives here: checkpoints, metrics.jsonl, the MLflow store. Relative to the
+    working directory. `load_config` fills it with `runs/<config file stem>` when no file or override
+    sets it, so rerunning the same command resumes the same run. `{now}` in it (opt-in) is filled with
+    rank 0's start time: a new folder each start, which a rerun therefore never resumes."""
     max_steps: int = 200000
     """Optimizer steps of the whole run."""
     stop_after_steps: Optional[int] = None
@@ -122,8 +128,10 @@ class TrainConfig:
     """Checkpoint every N steps (0 = only at the end)."""
     keep_last: int = 3
     """Checkpoints kept; older ones are deleted after a newer one is complete."""
-    resume: bool = True
-    """Resume from run_dir's latest checkpoint when there is one."""
+    resume: Literal["auto", "never", "must"] = "auto"
+    """auto: resume from run_dir's newest checkpoint when there is one, else start; never: refuse
+    to start in a run dir that holds a checkpoint; must: refuse to start when there is none.
+    Earlier versions' true / false are read as auto / never (OLD_VALUES)."""
     checkpoint_s3: Optional[str] = None
     """s3://bucket/prefix: upload every checkpoint there (keep_last applies too); a run whose
     run_dir has no checkpoint resumes from the newest upload. Reached as storage.s3 says;
@@ -149,6 +157,13 @@ class TrainConfig:
             raise ValueError(f"train.checkpoint_s3 must be an s3://bucket/prefix URL, got {self.checkpoint_s3!r}")
         if self.stop_after_steps is not None and self.stop_after_steps <= 0:
             raise ValueError("stop_after_steps must be positive")
+        if isinstance(self.resume, bool):  # a Python caller's earlier value (YAML goes through OLD_VALUES)
+            object.__setattr__(self, "resume", OLD_VALUES["train.resume"][self.resume])
+        if self.resume not in RESUME_MODES:
+            raise ValueError(f"train.resume must be one of {', '.join(RESUME_MODES)}, got {self.resume!r}")
+        if self.resume == "must" and "{now}" in self.run_dir:
+            raise ValueError("train.resume=must with {now} in train.run_dir can never resume (a new folder "
+                             "each start); name the run dir of the run to resume, e.g. --train.run_dir=runs/x")
 
 
 @dataclass(frozen=True)
@@ -246,8 +261,35 @@ MOVED_KEYS = {
     "data.itm_neg_prob": "data.uniter.itm_neg_prob",
     "data.itm_hard_candidates": "data.uniter.itm_hard_candidates",
     "data.token_budget": "data.uniter.token_budget",
+    "data.vocab": "data.tokenizer.path",
 }
 """Keys of earlier versions -> where they live now."""
+
+
+OLD_VALUES = {
+    "train.resume": {True: "auto", False: "never"},
+}
+"""Values of earlier versions -> the value that means the same now (read silently: same behaviour)."""
+
+
+def map_old_values(raw: dict) -> None:
+    """Replace, in place, each earlier version's value of a key by the value that means the same now."""
+    for dotted, mapping in OLD_VALUES.items():
+        section, key = dotted.split(".")
+        node = raw.get(section)
+        if isinstance(node, dict) and isinstance(node.get(key), bool) and node[key] in mapping:
+            node[key] = mapping[node[key]]
+
+
+def set_default_run_dir(raw: dict, config_path: str) -> None:
+    """train.run_dir, when no file or override sets it: runs/<config file stem>, so the same
+    command names the same run (and resumes it)."""
+    if raw.get("train") is None:  # absent, or an empty `train:`
+        raw["train"] = {}
+    train = raw["train"]
+    if isinstance(train, dict) and train.get("run_dir") is None:
+        stem = os.path.splitext(os.path.basename(config_path))[0]
+        train["run_dir"] = os.path.join("runs", stem)
 
 
 def check_moved_keys(raw: Mapping) -> None:
@@ -261,10 +303,15 @@ def check_moved_keys(raw: Mapping) -> None:
 def load_config(path: str, overrides: list[str] = ()) -> Config:
     """YAML file (+ includes) + dotted overrides → frozen `Config`."""
     raw = apply_overrides(load_yaml_with_includes(path), list(overrides))
+    map_old_values(raw)
     check_moved_keys(raw)
+    set_default_run_dir(raw, path)
     check_known_keys(Config, raw)  # costs the same for any input: a typo is named first
     check_config_values(raw)  # before from_dict, whose type errors would echo a secret URL
-    return from_dict(Config, raw)
+    cfg = from_dict(Config, raw)
+    # What no file set (an override, a default) is relative to the working directory; made absolute,
+    # every path reads the same from a saved copy of this config (<run_dir>/config.yaml, a launch's frozen one).
+    return from_dict(Config, resolve_paths(to_dict(cfg), os.getcwd()))
 
 
 def config_to_yaml(cfg: Config) -> str:

@@ -1,8 +1,10 @@
 """Reading config files: bounded YAML with `include:`, and the ConfigError every config step raises.
 
 One YAML file may `include:` others (paths relative to the including file, merged
-depth-first, the including file wins) into one nested dict (docs/design.md, "Configuration"); turning that
-dict into the config dataclasses is `trainer.config_loader`'s job.
+depth-first, the including file wins; a choice set such as `tasks:` is replaced, not merged) into
+one nested dict, in which every path a file names (PATH_KEYS) is relative to that file
+(docs/design.md, "Configuration"); turning that dict into the config dataclasses is
+`trainer.config_loader`'s job.
 
 Hostile input stays cheap: YAML is composed and sized (aliases expanded, nesting,
 recursion) before anything is built, and includes are bounded in depth and number.
@@ -40,6 +42,23 @@ class _LoadBudget:
     values: int = 0
 
 
+PATH_KEYS = (
+    "data.train", "data.val", "data.tokenizer.path", "data.datasets[].train", "data.datasets[].val",
+    "model.init_from_bert", "model.init_from_uniter", "model.init_from_vit",
+)
+"""Path-valued keys: a relative value in a YAML file is resolved against that file's folder
+(`include:` is too); a command-line override, against the working directory; absolute paths and
+URLs (s3://...) stay as they are; the loaded config holds them absolute. `name[]` means the key of
+each item of the list `name`. A new path key is added here, and nowhere else. train.run_dir is not
+one: it stays relative to the working directory (the usual convention for an output folder)."""
+
+CHOICE_SET_KEYS = ("tasks",)
+"""Mappings that are a set of choices rather than settings: a later file's mapping replaces the
+earlier one whole (leaving a task out of it removes the task), where other mappings merge key by
+key. A dotted override (`--tasks.mlm=2`) still sets one entry of the current set. (The per-dataset
+`data.datasets[].tasks` are inside a list, which a later file replaces whole anyway.)"""
+
+
 def load_yaml_with_includes(path: str) -> dict:
     """Read `path`, resolve its `include:` list recursively and merge."""
     return _load_with_includes(path, (), _LoadBudget())
@@ -56,7 +75,7 @@ def _load_with_includes(path: str, stack: tuple[str, ...], budget: _LoadBudget) 
     if budget.files > MAX_INCLUDED_FILES:
         raise ConfigError(f"{path}: more than {MAX_INCLUDED_FILES} included files in all (from {stack[0]}; "
                           f"a file included twice counts twice)")
-    raw = _read_yaml_file(path, stack, budget)
+    raw = resolve_paths(_read_yaml_file(path, stack, budget), os.path.dirname(path), source=path)
     includes = raw.pop("include", []) or []
     if isinstance(includes, str):
         includes = [includes]
@@ -65,8 +84,69 @@ def _load_with_includes(path: str, stack: tuple[str, ...], budget: _LoadBudget) 
     merged: dict = {}
     for inc in includes:
         inc_path = inc if os.path.isabs(inc) else os.path.join(os.path.dirname(path), inc)
-        merged = deep_merge(merged, _load_with_includes(inc_path, stack + (path,), budget))
-    return deep_merge(merged, raw)
+        merged = merge_files(merged, _load_with_includes(inc_path, stack + (path,), budget))
+    return merge_files(merged, raw)
+
+
+def merge_files(base: Mapping, top: Mapping) -> dict:
+    """A later config file over an earlier one: `deep_merge`, except that each of CHOICE_SET_KEYS
+    that `top` sets replaces the earlier mapping whole."""
+    out = deep_merge(base, top)
+    for dotted in CHOICE_SET_KEYS:
+        parts = dotted.split(".")
+        node, out_node = top, out
+        for part in parts[:-1]:
+            node, out_node = node.get(part), out_node.get(part)
+            if not isinstance(node, Mapping) or not isinstance(out_node, dict):
+                break
+        else:
+            if parts[-1] in node:
+                out_node[parts[-1]] = node[parts[-1]]
+    return out
+
+
+_WRITTEN: dict[str, tuple[str, str]] = {}
+"""Resolved path -> (the value as written, the file that wrote it), for `path_origin`'s hints."""
+
+
+def resolve_paths(raw: dict, base_dir: str, source: Optional[str] = None) -> dict:
+    """`raw` (one file's mapping) with each relative value of PATH_KEYS joined to `base_dir` (absolute);
+    `source`: the file `raw` was read from, remembered for error messages."""
+    for dotted in PATH_KEYS:
+        _resolve_key(raw, dotted.split("."), os.path.abspath(base_dir), source)
+    return raw
+
+
+def _resolve_key(node: Any, parts: list[str], base_dir: str, source: Optional[str]) -> None:
+    if not isinstance(node, dict):
+        return  # a type error, named when the config is built
+    head, rest = parts[0], parts[1:]
+    if head.endswith("[]"):
+        items = node.get(head[:-2])
+        for item in items if isinstance(items, list) else []:
+            _resolve_key(item, rest, base_dir, source)
+    elif rest:
+        _resolve_key(node.get(head), rest, base_dir, source)
+    elif isinstance(node.get(head), str):
+        written, node[head] = node[head], resolve_path(node[head], base_dir)
+        if source and written != node[head]:
+            _WRITTEN[node[head]] = (written, source)
+
+
+def path_origin(path: str) -> str:
+    """For a missing file: " (written 'x' in <file>: ...)" when a config file named `path` relative
+    to itself; "" otherwise (an absolute value, or one from the command line: as given, from the cwd)."""
+    if path not in _WRITTEN:
+        return ""
+    written, source = _WRITTEN[path]
+    return f" (written {written!r} in {source}, whose folder a config file's paths are relative to)"
+
+
+def resolve_path(value: str, base_dir: str) -> str:
+    """`value` joined to `base_dir` when it is a relative local path; URLs, absolute paths and "" unchanged."""
+    if not value or "://" in value or os.path.isabs(value):
+        return value
+    return os.path.normpath(os.path.join(base_dir, os.path.expanduser(value)))
 
 
 def _read_yaml_file(path: str, stack: tuple[str, ...], budget: _LoadBudget) -> dict:
@@ -162,5 +242,6 @@ def deep_merge(base: Mapping, top: Mapping) -> dict:
 
 __all__ = [
     "ConfigError", "MAX_CONFIG_BYTES", "MAX_YAML_VALUES", "MAX_YAML_DEPTH", "MAX_INCLUDE_DEPTH",
-    "MAX_INCLUDED_FILES", "load_yaml_with_includes", "safe_load_bounded", "deep_merge",
+    "MAX_INCLUDED_FILES", "PATH_KEYS", "CHOICE_SET_KEYS", "load_yaml_with_includes", "safe_load_bounded",
+    "deep_merge", "merge_files", "resolve_paths", "resolve_path", "path_origin",
 ]

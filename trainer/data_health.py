@@ -6,22 +6,36 @@ from typing import Optional
 
 from data.config import DataConfig
 from data.loader import add_counts
+from data.shards import LENGTH_FILTERED
 from trainer.distributed import all_gather_objects
 
 
 @dataclass(frozen=True)
 class DataCounts:
     skipped: dict[str, int]
+    """Samples not used, by reason: bad input and the length filter's (LENGTH_FILTERED) alike, as
+    trainer_state.json keeps them."""
     seen: int
     retries: dict[str, int] = field(default_factory=dict)
     """S3 retries by reason, this process's run only (not carried over a resume)."""
 
     @property
+    def bad_skipped(self) -> dict[str, int]:
+        """Bad input by reason: every reason but the length filter's."""
+        return {k: v for k, v in self.skipped.items() if k not in LENGTH_FILTERED}
+
+    @property
+    def filtered(self) -> int:
+        """Captions over data.max_txt_len that UNITER's decoder drops: a policy, not bad input."""
+        return sum(v for k, v in self.skipped.items() if k in LENGTH_FILTERED)
+
+    @property
     def bad(self) -> int:
-        return sum(self.skipped.values())
+        return sum(self.bad_skipped.values())
 
     @property
     def per_1000(self) -> float:
+        """Bad samples per 1,000 read (the length filter's are not bad)."""
         return 1000.0 * self.bad / max(self.seen, 1)
 
 
@@ -44,19 +58,20 @@ def data_counts(loaders: dict, resumed_skipped: dict[str, int], resumed_seen: in
 
 
 def data_metrics(counts: DataCounts) -> dict[str, float]:
-    return {**{f"data/skipped_{k}": float(v) for k, v in counts.skipped.items()},
-            "data/skipped": float(counts.bad), "data/seen": float(counts.seen),
+    return {**{f"data/skipped_{k}": float(v) for k, v in counts.bad_skipped.items()},
+            "data/skipped": float(counts.bad), "data/filtered_length": float(counts.filtered),
+            "data/seen": float(counts.seen),
             "data/skipped_per_1000": counts.per_1000,
             **{f"data/{k}": float(v) for k, v in counts.retries.items()}}
 
 
 def bad_rate_error(data: DataConfig, counts: DataCounts) -> Optional[str]:
-    """The one-line abort message when the bad-sample limit is exceeded, else None.
-    Decided from the all-gathered totals, so every rank agrees."""
+    """The one-line abort message when the bad-sample limit is exceeded, else None. Decided from
+    the all-gathered totals, so every rank agrees; captions the length filter dropped do not count."""
     limit = data.max_bad_per_1000
     if counts.seen < max(data.min_samples_for_bad_rate, 1) or counts.per_1000 <= limit:
         return None
-    reasons = ", ".join(f"{k}={v:,}" for k, v in sorted(counts.skipped.items(), key=lambda kv: (-kv[1], kv[0])))
+    reasons = ", ".join(f"{k}={v:,}" for k, v in sorted(counts.bad_skipped.items(), key=lambda kv: (-kv[1], kv[0])))
     return (f"data: {counts.bad:,} of {counts.seen:,} samples were bad ({counts.per_1000:.1f} per 1,000 > "
             f"data.max_bad_per_1000={limit:g}): {reasons}; fix the shards or raise data.max_bad_per_1000")
 

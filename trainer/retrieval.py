@@ -20,7 +20,7 @@ from data.collate_albef import caption_batch, eval_images
 from data.loader import add_counts, iter_split, pin
 from data.pixels import PixelConfig
 from data.limits import DecodeLimits
-from data.shards import decode_pixel_sample
+from data.shards import decode_pixel_sample, iter_pixel_pairs
 from data.storage import S3Options
 from trainer.distributed import all_gather_rows
 from trainer.models.albef import EMBED_TASK, ITM_SCORE_TASK
@@ -46,7 +46,7 @@ def load_retrieval_set(shards: Sequence[str], tok, max_txt_len: int, s3: Optiona
     and so are damaged or missing shards: all counted by reason into `skipped`."""
     image_index: dict[str, int] = {}
     images, captions, text_image = [], [], []
-    for raw in iter_split(shards, s3, skipped, limits.max_member_bytes):
+    for raw in iter_pixel_pairs(iter_split(shards, s3, skipped, limits.max_member_bytes), limits.max_captions):
         sample, reason = decode_pixel_sample(raw, tok, limits)
         if sample is None:
             if skipped is not None:
@@ -109,7 +109,7 @@ def _recalls(prefix: str, ranks: Tensor) -> dict[str, float]:
 @torch.no_grad()
 def retrieval_metrics(engine, data: RetrievalSet, pixels: PixelConfig, *, k: int, batch_size: int,
                       device: torch.device, rank: int = 0, world: int = 1) -> dict[str, float]:
-    """R@1/5/10 in both directions (percent), their mean, and text->image R@1 by chance."""
+    """R@1/5/10 in both directions (percent), their mean, and R@1 by chance in both directions."""
     n_images, n_texts = len(data.images), len(data.input_ids)
     engine.eval()
     try:
@@ -135,5 +135,14 @@ def retrieval_metrics(engine, data: RetrievalSet, pixels: PixelConfig, *, k: int
     metrics = {**_recalls("t2i", _gather_in_query_order(t2i, n_texts, world)),
                **_recalls("i2t", _gather_in_query_order(i2t, n_images, world))}
     metrics["r_mean"] = sum(metrics.values()) / len(metrics)
-    metrics["t2i_r1_chance"] = 100.0 / n_images
+    metrics.update(chance_levels(data.text_image, n_images))
     return metrics
+
+
+def chance_levels(text_image: Tensor, n_images: int) -> dict[str, float]:
+    """R@1 (percent) of a random ranking: a text has one true image among n_images; an image's
+    true texts are its own captions among all texts (on average also 100 / n_images)."""
+    n_texts = len(text_image)
+    captions = torch.bincount(text_image, minlength=n_images).double()  # [I] texts per image
+    return {"t2i_r1_chance": 100.0 / n_images,
+            "i2t_r1_chance": 100.0 * (captions / n_texts).mean().item()}

@@ -12,7 +12,6 @@ import torch
 
 from data.loader import add_counts, merge_states
 from data.sources import NoUsableData
-from data.tokenizer import load_tokenizer
 from trainer import checkpoint as ckpt
 from trainer.checkpoint_files import STATE_FILE, checkpoint_root
 from trainer.checkpoint_s3 import download_checkpoint, remote_latest, upload_checkpoint
@@ -29,8 +28,10 @@ from trainer.progress import Progress
 from trainer.recipes import recipe_class
 from trainer.recipes.base import Recipe, StepContext
 from trainer.run_lock import hold_run_lock
-from trainer.run_setup import (build_train_loaders, check_fresh_start, check_inputs, check_precision,
-                               read_val_splits, resolve_run_dir, setup_logging, validate_against_data)
+from trainer.run_dir import agree_resume_mode, nothing_to_resume
+from trainer.run_setup import (build_train_loaders, check_inputs, check_precision, log_caption_report,
+                               read_val_splits, resolve_run_dir, run_tokenizer, setup_logging,
+                               validate_against_data)
 from trainer.step import StepStats, optimizer_step
 from trainer.step_timer import StepTimer
 from trainer.summary import mlm_loss_drop, print_summary
@@ -69,17 +70,19 @@ def pretrain(cfg: Config) -> dict:
     check_precision(cfg.precision, info)
     cfg = resolve_run_dir(cfg)
     run_dir = os.path.abspath(cfg.train.run_dir)
+    # The whole config is checked against the data before the run dir is made: a bad config leaves no folder.
+    recipe = recipe_class(cfg.model.arch)(cfg)
+    tok = run_tokenizer(cfg)
+    validate_against_data(cfg, recipe, tok)
+    agree_resume_mode(run_dir, cfg.train.resume, cfg.train.checkpoint_s3, info)
     with hold_run_lock(run_dir, info):  # one run per run dir, released however the run ends
-        check_fresh_start(run_dir, cfg.train.resume)
         config_yaml = config_to_yaml(cfg)
         if info.is_main:
             os.makedirs(run_dir, exist_ok=True)
             with open(os.path.join(run_dir, "config.yaml"), "w") as f:
                 f.write(config_yaml)
             print(f"resolved config (saved to {run_dir}/config.yaml):\n{config_yaml}", flush=True)
-        recipe = recipe_class(cfg.model.arch)(cfg)
-        tok = load_tokenizer(cfg.data.vocab)
-        validate_against_data(cfg, recipe, tok)
+            log_caption_report(cfg, recipe, tok)
         run = Run.build(cfg, recipe, info, tok, config_yaml)
         run.open(run.resume())
         summary = run.train()
@@ -106,7 +109,10 @@ class Run:
     def build(cls, cfg: Config, recipe: Recipe, info: DistInfo, tok, config_yaml: str) -> "Run":
         """The model (same initial weights on every rank), the recipe's state beside it, the engine."""
         torch.manual_seed(cfg.train.seed)
-        model = recipe.build_model()
+        try:
+            model = recipe.build_model()
+        except ValueError as e:  # init_from_* that does not fit the model: one line naming the file
+            raise ConfigError(str(e)) from None
         layout = batch_layout(cfg.optim, cfg.data.micro_batch_size, info.world_size)
         try:
             recipe.attach(model, layout, info.device)
@@ -137,7 +143,7 @@ class Run:
     def resume(self) -> Optional[dict]:
         """Collective. The run state from the newest usable checkpoint (fetched from
         train.checkpoint_s3 first when run_dir has none); returns this rank's RNG state, or None."""
-        if not self.cfg.train.resume:
+        if self.cfg.train.resume == "never":  # checked before: run_dir holds no checkpoint
             return None
         fetched, refused = False, None
         if self.info.is_main:
@@ -152,6 +158,8 @@ class Run:
             found = ckpt.load_newest_usable(self.engine, self.run_dir, self.info, self.recipe.replicated())
         except ValueError as e:  # an unsafe checkpoint, or none usable: one line, exit 2
             raise ConfigError(str(e)) from None
+        if found is None and self.cfg.train.resume == "must":
+            raise ConfigError(nothing_to_resume(self.run_dir, self.cfg.train.checkpoint_s3))
         if found is None:
             return None
         tag, saved, rng = found
@@ -340,7 +348,9 @@ class Run:
         if state.nonfinite_steps:
             summary["nonfinite_steps"] = state.nonfinite_steps
         if counts.bad:
-            summary.update(data_skipped=counts.skipped, data_seen=counts.seen, data_skipped_per_1000=counts.per_1000)
+            summary.update(data_skipped=counts.bad_skipped, data_seen=counts.seen, data_skipped_per_1000=counts.per_1000)
+        if counts.filtered:  # captions over data.max_txt_len (UNITER drops them): not bad input
+            summary.update(data_filtered_length=counts.filtered, data_seen=counts.seen)
         if self.info.is_main:
             self.publish_summary(summary, path)
         self.tracker.finish()

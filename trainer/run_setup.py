@@ -7,17 +7,21 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from data.config import DataConfig
 from data.loader import ResumableTaskLoader, StreamSpec, TaskBatches
-from data.shards import read_manifest
+from data.shards import FORMAT, read_manifest
 from data.sources import DatasetShards
 from data.storage import is_s3
-from trainer.checkpoint_files import checkpoint_root, list_complete
+from data.tokenizer import Tokenizer, tokenizer_from_config
+from data.tokenizer_report import REPORT_CAPTIONS, caption_stats, report_lines, shard_captions
 from trainer.config import Config, PrecisionConfig
-from trainer.config_files import ConfigError
+from trainer.config_files import ConfigError, path_origin
+from trainer.data_health import is_data_error
 from trainer.distributed import DistInfo, all_gather_objects, uses_cuda
 from trainer.engine import BatchLayout
+from trainer.models.weights import read_config_json, word_embedding_rows
 from trainer.recipes.base import Recipe
 from trainer.task_mix import task_mix
 
@@ -64,7 +68,7 @@ def dataset_dirs(data: DataConfig) -> list[DatasetDir]:
 
 def check_inputs(cfg: Config) -> None:
     """Fail before any heavy work when a file the config names is missing."""
-    need = {"data.vocab": cfg.data.vocab}
+    need = {"data.tokenizer.path": cfg.data.tokenizer.path}
     for d in dataset_dirs(cfg.data):
         if not is_s3(d.path):  # remote manifests are checked when read
             need[d.where] = os.path.join(d.path, "manifest.json")
@@ -73,8 +77,10 @@ def check_inputs(cfg: Config) -> None:
             need[f"model.{key}"] = getattr(cfg.model, key)
     for key, path in need.items():
         if not os.path.exists(path):
-            hint = " (make it with `vlpt demo-data`)" if key.startswith("data.") and "demo" in path else ""
-            raise ConfigError(f"{key}: file not found: {path}{hint}")
+            shards = key.endswith((".train", ".val"))  # the manifest of a shard folder
+            written = path_origin(os.path.dirname(path) if shards else path)
+            hint = " (make the demo shards with `vlpt demo-data [--pixels]`)" if shards and "demo" in path else ""
+            raise ConfigError(f"{key}: file not found: {path}{written}{hint}")
 
 
 def run_manifest(cfg: Config, recipe: Recipe, path: str):
@@ -83,15 +89,42 @@ def run_manifest(cfg: Config, recipe: Recipe, path: str):
     return read_manifest(path, recipe.shard_format, s3=cfg.storage.s3, allow_outside=cfg.data.allow_outside_shards)
 
 
-def validate_against_data(cfg: Config, recipe: Recipe, tok) -> None:
-    """Check the vocabulary and every manifest against the model."""
+def run_tokenizer(cfg: Config) -> Tokenizer:
+    """The tokenizer data.tokenizer names; one line naming the key when it cannot be used."""
+    try:
+        return tokenizer_from_config(cfg.data.tokenizer)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def check_vocab_sizes(cfg: Config, tok: Tokenizer) -> None:
+    """model.vocab_size against the tokenizer, then model.init_from_bert against both: before the
+    model is built, so a mismatch is one line rather than a failed load deep in the build."""
+    where = f"data.tokenizer.path={cfg.data.tokenizer.path}"
     if tok.vocab_size != cfg.model.vocab_size:
-        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} but {cfg.data.vocab} has "
-                          f"{tok.vocab_size} tokens; set model.vocab_size={tok.vocab_size}")
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} but {where} has {tok.vocab_size} word pieces; "
+                          f"set model.vocab_size={tok.vocab_size}")
     pad = getattr(cfg.model, "pad_token_id", None)
     if pad is not None and pad != tok.pad_id:
-        raise ConfigError(f"model.pad_token_id={pad} but [PAD] is token {tok.pad_id} of {cfg.data.vocab}; "
+        raise ConfigError(f"model.pad_token_id={pad} but [PAD] is token {tok.pad_id} of {where}; "
                           f"set model.pad_token_id={tok.pad_id}")
+    bert = getattr(cfg.model, "init_from_bert", None)
+    if not bert:
+        return
+    try:
+        rows, declared = word_embedding_rows(bert), read_config_json(Path(bert)).get("vocab_size")
+    except ValueError as e:
+        raise ConfigError(f"model.init_from_bert: {e}") from None
+    if rows != cfg.model.vocab_size or declared not in (None, rows):
+        raise ConfigError(f"model.init_from_bert={bert} has {rows} word-embedding rows (config.json vocab_size="
+                          f"{declared}) but model.vocab_size={cfg.model.vocab_size} = the {tok.vocab_size} word "
+                          f"pieces of {where}; use the tokenizer that BERT was trained with (its vocab.txt or "
+                          "directory) and its vocab_size, or leave model.init_from_bert out")
+
+
+def validate_against_data(cfg: Config, recipe: Recipe, tok: Tokenizer) -> None:
+    """Check the vocabulary sizes and every manifest against the model."""
+    check_vocab_sizes(cfg, tok)
     for d in dataset_dirs(cfg.data):
         try:
             manifest = run_manifest(cfg, recipe, d.path)
@@ -103,6 +136,32 @@ def validate_against_data(cfg: Config, recipe: Recipe, tok) -> None:
             recipe.check_manifest(manifest, f"{d.where}={d.path}")
         except ValueError as e:
             raise ConfigError(str(e)) from None
+
+
+def log_caption_report(cfg: Config, recipe: Recipe, tok: Tokenizer) -> None:
+    """Rank 0, at start: what the tokenizer makes of the first REPORT_CAPTIONS training captions, in
+    one line, plus a warning when [UNK] or captions over data.max_txt_len are common. A report only:
+    data it cannot read is named in a warning, and the loaders count it as they meet it."""
+    dirs = [d.train for d in cfg.data.datasets] if cfg.data.datasets else [cfg.data.train]
+    per_dataset = -(-REPORT_CAPTIONS // len(dirs))
+    captions: list[str] = []
+    try:
+        for path in dirs:
+            captions += shard_captions(run_manifest(cfg, recipe, path).shards, per_dataset, cfg.storage.s3)
+    except Exception as e:  # noqa: BLE001 - narrowed just below: only data errors are survivable
+        if not is_data_error(e):
+            raise
+        log.warning("tokenizer report skipped: cannot read the training captions (%s: %s)", type(e).__name__, e)
+        return
+    stats = caption_stats(captions[:REPORT_CAPTIONS], tok, cfg.data.max_txt_len)
+    if stats is None:
+        log.warning("tokenizer report skipped: no usable caption at the start of the training shards")
+        return
+    action = "dropped, counted as filtered_length" if recipe.shard_format == FORMAT else "truncated"
+    line, warnings = report_lines(stats, tok.describe(), action)
+    log.info(line)
+    for warning in warnings:
+        log.warning(warning)
 
 
 def setup_logging(info: DistInfo) -> None:
@@ -126,12 +185,6 @@ def resolve_run_dir(cfg: Config) -> Config:
     now = all_gather_objects(time.strftime("%Y%m%d-%H%M%S"))[0]
     return dataclasses.replace(cfg, train=dataclasses.replace(
         cfg.train, run_dir=cfg.train.run_dir.replace("{now}", now)))
-
-
-def check_fresh_start(run_dir: str, resume: bool) -> None:
-    if not resume and list_complete(checkpoint_root(run_dir)):
-        raise ConfigError(f"train.run_dir={run_dir} already holds checkpoints and train.resume is false; "
-                          "set --train.resume=true to continue that run or choose a new train.run_dir")
 
 
 def build_train_loaders(cfg: Config, recipe: Recipe, tok, layout: BatchLayout, rank: int,

@@ -57,8 +57,19 @@ def retrieval_lines(summary: dict) -> list[str]:
         for direction, name in (("t2i", "text->image"), ("i2t", "image->text")):
             r = [summary[f"val/{split}_{direction}_r{at}"] for at in (1, 5, 10)]
             lines.append(f"retrieval {name:<12}R@1 {r[0]:.1f}%  R@5 {r[1]:.1f}%  R@10 {r[2]:.1f}%  ({split})")
-        lines.append(f"  text->image R@1 by chance {summary[f'val/{split}_t2i_r1_chance']:.2f}%")
+        chance = {d: summary.get(f"val/{split}_{d}_r1_chance") for d in ("t2i", "i2t")}
+        lines.append("  R@1 by chance  " + "  ".join(f"{name} {chance[d]:.2f}%" for d, name in
+                                                    (("t2i", "text->image"), ("i2t", "image->text"))
+                                                    if chance[d] is not None))
     return lines
+
+
+def trend_lines(trend: dict[str, tuple[float, float]]) -> list[str]:
+    """One aligned line per metric: the key column is as wide as the longest key, plus two spaces."""
+    width = max((len(k) for k in trend), default=0) + 2
+    firsts = {k: f"{first:.4f}" for k, (first, _) in trend.items()}
+    value_width = max((len(v) for v in firsts.values()), default=0)
+    return [f"  {k:<{width}}{firsts[k]:>{value_width}} -> {last:.4f}" for k, (_, last) in trend.items()]
 
 
 def print_summary(summary: dict, run_dir: str) -> None:
@@ -74,6 +85,9 @@ def print_summary(summary: dict, run_dir: str) -> None:
         reasons = ", ".join(f"{k}={v:,}" for k, v in summary["data_skipped"].items())
         lines.append(f"bad samples       {sum(summary['data_skipped'].values()):,} of {summary['data_seen']:,} "
                      f"skipped ({summary['data_skipped_per_1000']:.1f} per 1,000): {reasons}")
+    if summary.get("data_filtered_length"):
+        lines.append(f"filtered by length {summary['data_filtered_length']:,} of {summary['data_seen']:,} captions "
+                     "over data.max_txt_len word pieces (dropped, not bad input)")
     if summary.get("val_data_skipped"):
         reasons = ", ".join(f"{k}={v:,}" for k, v in summary["val_data_skipped"].items())
         lines.append(f"bad held-out      skipped in the final validation: {reasons}")
@@ -81,8 +95,7 @@ def print_summary(summary: dict, run_dir: str) -> None:
     trend = validation_trend(os.path.join(run_dir, "metrics.jsonl"))
     if trend:
         lines.append("held-out          first validation -> last")
-    for k, (first, last) in trend.items():
-        lines.append(f"  {k:<22}{first:9.4f} -> {last:.4f}")
+    lines += trend_lines(trend)
     lines += [f"checkpoint        {summary['checkpoint']}",
               f"metrics           {os.path.join(run_dir, 'metrics.jsonl')}"]
     if summary["mlflow_ui"]:

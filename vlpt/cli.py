@@ -1,4 +1,4 @@
-"""The `vlpt` command (also `python -m vlpt`): pretrain, config, demo-data, shards, convert, launch, bench.
+"""The `vlpt` command (also `python -m vlpt`): pretrain, config, demo-data, shards, vocab, convert, launch, bench.
 
 User errors (bad config key or type, missing file) end the process with one
 line on stderr and exit code 2, never a traceback.
@@ -74,13 +74,15 @@ def cmd_shards(args, extra: list[str]) -> int:
     from data import builders
 
     common = dict(samples_per_shard=args.samples_per_shard, workers=args.workers, progress=not args.no_progress,
-                  allow_outside_root=args.allow_outside_root)
+                  allow_outside_root=getattr(args, "allow_outside_root", False))  # not for REGION_FORMATS
     try:
         if args.source == "coco":
             summary = builders.build_coco_shards(args.captions, args.images, args.out, **common)
         elif args.source == "regions":
             summary = builders.build_region_shards(args.features, args.captions, args.out, conf_th=args.conf_th,
                                                    min_bb=args.min_bb, max_bb=args.max_bb, **common)
+        elif args.source in REGION_FORMATS:
+            summary = _build_region_format(args)
         else:
             summary = builders.build_tsv_shards(args.tsv, args.out, **common)
     except ValueError as e:  # bad arguments or unusable inputs; bad samples are counted, never raised
@@ -88,10 +90,32 @@ def cmd_shards(args, extra: list[str]) -> int:
     skipped = ", ".join(f"{k}={v}" for k, v in summary["skipped"].items()) or "none"
     print(f"{summary['num_samples']} samples in {summary['num_shards']} shards ({summary['built']} built, "
           f"{summary['reused']} already done), {summary['bytes']} bytes -> {summary['manifest']}")
+    if "num_pairs" in summary:  # picture shards: each picture once, with all its captions
+        print(f"{summary['num_samples']} pictures, {summary['num_pairs']} picture-caption pairs; pictures "
+              f"{summary['picture_bytes']} bytes (one sample per caption would store "
+              f"{summary['picture_bytes_one_per_caption']})")
     print(f"skipped: {skipped}")
     if summary["skipped"].get("path_outside_root"):
         print("  (path_outside_root: source paths leading out of their folder; pass --allow-outside-root "
               "to read them)")
+    return 0
+
+
+def cmd_vocab_train(args, extra: list[str]) -> int:
+    if extra:
+        raise ConfigError(f"unrecognised arguments: {' '.join(extra)}")
+    from data.vocab import train_tokenizer
+
+    try:
+        summary = train_tokenizer(args.captions, args.size, args.out, lowercase=args.lowercase,
+                                  min_frequency=args.min_frequency, force=args.force)
+    except ValueError as e:  # bad arguments or no usable caption; bad lines are counted, never raised
+        raise ConfigError(str(e)) from None
+    skipped = ", ".join(f"{k}={v}" for k, v in summary["skipped"].items()) or "none"
+    case = "uncased" if summary["lowercase"] else "cased"
+    print(f"{summary['vocab_size']} word pieces ({case}) from {summary['captions']} captions -> {summary['out']} "
+          f"(skipped: {skipped})")
+    print(f"use it with: data.tokenizer.path={summary['out']} and model.vocab_size={summary['vocab_size']}")
     return 0
 
 
@@ -294,12 +318,73 @@ def _add_shards(sub) -> None:
         q.add_argument("--allow-outside-root", action="store_true",
                        help="read source files that the annotations place outside the image/feature/TSV folder")
         q.set_defaults(fn=cmd_shards)
+    _add_region_format_shards(shard_sub)
+
+
+REGION_FORMATS = ("butd-tsv", "uniter-lmdb", "lmdb-features")
+"""`vlpt shards` sources read by data/region_formats (docs/data.md, "Region feature formats")."""
+
+
+def _build_region_format(args) -> dict:
+    from data.region_formats.butd_tsv import build_butd_tsv_shards
+    from data.region_formats.lmdb_features import build_lmdb_feature_shards
+    from data.region_formats.uniter_lmdb import build_uniter_lmdb_shards
+
+    common = dict(conf_th=args.conf_th, min_bb=args.min_bb, max_bb=args.max_bb,
+                  samples_per_shard=args.samples_per_shard, workers=args.workers, progress=not args.no_progress)
+    if args.source == "butd-tsv":
+        return build_butd_tsv_shards(args.tsv, args.captions, args.out, fields=args.fields, **common)
+    if args.source == "uniter-lmdb":
+        return build_uniter_lmdb_shards(args.img_db, args.txt_db, args.out, **common)
+    return build_lmdb_feature_shards(args.lmdb, args.captions, args.out, **common)
+
+
+def _add_region_format_shards(shard_sub) -> None:
+    butd = shard_sub.add_parser("butd-tsv", help="bottom-up-attention TSV (base64 fields) + captions -> region shards")
+    butd.add_argument("--tsv", required=True, nargs="+", help="TSV file(s), one row per image")
+    butd.add_argument("--fields", default="butd",
+                      help="field names: butd (image_id,image_w,image_h,num_boxes,boxes,features), lxmert, or a "
+                           "comma-separated list (cls_prob -> soft labels, objects_conf -> conf)")
+    uniter = shard_sub.add_parser("uniter-lmdb", help="UNITER img_db + txt_db (LMDB) -> region shards")
+    uniter.add_argument("--img-db", required=True, help="UNITER img_db folder (or the LMDB folder in it)")
+    uniter.add_argument("--txt-db", required=True, help="UNITER txt_db folder (its captions' text is re-tokenised)")
+    lmdb = shard_sub.add_parser("lmdb-features", help="detectron2-style feature LMDB + captions -> region shards")
+    lmdb.add_argument("--lmdb", required=True, help="LMDB folder (data.mdb): image id -> msgpack / npz record")
+    for q in (butd, lmdb):
+        q.add_argument("--captions", required=True, help="COCO captions JSON or a list of {image_id, caption}")
+    for q in (butd, uniter, lmdb):
+        q.add_argument("--conf-th", type=float, default=0.2, help="boxes above it count as confident (with conf)")
+        q.add_argument("--min-bb", type=int, default=10, help="keep at least this many boxes (if present)")
+        q.add_argument("--max-bb", type=int, default=100, help="keep at most this many boxes")
+        q.add_argument("--out", required=True, help="output folder (shards, manifest.json)")
+        q.add_argument("--samples-per-shard", type=int, default=1000)
+        q.add_argument("--workers", type=int, default=1, help="processes building shards in parallel")
+        q.add_argument("--no-progress", action="store_true", help="no progress bar")
+        q.set_defaults(fn=cmd_shards)
+
+
+def _add_vocab(sub) -> None:
+    sp = sub.add_parser("vocab", help="word-piece tokenizers for your own captions")
+    vocab_sub = sp.add_subparsers(dest="vocab_command", required=True)
+    train = vocab_sub.add_parser("train", help="train a WordPiece tokenizer on caption files -> a Hugging Face "
+                                               "tokenizer directory for data.tokenizer.path")
+    train.add_argument("--captions", nargs="+", required=True,
+                       help=".json (COCO captions or a list of {image_id, caption}, as `vlpt shards`), .jsonl "
+                            "({\"caption\": ...} a line), .tsv (image_path<TAB>caption) or text (one a line)")
+    train.add_argument("--size", type=int, required=True, help="word pieces, special tokens included (BERT: 30522)")
+    train.add_argument("--out", required=True,
+                       help="output directory (tokenizer.json, vocab.txt, tokenizer_config.json)")
+    train.add_argument("--lowercase", action="store_true", help="lower-case and strip accents (uncased, as ALBEF)")
+    train.add_argument("--min-frequency", type=int, default=2, help="fewest occurrences for a merge")
+    train.add_argument("--force", action="store_true", help="replace a tokenizer already in --out")
+    train.set_defaults(fn=cmd_vocab_train)
 
 
 def _add_convert(sub) -> None:
-    sp = sub.add_parser("convert", help="import / export UNITER checkpoints")
+    sp = sub.add_parser("convert", help="import / export UNITER checkpoints; export ALBEF runs")
     sp.add_argument("direction", choices=["import", "export"],
-                    help="import: UNITER model_step_*.pt -> ours; export: ours -> UNITER key names")
+                    help="import: UNITER model_step_*.pt -> ours; export: ours -> UNITER's (or, for an ALBEF "
+                         "run, ALBEF's) key names")
     sp.add_argument("--src", required=True, help="input file (state dict) or our checkpoint directory")
     sp.add_argument("--dst", required=True, help="output .pt file")
     sp.set_defaults(fn=cmd_convert)
@@ -339,6 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_commands(sub)
     _add_demo_data(sub)
     _add_shards(sub)
+    _add_vocab(sub)
     _add_convert(sub)
     _add_launch(sub)
     _add_bench(sub)

@@ -4,6 +4,7 @@
 # Credentials (S3, MLflow) come from the environment this runs in, never from this file.
 set -euo pipefail
 cd {{workdir}}
+{{accelerator}}
 {{env}}
 export PYTHONUNBUFFERED=1
 {{pdsh_filter}}

@@ -192,8 +192,8 @@ def test_an_albef_run_over_bad_pictures_completes_and_counts_each_reason(tmp_pat
            "image_too_large": [pixel_raw("bad-png-bomb", png=png_bomb(12000, 12000))]}
     flat = [s for samples in bad.values() for s in samples]
     good = [s for scene in generate_scenes("train", 20, seed=0, img_dim=IMG_DIM)
-            for s in scene_samples(scene, image_size=32)][:32 - len(flat)]
-    _write_run_data(tmp_path / "data", flat, good, {}, "vlpt-pixels-v1")
+            for s in scene_samples(scene, image_size=32, fmt="vlpt-pixels-v1")][:32 - len(flat)]
+    _write_run_data(tmp_path / "data", flat, good, {}, "vlpt-pixels-v1")  # the older layout is still read
     # 32 samples, one stream of 8: 4 steps read each sample once.
     cfg = write_albef_config(tmp_path, tmp_path / "data", "run", steps=4, optim={"global_batch_size": 8})
     sections = yaml.safe_load(cfg.read_text())

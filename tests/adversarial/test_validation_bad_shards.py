@@ -57,7 +57,8 @@ def test_retrieval_set_skips_and_counts_damage(tmp_path, pixel_data):
     skipped: dict = {}
     data = load_retrieval_set(manifest.shards, tokenizer(), 23, skipped=skipped)
     assert skipped == {"corrupt_tar": 1}
-    assert len(data.input_ids) == manifest.num_samples - (manifest.counts[-1] - readable)
+    pictures = manifest.num_samples - (manifest.counts[-1] - readable)
+    assert len(data.images) == pictures and len(data.input_ids) == 2 * pictures  # 2 captions per demo scene
 
 
 def test_unreadable_held_out_data_skips_the_validation_with_one_line(monkeypatch):

@@ -52,12 +52,16 @@ def test_every_bad_sample_is_counted_and_the_run_finishes(tmp_path, bad_data):
     assert mlm["readers"]["0"]["epoch"] == 0  # exactly the first epoch, read to its end
     last = [r for r in read_metrics(run_dir) if "data/skipped_per_1000" in r][-1]
     assert last["step"] == STEPS
+    # The caption over data.max_txt_len is filtered by length, not bad input (docs/data.md).
+    bad_input = {k: v for k, v in expected["skipped"].items() if k != "caption_too_long"}
     assert {k[len("data/skipped_"):]: v for k, v in last.items()
-            if k.startswith("data/skipped_") and k != "data/skipped_per_1000"} == expected["skipped"]
-    bad = sum(expected["skipped"].values())
+            if k.startswith("data/skipped_") and k != "data/skipped_per_1000"} == bad_input
+    assert last["data/filtered_length"] == expected["skipped"]["caption_too_long"] == 1
+    bad = sum(bad_input.values())
     assert last["data/skipped_per_1000"] == pytest.approx(1000 * bad / expected["seen"])
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["data_skipped"] == expected["skipped"] and summary["data_seen"] == expected["seen"]
+    assert summary["data_skipped"] == bad_input and summary["data_seen"] == expected["seen"]
+    assert summary["data_filtered_length"] == 1 and "filtered by length 1 of" in proc.stdout
 
     from mlflow.tracking import MlflowClient
     client = MlflowClient(tracking_uri=f"sqlite:///{run_dir}/mlflow.db")

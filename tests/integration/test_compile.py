@@ -26,7 +26,7 @@ BUDGET = {"uniter": {"token_budget": 300}}
 def train(cfg_path, steps: int, *overrides: str) -> list[dict[str, float]]:
     """Step means of `steps` optimizer steps of the engine Run.build makes (compiled when the config
     says so), on the run's own training loaders."""
-    from data.tokenizer import load_tokenizer
+    from data.tokenizer import tokenizer_from_config
     from trainer.config import load_config
     from trainer.distributed import DistInfo
     from trainer.recipes import recipe_class
@@ -38,7 +38,7 @@ def train(cfg_path, steps: int, *overrides: str) -> list[dict[str, float]]:
 
     cfg = load_config(str(cfg_path), list(overrides))
     recipe = recipe_class(cfg.model.arch)(cfg)
-    tok = load_tokenizer(cfg.data.vocab)
+    tok = tokenizer_from_config(cfg.data.tokenizer)
     info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LOCAL_RANK", "0")

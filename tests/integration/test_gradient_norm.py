@@ -15,14 +15,14 @@ pytestmark = pytest.mark.usefixtures("one_thread", "process_group")
 STEPS = 4
 
 
-def train(tmp_path, demo_data, zero_stage: int, grad_clip: float, poison_step: int = -1):
-    """(StepStats of each step, final weights) of STEPS MLM steps."""
+def train(tmp_path, demo_data, zero_stage: int, grad_clip: float, poison_step: int = -1, accum: int = 1):
+    """(StepStats of each step, final weights) of STEPS MLM steps of `accum` micro-batches of 8."""
     from trainer.recipes.base import StepContext
     from trainer.step import optimizer_step
 
     path = write_tiny_config(tmp_path / f"z{zero_stage}.yaml", demo_data, tmp_path / "run", model=NO_DROPOUT,
-                             tasks={"mlm": 1}, optim={"grad_clip": grad_clip, "warmup_steps": 0},
-                             parallel={"zero_stage": zero_stage})
+                             tasks={"mlm": 1}, parallel={"zero_stage": zero_stage},
+                             optim={"grad_clip": grad_clip, "warmup_steps": 0, "global_batch_size": 8 * accum})
     _, recipe, layout, loaders, engine = engine_from_config(path)
     weight = engine.module.uniter.embeddings.word_embeddings.weight
     results = []
@@ -37,11 +37,12 @@ def train(tmp_path, demo_data, zero_stage: int, grad_clip: float, poison_step: i
     return results, weights
 
 
-def test_zero2_norm_and_clip_match_zero0(tmp_path, demo_data):
+@pytest.mark.parametrize("accum", [1, 2])
+def test_zero2_norm_and_clip_match_zero0(tmp_path, demo_data, accum):
     """A clip small enough to act on every step: the trainer's clip (ZeRO-2) and DeepSpeed's (ZeRO-0)
-    give the same norms, losses and weights."""
-    zero0, w0 = train(tmp_path, demo_data, 0, grad_clip=0.05)
-    zero2, w2 = train(tmp_path, demo_data, 2, grad_clip=0.05)
+    give the same norms, losses and weights, with gradient accumulation too."""
+    zero0, w0 = train(tmp_path, demo_data, 0, grad_clip=0.05, accum=accum)
+    zero2, w2 = train(tmp_path, demo_data, 2, grad_clip=0.05, accum=accum)
     for a, b in zip(zero0, zero2):
         assert a.grad_norm > 0.05 and not a.skipped
         assert b.grad_norm == pytest.approx(a.grad_norm, rel=1e-5)

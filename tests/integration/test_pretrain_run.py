@@ -64,7 +64,8 @@ def test_resume_equals_uninterrupted(tmp_path, demo_data):
     (["--model.hiden_size=3"], "model.hiden_size"),
     (["--train.max_steps=ten"], "train.max_steps"),
     (["--data.train=/nonexistent/shards"], "/nonexistent/shards"),
-    (["--data.vocab=/nonexistent/vocab.txt"], "/nonexistent/vocab.txt"),
+    (["--data.tokenizer.path=/nonexistent/vocab.txt"], "/nonexistent/vocab.txt"),
+    (["--data.vocab=/x/vocab.txt"], "data.tokenizer.path"),
     (["--optim.lr"], "--optim.lr"),
 ])
 def test_user_errors_are_one_line(tmp_path, demo_data, args, needle):

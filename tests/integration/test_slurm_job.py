@@ -35,14 +35,18 @@ def slurm(tmp_path_factory):
 
 def test_sbatch_job_runs_requeues_on_usr1_and_resumes(tmp_path, demo_data, slurm):
     """One job, two starts: a 2-process CPU run gets USR1 (what --signal sends before the time
-    limit) once it has a checkpoint; its trap requeues it and the second start resumes there."""
+    limit) once it has a checkpoint; its trap stops the training (one SIGTERM to each rank, through
+    torchrun), waits for the checkpoint of the step it stopped at, requeues, and the second start
+    resumes from exactly that step. The submitting shell's DS_ACCELERATOR=cpu is dropped in the job:
+    DeepSpeed finds the CPU by itself."""
     cfg = write_tiny_config(tmp_path / "c.yaml", demo_data, tmp_path / "run-{now}", optim={"global_batch_size": 16},
                             train={"max_steps": 400, "save_every": 20, "log_every": 20})
     cluster_yaml = tmp_path / "cluster.yaml"
     cluster_yaml.write_text("nodes: 1\ngpus_per_node: 0\nnproc_per_node: 2\nmax_restarts: 0\n"
                             "rdzv_timeout_s: 300\nslurm: {cpus_per_task: 2, signal_seconds: 60}\n")
     # The job inherits this environment (sbatch --export=ALL), the planted credentials included.
-    env = {**subprocess_env(), **slurm.env, "AWS_SECRET_ACCESS_KEY": SECRET, "MLFLOW_TRACKING_PASSWORD": SECRET}
+    env = {**subprocess_env(), **slurm.env, "AWS_SECRET_ACCESS_KEY": SECRET, "MLFLOW_TRACKING_PASSWORD": SECRET,
+           "DS_ACCELERATOR": "cpu"}
     launch = subprocess.run([sys.executable, "-m", "vlpt", "launch", "slurm", "--config", str(cfg),
                              "--cluster", str(cluster_yaml), "--master-port", str(free_port()), "--submit"],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
@@ -65,6 +69,11 @@ def test_sbatch_job_runs_requeues_on_usr1_and_resumes(tmp_path, demo_data, slurm
     assert 0 < summary["steps_this_run"] < 400  # the second start resumed from a checkpoint
     batch_log = (logs / f"slurm-{job_id}.out").read_text()
     assert "requeueing" in batch_log and f"job {job_id} start 1" in batch_log
+    assert re.search(r"training stopped \d+ s after USR1 \(exit \d+\); requeueing", batch_log), batch_log
+    # the ranks saved where they stopped (not only the last periodic checkpoint), and the job went on from there
+    first = (logs / f"slurm-{job_id}-requeue0" / "node0.out").read_text()
+    stopped = {int(m) for m in re.findall(r"stopped by SIGTERM after step (\d+)", first)}
+    assert len(stopped) == 1 and summary["steps_this_run"] == 400 - stopped.pop(), first[-3000:]
     for start in (0, 1):  # per-rank logs of both starts
         node_dir = logs / f"slurm-{job_id}-requeue{start}"
         ranks = sorted(p.parent.name for p in node_dir.glob("node0/*/attempt_0/*/stdout.log"))
@@ -84,11 +93,19 @@ def _wait_for(condition, timeout, slurm, job_id, logs) -> None:
 
 
 def _start_requeued_job_now(slurm, job_id, logs, timeout=120) -> None:
-    """Slurm holds a requeued job back (PENDING, Reason=BeginTime) for minutes; start it at once."""
+    """Slurm holds a requeued job back (PENDING, Reason=BeginTime) for minutes; start it at once, but
+    only once the first start's batch step is gone from the node and a second has passed: the script
+    requeues as it ends, and slurmd refuses a launch in the same second as that requeue's kill ("Job
+    already killed, do not launch batch job"), which the hold prevents on a real cluster."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         fields = slurm.job_fields(job_id)
         if fields.get("Restarts") == "1" and fields.get("JobState") == "PENDING":
+            slurmd_log = slurm.root / "slurmd.log"
+            if f"[{job_id}.batch] done with job" not in (slurmd_log.read_text() if slurmd_log.is_file() else ""):
+                time.sleep(0.5)
+                continue
+            time.sleep(2)
             slurm.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"])
             return
         if fields.get("Restarts") == "1" and fields.get("JobState") == "RUNNING" or \

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from data.shards import decode_region_sample, iter_shard, read_manifest
-from data.tokenizer import load_tokenizer
+from data.tokenizer import tokenizer_from_config
 from tests.conftest import write_tiny_config
 from trainer.config import load_config
 from trainer.engine import BatchLayout
@@ -24,7 +24,7 @@ BATCHES_PER_TASK = 12
 def loaders_and_samples(demo_data, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cond")
     cfg = load_config(str(write_tiny_config(tmp / "c.yaml", demo_data, tmp / "run", tasks=TASKS)))
-    tok = load_tokenizer(cfg.data.vocab)
+    tok = tokenizer_from_config(cfg.data.tokenizer)
     loaders = build_train_loaders(cfg, recipe_class(cfg.model.arch)(cfg), tok,
                                   BatchLayout(cfg.data.micro_batch_size, 2, 1), 0, {})
     clean = {}

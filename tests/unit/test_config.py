@@ -163,6 +163,7 @@ MOVED_EXAMPLES = {
     "data.itm_neg_prob": ("", 0.25),
     "data.itm_hard_candidates": ("", 5),
     "data.token_budget": ("", 4096),
+    "data.vocab": ("", "/models/bert-base-cased/vocab.txt"),
 }
 
 
@@ -216,3 +217,115 @@ def test_train_compile_under_zero3_is_refused_with_the_fix(tmp_path):
     assert "set parallel.zero_stage=2 or train.compile=false" in str(e.value)
     assert load_config(path, ["--train.compile=true", "--parallel.zero_stage=2"]).train.compile is True
     assert load_config("configs/pretrain/demo-albef.yaml", ["--train.compile=true"]).train.compile is True
+
+
+# ---------------------------------------------------------------- run names and resume modes
+
+
+def test_run_dir_defaults_to_the_config_name_and_stays_cwd_relative(tmp_path):
+    top = write(tmp_path, "sub/my-run.yaml", "train:\n  max_steps: 10\n")
+    assert load_config(top).train.run_dir == "runs/my-run"  # no timestamp: the same command, the same run
+    named = write(tmp_path, "sub/named.yaml", "train:\n  run_dir: runs/x\n")
+    assert load_config(named).train.run_dir == "runs/x"  # not made relative to the file
+    assert load_config(named, ["--train.run_dir=elsewhere"]).train.run_dir == "elsewhere"
+
+
+@pytest.mark.parametrize("value, mode", [("auto", "auto"), ("never", "never"), ("must", "must"),
+                                         ("true", "auto"), ("false", "never")])
+def test_resume_modes_and_the_old_booleans(tmp_path, value, mode):
+    top = write(tmp_path, "c.yaml", f"train:\n  resume: {value}\n")
+    assert load_config(top).train.resume == mode
+    assert load_config(write(tmp_path, "d.yaml", ""), [f"--train.resume={value}"]).train.resume == mode
+
+
+def test_resume_bad_values_are_one_line(tmp_path):
+    top = write(tmp_path, "c.yaml", "train:\n  resume: sometimes\n")
+    with pytest.raises(ConfigError, match=r"train.resume: 'sometimes' is not one of \['auto', 'never', 'must'\]"):
+        load_config(top)
+    with pytest.raises(ConfigError, match=r"can never resume"):
+        load_config(top, ["--train.resume=must", "--train.run_dir=runs/x-{now}"])
+
+
+# ---------------------------------------------------------------- choice sets: replaced, not merged
+
+
+def test_a_later_files_tasks_replace_the_set_and_an_override_sets_one_weight(tmp_path):
+    write(tmp_path, "base.yaml", "tasks: {mlm: 2, itm: 5, mrc-kl: 1}\noptim: {lr: 1.0e-3, warmup_steps: 3}\n")
+    top = write(tmp_path, "top.yaml", "include: base.yaml\ntasks: {mlm: 1, itm: 1, mrfr: 1}\noptim: {lr: 2.0e-3}\n")
+    cfg = load_config(top)
+    assert cfg.tasks == {"mlm": 1.0, "itm": 1.0, "mrfr": 1.0}  # mrc-kl left out: gone
+    assert cfg.optim.lr == 2e-3 and cfg.optim.warmup_steps == 3  # other sections still merge
+    assert load_config(top, ["--tasks.mlm=4"]).tasks == {"mlm": 4.0, "itm": 1.0, "mrfr": 1.0}
+    assert load_config(top, ["--tasks={itm: 1}"]).tasks == {"itm": 1.0}
+    inherit = write(tmp_path, "inherit.yaml", "include: base.yaml\noptim: {lr: 2.0e-3}\n")
+    assert load_config(inherit).tasks == {"mlm": 2.0, "itm": 5.0, "mrc-kl": 1.0}  # not named: inherited
+
+
+# ---------------------------------------------------------------- paths: relative to the file naming them
+
+
+def test_paths_resolve_against_the_file_that_names_them(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path, "configs/data/d.yaml",
+          "data:\n  train: ../../shards/train\n  tokenizer: {path: vocab.txt, lowercase: false}\n")
+    top = write(tmp_path, "configs/run/r.yaml",
+                "include: ../data/d.yaml\ndata:\n  val: held/out\n  datasets:\n"
+                "    - {name: a, train: a/train, val: s3://bucket/a/val}\n    - {name: b, train: /abs/b}\n")
+    cfg = load_config(top)
+    assert cfg.data.train == str(tmp_path / "shards/train")
+    assert cfg.data.tokenizer.path == str(tmp_path / "configs/data/vocab.txt")  # the included file's folder
+    assert cfg.data.val == str(tmp_path / "configs/run/held/out")
+    assert [(d.train, d.val) for d in cfg.data.datasets] == [
+        (str(tmp_path / "configs/run/a/train"), "s3://bucket/a/val"), ("/abs/b", None)]
+    over = load_config(top, ["--data.tokenizer.path=mine/v.txt", "--data.train=s3://b/t"])
+    assert over.data.tokenizer.path == str(tmp_path / "mine/v.txt") and over.data.train == "s3://b/t"  # cwd-relative
+
+
+def test_path_keys_are_one_list_of_existing_keys():
+    from trainer.config_files import PATH_KEYS
+    from trainer.models.config import AlbefConfig, ModelConfig
+
+    known = set(flatten(to_dict(Config()))) | {f"model.{k}" for k in to_dict(AlbefConfig())}
+    for key in PATH_KEYS:
+        if "[]" in key:
+            assert key.split("[]")[0] in known
+        else:
+            assert key in known, key
+    assert ModelConfig  # the UNITER section is Config()'s default model
+
+
+def test_resume_mode_checks_the_run_dir_before_touching_it(tmp_path):
+    from trainer.run_dir import check_resume_mode
+
+    run_dir = tmp_path / "runs" / "x"
+    check_resume_mode(str(run_dir), "auto", None)
+    check_resume_mode(str(run_dir), "never", None)
+    with pytest.raises(ConfigError, match="train.resume is must but train.run_dir=.* holds no checkpoint"):
+        check_resume_mode(str(run_dir), "must", None)
+    check_resume_mode(str(run_dir), "must", "s3://bucket/run")  # the upload is looked for when fetched
+    assert not run_dir.exists()
+    (run_dir / "checkpoints" / "step_00000002").mkdir(parents=True)
+    (run_dir / "checkpoints" / "step_00000002" / "trainer_state.json").write_text("{}")
+    check_resume_mode(str(run_dir), "auto", None)
+    check_resume_mode(str(run_dir), "must", None)
+    with pytest.raises(ConfigError, match=r"\(step_00000002\) and train.resume is never; use a new name"):
+        check_resume_mode(str(run_dir), "never", None)
+
+
+def test_a_missing_file_names_the_key_the_value_as_written_and_the_resolved_path(tmp_path):
+    from trainer.run_setup import check_inputs
+
+    top = write(tmp_path, "configs/x.yaml",
+                "data:\n  train: ../demo_data/train\n  tokenizer: {path: vocab/v.txt, lowercase: false}\n")
+    (tmp_path / "demo_data/train").mkdir(parents=True)
+    (tmp_path / "demo_data/train/manifest.json").write_text("{}")
+    with pytest.raises(ConfigError) as e:
+        check_inputs(load_config(top))
+    assert str(e.value) == (f"data.tokenizer.path: file not found: {tmp_path}/configs/vocab/v.txt (written "
+                            f"'vocab/v.txt' in {top}, whose folder a config file's paths are relative to)")
+    (tmp_path / "configs/vocab").mkdir()
+    (tmp_path / "configs/vocab/v.txt").write_text("[PAD]\n")
+    with_val = write(tmp_path, "configs/y.yaml", "include: x.yaml\ndata:\n  val: ../demo_data/val\n")
+    with pytest.raises(ConfigError, match=r"data.val: file not found: /\S+/demo_data/val/manifest.json \(written "
+                                          r"'../demo_data/val' in .*y.yaml, .*\) \(make the demo shards"):
+        check_inputs(load_config(with_val))

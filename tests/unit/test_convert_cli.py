@@ -8,9 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from data.config import AlbefDataConfig, DataConfig
+from data.pixels import PixelConfig
+from trainer.checkpoint_files import save_tensors
 from trainer.config import Config, config_to_yaml
-from trainer.models.config import ModelConfig
+from trainer.models.albef import Albef, AlbefTeacher
+from trainer.models.config import AlbefConfig, ModelConfig
 from trainer.models.convert import TIED_DUPLICATES, export_uniter_state_dict
+from trainer.models.convert_albef import export_albef_state_dict, import_albef_state_dict
 from trainer.models.pretrain import UniterForPretraining
 from vlpt.cli import main
 
@@ -28,7 +33,7 @@ def assert_bit_identical(got: dict, want: dict) -> None:
     assert sorted(got) == sorted(want)
     for key, value in want.items():
         assert got[key].dtype == value.dtype and got[key].shape == value.shape, key
-        assert torch.equal(got[key].contiguous().view(torch.uint8), value.contiguous().view(torch.uint8)), key
+        assert torch.equal(got[key].reshape(-1).view(torch.uint8), value.reshape(-1).view(torch.uint8)), key
 
 
 def one_line(text: str) -> str:
@@ -207,3 +212,81 @@ def test_user_errors_are_one_line_naming_the_path(tmp_path, capsys, case):
     line = one_line(capsys.readouterr().err)
     assert line.startswith("vlpt: error: ") and str(named) in line
     assert not dst.exists()
+
+
+# ---------------------------------------------------------------- ALBEF: export with ALBEF's names
+
+TINY_ALBEF = AlbefConfig(vocab_size=50, hidden_size=32, num_attention_heads=2, intermediate_size=64, text_layers=2,
+                         fusion_layers=1, max_position_embeddings=40, vision_width=32, vision_layers=2,
+                         vision_heads=2, vision_mlp=64, image_size=32, patch_size=16, embed_dim=16, queue_size=8)
+
+
+def tiny_albef() -> tuple[Albef, AlbefTeacher]:
+    """A student and a teacher that differs from it (as after EMA steps), with a moved queue pointer."""
+    torch.manual_seed(0)
+    student = Albef(TINY_ALBEF)
+    teacher = AlbefTeacher(student)
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.add_(torch.randn_like(p))
+        teacher.queues.ptr.fill_(4)
+    return student, teacher
+
+
+def test_albef_export_uses_albefs_names_and_imports_back_equal():
+    student, teacher = tiny_albef()
+    out = export_albef_state_dict(student.state_dict(), teacher.state_dict())
+    t = TINY_ALBEF.text_layers
+    assert out["visual_encoder.blocks.1.attn.qkv.weight"].shape == (96, 32)  # q, k, v fused as timm's
+    assert {"visual_encoder.cls_token", "visual_encoder.pos_embed", "visual_encoder.patch_embed.proj.weight",
+            "visual_encoder.norm.weight", "vision_proj.weight", "text_proj.weight", "itm_head.weight",
+            "visual_encoder_m.blocks.0.mlp.fc1.weight", "vision_proj_m.bias", "text_proj_m.weight",
+            "text_encoder.bert.embeddings.word_embeddings.weight", "text_encoder.bert.embeddings.position_ids",
+            f"text_encoder.bert.encoder.layer.{t}.crossattention.self.key.weight",
+            "text_encoder.cls.predictions.decoder.weight", "text_encoder_m.cls.predictions.decoder.bias",
+            f"text_encoder_m.bert.encoder.layer.{t - 1}.output.LayerNorm.bias"} <= set(out)
+    assert not any(".fusion." in k or ".layers." in k or k.startswith("queues.") for k in out)
+    assert out["temp"].shape == () and out["queue_ptr"].tolist() == [4] and out["queue_ptr"].dtype == torch.long
+    assert out["image_queue"].shape == (TINY_ALBEF.embed_dim, TINY_ALBEF.queue_size)
+    assert torch.equal(out["text_encoder.cls.predictions.decoder.weight"],
+                       out["text_encoder.bert.embeddings.word_embeddings.weight"])
+
+    got_student, got_teacher = import_albef_state_dict(out, list(student.visual_encoder.state_dict()))
+    assert_bit_identical(got_student, student.state_dict())
+    assert_bit_identical(got_teacher, teacher.state_dict())
+    Albef(TINY_ALBEF).load_state_dict(got_student)  # strict: the import path loads it
+
+
+def test_albef_import_refuses_tied_copies_that_differ():
+    student, teacher = tiny_albef()
+    out = export_albef_state_dict(student.state_dict(), teacher.state_dict())
+    out["text_encoder.cls.predictions.decoder.weight"] = out["text_encoder.cls.predictions.decoder.weight"] + 1
+    with pytest.raises(ValueError, match="decoder.weight differs"):
+        import_albef_state_dict(out, list(student.visual_encoder.state_dict()))
+
+
+def test_export_of_an_albef_run_checkpoint(process_group, tmp_path, capsys):
+    """`vlpt convert export` on an ALBEF run: checked against its config.yaml, teacher.pt included."""
+    deepspeed = process_group
+    student, teacher = tiny_albef()
+    config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 0}, "steps_per_print": 10**9}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LOCAL_RANK", "0")
+        engine, *_ = deepspeed.initialize(model=student, config=config,
+                                          optimizer=torch.optim.AdamW(student.parameters(), lr=1e-2))
+    root = tmp_path / "run" / "checkpoints"
+    engine.save_checkpoint(str(root), tag=TAG, save_latest=False)
+    (root / "latest").write_text(TAG)
+    save_tensors(teacher.state_dict(), str(root / TAG / "teacher.pt"))
+    cfg = Config(model=TINY_ALBEF, tasks={"albef": 1.0},
+                 data=DataConfig(max_txt_len=30, albef=AlbefDataConfig(pixels=PixelConfig(image_size=32))))
+    (root / TAG / "config.yaml").write_text(config_to_yaml(cfg))
+    dst = tmp_path / "albef.pth"
+
+    assert main(["convert", "export", "--src", str(tmp_path / "run"), "--dst", str(dst)]) == 0
+    line = one_line(capsys.readouterr().out)
+    assert "student and momentum model" in line and "ALBEF names" in line
+    got_student, got_teacher = import_albef_state_dict(torch.load(dst, map_location="cpu", weights_only=True),
+                                                       list(student.visual_encoder.state_dict()))
+    assert_bit_identical(got_student, {k: v.float() for k, v in engine.module.state_dict().items()})
+    assert_bit_identical(got_teacher, teacher.state_dict())

@@ -89,19 +89,26 @@ def test_pixel_demo_shards_hold_the_region_demos_captions_as_pictures(tmp_path):
     from data.demo import write_demo_dataset
     from data.demo_pixels import write_demo_pixels
     from data.pixels import decode_image
-    from data.shards import PIXEL_FORMAT, iter_shard, read_manifest, verify_manifest
+    from data.limits import DEFAULT_MAX_CAPTIONS
+    from data.shards import PIXEL_FORMAT, iter_pixel_pairs, iter_shard, read_manifest, verify_manifest
 
     small = dict(seed=3, n_train_scenes=12, n_val_scenes=4, img_dim=16, scenes_per_shard=5)
     summary = write_demo_pixels(tmp_path / "px", image_size=64, **small)
     write_demo_dataset(tmp_path / "regions", **small)
-    assert summary["image_size"] == 64 and summary["train"]["samples"] == 24 and summary["train"]["shards"] == 3
+    assert summary["image_size"] == 64 and summary["train"]["shards"] == 3
+    assert (summary["train"]["samples"], summary["train"]["pairs"]) == (12, 24)  # a picture per scene, 2 captions
     for split in ("train", "val"):
         manifest = read_manifest(tmp_path / "px" / split, expected_format=PIXEL_FORMAT)
         assert verify_manifest(manifest) == [] and manifest.meta["image_size"] == 64
         regions = read_manifest(tmp_path / "regions" / split)
-        px = [(json.loads(r["json"]), r["png"]) for shard in manifest.shards for r in iter_shard(shard)]
+        raws = [r for shard in manifest.shards for r in iter_shard(shard)]
+        px = [(json.loads(r["json"]), r["png"]) for r in raws]
         rg = [json.loads(r["json"]) for shard in regions.shards for r in iter_shard(shard)]
-        assert [meta for meta, _ in px] == rg  # the same keys, image ids and captions
+        pairs = [(m["image_id"], m["captions"][r["__pair__"]], m["caption_ids"][r["__pair__"]])
+                 for r in iter_pixel_pairs(raws, DEFAULT_MAX_CAPTIONS) for m in [json.loads(r["json"])]]
+        assert pairs == [(m["image_id"], m["caption"], m["caption_id"]) for m in rg]  # the same pairs, in order
+        assert manifest.units == manifest.pairs and len(manifest.pairs) == len(manifest.shards)
+        assert sum(manifest.pairs) == len(rg) and manifest.num_samples == len(px)
         for meta, png in px:
             img = decode_image(png)
             assert img.size == (64, 64)

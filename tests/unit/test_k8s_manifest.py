@@ -92,7 +92,7 @@ def test_config_map_holds_the_frozen_config(tmp_path):
     plan, config_map, job = render()
     path = tmp_path / "config.yaml"
     path.write_text(config_map["data"]["config.yaml"])
-    assert load_config(str(path)) == plan.run_config and plan.run_config.train.resume is True
+    assert load_config(str(path)) == plan.run_config and plan.run_config.train.resume == "auto"
     assert config_map["metadata"]["name"] == job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"][
         "volumes"][2]["configMap"]["name"]
 

@@ -62,7 +62,7 @@ def test_cli_errors_are_one_line(argv, needle, capsys):
 def test_frozen_config_fixes_run_dir_and_resume(tmp_path):
     plan = plan_job("slurm", CFG, ["--train.resume=false", f"--train.run_dir={tmp_path}/r-{{now}}"],
                     cluster(), now=NOW)
-    assert plan.run_dir == f"{tmp_path}/r-{NOW}" and plan.run_config.train.resume is True
+    assert plan.run_dir == f"{tmp_path}/r-{NOW}" and plan.run_config.train.resume == "auto"
     assert plan.out_dir == f"{tmp_path}/r-{NOW}/launch" and plan.config_path == f"{plan.out_dir}/config.yaml"
     write_job(render_job(plan))
     assert load_config(plan.config_path) == plan.run_config  # the job reads back exactly this config
@@ -73,7 +73,7 @@ def test_relative_run_dir_is_made_absolute_at_render_time(tmp_path, monkeypatch)
     config = Path(CFG).resolve()
     monkeypatch.chdir(tmp_path)
     plan = plan_job("local", str(config), [], cluster(), now=NOW)
-    assert plan.run_dir == str(tmp_path / f"runs/demo-{NOW}") and plan.workdir == str(tmp_path)
+    assert plan.run_dir == str(tmp_path / "runs/demo") and plan.workdir == str(tmp_path)  # the config's name
 
 
 def test_rerender_with_another_config_is_refused(tmp_path):
@@ -113,7 +113,11 @@ def test_slurm_script(raw, tmp_path):
     assert f"#SBATCH --signal=B:USR1@{c.slurm.signal_seconds}" in sbatch
     assert f"#SBATCH --output={plan.run_dir}/logs/slurm-%j.out" in sbatch
     assert (f"#SBATCH --gpus-per-node={c.gpus_per_node}" in sbatch) == bool(c.gpus_per_node)
-    assert 'trap requeue USR1' in script and 'scontrol requeue "$SLURM_JOB_ID"' in script
+    assert "#SBATCH --export=ALL" in sbatch and "unset DS_ACCELERATOR CUDA_VISIBLE_DEVICES" in script
+    assert "trap stop_for_requeue USR1" in script and 'scontrol requeue "$SLURM_JOB_ID"' in script
+    # the requeue comes after the training step has ended (its checkpoint saved), not at the signal
+    assert script.index('wait_for $! && status=0') < script.index('scontrol requeue "$SLURM_JOB_ID"')
+    assert f"export TORCH_ELASTIC_SHUTDOWN_TIMEOUT={c.slurm.signal_seconds}" in script
     for flag in ('--nnodes="$SLURM_NNODES"', f"--nproc-per-node={c.procs_per_node}", "--rdzv-backend=c10d",
                  f'--rdzv-endpoint="$HEAD_NODE:{c.master_port}"', '--rdzv-id="$SLURM_JOB_ID"',
                  f"--max-restarts={c.max_restarts}", "--redirects=3", f"--config {plan.config_path}",

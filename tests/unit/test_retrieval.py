@@ -97,3 +97,13 @@ def test_a_perfect_model_scores_100():
     engine.score = (data.text_image[:, None] == torch.arange(N_IMAGES)[None, :]).float()
     got = retrieval_metrics(engine, data, PixelConfig(image_size=8), k=3, batch_size=8, device=torch.device("cpu"))
     assert got["t2i_r1"] == got["i2t_r1"] == 100.0
+
+
+def test_chance_levels_of_both_directions():
+    from trainer.retrieval import chance_levels
+
+    # 4 images with 3, 1, 0 and 4 captions: an image's random top-1 text is one of its own
+    # with probability captions / 8; averaged over the 4 images that is 1 / 4 as well.
+    got = chance_levels(torch.tensor([0, 0, 0, 1, 3, 3, 3, 3]), 4)
+    assert got["t2i_r1_chance"] == pytest.approx(25.0)
+    assert got["i2t_r1_chance"] == pytest.approx(100.0 * (3 + 1 + 0 + 4) / 8 / 4)

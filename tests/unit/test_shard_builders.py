@@ -153,15 +153,22 @@ def test_coco_cli_round_trip(coco, tmp_path, capsys):
             "--samples-per-shard", "4", "--no-progress"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    assert "6 samples in 2 shards (2 built, 0 already done)" in printed and "missing_image=1" in printed
+    assert "4 samples in 2 shards (2 built, 0 already done)" in printed and "missing_image=1" in printed
+    assert "4 pictures, 6 picture-caption pairs" in printed
     summary = json.loads((out / "manifest.json").read_text())
-    _check_manifest(out, PIXEL_FORMAT, {"num_samples": 6, "skipped": coco["skipped"]})
+    _check_manifest(out, PIXEL_FORMAT, {"num_samples": 4, "skipped": coco["skipped"]})
     assert summary["skipped"] == coco["skipped"]
-    assert [s["num_samples"] for s in summary["shards"]] == [3, 3]  # bad.jpg (planned in shard 0) fails there
+    # one sample per picture, planned in order of first caption: 1, 2, 6 (bad.jpg, fails), 3 | 4
+    assert [s["num_samples"] for s in summary["shards"]] == [3, 1]
+    assert [s["num_pairs"] for s in summary["shards"]] == [4, 2] and summary["num_pairs"] == 6
     samples = _samples(out)
+    by_image: dict = {}
+    for g in coco["good"]:
+        by_image.setdefault(str(g["image_id"]), []).append(g)
     assert [json.loads(s["json"]) for s in samples] == [
-        {"image_id": str(g["image_id"]), "caption": g["caption"], "caption_id": str(g["id"])} for g in coco["good"]]
-    assert [s["__key__"] for s in samples] == ["1-10", "1-11", "2-20", "3-30", "4-40", "4-41"]
+        {"image_id": i, "captions": [g["caption"] for g in gs], "caption_ids": [str(g["id"]) for g in gs]}
+        for i, gs in by_image.items()]
+    assert [s["__key__"] for s in samples] == ["1-10", "2-20", "3-30", "4-40"]
     for s in samples:
         image_id = int(json.loads(s["json"])["image_id"])
         ext = "png" if image_id == 3 else "jpg"
@@ -222,12 +229,13 @@ def test_tsv_round_trip_and_image_ids(tsv, tmp_path):
                  "--no-progress"]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["skipped"] == tsv["skipped"]
-    _check_manifest(out, PIXEL_FORMAT, {"num_samples": 3, "skipped": tsv["skipped"]})
+    _check_manifest(out, PIXEL_FORMAT, {"num_samples": 2, "skipped": tsv["skipped"]})
     samples = _samples(out)
-    assert len(samples) == 3
-    for s, (key, image_id, caption) in zip(samples, tsv["expected"]):
+    assert len(samples) == 2  # a.jpg on two lines is one picture with two captions
+    (k1, a, c1), (k2, _, c2), (k3, b, c3) = tsv["expected"]
+    for s, (key, image_id, caps, ids) in zip(samples, [(k1, a, [c1, c2], [k1, k2]), (k3, b, [c3], [k3])]):
         assert s["__key__"] == key and s["jpg"] == tsv["files"][image_id]
-        assert json.loads(s["json"]) == {"image_id": image_id, "caption": caption, "caption_id": key}
+        assert json.loads(s["json"]) == {"image_id": image_id, "captions": caps, "caption_ids": ids}
 
 
 # ---------------------------------------------------------------- resume, atomicity, determinism
@@ -235,14 +243,14 @@ def test_tsv_round_trip_and_image_ids(tsv, tmp_path):
 def test_rerun_skips_finished_shards_and_rebuilds_damaged_ones(coco, tmp_path, capsys):
     out = tmp_path / "out"
     first = build_coco_shards(coco["captions"], coco["images"], out, samples_per_shard=2)
-    assert (first["num_shards"], first["built"]) == (4, 4)
+    assert (first["num_shards"], first["built"]) == (3, 3)
     before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.glob("shard-*.tar")}
     manifest = (out / "manifest.json").read_text()
 
     argv = ["shards", "coco", "--captions", str(coco["captions"]), "--images", str(coco["images"]),
             "--out", str(out), "--samples-per-shard", "2", "--no-progress"]
     assert main(argv) == 0
-    assert "(0 built, 4 already done)" in capsys.readouterr().out
+    assert "(0 built, 3 already done)" in capsys.readouterr().out
     assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.glob("shard-*.tar")} == before
     assert (out / "manifest.json").read_text() == manifest  # skip counts survive via the sidecars
 
@@ -251,7 +259,7 @@ def test_rerun_skips_finished_shards_and_rebuilds_damaged_ones(coco, tmp_path, c
     damaged[600] ^= 0xFF  # same size, different content
     (out / "shard-000002.tar").write_bytes(bytes(damaged))
     again = build_coco_shards(coco["captions"], coco["images"], out, samples_per_shard=2)
-    assert (again["built"], again["reused"]) == (2, 2)
+    assert (again["built"], again["reused"]) == (2, 1)
     assert {n: b for n, b in _shard_bytes(out).items()} == {n: b for n, (_, b) in before.items()}
     assert (out / "shard-000001.tar").stat().st_mtime_ns == before["shard-000001.tar"][0]
     assert (out / "manifest.json").read_text() == manifest
@@ -278,15 +286,16 @@ def test_interrupted_build_leaves_no_finished_looking_shard(tsv, tmp_path, monke
     assert sorted(p.name for p in out.iterdir()) == []  # no shard, no temporary file, no sidecar, no manifest
     monkeypatch.setattr(builders, "_pixel_samples", real)
     summary = build_tsv_shards(tsv["tsv"], out, samples_per_shard=3)
-    assert summary["built"] == 1 and summary["num_samples"] == 3
+    assert summary["built"] == 1 and (summary["num_samples"], summary["num_pairs"]) == (2, 3)
 
 
 @pytest.mark.parametrize("kind", ["coco", "regions", "tsv"])
 def test_builds_are_deterministic_for_any_worker_count(kind, coco, regions, tsv, tmp_path):
     inputs = {"coco": coco, "regions": regions, "tsv": tsv}[kind]
-    a = _build(kind, inputs, tmp_path / "a", samples_per_shard=2)
-    b = _build(kind, inputs, tmp_path / "b", samples_per_shard=2)
-    c = _build(kind, inputs, tmp_path / "c", samples_per_shard=2, workers=2, progress=True)
+    per_shard = 1 if kind == "tsv" else 2  # tsv: 2 pictures
+    a = _build(kind, inputs, tmp_path / "a", samples_per_shard=per_shard)
+    b = _build(kind, inputs, tmp_path / "b", samples_per_shard=per_shard)
+    c = _build(kind, inputs, tmp_path / "c", samples_per_shard=per_shard, workers=2, progress=True)
     assert a["num_shards"] >= 2 and c["built"] == a["num_shards"]
     assert _shard_bytes(tmp_path / "a") == _shard_bytes(tmp_path / "b") == _shard_bytes(tmp_path / "c")
     assert a["skipped"] == b["skipped"] == c["skipped"]

@@ -20,7 +20,9 @@ def test_single_dataset_keys_are_task_names(tmp_path):
     cfg = config(tmp_path, {"data": {"train": "t", "val": "v"}, "tasks": {"mlm": 2, "itm": 1, "mrfr": 0}})
     mix = task_mix(cfg)
     assert [e.key for e in mix] == ["itm", "mlm"]  # ratio 0 dropped, sorted
-    assert all(e.task == e.key and e.sources[0].train == "t" and e.sources[0].val == "v" for e in mix)
+    # paths in a config file are relative to its folder
+    assert all(e.task == e.key and e.sources[0].train == str(tmp_path / "t") and e.sources[0].val == str(tmp_path / "v")
+               for e in mix)
     assert mix_ratios(cfg) == {"itm": 1.0, "mlm": 2.0}
 
 
@@ -34,8 +36,8 @@ def test_datasets_carry_their_own_ratios_or_inherit(tmp_path):
     by_key = {e.key: e for e in task_mix(cfg)}
     assert set(by_key) == {"coco/itm", "coco/mrc-kl", "vg/mlm", "vg/itm"}
     assert by_key["coco/mrc-kl"].task == "mrc-kl" and by_key["coco/mrc-kl"].ratio == 4
-    assert by_key["coco/itm"].sources[0].val == "c/val" and by_key["vg/mlm"].sources[0].val is None
-    assert by_key["vg/mlm"].ratio == 3 and by_key["vg/mlm"].sources[0].train == "v/train"
+    assert by_key["coco/itm"].sources[0].val == str(tmp_path / "c/val") and by_key["vg/mlm"].sources[0].val is None
+    assert by_key["vg/mlm"].ratio == 3 and by_key["vg/mlm"].sources[0].train == str(tmp_path / "v/train")
     assert task_of("coco/mrc-kl") == "mrc-kl" and task_of("mlm") == "mlm"
 
 

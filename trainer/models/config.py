@@ -96,7 +96,7 @@ class AlbefConfig:
     vocab_size: int = 30522
     """Word pieces (30522 = bert-base-uncased, ALBEF's text model)."""
     pad_token_id: int = 0
-    """[PAD]'s id in the vocabulary (checked against data.vocab): its word embedding gets no gradient,
+    """[PAD]'s id in the vocabulary (checked against data.tokenizer): its word embedding gets no gradient,
     as in ALBEF (Hugging Face's BertEmbeddings), when a random MLM replacement draws it."""
     hidden_size: int = 768
     num_attention_heads: int = 12

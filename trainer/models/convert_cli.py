@@ -1,9 +1,10 @@
-"""`vlpt convert {import,export}`: UNITER checkpoint files <-> ours on disk
-(docs/models.md, "UNITER checkpoint compatibility").
+"""`vlpt convert {import,export}`: UNITER / ALBEF checkpoint files <-> ours on disk
+(docs/models.md, "UNITER checkpoint compatibility", "ALBEF checkpoint export").
 
 import: a UNITER `model_step_*.pt` state dict -> our key names (.pt or .safetensors).
 export: our state-dict file, or a training checkpoint (run dir, its `checkpoints/`
-dir, or one `step_XXXXXXXX/` dir) -> a UNITER-named `.pt` state dict.
+dir, or one `step_XXXXXXXX/` dir) -> a UNITER-named state dict, or for an ALBEF run
+one with the names of ALBEF's `ALBEF` model (student, momentum model and queues).
 
 Every user error is a `ConfigError` naming the path, which the CLI prints as one line.
 """
@@ -25,6 +26,7 @@ from torch import Tensor
 from trainer.checkpoint_files import UnsafeCheckpointError, load_tensors
 from trainer.config_files import ConfigError
 from trainer.models.convert import TIED_DUPLICATES, export_uniter_state_dict, import_uniter_state_dict
+from trainer.models.convert_albef import export_albef_state_dict, is_albef_state_dict
 
 StateDict = Dict[str, Tensor]
 
@@ -40,7 +42,7 @@ def run_convert(args: argparse.Namespace) -> int:
     if args.direction == "import":
         print(import_uniter_file(src, dst))
     elif args.direction == "export":
-        print(export_to_uniter(src, dst))
+        print(export_checkpoint(src, dst))
     else:
         raise ConfigError(f"unknown convert direction {args.direction!r}; use 'import' or 'export'")
     return 0
@@ -60,18 +62,42 @@ def import_uniter_file(src: Path, dst: Path) -> str:
             f"(tied duplicates dropped: {', '.join(dropped) or 'none'})")
 
 
-def export_to_uniter(src: Path, dst: Path) -> str:
-    """Our state-dict file or training checkpoint -> UNITER-named `.pt`; returns the summary line."""
+def export_checkpoint(src: Path, dst: Path) -> str:
+    """Our state-dict file or training checkpoint -> the model family's own names (UNITER's or
+    ALBEF's) at `dst`; returns the summary line."""
+    teacher = None
     if src.is_dir():
         tag_dir = resolve_checkpoint_dir(src)
         sd, kind = read_deepspeed_checkpoint(tag_dir)
         check_against_run_config(sd, tag_dir)
         source = tag_dir
+        if (tag_dir / "teacher.pt").is_file():  # ALBEF's momentum model and queues, beside the engine's files
+            teacher = _load_deepspeed_file(tag_dir / "teacher.pt")
     elif src.is_file():
         sd, kind, source = load_state_dict_file(src), "state dict", src
     else:
         raise ConfigError(f"--src {src} does not exist; pass our state-dict file, a run directory, "
                           "its checkpoints/ directory or one step_XXXXXXXX/ checkpoint directory")
+    if is_albef_state_dict(sd):
+        return export_to_albef(sd, teacher, source, kind, dst)
+    return export_to_uniter(sd, source, kind, dst)
+
+
+def export_to_albef(sd: StateDict, teacher: Optional[StateDict], source: Path, kind: str, dst: Path) -> str:
+    """Our ALBEF student (+ its teacher) -> a state dict with the names of ALBEF's `ALBEF` model."""
+    if teacher is not None and not _is_state_dict(teacher):
+        raise ConfigError(f"{source}/teacher.pt is not a state dict; is the checkpoint complete?")
+    try:
+        out = export_albef_state_dict(sd, teacher)
+    except (ValueError, KeyError) as e:
+        raise ConfigError(f"{source}: cannot export with ALBEF's names ({_one_line(e)})") from None
+    save_state_dict(out, dst)
+    what = "student and momentum model" if teacher is not None else "student only (no teacher.pt)"
+    return f"exported {source} ({kind}, {what}) -> {dst}: {len(out)} keys with ALBEF names"
+
+
+def export_to_uniter(sd: StateDict, source: Path, kind: str, dst: Path) -> str:
+    """Our UNITER state dict -> UNITER-named `.pt`; returns the summary line."""
     already = [k for k in TIED_DUPLICATES if k in sd]
     if already:
         raise ConfigError(f"{source} already has UNITER key names ({', '.join(already)}); "
@@ -216,6 +242,7 @@ def check_against_run_config(sd: Mapping[str, Tensor], tag_dir: Path) -> None:
 def _expected_shapes(cfg_file: Path) -> Optional[Dict[str, Tuple[int, ...]]]:
     """Key -> shape of the model `cfg_file` describes (built on the meta device), or None if unreadable."""
     from trainer.config import load_config
+    from trainer.models.albef import Albef
     from trainer.models.pretrain import UniterForPretraining
 
     try:
@@ -223,8 +250,12 @@ def _expected_shapes(cfg_file: Path) -> Optional[Dict[str, Tuple[int, ...]]]:
     except (ValueError, TypeError, OSError) as e:
         print(f"vlpt: note: not checking against {cfg_file} ({_one_line(e)})", file=sys.stderr)
         return None
+    model_class = {"uniter": UniterForPretraining, "albef": Albef}.get(model_cfg.arch)
+    if model_class is None:  # a family registered elsewhere: its names are its own
+        print(f"vlpt: note: not checking against {cfg_file} (model.arch={model_cfg.arch})", file=sys.stderr)
+        return None
     with torch.device("meta"):
-        model = UniterForPretraining(model_cfg)
+        model = model_class(model_cfg)
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 

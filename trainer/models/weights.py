@@ -104,3 +104,34 @@ def read_config_json(d: Path) -> dict:
         return json.loads(f.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{f}: not valid JSON ({e})") from e
+
+
+WORD_EMBEDDINGS = "embeddings.word_embeddings.weight"
+"""A BERT file's word-embedding key, after an optional `bert.` prefix."""
+
+
+def word_embedding_rows(directory: PathLike) -> int:
+    """Rows of the word embedding of a Hugging Face BERT directory, read cheaply: from the
+    safetensors header, or a memory-mapped pytorch_model.bin (nothing else is loaded)."""
+    d = existing_path(directory, "the BERT folder", is_dir=True)
+    st, pt = d / "model.safetensors", d / "pytorch_model.bin"
+    with reading_weights(d):
+        if st.is_file():
+            from safetensors import safe_open
+
+            with safe_open(str(st), framework="pt") as f:
+                key = next((k for k in f.keys() if k.removeprefix("bert.") == WORD_EMBEDDINGS), None)
+                shape = f.get_slice(key).get_shape() if key else None
+        elif pt.is_file():
+            try:
+                obj = torch.load(pt, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:  # an old (non-zip) torch file cannot be memory-mapped
+                obj = torch.load(pt, map_location="cpu", weights_only=True)
+            sd = plain_state_dict(obj, pt)
+            key = next((k for k in sd if str(k).removeprefix("bert.") == WORD_EMBEDDINGS), None)
+            shape = tuple(sd[key].shape) if key else None
+        else:
+            raise ValueError(f"{d} has neither model.safetensors nor pytorch_model.bin")
+    if not shape:
+        raise ValueError(f"{d}: no [bert.]{WORD_EMBEDDINGS} in its weights; expected a Hugging Face BERT")
+    return int(shape[0])

@@ -49,6 +49,15 @@ class AlbefRecipe(Recipe):
             raise ValueError(f"data.max_txt_len={cfg.data.max_txt_len} + [CLS]/[SEP] exceeds "
                              f"model.max_position_embeddings={cfg.model.max_position_embeddings}")
 
+    @classmethod
+    def check_layout(cls, cfg, layout) -> None:
+        """The queue takes each step's global batch whole (ALBEF: 65,536 features, batch 512)."""
+        queue, batch = cfg.model.queue_size, layout.global_batch_size
+        if batch <= 0 or queue % batch:
+            raise ValueError(f"model.queue_size={queue} must be a multiple of the global batch {batch} (data."
+                             f"micro_batch_size {layout.micro_batch_size} x grad accum {layout.grad_accum} x "
+                             f"{layout.world_size} ranks); change model.queue_size or optim.global_batch_size")
+
     def stream_options(self) -> dict:
         return {"modality": "pixels", "img_dim": 0}
 
@@ -62,12 +71,8 @@ class AlbefRecipe(Recipe):
 
     def attach(self, model, layout, device) -> None:
         """The momentum model and queues, copied from the student before the engine wraps it."""
-        teacher = AlbefTeacher(model)
-        try:
-            teacher.queues.check_batch(layout.global_batch_size)
-        except ValueError as e:
-            raise ValueError(f"model.queue_size: {e}") from None
-        self.teacher = teacher.to(device)
+        self.check_layout(self.cfg, layout)
+        self.teacher = AlbefTeacher(model).to(device)
 
     def blocks_to_compile(self, model) -> dict:
         """The student's blocks and the teacher's: the teacher encodes every micro-batch of every step."""

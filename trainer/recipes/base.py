@@ -69,6 +69,11 @@ class Recipe:
     def check_config(cls, cfg: "Config") -> None:
         """Rules across sections (ValueError with the keys to change); the task names are checked already."""
 
+    @classmethod
+    def check_layout(cls, cfg: "Config", layout: "BatchLayout") -> None:
+        """Rules on the split of the global batch (ValueError with the keys to change): `attach` applies
+        them at start, and `vlpt launch` at the job's world size before it renders anything."""
+
     def check_manifest(self, manifest, where: str) -> None:
         """A dataset the run will read against the model (ValueError naming the key to change)."""
 

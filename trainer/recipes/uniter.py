@@ -10,7 +10,7 @@ import torch
 from data.collate import collate_itm, collate_itm_hard, collate_mlm, collate_mrm
 from data.loader import add_counts, iter_split, pin, validation_batches
 from data.packing import round_up
-from data.shards import FORMAT
+from data.shards import FORMAT, manifest_root
 from trainer.distributed import all_gather_objects, all_reduce_sum
 from trainer.models.config import ModelConfig
 from trainer.models.pretrain import build_uniter
@@ -18,7 +18,10 @@ from trainer.recipes import register
 from trainer.recipes.base import Recipe, StepContext, StepPlan
 from trainer.recipes.uniter_tasks import task_functions
 from trainer.step import accumulate, global_means
-from trainer.task_mix import task_of
+from trainer.task_mix import task_mix, task_of
+
+SOFT_LABEL_TASKS = ("mrc", "mrc-kl")
+"""The tasks that read `mrc_soft_labels`."""
 
 
 @register
@@ -41,10 +44,25 @@ class UniterRecipe(Recipe):
         model = self.cfg.model
         if manifest.img_dim != model.img_dim:
             raise ValueError(f"model.img_dim={model.img_dim} but {where} has {manifest.img_dim}-d region features")
-        if manifest.label_dim != model.img_label_dim:
+        if manifest.has_soft_labels and manifest.label_dim != model.img_label_dim:
             raise ValueError(f"model.img_label_dim={model.img_label_dim} but {where} has "
                              f"{manifest.label_dim} soft-label classes")
+        if not manifest.has_soft_labels:
+            self._check_no_soft_label_tasks(manifest, where)
         self._check_pack_len_fits(manifest, where)
+
+    def _check_no_soft_label_tasks(self, manifest, where: str) -> None:
+        """MRC and MRC-kl learn the detector's class distributions: refuse them on a dataset whose shards
+        were built without soft labels (only they need them; conf serves box selection when building)."""
+        for entry in task_mix(self.cfg):
+            if entry.task not in SOFT_LABEL_TASKS:
+                continue
+            for source in entry.sources:
+                if manifest.root in {manifest_root(p) for p in (source.train, source.val) if p}:
+                    own = any(d.name == source.name and d.tasks for d in self.cfg.data.datasets)
+                    key = f"data.datasets.{source.name}.tasks.{entry.task}" if own else f"tasks.{entry.task}"
+                    raise ValueError(f"{key} needs region soft labels but {where} has none (its shards were built "
+                                     f"without soft labels); drop the task or rebuild the shards with soft labels")
 
     def _check_pack_len_fits(self, manifest, where: str) -> None:
         """Shards built by `vlpt shards regions` record their max_bb: refuse a pack_len too short for it
