@@ -15,7 +15,7 @@ from tests.integration.test_preemption import wait_for_step
 
 pytestmark = pytest.mark.slow
 
-STEPS = 120  # far more than the few steps the stopped run makes before SIGTERM reaches it
+STEPS = 60  # far more than the few steps the stopped run makes before SIGTERM reaches it
 
 
 def config_without_run_dir(path, demo_data):

@@ -46,7 +46,7 @@ def test_a_run_with_a_tokenizer_directory_reports_and_filters_by_length(tmp_path
                             model={"vocab_size": hf_vocab_size()},
                             data={"tokenizer": {"path": str(hf_dir), "lowercase": True}, "max_txt_len": 8, "val": None,
                                   "max_bad_per_1000": 0, "min_samples_for_bad_rate": 1},
-                            train={"max_steps": 3})
+                            train={"max_steps": 1})
     proc = run_vlpt(["pretrain", "--config", str(cfg)])
     captions = first_captions(demo_data / "train")
     words = [c.lower().split() for c in captions]  # the tiny tokenizer: one word piece per word
