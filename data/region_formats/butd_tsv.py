@@ -22,9 +22,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
-from data.builders import Entry, _check_common, _dedupe, build_region_record_shards, check_box_args
+from data.builders import Entry, _check_common, _dedupe, check_box_args
 from data.region_formats.record import (MAX_RECORD_BYTES, RecordError, RecordReader, RegionRecord, b64_float32,
-                                        caption_entries, check_box_count, image_id_of, infer_layout,
+                                        build_from_records, caption_entries, check_box_count, image_id_of,
                                         normalise_boxes)
 
 FIELD_PRESETS = {
@@ -176,15 +176,10 @@ def build_butd_tsv_shards(tsv: str | Path | Sequence[str | Path], captions: str 
             raise ValueError(f"TSV file not found: {p}")
     skipped: Counter = Counter()
     images, names_of = index_tsv(paths, names, skipped)
-    entries = caption_entries(captions, images, skipped)
+    entries = _dedupe(caption_entries(captions, images, skipped), skipped)
     reader_params = {"tsv_fields": {p: list(n) for p, n in names_of.items()}}
-    layout = (0, 0, ())
-    if entries:
-        with TsvReader(reader_params) as reader:
-            layout = infer_layout(reader, entries, ", ".join(map(str, paths)))
     meta = {"source": "butd-tsv", "tsv": [str(p) for p in paths], "captions": str(Path(captions).resolve())}
-    return build_region_record_shards("butd-tsv", out, _dedupe(entries, skipped), skipped, layout, meta,
-                                      conf_th=conf_th, min_bb=min_bb, max_bb=max_bb,
-                                      samples_per_shard=samples_per_shard, workers=workers, progress=progress,
-                                      opener=TsvReader, reader_params=reader_params)
+    return build_from_records("butd-tsv", out, entries, skipped, meta, TsvReader, ", ".join(map(str, paths)),
+                              reader_params, conf_th=conf_th, min_bb=min_bb, max_bb=max_bb,
+                              samples_per_shard=samples_per_shard, workers=workers, progress=progress)
 

@@ -24,10 +24,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from data.builders import _check_common, _dedupe, build_region_record_shards, check_box_args
+from data.builders import _check_common, _dedupe, check_box_args
 from data.region_formats.record import (LmdbRecordReader, RecordError, RegionRecord, array_field, as_number,
-                                        caption_entries, check_box_count, image_id_of, infer_layout, lmdb_errors,
-                                        lmdb_folder, normalise_boxes, open_lmdb)
+                                        build_from_records, caption_entries, check_box_count, image_id_of,
+                                        lmdb_errors, lmdb_folder, normalise_boxes, open_lmdb)
 
 RECORD_FIELDS = ("features", "boxes", "cls_prob", "scores", "conf", "num_boxes", "image_width", "image_height",
                  "resized_width", "resized_height", "scale")
@@ -96,12 +96,8 @@ def build_lmdb_feature_shards(lmdb: str | Path, captions: str | Path, out: str |
     folder = lmdb_folder(lmdb, "feature LMDB")
     skipped: Counter = Counter()
     entries = _dedupe(caption_entries(captions, index_lmdb(folder, skipped), skipped), skipped)
-    layout = (0, 0, ())
-    if entries:
-        with LmdbFeatureReader({}) as reader:
-            layout = infer_layout(reader, entries, f"feature LMDB {folder}")
     meta = {"source": "lmdb-features", "lmdb": str(folder), "captions": str(Path(captions).resolve())}
-    return build_region_record_shards("lmdb-features", out, entries, skipped, layout, meta, conf_th=conf_th,
-                                      min_bb=min_bb, max_bb=max_bb, samples_per_shard=samples_per_shard,
-                                      workers=workers, progress=progress, opener=LmdbFeatureReader)
+    return build_from_records("lmdb-features", out, entries, skipped, meta, LmdbFeatureReader, f"feature LMDB {folder}",
+                              conf_th=conf_th, min_bb=min_bb, max_bb=max_bb, samples_per_shard=samples_per_shard,
+                              workers=workers, progress=progress)
 

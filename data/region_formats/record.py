@@ -23,7 +23,7 @@ from typing import Any, Iterable, Iterator, Optional
 
 import numpy as np
 
-from data.builders import Entry, _id, _safe, load_captions, region_layout
+from data.builders import Entry, _id, _safe, build_region_record_shards, load_captions, region_layout
 from data.limits import DEFAULT_MAX_MEMBER_BYTES
 from data.shards import _read_npy
 
@@ -357,6 +357,19 @@ def caption_entries(captions: str | Path, images: dict[str, tuple[str, str]],
 def image_id_of(value: Any) -> Optional[str]:
     """An image id from a source (str or int), or None for one no text may hold."""
     return _id(value)
+
+
+def build_from_records(kind: str, out: Path, entries: list[Entry], skipped: Counter, meta: dict, opener: type,
+                       what: str, reader_params: Optional[dict] = None, **build) -> dict:
+    """Region shards of planned `entries` read by `opener` (a RecordReader class), with the layout of
+    the first usable record (`what` names the source in the error when none is usable); `build`:
+    data.builders.build_region_record_shards' keyword arguments (box selection, sharding)."""
+    layout = (0, 0, ())
+    if entries:
+        with opener(reader_params or {}) as reader:
+            layout = infer_layout(reader, entries, what)
+    return build_region_record_shards(kind, out, entries, skipped, layout, meta, opener=opener,
+                                      reader_params=reader_params, **build)
 
 
 def infer_layout(reader: RecordReader, entries: list[Entry], what: str) -> tuple[int, int, tuple[str, ...]]:

@@ -24,9 +24,9 @@ from typing import Any, Optional
 
 import numpy as np
 
-from data.builders import Entry, _check_common, _dedupe, _safe, build_region_record_shards, check_box_args
+from data.builders import Entry, _check_common, _dedupe, _safe, check_box_args
 from data.region_formats.record import (DECODE_ERRORS, LmdbRecordReader, RecordError, RegionRecord, array_field,
-                                        image_id_of, infer_layout, lmdb_errors, lmdb_folder, lz4_decompress,
+                                        build_from_records, image_id_of, lmdb_errors, lmdb_folder, lz4_decompress,
                                         open_lmdb, source_stat, unpack_msgpack)
 from data.shards import caption_reason
 
@@ -120,11 +120,7 @@ def build_uniter_lmdb_shards(img_db: str | Path, txt_db: str | Path, out: str | 
     img, txt = lmdb_folder(img_db, "img_db"), lmdb_folder(txt_db, "txt_db")
     skipped: Counter = Counter()
     entries = _dedupe(plan_texts(txt, img, skipped), skipped)
-    layout = (0, 0, ())
-    if entries:
-        with UniterImgReader({}) as reader:
-            layout = infer_layout(reader, entries, f"img_db {img}")
     meta = {"source": "uniter-lmdb", "img_db": str(img), "txt_db": str(txt)}
-    return build_region_record_shards("uniter-lmdb", out, entries, skipped, layout, meta, conf_th=conf_th,
-                                      min_bb=min_bb, max_bb=max_bb, samples_per_shard=samples_per_shard,
-                                      workers=workers, progress=progress, opener=UniterImgReader)
+    return build_from_records("uniter-lmdb", out, entries, skipped, meta, UniterImgReader, f"img_db {img}",
+                              conf_th=conf_th, min_bb=min_bb, max_bb=max_bb, samples_per_shard=samples_per_shard,
+                              workers=workers, progress=progress)
