@@ -639,6 +639,20 @@ def build_region_record_shards(kind: str, out: Path, entries: list[Entry], skipp
     return _run(kind, out, entries, skipped, params, meta, FORMAT, samples_per_shard, workers, progress, opener)
 
 
+def text_lines(path: Path, skipped: Counter) -> Iterator[tuple[int, str]]:
+    """(line number from 1, line without its end) of each non-blank line of a UTF-8 text file; a line
+    that is not UTF-8 is counted as "bad_line" and left out."""
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError:
+                skipped["bad_line"] += 1
+                continue
+            if line.strip():
+                yield lineno, line
+
+
 def build_tsv_shards(tsv: str | Path, out: str | Path, *, samples_per_shard: int = 1000, workers: int = 1,
                      progress: bool = False, max_image_pixels: int = DecodeLimits.max_image_pixels,
                      allow_outside_root: bool = False) -> dict:
@@ -657,32 +671,24 @@ def build_tsv_shards(tsv: str | Path, out: str | Path, *, samples_per_shard: int
         raise ValueError(f"TSV file not found: {tsv}")
     skipped: Counter = Counter()
     entries = []
-    with tsv.open("rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8").rstrip("\r\n")
-            except UnicodeDecodeError:
-                skipped["bad_line"] += 1
-                continue
-            if not line.strip():
-                continue
-            image_path, sep, caption = line.partition("\t")
-            if not sep or not image_path.strip():
-                skipped["bad_line"] += 1
-                continue
-            reason = caption_reason(caption)
-            if reason:
-                skipped[reason] += 1
-                continue
-            image_id = Path(os.path.normpath(image_path)).as_posix()
-            path, reason = _source_path(tsv.parent, image_id, allow_outside_root)
-            if reason:
-                skipped[reason] += 1
-                continue
-            key = f"line-{lineno:09d}"
-            e = _image_entry(key, path, image_id, caption, key, skipped)
-            if e is not None:
-                entries.append(e)
+    for lineno, line in text_lines(tsv, skipped):
+        image_path, sep, caption = line.partition("\t")
+        if not sep or not image_path.strip():
+            skipped["bad_line"] += 1
+            continue
+        reason = caption_reason(caption)
+        if reason:
+            skipped[reason] += 1
+            continue
+        image_id = Path(os.path.normpath(image_path)).as_posix()
+        path, reason = _source_path(tsv.parent, image_id, allow_outside_root)
+        if reason:
+            skipped[reason] += 1
+            continue
+        key = f"line-{lineno:09d}"
+        e = _image_entry(key, path, image_id, caption, key, skipped)
+        if e is not None:
+            entries.append(e)
     meta = {"source": "tsv", "tsv": str(tsv.resolve())}
     return _run("tsv", out, _pictures(entries), skipped, {"max_image_pixels": max_image_pixels}, meta,
                 PIXEL_FORMAT, samples_per_shard, workers, progress)

@@ -94,30 +94,24 @@ def _caption_lines(path: Path, skipped: Counter) -> Iterator[str]:
     """Captions of a text file, one per line: the caption after the first tab of a .tsv line
     (`image_path<TAB>caption`, as `vlpt shards tsv` reads), a {"caption": ...} object per line of a
     .jsonl, the whole line otherwise. Blank lines are ignored; unusable ones counted by reason."""
-    with path.open("rb") as f:
-        for raw in f:
-            try:
-                line = raw.decode("utf-8").rstrip("\r\n")
-            except UnicodeDecodeError:
+    from data.builders import text_lines
+
+    for _, line in text_lines(path, skipped):
+        if path.suffix == ".tsv":
+            _, sep, line = line.partition("\t")
+            if not sep:
                 skipped["bad_line"] += 1
                 continue
-            if not line.strip():
+        elif path.suffix == ".jsonl":
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                obj = None
+            if not (isinstance(obj, dict) and isinstance(obj.get("caption"), str)):
+                skipped["bad_line"] += 1
                 continue
-            if path.suffix == ".tsv":
-                _, sep, line = line.partition("\t")
-                if not sep:
-                    skipped["bad_line"] += 1
-                    continue
-            elif path.suffix == ".jsonl":
-                try:
-                    obj = json.loads(line)
-                except ValueError:
-                    obj = None
-                if not (isinstance(obj, dict) and isinstance(obj.get("caption"), str)):
-                    skipped["bad_line"] += 1
-                    continue
-                line = obj["caption"]
-            yield line
+            line = obj["caption"]
+        yield line
 
 
 def read_caption_files(paths: Sequence[str | Path], skipped: Counter) -> Iterator[str]:
