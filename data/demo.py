@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from data.demo_scenes import LABEL_DIM, DemoScene, caption_samples, write_scene_shards
+from data.demo_scenes import DEFAULT_NOISE_STD, LABEL_DIM, DemoScene, caption_samples, write_scene_shards
 from data.shards import FORMAT, encode_npz
 
 
@@ -27,7 +27,7 @@ def write_demo_dataset(
     n_val_scenes: int = 250,
     img_dim: int = 64,
     scenes_per_shard: int = 250,
-    noise_std: float = 0.5,
+    noise_std: float = DEFAULT_NOISE_STD,
 ) -> dict:
     """Write `out_dir/train/` and `out_dir/val/` (region shards + manifest.json); return a summary.
 

@@ -40,6 +40,8 @@ NEAR_DIST = 0.15
 
 SHAPE_ASPECT = np.geomspace(1 / 2.5, 2.5, len(DEMO_SHAPES))
 """Typical width / height of each shape's box (adjacent shapes differ by 30%)."""
+DEFAULT_NOISE_STD = 0.5
+"""Feature noise of `vlpt demo-data` (noise-to-prototype magnitude)."""
 STUFF_BANDS = 4
 """Background prototypes, one per horizontal band of the canvas."""
 _SPLIT_STREAM = {"train": 1, "val": 2}  # child 0 of the seed draws the prototypes
@@ -213,7 +215,7 @@ def make_scene(
 
 
 def generate_scenes(
-    split: str, n_scenes: int, *, seed: int = 0, img_dim: int = 64, noise_std: float = 0.5
+    split: str, n_scenes: int, *, seed: int = 0, img_dim: int = 64, noise_std: float = DEFAULT_NOISE_STD
 ) -> Iterator[DemoScene]:
     """The scenes of `split` ('train' or 'val'), each split from its own seed stream."""
     if split not in _SPLIT_STREAM:

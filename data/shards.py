@@ -492,10 +492,21 @@ def _read_npy(z: zipfile.ZipFile, info: zipfile.ZipInfo, max_bytes: int) -> Opti
     return np.frombuffer(data, dtype).reshape(shape, order="F" if fortran else "C")
 
 
-def _load_regions(raw: dict, max_bytes: int) -> tuple[Optional[dict], Optional[str]]:
-    if raw.get("npz") is None:
-        return None, "missing_npz"
-    return read_region_npz(io.BytesIO(raw["npz"]), max_bytes)
+def decode_regions(npz: bytes, img_dim: Optional[int], label_dim: Optional[int],
+                   limits: DecodeLimits) -> tuple[Optional[dict[str, np.ndarray]], Optional[str]]:
+    """One image's region arrays from its `.npz` bytes, checked as every reader checks them:
+    (float32 features / norm_bb / soft_labels, None) or (None, skip reason). Never raises."""
+    arrays, reason = read_region_npz(io.BytesIO(npz), limits.max_member_bytes)
+    if reason:
+        return None, reason
+    reason = _check_shapes(arrays, img_dim, label_dim)
+    if reason:
+        return None, reason
+    if label_dim == 0:  # the dataset has no soft labels: ignore a sample's own
+        arrays.pop("soft_labels", None)
+    f32 = _as_float32(arrays)
+    reason = _check_values(f32, limits.max_abs_value)
+    return (None, reason) if reason else (f32, None)
 
 
 def read_region_npz(source: Any, max_bytes: int) -> tuple[Optional[dict], Optional[str]]:
@@ -596,16 +607,9 @@ def decode_region_sample(
     meta, reason = _decode_meta(raw)
     if reason:
         return None, reason
-    arrays, reason = _load_regions(raw, limits.max_member_bytes)
-    if reason:
-        return None, reason
-    reason = _check_shapes(arrays, img_dim, label_dim)
-    if reason:
-        return None, reason
-    if label_dim == 0:  # the dataset has no soft labels: ignore a sample's own
-        arrays.pop("soft_labels", None)
-    f32 = _as_float32(arrays)
-    reason = _check_values(f32, limits.max_abs_value)
+    if raw.get("npz") is None:
+        return None, "missing_npz"
+    f32, reason = decode_regions(raw["npz"], img_dim, label_dim, limits)
     if reason:
         return None, reason
     ids = np.asarray(tokenizer.encode(meta["caption"]), dtype=np.int64)  # [T]

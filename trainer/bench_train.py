@@ -196,7 +196,7 @@ def run_baseline(setup: Setup, model: nn.Module, bench: TrainBenchConfig) -> Mea
     model = setup.family.plain_model(model).to(device)
     ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     o = cfg.optim
-    optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+    optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay, o.lr), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision.dtype)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
     loaders = {key: CyclingLoader(b) for key, b in setup.batches.items()}

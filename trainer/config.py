@@ -15,6 +15,7 @@ from data.config import DataConfig
 from trainer.config_files import ConfigError, load_yaml_with_includes, resolve_paths
 from trainer.config_loader import apply_overrides, check_config_values, check_known_keys, from_dict, to_dict
 from data.storage import S3Options
+from trainer.finetune_config import FinetuneConfig
 from trainer.models.config import AlbefConfig, ModelConfig
 from trainer.objectives.itm import WraConfig
 from trainer.recipes import DEFAULT_ARCH, recipe_class
@@ -212,6 +213,9 @@ class ModelSection:
 
 @dataclass(frozen=True)
 class Config:
+    stage: Literal["pretrain", "finetune"] = "pretrain"
+    """`pretrain` (`vlpt pretrain`) or `finetune` (`vlpt finetune` / `vlpt evaluate`): picks the
+    model family's recipe of that stage (trainer/recipes/)."""
     model: ModelSection = field(default_factory=ModelConfig)
     """The model family's section: `arch: uniter` (default, ModelConfig), `arch: albef`
     (AlbefConfig), or a registered family of your own."""
@@ -226,9 +230,11 @@ class Config:
     storage: StorageConfig = field(default_factory=StorageConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    """What `stage: finetune` reads and trains (docs/downstream.md)."""
 
     def __post_init__(self) -> None:
-        recipe = recipe_class(self.model.arch)
+        recipe = recipe_class(self.model.arch, self.stage)
         _check_task_ratios("tasks", self.tasks, recipe.tasks, allow_empty=bool(self.data.datasets))
         for d in self.data.datasets:
             _check_task_ratios(f"data.datasets.{d.name}.tasks", d.tasks or self.tasks, recipe.tasks,

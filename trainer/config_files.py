@@ -45,6 +45,7 @@ class _LoadBudget:
 PATH_KEYS = (
     "data.train", "data.val", "data.tokenizer.path", "data.datasets[].train", "data.datasets[].val",
     "model.init_from_bert", "model.init_from_uniter", "model.init_from_vit",
+    "finetune.train", "finetune.val", "finetune.features[]", "finetune.init_from",
 )
 """Path-valued keys: a relative value in a YAML file is resolved against that file's folder
 (`include:` is too); a command-line override, against the working directory; absolute paths and
@@ -123,14 +124,22 @@ def _resolve_key(node: Any, parts: list[str], base_dir: str, source: Optional[st
     head, rest = parts[0], parts[1:]
     if head.endswith("[]"):
         items = node.get(head[:-2])
-        for item in items if isinstance(items, list) else []:
-            _resolve_key(item, rest, base_dir, source)
+        for i, item in enumerate(items if isinstance(items, list) else []):
+            if rest:
+                _resolve_key(item, rest, base_dir, source)
+            elif isinstance(item, str):  # a list of paths
+                items[i] = _resolved(item, base_dir, source)
     elif rest:
         _resolve_key(node.get(head), rest, base_dir, source)
     elif isinstance(node.get(head), str):
-        written, node[head] = node[head], resolve_path(node[head], base_dir)
-        if source and written != node[head]:
-            _WRITTEN[node[head]] = (written, source)
+        node[head] = _resolved(node[head], base_dir, source)
+
+
+def _resolved(written: str, base_dir: str, source: Optional[str]) -> str:
+    value = resolve_path(written, base_dir)
+    if source and written != value:
+        _WRITTEN[value] = (written, source)
+    return value
 
 
 def path_origin(path: str) -> str:

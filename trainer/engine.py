@@ -5,7 +5,7 @@ import contextlib
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -107,19 +107,25 @@ def accum_sum_factor(optim: OptimConfig, layout: BatchLayout) -> int:
     return layout.grad_accum if optim.accum_sum_semantics else 1
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
+def param_groups(model: nn.Module, weight_decay: float, lr: float,
+                 lr_mul: Optional[dict[str, float]] = None) -> list[dict]:
+    """Decayed and undecayed parameters; with `lr_mul` {name prefix: multiplier} (a fine-tuning
+    head, docs/downstream.md) the matching parameters get groups of their own at lr x multiplier."""
+    groups: dict[tuple[float, bool], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if any(part in name for part in NO_DECAY) else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
+        mul = next((m for prefix, m in (lr_mul or {}).items() if name.startswith(prefix)), 1.0)
+        decayed = not any(part in name for part in NO_DECAY)
+        groups.setdefault((mul, decayed), []).append(p)
+    order = sorted(groups, key=lambda k: (k[0] != 1.0, k[0], not k[1]))  # without lr_mul: decay, no_decay
+    return [{"params": groups[k], "weight_decay": weight_decay if k[1] else 0.0, "lr": lr * k[0]} for k in order]
 
 
 def build_optimizer(model: nn.Module, optim: OptimConfig, device: torch.device,
-                    offload: bool, eps_divisor: int = 1) -> torch.optim.Optimizer:
-    groups = param_groups(model, optim.weight_decay)
+                    offload: bool, eps_divisor: int = 1,
+                    lr_mul: Optional[dict[str, float]] = None) -> torch.optim.Optimizer:
+    groups = param_groups(model, optim.weight_decay, optim.lr, lr_mul)
     kw = dict(lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps / eps_divisor)
     impl = optim.impl
     if impl == "auto":
@@ -215,14 +221,14 @@ def step_gate(engine) -> OptimizerStepGate:
 
 def build_engine(model: nn.Module, optim: OptimConfig, parallel: ParallelConfig,
                  precision: PrecisionConfig, layout: BatchLayout, total_steps: int,
-                 device: torch.device):
-    """deepspeed.initialize with our optimizer and LR schedule."""
+                 device: torch.device, lr_mul: Optional[dict[str, float]] = None):
+    """deepspeed.initialize with our optimizer and LR schedule; `lr_mul` as `param_groups`."""
     import deepspeed
 
     ds_config = build_deepspeed_config(optim, parallel, precision, layout, device.type)
     model.to(device)
     optimizer = build_optimizer(model, optim, device, parallel.offload_optimizer,
-                                eps_divisor=accum_sum_factor(optim, layout))
+                                eps_divisor=accum_sum_factor(optim, layout), lr_mul=lr_mul)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(optim, total_steps))
     gate = OptimizerStepGate(optimizer)  # after the scheduler, which needs `step` bound to the optimizer
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,

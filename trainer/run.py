@@ -29,9 +29,7 @@ from trainer.recipes import recipe_class
 from trainer.recipes.base import Recipe, StepContext
 from trainer.run_lock import hold_run_lock
 from trainer.run_dir import agree_resume_mode, nothing_to_resume
-from trainer.run_setup import (build_train_loaders, check_inputs, check_precision, log_caption_report,
-                               read_val_splits, resolve_run_dir, run_tokenizer, setup_logging,
-                               validate_against_data)
+from trainer.run_setup import check_inputs, check_precision, resolve_run_dir, run_tokenizer, setup_logging
 from trainer.step import StepStats, optimizer_step
 from trainer.step_timer import StepTimer
 from trainer.summary import mlm_loss_drop, print_summary
@@ -71,9 +69,12 @@ def pretrain(cfg: Config) -> dict:
     cfg = resolve_run_dir(cfg)
     run_dir = os.path.abspath(cfg.train.run_dir)
     # The whole config is checked against the data before the run dir is made: a bad config leaves no folder.
-    recipe = recipe_class(cfg.model.arch)(cfg)
+    recipe = recipe_class(cfg.model.arch, cfg.stage)(cfg)
     tok = run_tokenizer(cfg)
-    validate_against_data(cfg, recipe, tok)
+    try:
+        recipe.check_data(tok)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     agree_resume_mode(run_dir, cfg.train.resume, cfg.train.checkpoint_s3, info)
     with hold_run_lock(run_dir, info):  # one run per run dir, released however the run ends
         config_yaml = config_to_yaml(cfg)
@@ -82,7 +83,7 @@ def pretrain(cfg: Config) -> dict:
             with open(os.path.join(run_dir, "config.yaml"), "w") as f:
                 f.write(config_yaml)
             print(f"resolved config (saved to {run_dir}/config.yaml):\n{config_yaml}", flush=True)
-            log_caption_report(cfg, recipe, tok)
+            recipe.report_data(tok)
         run = Run.build(cfg, recipe, info, tok, config_yaml)
         run.open(run.resume())
         summary = run.train()
@@ -121,13 +122,14 @@ class Run:
         if cfg.train.compile:
             compile_regions(model, recipe)
         total_steps = cfg.optim.total_steps or cfg.train.max_steps
-        engine, _ = build_engine(model, cfg.optim, cfg.parallel, cfg.precision, layout, total_steps, info.device)
+        engine, _ = build_engine(model, cfg.optim, cfg.parallel, cfg.precision, layout, total_steps, info.device,
+                                 lr_mul=recipe.lr_multipliers())
         return cls(cfg, recipe, info, engine, layout, tok, config_yaml)
 
     def open(self, rng: Optional[dict]) -> None:
         """Loaders at the resumed positions, the tracker, and each rank's own RNG for dropout."""
         cfg, info, layout = self.cfg, self.info, self.layout
-        self.loaders = build_train_loaders(cfg, self.recipe, self.tok, layout, info.rank, self.state.positions)
+        self.loaders = self.recipe.train_loaders(self.tok, layout, info.rank, self.state.positions)
         self.recipe.on_loaders(self.loaders, layout)
         self.tracker = Tracker(cfg.tracking, self.run_dir, enabled=info.is_main, resume_run_id=self.state.mlflow_run_id)
         if info.is_main and self.state.mlflow_run_id is None:
@@ -278,7 +280,7 @@ class Run:
         this validation on every rank with one warning line: it never ends the run."""
         step, skipped = self.state.step, {}
         try:
-            splits, error = read_val_splits(self.cfg, self.recipe, self.tok, skipped), None
+            splits, error = self.recipe.val_splits(self.tok, skipped), None
         except Exception as e:  # noqa: BLE001 - narrowed just below: only data errors are survivable
             if not is_data_error(e):
                 raise
@@ -338,7 +340,8 @@ class Run:
         self.check_data(counts)
         self.progress.close()
         path = self.save()
-        summary = {"steps": state.step, "steps_this_run": state.step - start_step, "seconds": elapsed,
+        summary = {"stage": self.cfg.stage, "steps": state.step, "steps_this_run": state.step - start_step,
+                   "seconds": elapsed,
                    "samples_per_s": (state.step - start_step) * layout.global_batch_size / max(elapsed, 1e-9),
                    "checkpoint": path, "mlflow_run_id": self.tracker.run_id,
                    "mlflow_ui": self.tracker.ui_command() if self.cfg.tracking.enabled else None,

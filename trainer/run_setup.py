@@ -66,20 +66,30 @@ def dataset_dirs(data: DataConfig) -> list[DatasetDir]:
     return [DatasetDir(where, path) for where, path in named if path]
 
 
+def finetune_dirs(cfg: Config) -> list[DatasetDir]:
+    """The task folders and region shard folders a fine-tuning run reads."""
+    f = cfg.finetune
+    named = [("finetune.train", f.train), ("finetune.val", f.val)]
+    named += [(f"finetune.features[{i}]", p) for i, p in enumerate(f.features)]
+    return [DatasetDir(where, path) for where, path in named if path]
+
+
 def check_inputs(cfg: Config) -> None:
     """Fail before any heavy work when a file the config names is missing."""
     need = {"data.tokenizer.path": cfg.data.tokenizer.path}
-    for d in dataset_dirs(cfg.data):
+    for d in dataset_dirs(cfg.data) if cfg.stage == "pretrain" else finetune_dirs(cfg):
         if not is_s3(d.path):  # remote manifests are checked when read
             need[d.where] = os.path.join(d.path, "manifest.json")
+    if cfg.stage == "finetune" and cfg.finetune.init_from:
+        need["finetune.init_from"] = cfg.finetune.init_from
     for key in ("init_from_bert", "init_from_uniter", "init_from_vit"):
         if getattr(cfg.model, key, None):
             need[f"model.{key}"] = getattr(cfg.model, key)
     for key, path in need.items():
         if not os.path.exists(path):
-            shards = key.endswith((".train", ".val"))  # the manifest of a shard folder
+            shards = key.endswith((".train", ".val", "]"))  # the manifest of a shard or task folder
             written = path_origin(os.path.dirname(path) if shards else path)
-            hint = " (make the demo shards with `vlpt demo-data [--pixels]`)" if shards and "demo" in path else ""
+            hint = " (make the demo shards with `vlpt demo-data [--pixels] [--tasks]`)" if shards and "demo" in path else ""
             raise ConfigError(f"{key}: file not found: {path}{written}{hint}")
 
 

@@ -73,7 +73,8 @@ def trend_lines(trend: dict[str, tuple[float, float]]) -> list[str]:
 
 
 def print_summary(summary: dict, run_dir: str) -> None:
-    lines = ["", "=" * 72, "vlpt pretrain: done", "=" * 72,
+    command = "finetune" if summary.get("stage") == "finetune" else "pretrain"
+    lines = ["", "=" * 72, f"vlpt {command}: done", "=" * 72,
              f"steps             {summary['steps']} ({summary['steps_this_run']} this run, "
              f"{summary['seconds']:.0f} s, {summary['samples_per_s']:.0f} samples/s)",
              f"task steps        {summary['task_counts']}"]

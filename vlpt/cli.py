@@ -1,4 +1,5 @@
-"""The `vlpt` command (also `python -m vlpt`): pretrain, config, demo-data, shards, vocab, convert, launch, bench.
+"""The `vlpt` command (also `python -m vlpt`): pretrain, finetune, evaluate, config, demo-data, shards, tasks,
+vocab, convert, launch, bench.
 
 User errors (bad config key or type, missing file) end the process with one
 line on stderr and exit code 2, never a traceback.
@@ -28,13 +29,46 @@ def split_overrides(extra: list[str]) -> list[str]:
     return overrides
 
 
-def cmd_pretrain(args, extra: list[str]) -> int:
+def _run_config(args, extra: list[str], stage: str):
+    """The config of a `stage` run; one line naming the right command when it is the other stage's."""
     from trainer.config import load_config
 
     cfg = load_config(args.config, split_overrides(extra))
+    if cfg.stage != stage:
+        command = "finetune" if cfg.stage == "finetune" else "pretrain"
+        raise ConfigError(f"{args.config} has stage: {cfg.stage}; run it with `vlpt {command}`")
+    return cfg
+
+
+def cmd_pretrain(args, extra: list[str]) -> int:
+    cfg = _run_config(args, extra, "pretrain")
     from trainer.run import pretrain
 
     pretrain(cfg)
+    return 0
+
+
+def cmd_finetune(args, extra: list[str]) -> int:
+    cfg = _run_config(args, extra, "finetune")
+    from trainer.run import pretrain
+
+    pretrain(cfg)  # the same run machinery; the finetune recipe supplies data, model and metrics
+    return 0
+
+
+def cmd_evaluate(args, extra: list[str]) -> int:
+    cfg = _run_config(args, extra, "finetune")
+    from trainer.evaluate import evaluate
+
+    evaluate(cfg, args.checkpoint, args.split, args.out)
+    return 0
+
+
+def cmd_demo_finetune(args, extra: list[str]) -> int:
+    from trainer.demo_finetune import demo_finetune
+
+    tasks = tuple(t for t in args.tasks.split(",") if t)
+    demo_finetune(args.configs, args.out, tasks, tuple(split_overrides(extra)))
     return 0
 
 
@@ -49,10 +83,32 @@ def cmd_demo_data(args, extra: list[str]) -> int:
     if extra:
         raise ConfigError(f"unrecognised arguments: {' '.join(extra)}")
     out = args.out or ("demo_pixels" if args.pixels else "demo_data")
+    common = dict(seed=args.seed, n_train_scenes=args.scenes, n_val_scenes=args.val_scenes, img_dim=args.img_dim)
+    if args.tasks and args.pixels:
+        raise ConfigError("--tasks writes the downstream tasks of the region demo data; leave out --pixels")
     if os.path.isfile(os.path.join(out, "train", "manifest.json")) and not args.force:
         print(f"{out} already holds the demo data (use --force to rewrite it)")
-        return 0
-    common = dict(seed=args.seed, n_train_scenes=args.scenes, n_val_scenes=args.val_scenes, img_dim=args.img_dim)
+    else:
+        _write_demo_shards(args, out, common)
+    if args.tasks:
+        _write_demo_tasks(out, common)
+    return 0
+
+
+def _write_demo_tasks(out: str, common: dict) -> None:
+    from data.demo_scenes import DEFAULT_NOISE_STD
+    from data.tasks.demo import write_demo_tasks
+
+    regions = {split: os.path.join(out, split) for split in ("train", "val")}
+    try:
+        summary = write_demo_tasks(os.path.join(out, "tasks"), noise_std=DEFAULT_NOISE_STD, region_dirs=regions,
+                                   **common)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    print(f"demo tasks written to {out}/tasks: {summary}")
+
+
+def _write_demo_shards(args, out: str, common: dict) -> None:
     try:
         if args.pixels:
             from data.demo_pixels import write_demo_pixels
@@ -65,7 +121,6 @@ def cmd_demo_data(args, extra: list[str]) -> int:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     print(f"demo data written to {out}: {summary}")
-    return 0
 
 
 def cmd_shards(args, extra: list[str]) -> int:
@@ -277,10 +332,32 @@ def _add_launch(sub) -> None:
 
 def _add_run_commands(sub) -> None:
     for name, fn, text in (("pretrain", cmd_pretrain, "run pretraining from a YAML config"),
+                           ("finetune", cmd_finetune, "fine-tune on a downstream task (a `stage: finetune` config)"),
+                           ("evaluate", cmd_evaluate, "score a fine-tuned checkpoint and write its predictions file"),
                            ("config", cmd_config, "print the resolved config and exit")):
         sp = sub.add_parser(name, help=text, description=f"{text}; add --section.key=value overrides")
         sp.add_argument("--config", required=True, help="YAML file (may `include:` others)")
+        if name == "evaluate":
+            sp.add_argument("--checkpoint", required=True, help="a `vlpt finetune` run or checkpoint folder, or a "
+                                                                "state-dict file")
+            sp.add_argument("--split", help="task folder to score (default: finetune.val)")
+            sp.add_argument("--out", help="folder for the predictions and metrics.json (default <run_dir>/eval)")
         sp.set_defaults(fn=fn)
+
+
+def _add_tasks(sub) -> None:
+    from data.tasks.official import add_task_builder_commands
+
+    add_task_builder_commands(sub)
+
+
+def _add_demo_finetune(sub) -> None:
+    sp = sub.add_parser("demo-finetune", help="fine-tune the `make demo` model on every demo task and from "
+                                              "scratch; print the metrics table")
+    sp.add_argument("--tasks", default="vqa,ve,retrieval,nlvr2,re,vcr", help="comma-separated demo tasks")
+    sp.add_argument("--configs", default="configs/finetune", help="folder of the demo-<task>.yaml configs")
+    sp.add_argument("--out", default="runs/demo-finetune", help="run folders and table.{md,json}")
+    sp.set_defaults(fn=cmd_demo_finetune)
 
 
 def _add_demo_data(sub) -> None:
@@ -293,6 +370,8 @@ def _add_demo_data(sub) -> None:
     sp.add_argument("--pixels", action="store_true", help="the same scenes and captions as PNG pictures (ALBEF)")
     sp.add_argument("--image-size", type=int, default=96, help="--pixels: side of the pictures")
     sp.add_argument("--force", action="store_true", help="rewrite existing data")
+    sp.add_argument("--tasks", action="store_true", help="also write the demo downstream tasks (<out>/tasks/<task>/"
+                                                         "{train,val}) on the same scenes")
     sp.set_defaults(fn=cmd_demo_data)
 
 
@@ -423,7 +502,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     _add_run_commands(sub)
     _add_demo_data(sub)
+    _add_demo_finetune(sub)
     _add_shards(sub)
+    _add_tasks(sub)
     _add_vocab(sub)
     _add_convert(sub)
     _add_launch(sub)

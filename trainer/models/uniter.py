@@ -14,7 +14,8 @@ TEXT_TYPE, IMAGE_TYPE = 0, 1
 
 
 class TextEmbeddings(nn.Module):
-    """`LN(word[ids] + pos[position_ids] + type[0])`, dropout. `padding_idx`: a word row that gets no
+    """`LN(word[ids] + pos[position_ids] + type[0])`, dropout; `type[txt_type_ids]` in place of
+    type[0] when given (downstream tasks, docs/downstream.md). `padding_idx`: a word row that gets no
     gradient (ALBEF's [PAD], as its Hugging Face BertEmbeddings; UNITER's code has none)."""
 
     def __init__(self, cfg: ModelConfig, padding_idx: Optional[int] = None) -> None:
@@ -27,12 +28,18 @@ class TextEmbeddings(nn.Module):
         self.LayerNorm = nn.LayerNorm(h, eps=LN_EPS)
         self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
 
-    def forward(self, input_ids: Tensor, position_ids: Tensor) -> Tensor:
-        """input_ids [B, Lt], position_ids [1, Lt] -> [B, Lt, H]."""
+    def forward(self, input_ids: Tensor, position_ids: Tensor, txt_type_ids: Optional[Tensor] = None) -> Tensor:
+        """input_ids [B, Lt], position_ids [1, Lt], txt_type_ids [B, Lt] or None -> [B, Lt, H]."""
+        if txt_type_ids is None:
+            # The constant row, not a lookup of zeros: pretraining's numbers depend on these exact ops.
+            type_emb = self.token_type_embeddings.weight[TEXT_TYPE]  # [H]
+        else:
+            _check_same_shape("txt_type_ids", txt_type_ids, "input_ids", input_ids)
+            type_emb = self.token_type_embeddings(txt_type_ids)  # [B, Lt, H]
         emb = (
             self.word_embeddings(input_ids)  # [B, Lt, H]
             + self.position_embeddings(position_ids)  # [1, Lt, H]
-            + self.token_type_embeddings.weight[TEXT_TYPE]  # [H]
+            + type_emb
         )
         return self.dropout(self.LayerNorm(emb))
 
@@ -64,7 +71,8 @@ class ImageEmbeddings(nn.Module):
         type_emb: Tensor,
         img_masks: Optional[Tensor] = None,
     ) -> Tensor:
-        """img_feat [B, Ni, D], img_pos_feat [B, Ni, 7], type_emb [H], img_masks [B, Ni] -> [B, Ni, H]."""
+        """img_feat [B, Ni, D], img_pos_feat [B, Ni, 7], type_emb [H] (one type for all regions) or
+        [B, Ni, H] (per-region types), img_masks [B, Ni] -> [B, Ni, H]."""
         if img_masks is not None:
             m = img_masks[..., None].to(img_feat.dtype)  # [B, Ni, 1]
             img_feat = img_feat + m * self.mask_embedding.weight[1]  # [B, Ni, D]
@@ -112,21 +120,26 @@ class UniterModel(nn.Module):
         img_masks: Optional[Tensor] = None,
         pack_index: Optional[Tensor] = None,
         segment_ids: Optional[Tensor] = None,
+        txt_type_ids: Optional[Tensor] = None,
+        img_type_ids: Optional[Tensor] = None,
     ) -> Tensor:
         """Return the last hidden states [B, L, H] of the packed `[txt_i | img_i | pad]` sequence.
 
         With `img_feat=None` the input is text only: L = Lt and no gather is done. With
         `pack_index` and `segment_ids` [R, Lp] (data/packing.py) the samples' valid positions
         are moved into R packed rows after embedding, and the result is [R, Lp, H].
+        `txt_type_ids` [B, Lt] / `img_type_ids` [B, Ni] index the type table in place of the
+        constant type 0 (text) / 1 (regions), e.g. NLVR2's right image (2) or VCR's answer (2, 3)
+        (docs/downstream.md); out-of-range ids fail in the embedding lookup.
         """
-        txt_emb = self.embeddings(input_ids, position_ids)  # [B, Lt, H]
+        txt_emb = self.embeddings(input_ids, position_ids, txt_type_ids)  # [B, Lt, H]
         if img_feat is None:
             _check_same_shape("attn_masks", attn_masks, "input_ids", input_ids)
             return self.encoder(txt_emb, attn_masks)
         if img_pos_feat is None or gather_index is None:
             raise ValueError("img_feat given without img_pos_feat/gather_index; pass all three or none")
         _check_same_shape("gather_index", gather_index, "attn_masks", attn_masks)
-        type_emb = self.embeddings.token_type_embeddings.weight[IMAGE_TYPE]  # [H]
+        type_emb = self._image_type_embeddings(img_feat, img_type_ids)  # [H] or [B, Ni, H]
         img_emb = self.img_embeddings(img_feat, img_pos_feat, type_emb, img_masks)  # [B, Ni, H]
         # UNITER's gather trick: text and regions are padded separately; one
         # gather moves each example's regions right after its own text so the
@@ -138,6 +151,17 @@ class UniterModel(nn.Module):
         index = gather_index.unsqueeze(-1).expand(-1, -1, emb.size(-1))  # [B, L, H]
         packed = torch.gather(emb, 1, index)  # [B, L, H]
         return self.encoder(packed, attn_masks)
+
+    def _image_type_embeddings(self, img_feat: Tensor, img_type_ids: Optional[Tensor]) -> Tensor:
+        """The constant region type row [H] (pretraining's exact ops), or per-region rows [B, Ni, H]."""
+        if img_type_ids is None:
+            return self.embeddings.token_type_embeddings.weight[IMAGE_TYPE]  # [H]
+        if img_type_ids.shape != img_feat.shape[:2]:
+            raise ValueError(
+                f"img_type_ids has shape {tuple(img_type_ids.shape)} but img_feat has "
+                f"{tuple(img_feat.shape[:2])} regions; both must be [B, Ni]"
+            )
+        return self.embeddings.token_type_embeddings(img_type_ids)  # [B, Ni, H]
 
     def pooled(self, hidden: Tensor, cls_index: Optional[Tensor] = None) -> Tensor:
         """hidden [B, L, H] (or packed rows [R, Lp, H] with `cls_index` [B]) -> pooled [CLS] [B, H]."""

@@ -6,6 +6,9 @@ of your own is a module that registers itself, named in the `VLPT_RECIPES` envir
 variable (comma-separated module names, imported before the config is read) or imported
 by your own code before it calls `trainer.run.pretrain`. A config file never names code
 to import: the environment, like PYTHONPATH, is the operator's, a config may be anyone's.
+
+A family has a recipe per stage: `pretrain` and, for fine-tuning (`stage: finetune`,
+docs/downstream.md), `finetune`; a recipe's `stage` class attribute says which.
 """
 from __future__ import annotations
 
@@ -17,18 +20,22 @@ if TYPE_CHECKING:
     from trainer.recipes.base import Recipe
 
 DEFAULT_ARCH = "uniter"
-BUILTIN = {"uniter": "trainer.recipes.uniter", "albef": "trainer.recipes.albef"}
+BUILTIN = {("uniter", "pretrain"): "trainer.recipes.uniter", ("albef", "pretrain"): "trainer.recipes.albef",
+           ("uniter", "finetune"): "trainer.recipes.uniter_finetune"}
+STAGES = ("pretrain", "finetune")
 ENV_MODULES = "VLPT_RECIPES"
 
-_REGISTRY: dict[str, type["Recipe"]] = {}
+_REGISTRY: dict[tuple[str, str], type["Recipe"]] = {}
 
 
 def register(recipe: type["Recipe"]) -> type["Recipe"]:
-    """Make `recipe` the family of `model.arch: <recipe.arch>`; usable as a class decorator."""
-    known = _REGISTRY.get(recipe.arch)
+    """Make `recipe` the `recipe.stage` recipe of `model.arch: <recipe.arch>`; usable as a class decorator."""
+    key = (recipe.arch, recipe.stage)
+    known = _REGISTRY.get(key)
     if known is not None and known is not recipe:
-        raise ValueError(f"model.arch={recipe.arch!r} is already registered by {known.__module__}.{known.__name__}")
-    _REGISTRY[recipe.arch] = recipe
+        raise ValueError(f"model.arch={recipe.arch!r} ({recipe.stage}) is already registered by "
+                         f"{known.__module__}.{known.__name__}")
+    _REGISTRY[key] = recipe
     return recipe
 
 
@@ -40,17 +47,21 @@ def _import_plugins() -> None:
             raise ValueError(f"{ENV_MODULES}={os.environ[ENV_MODULES]!r}: cannot import {name!r}: {e}") from None
 
 
-def recipe_class(arch: str) -> type["Recipe"]:
-    """The recipe of `model.arch`; ValueError naming the known ones otherwise."""
-    if arch not in _REGISTRY and arch in BUILTIN:
-        importlib.import_module(BUILTIN[arch])
-    if arch not in _REGISTRY:
+def recipe_class(arch: str, stage: str = "pretrain") -> type["Recipe"]:
+    """The `stage` recipe of `model.arch`; ValueError naming the known ones otherwise."""
+    key = (arch, stage)
+    if key not in _REGISTRY and key in BUILTIN:
+        importlib.import_module(BUILTIN[key])
+    if key not in _REGISTRY:
         _import_plugins()
-    if arch not in _REGISTRY:
-        raise ValueError(f"model.arch={arch!r} is not a known model family; known: {', '.join(known_archs())} "
-                         f"(a family of your own: name its module in {ENV_MODULES})")
-    return _REGISTRY[arch]
+    if key not in _REGISTRY:
+        if arch not in known_archs():
+            raise ValueError(f"model.arch={arch!r} is not a known model family; known: {', '.join(known_archs())} "
+                             f"(a family of your own: name its module in {ENV_MODULES})")
+        raise ValueError(f"stage: {stage} is not available for model.arch={arch!r}; the {arch} family has: "
+                         f"{', '.join(s for a, s in sorted(set(BUILTIN) | set(_REGISTRY)) if a == arch)}")
+    return _REGISTRY[key]
 
 
 def known_archs() -> list[str]:
-    return sorted(set(BUILTIN) | set(_REGISTRY))
+    return sorted({a for a, _ in set(BUILTIN) | set(_REGISTRY)})

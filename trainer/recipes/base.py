@@ -55,6 +55,8 @@ class Recipe:
 
     arch: ClassVar[str]
     """The `model.arch` value that selects this family."""
+    stage: ClassVar[str] = "pretrain"
+    """`pretrain` or `finetune`: the config's `stage` that selects this recipe of the family."""
     model_config: ClassVar[type]
     """Dataclass of the `model:` section (must have an `arch` field defaulting to `arch`)."""
     tasks: ClassVar[tuple[str, ...]]
@@ -76,6 +78,36 @@ class Recipe:
 
     def check_manifest(self, manifest, where: str) -> None:
         """A dataset the run will read against the model (ValueError naming the key to change)."""
+
+    # The run's data: pretraining recipes read `data:`'s shard folders (trainer/run_setup.py); a
+    # recipe that reads other data (fine-tuning's task folders) overrides these four.
+    def check_data(self, tok) -> None:
+        """Before the run folder is made: every dataset the run reads, against the model."""
+        from trainer.run_setup import validate_against_data
+
+        validate_against_data(self.cfg, self, tok)
+
+    def report_data(self, tok) -> None:
+        """Rank 0, at start: a line on what the tokenizer makes of the training text."""
+        from trainer.run_setup import log_caption_report
+
+        log_caption_report(self.cfg, self, tok)
+
+    def train_loaders(self, tok, layout: "BatchLayout", rank: int, positions: dict) -> dict:
+        """One loader per mix key, at the resumed positions (`next()`, `state_dict()`, counters)."""
+        from trainer.run_setup import build_train_loaders
+
+        return build_train_loaders(self.cfg, self, tok, layout, rank, positions)
+
+    def val_splits(self, tok, skipped: dict[str, int]) -> dict[str, tuple[str, Any]]:
+        """Every held-out split, read whole on this rank: key -> (task, `read_val_split`'s reading)."""
+        from trainer.run_setup import read_val_splits
+
+        return read_val_splits(self.cfg, self, tok, skipped)
+
+    def lr_multipliers(self) -> dict[str, float]:
+        """{parameter-name prefix: lr multiplier} for parameter groups of their own (a head's lr_mul)."""
+        return {}
 
     def stream_options(self) -> dict[str, Any]:
         """Keyword arguments of the training and validation streams (data.loader.StreamSpec)."""

@@ -1,0 +1,72 @@
+"""`vlpt demo-finetune` (`make demo-finetune`): each demo task fine-tuned from the `make demo` checkpoint
+and from scratch for the same steps, and a table of their held-out metrics against chance
+(docs/downstream.md, "Demo tasks")."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+from trainer.config import Config, load_config
+
+DEMO_TASKS = ("vqa", "ve", "retrieval", "nlvr2", "re", "vcr")
+HEADLINE = {"vqa": "score", "ve": "acc", "retrieval": "img_r1", "nlvr2": "acc", "re": "acc", "vcr": "q_ar_acc"}
+"""The metric of each task the table compares (docs/downstream.md, "Metrics")."""
+
+
+def chance_level(task: str, cfg: Config) -> Optional[float]:
+    """What guessing scores on the held-out split: read from the demo task folder's manifest
+    (`meta.chance`, written by data/tasks/demo.py), None when it does not say."""
+    path = os.path.join(cfg.finetune.val or "", "manifest.json")
+    try:
+        with open(path) as f:
+            chance = json.load(f).get("meta", {}).get("chance", {})
+    except (OSError, ValueError):
+        return None
+    value = chance.get(HEADLINE[task]) if isinstance(chance, dict) else None
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def run_one(config: str, overrides: list[str], run_dir: str, from_scratch: bool) -> dict:
+    from trainer.run import pretrain
+
+    extra = [f"--train.run_dir={run_dir}", "--train.resume=never"] + list(overrides)
+    if from_scratch:
+        extra.append("--finetune.init_from=null")
+    cfg = load_config(config, extra)
+    summary = pretrain(cfg)
+    return {k[len("val/"):]: v for k, v in summary.items() if k.startswith("val/")}
+
+
+def demo_finetune(config_dir: str, out: str, tasks: tuple[str, ...] = DEMO_TASKS,
+                  overrides: tuple[str, ...] = ()) -> list[dict]:
+    """Both runs of each task; returns the table rows and writes <out>/table.{json,md}."""
+    rows = []
+    for task in tasks:
+        config = os.path.join(config_dir, f"demo-{task}.yaml")
+        pre = run_one(config, list(overrides), os.path.join(out, task), from_scratch=False)
+        scratch = run_one(config, list(overrides), os.path.join(out, f"{task}-scratch"), from_scratch=True)
+        metric = f"{task}_{HEADLINE[task]}"
+        rows.append({"task": task, "metric": HEADLINE[task], "pretrained": pre.get(metric),
+                     "scratch": scratch.get(metric), "chance": chance_level(task, load_config(config)),
+                     "all_pretrained": pre, "all_scratch": scratch})
+        print(format_table(rows), flush=True)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "table.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    with open(os.path.join(out, "table.md"), "w") as f:
+        f.write(format_table(rows) + "\n")
+    return rows
+
+
+def _cell(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = ["| task | metric | from `make demo` | from scratch | chance |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['task']} | {r['metric']} | {_cell(r['pretrained'])} | {_cell(r['scratch'])} | "
+                     f"{_cell(r['chance'])} |")
+    return "\n".join(lines)
+

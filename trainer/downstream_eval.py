@@ -1,0 +1,193 @@
+"""Scoring a held-out split of a downstream task over all ranks (docs/downstream.md, "Evaluation"):
+the metrics of each validation and of `vlpt evaluate`, and the predictions `vlpt evaluate` writes.
+
+Rank r scores examples r, r + world, ...; every rank runs the same number of batches (an example
+that cannot be used is replaced by a stand-in whose output is dropped), so collectives inside the
+model (ZeRO-3) line up. The per-example outputs are gathered and scored the same way on every rank.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from data.loader import add_counts, pin
+from data.tasks.loader import join_regions
+from trainer.distributed import all_gather_objects
+from trainer import downstream_metrics as m
+from trainer.objectives.downstream import prediction_function
+
+EVAL_SEED = 3
+"""Fixed collate RNG of evaluation batches (nothing random is drawn for scoring)."""
+
+
+@dataclass
+class SplitScores:
+    metrics: dict[str, float]
+    predictions: dict = field(default_factory=dict)
+    """What trainer/predictions.py writes for the task."""
+
+
+def _rank_share(n: int, rank: int, world: int) -> list[int]:
+    """Example indices of this rank, padded with -1 to the same length on every rank."""
+    mine = list(range(rank, n, world))
+    return mine + [-1] * (-(-n // world) - len(mine))
+
+
+def _usable(examples: list[dict], store, skipped: dict[str, int]) -> list[Optional[tuple]]:
+    out = []
+    for r in examples:
+        images, reason = join_regions(r, store)
+        if reason:
+            add_counts(skipped, {reason: 1})
+        out.append((r, images) if images is not None else None)
+    return out
+
+
+def _outputs(engine, collate: Callable, predict, joined: list[Optional[tuple]], indices: list[int],
+             batch_size: int, device, rows_per_item: int = 1) -> dict[int, np.ndarray]:
+    """index -> this rank's raw output rows for each usable example it scored."""
+    stand_in = next((j for j in joined if j is not None), None)
+    out: dict[int, np.ndarray] = {}
+    for start in range(0, len(indices), batch_size):
+        chunk = indices[start:start + batch_size]
+        samples = [joined[i] if i >= 0 and joined[i] is not None else stand_in for i in chunk]
+        batch = collate(samples, np.random.default_rng(EVAL_SEED))
+        with torch.no_grad():
+            values = engine(pin(batch, device), predict).float().cpu().numpy()
+        values = values.reshape(len(chunk), rows_per_item, -1)  # [n, rows, k]
+        for i, v in zip(chunk, values):
+            if i >= 0 and joined[i] is not None:
+                out[i] = v
+    return out
+
+
+def _gathered(local: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
+    full: dict[int, np.ndarray] = {}
+    for part in all_gather_objects(local):
+        full.update(part)
+    return full
+
+
+def score_split(engine, recipe, tok, examples: list[dict], info, skipped: dict[str, int]) -> SplitScores:
+    """Collective. The task's metrics (docs/downstream.md, "Metrics") over `examples`, and predictions."""
+    task, f = recipe.task, recipe.cfg.finetune
+    predict = prediction_function(recipe.head_config())
+    mine_skipped: dict[str, int] = {}
+    engine.eval()
+    try:
+        if task == "retrieval":
+            result = _score_retrieval(engine, recipe, tok, examples, info, predict, mine_skipped)
+        else:
+            joined = _usable(examples, recipe.store, mine_skipped if info.rank == 0 else {})
+            indices = _rank_share(len(examples), info.rank, info.world_size)
+            result = _score_items(engine, recipe, tok, task, examples, joined, indices, info, predict)
+    finally:
+        engine.train()
+    for rank_skips in all_gather_objects(mine_skipped):
+        add_counts(skipped, rank_skips)
+    return result
+
+
+def _score_items(engine, recipe, tok, task, examples, joined, indices, info, predict) -> SplitScores:
+    bs = recipe.cfg.finetune.eval_batch_size
+    if task == "vcr":
+        qa = _outputs(engine, recipe.collate("vcr", tok), predict, _with_mode(joined, "qa"), indices, bs,
+                      info.device, rows_per_item=4)
+        qar = _outputs(engine, recipe.collate("vcr", tok), predict, _with_mode(joined, "qar"), indices, bs,
+                       info.device, rows_per_item=4)
+        return vcr_scores(examples, _gathered(qa), _gathered(qar))
+    out = _gathered(_outputs(engine, recipe.collate(task, tok), predict, joined, indices, bs, info.device))
+    if task in ("vqa", "ve"):
+        return classifier_scores(task, examples, out, recipe.labels)
+    if task == "nlvr2":
+        return nlvr2_scores(examples, out)
+    return re_scores(examples, out, joined)
+
+
+def _with_mode(joined: list[Optional[tuple]], mode: str) -> list[Optional[tuple]]:
+    return [({**j[0], "mode": mode}, j[1]) if j is not None else None for j in joined]
+
+
+def _scored(examples: list[dict], out: dict[int, np.ndarray]) -> tuple[list[int], list[dict]]:
+    kept = sorted(out)
+    return kept, [examples[i] for i in kept]
+
+
+def classifier_scores(task: str, examples, out, labels: list[str]) -> SplitScores:
+    kept, used = _scored(examples, out)
+    pred = np.array([int(out[i].reshape(-1).argmax()) for i in kept], dtype=np.int64)
+    if task == "vqa":
+        metrics = {"score": m.vqa_score(pred, used)} if any("labels" in r for r in used) else {}
+    else:
+        gold = [r.get("label") for r in used]
+        metrics = {"acc": m.accuracy(pred, np.array(gold))} if all(g is not None for g in gold) else {}
+    return SplitScores(metrics, {"ids": [r["id"] for r in used], "answers": [labels[p] for p in pred]})
+
+
+def nlvr2_scores(examples, out) -> SplitScores:
+    kept, used = _scored(examples, out)
+    pred = np.array([int(out[i].reshape(-1).argmax()) for i in kept], dtype=np.int64)
+    metrics = m.nlvr2_metrics(pred, used) if all("label" in r for r in used) else {}
+    return SplitScores(metrics, {"ids": [r["id"] for r in used], "labels": pred.tolist()})
+
+
+def re_scores(examples, out, joined) -> SplitScores:
+    """The argmax region's box in pixels (x1 W, y1 H, w W, h H) against the example's `box`."""
+    kept, used = _scored(examples, out)
+    boxes = []
+    for i, r in zip(kept, used):
+        regions = joined[i][1][0]
+        k = int(out[i].reshape(-1)[: regions.num_bb].argmax())
+        x1, y1, x2, y2 = (float(v) for v in regions.img_pos[k, :4])
+        w, h = float(r.get("width", 1)), float(r.get("height", 1))
+        boxes.append([x1 * w, y1 * h, (x2 - x1) * w, (y2 - y1) * h])
+    gold = [r["box"] for r in used]
+    acc = m.re_accuracy(boxes, gold)
+    return SplitScores({"acc": acc}, {"ids": [r["id"] for r in used], "boxes": boxes, "gold": gold})
+
+
+def vcr_scores(examples, qa: dict, qar: dict) -> SplitScores:
+    kept = sorted(set(qa) & set(qar))
+    used = [examples[i] for i in kept]
+    qa_scores = np.stack([qa[i].reshape(4) for i in kept]) if kept else np.zeros((0, 4))  # [q, 4]
+    qar_scores = np.stack([qar[i].reshape(4) for i in kept]) if kept else np.zeros((0, 4))  # [q, 4]
+    labelled = all("answer_label" in r and "rationale_label" in r for r in used)
+    metrics = m.vcr_metrics(qa_scores, qar_scores, used) if labelled and kept else {}
+    return SplitScores(metrics, {"ids": [r["id"] for r in used], "qa_scores": qa_scores.tolist(),
+                                 "qar_scores": qar_scores.tolist()})
+
+
+def _score_retrieval(engine, recipe, tok, examples, info, predict, skipped) -> SplitScores:
+    """Every caption against every image: this rank's captions (rows), gathered into [n_txt, n_img]."""
+    store, bs = recipe.store, recipe.cfg.finetune.eval_batch_size
+    image_ids = list(dict.fromkeys(r["image_id"] for r in examples))  # order of first appearance
+    images = {}
+    for image_id in image_ids:
+        regions, reason = store.get(image_id)
+        if regions is not None:
+            images[image_id] = regions
+        elif info.rank == 0:  # every rank reads every image: count once
+            add_counts(skipped, {reason: 1})
+    image_ids = [i for i in image_ids if i in images]
+    captions = [r for r in examples if r["image_id"] in images]
+    collate = recipe.collate_pairs(tok)
+    rows: dict[int, np.ndarray] = {}
+    pairs = [(t, j) for t in _rank_share(len(captions), info.rank, info.world_size) for j in range(len(image_ids))]
+    for start in range(0, len(pairs), bs):
+        chunk = pairs[start:start + bs]
+        batch = collate([(captions[max(t, 0)], images[image_ids[j]]) for t, j in chunk])
+        with torch.no_grad():
+            scores = engine(pin(batch, info.device), predict).float().cpu().numpy().reshape(-1)
+        for (t, j), s in zip(chunk, scores):
+            if t >= 0:
+                rows.setdefault(t, np.zeros(len(image_ids), np.float32))[j] = s
+    full = _gathered(rows)
+    matrix = np.stack([full[t] for t in range(len(captions))]) if captions else np.zeros((0, 0))  # [n_txt, n_img]
+    column = {image_id: j for j, image_id in enumerate(image_ids)}
+    gt = np.array([column[r["image_id"]] for r in captions], dtype=np.int64)
+    metrics = m.retrieval_recalls(matrix, gt) if len(captions) else {}
+    return SplitScores(metrics, {"scores": matrix, "texts": [r["id"] for r in captions], "images": image_ids,
+                                 "recalls": metrics})

@@ -1,0 +1,307 @@
+"""Predictions files of the downstream tasks, in the formats their official evaluators and
+leaderboards read (docs/downstream.md): `vlpt evaluate` writes one per task into its output
+folder, and `read_predictions` reads them back (tests, reports).
+
+| task | files | format |
+|---|---|---|
+| vqa | predictions.json | JSON list [{"question_id", "answer"}] (VQA eval / EvalAI); all-digit ids as ints |
+| ve | predictions.csv | CSV with header `pair_id,label`, label names contradiction/entailment/neutral |
+| nlvr2 | predictions.csv | `identifier,True|False` lines, no header (the NLVR2 evaluate script reads every line) |
+| re | predictions.json | JSON list [{"id", "box": [x, y, w, h], "iou"}] (iou null without a gold box) |
+| vcr | predictions.csv | leaderboard CSV: `annot_id`, `answer_0..3`, `rationale_conditioned_on_a{i}_{j}`, i, j 0..3 |
+| retrieval | scores.npy, ids.json, recalls.json | float16 [n_txt, n_img]; {"texts", "images"}; the recalls |
+
+Every file is written to a temporary file in the same folder and renamed over its name, so a
+reader never sees half a file, and only under the given folder.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import re
+import tempfile
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+
+from data.tasks.records import NUM_CHOICES, VE_LABELS
+from trainer.downstream_metrics import iou_xywh
+
+FILES = {
+    "vqa": ("predictions.json",),
+    "ve": ("predictions.csv",),
+    "nlvr2": ("predictions.csv",),
+    "re": ("predictions.json",),
+    "vcr": ("predictions.csv",),
+    "retrieval": ("scores.npy", "ids.json", "recalls.json"),
+}
+"""The files each task's predictions are written to, inside the output folder."""
+VCR_COLUMNS = (["annot_id"] + [f"answer_{i}" for i in range(NUM_CHOICES)]
+               + [f"rationale_conditioned_on_a{a}_{r}" for a in range(NUM_CHOICES) for r in range(NUM_CHOICES)])
+"""The VCR leaderboard's columns: answer probabilities, then rationale probabilities given each answer."""
+_DIGITS = re.compile(r"[0-9]+")
+
+
+# ---------------------------------------------------------------------------- writing
+
+
+def _write_atomic(path: str, write: Callable[[io.BufferedWriter], None]) -> str:
+    """Run `write` on a temporary file beside `path`, sync it, rename it over `path`; a failure
+    leaves neither a partial `path` nor the temporary file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def _write_text(path: str, text: str) -> str:
+    return _write_atomic(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def _csv_text(rows: Sequence[Sequence[Any]]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def _check_ids(ids: Sequence[Any], n: int, what: str, no_comma: bool = False) -> list[str]:
+    out = [str(i) for i in ids]
+    if len(out) != n:
+        raise ValueError(f"{len(out)} ids for {n} {what}; pass one id per prediction, in the same order")
+    for i in out:
+        if not i or "\n" in i or "\r" in i or (no_comma and "," in i):
+            bad = "a comma, which the official evaluator splits on" if "," in i else "an empty id or a line break"
+            raise ValueError(f"id {i!r} holds {bad}; ids must be the examples' `id` fields")
+    return out
+
+
+def write_vqa_predictions(path: str, ids: Sequence[Any], answers: Sequence[str]) -> str:
+    """VQA results file: [{"question_id", "answer"}], the question id as an int when all digits
+    (the VQA evaluation and EvalAI match ints)."""
+    sids = _check_ids(ids, len(answers), "answers")
+    if not all(isinstance(a, str) for a in answers):
+        raise ValueError("answers must be strings (the answer vocabulary's entries), not label indices")
+    rows = [{"question_id": int(i) if _DIGITS.fullmatch(i) else i, "answer": a} for i, a in zip(sids, answers)]
+    return _write_text(path, json.dumps(rows))
+
+
+def _ve_name(label: Any) -> str:
+    if isinstance(label, str) and label in VE_LABELS:
+        return label
+    if isinstance(label, (int, np.integer)) and not isinstance(label, bool) and 0 <= label < len(VE_LABELS):
+        return VE_LABELS[int(label)]
+    raise ValueError(f"VE label {label!r} is neither an index 0..{len(VE_LABELS) - 1} nor one of {VE_LABELS}")
+
+
+def write_ve_predictions(path: str, ids: Sequence[Any], labels: Sequence[Any]) -> str:
+    """SNLI-VE predictions: CSV `pair_id,label` with a header, labels by name (UNITER's order)."""
+    sids = _check_ids(ids, len(labels), "labels")
+    return _write_text(path, _csv_text([("pair_id", "label")] + [(i, _ve_name(x)) for i, x in zip(sids, labels)]))
+
+
+def _bool_label(label: Any) -> str:
+    if isinstance(label, (bool, np.bool_)) or (isinstance(label, (int, np.integer)) and label in (0, 1)):
+        return "True" if bool(label) else "False"
+    raise ValueError(f"NLVR2 prediction {label!r} must be 1/True or 0/False")
+
+
+def write_nlvr2_predictions(path: str, ids: Sequence[Any], labels: Sequence[Any]) -> str:
+    """NLVR2 predictions: `identifier,True|False` lines, no header (the official script takes
+    every line's first two comma fields)."""
+    sids = _check_ids(ids, len(labels), "predictions", no_comma=True)
+    return _write_text(path, "".join(f"{i},{_bool_label(x)}\n" for i, x in zip(sids, labels)))
+
+
+def _finite_floats(values: Sequence[Any], what: str) -> list[float]:
+    out = [float(v) for v in values]
+    if not all(math.isfinite(v) for v in out):
+        raise ValueError(f"{what} holds a non-finite number: {list(values)!r}")
+    return out
+
+
+def write_re_predictions(path: str, ids: Sequence[Any], boxes: Sequence[Sequence[float]],
+                         ious: Optional[Sequence[Optional[float]]] = None) -> str:
+    """RE predictions: [{"id", "box": [x, y, w, h] pixels, "iou"}]; `iou` null where no gold box."""
+    sids = _check_ids(ids, len(boxes), "boxes")
+    ious = [None] * len(boxes) if ious is None else list(ious)
+    if len(ious) != len(boxes):
+        raise ValueError(f"{len(ious)} IoUs for {len(boxes)} boxes; pass one per box, or None")
+    rows = []
+    for i, b, v in zip(sids, boxes, ious):
+        if len(b) != 4:
+            raise ValueError(f"box of {i!r} must be [x, y, w, h], got {b!r}")
+        rows.append({"id": i, "box": _finite_floats(b, f"box of {i!r}"),
+                     "iou": None if v is None else _finite_floats([v], f"iou of {i!r}")[0]})
+    return _write_text(path, json.dumps(rows))
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    z = np.exp(x - x.max(axis=-1, keepdims=True))
+    return z / z.sum(axis=-1, keepdims=True)
+
+
+def write_vcr_predictions(path: str, ids: Sequence[Any], answer_scores: Any, rationale_scores: Any) -> str:
+    """VCR leaderboard CSV. `answer_scores` [q, 4]: Q->A logits; `rationale_scores` [q, 4, 4] or
+    [q, 16] answer-major: QA->R logits given each answer. Each group of four is written as
+    softmax probabilities (the leaderboard takes argmaxes, which the softmax keeps)."""
+    a = np.asarray(answer_scores, dtype=np.float64)
+    r = np.asarray(rationale_scores, dtype=np.float64)
+    q = a.shape[0] if a.ndim else 0
+    if a.shape != (q, NUM_CHOICES) or r.reshape(-1).shape[0] != q * NUM_CHOICES ** 2 or r.shape[0:1] != (q,):
+        raise ValueError(f"answer_scores must be [q, 4] and rationale_scores [q, 4, 4] (or [q, 16] answer-major: "
+                         f"the leaderboard needs QA->R given each of the 4 answers; [q, 4] given only the gold "
+                         f"answer is not enough), got {a.shape} and {r.shape}")
+    if not (np.isfinite(a).all() and np.isfinite(r).all()):
+        raise ValueError("VCR scores hold a non-finite number; check the model's outputs")
+    sids = _check_ids(ids, q, "questions")
+    probs = np.concatenate([_softmax(a), _softmax(r.reshape(q, NUM_CHOICES, NUM_CHOICES)).reshape(q, -1)], axis=1)
+    rows = [VCR_COLUMNS] + [[i] + [repr(float(v)) for v in p] for i, p in zip(sids, probs)]
+    return _write_text(path, _csv_text(rows))
+
+
+def write_retrieval_outputs(out_dir: str, scores: Any, text_ids: Sequence[Any], image_ids: Sequence[Any],
+                            recalls: dict) -> list[str]:
+    """scores.npy (float16 [n_txt, n_img]), ids.json {"texts", "images"} (the matrix's row and
+    column ids, in order), recalls.json (the recall dict)."""
+    s = np.asarray(scores)
+    if s.ndim != 2 or s.shape != (len(text_ids), len(image_ids)):
+        raise ValueError(f"scores must be [n_txt, n_img] = [{len(text_ids)}, {len(image_ids)}], got {s.shape}")
+    with np.errstate(over="ignore"):  # an overflow becomes inf, which the check below reports
+        s16 = s.astype(np.float16)
+    if not np.isfinite(s16).all():
+        raise ValueError("scores hold a NaN/inf or a value beyond float16's range (65504); check the model outputs")
+    texts = _check_ids(text_ids, s.shape[0], "score rows")
+    images = _check_ids(image_ids, s.shape[1], "score columns")
+    rec = {str(k): float(v) for k, v in recalls.items()}
+    names = FILES["retrieval"]
+    return [_write_atomic(os.path.join(out_dir, names[0]), lambda f: np.save(f, s16, allow_pickle=False)),
+            _write_text(os.path.join(out_dir, names[1]), json.dumps({"texts": texts, "images": images})),
+            _write_text(os.path.join(out_dir, names[2]), json.dumps(rec, indent=1, sort_keys=True))]
+
+
+_NEEDED = {
+    "vqa": ("ids", "answers"),
+    "ve": ("ids", "labels"),
+    "nlvr2": ("ids", "labels"),
+    "re": ("ids", "boxes"),
+    "vcr": ("ids", "answer_scores", "rationale_scores"),
+    "retrieval": ("scores", "text_ids", "image_ids", "recalls"),
+}
+"""The payload keys each task's writer needs, in its arguments' order."""
+_ALIASES = {
+    ("ve", "labels"): "answers",
+    ("vcr", "answer_scores"): "qa_scores",
+    ("vcr", "rationale_scores"): "qar_scores",
+    ("retrieval", "text_ids"): "texts",
+    ("retrieval", "image_ids"): "images",
+}
+"""Other names accepted for a payload key (the names trainer/downstream_eval.py's scores use)."""
+
+
+def _payload_args(task: str, payload: dict) -> list[Any]:
+    args, missing = [], []
+    for key in _NEEDED[task]:
+        alias = _ALIASES.get((task, key))
+        if key in payload:
+            args.append(payload[key])
+        elif alias in payload:
+            args.append(payload[alias])
+        else:
+            missing.append(key if alias is None else f"{key} (or {alias})")
+    if missing:
+        raise ValueError(f"{task} predictions payload lacks {missing}; it needs {list(_NEEDED[task])}")
+    return args
+
+
+def _re_ious(payload: dict) -> Optional[list]:
+    """The payload's `ious`, else the IoU of each box with its `gold` box, else None."""
+    if "ious" in payload or "gold" not in payload:
+        return payload.get("ious")
+    boxes, gold = payload["boxes"], payload["gold"]
+    if len(gold) != len(boxes):
+        raise ValueError(f"{len(gold)} gold boxes for {len(boxes)} predicted boxes; pass one per example")
+    return [iou_xywh(b, g) for b, g in zip(boxes, gold)]
+
+
+def write_predictions(task: str, out_dir: str, payload: dict) -> list[str]:
+    """Write `task`'s predictions files (FILES[task]) into `out_dir`; returns their paths.
+
+    payload keys: vqa ids, answers; ve ids, labels (index or name); nlvr2 ids, labels (0/1);
+    re ids, boxes, and ious or gold (gold boxes, to compute them) or neither; vcr ids,
+    answer_scores [q, 4], rationale_scores [q, 4, 4]; retrieval scores, text_ids, image_ids,
+    recalls. Aliases: _ALIASES."""
+    if task not in FILES:
+        raise ValueError(f"unknown task {task!r}; expected one of {sorted(FILES)}")
+    args = _payload_args(task, payload)
+    if task == "retrieval":
+        return write_retrieval_outputs(out_dir, *args)
+    path = os.path.join(out_dir, FILES[task][0])
+    if task == "re":
+        return [write_re_predictions(path, *args, ious=_re_ious(payload))]
+    write = {"vqa": write_vqa_predictions, "ve": write_ve_predictions, "nlvr2": write_nlvr2_predictions,
+             "vcr": write_vcr_predictions}[task]
+    return [write(path, *args)]
+
+
+# ---------------------------------------------------------------------------- reading
+
+
+def _read_csv(path: str) -> list[list[str]]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return [row for row in csv.reader(f) if row]
+
+
+def _read_vcr(path: str) -> dict:
+    rows = _read_csv(path)
+    if not rows or rows[0] != VCR_COLUMNS:
+        raise ValueError(f"{path}: header is not the VCR leaderboard's columns {VCR_COLUMNS}")
+    probs = np.array([[float(v) for v in r[1:]] for r in rows[1:]], dtype=np.float64).reshape(-1, 20)
+    return {"ids": [r[0] for r in rows[1:]], "answer_probs": probs[:, :NUM_CHOICES],
+            "rationale_probs": probs[:, NUM_CHOICES:].reshape(-1, NUM_CHOICES, NUM_CHOICES)}
+
+
+def _read_json(path: str) -> Any:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def read_predictions(task: str, out_dir: str) -> dict:
+    """Read back what `write_predictions(task, out_dir, ...)` wrote, in the payload's shape
+    (VE labels as names, NLVR2 labels as bools, VCR as probabilities `answer_probs` [q, 4] and
+    `rationale_probs` [q, 4, 4])."""
+    if task not in FILES:
+        raise ValueError(f"unknown task {task!r}; expected one of {sorted(FILES)}")
+    path = os.path.join(out_dir, FILES[task][0])
+    if task == "vqa":
+        rows = _read_json(path)
+        return {"ids": [str(r["question_id"]) for r in rows], "answers": [r["answer"] for r in rows]}
+    if task == "re":
+        rows = _read_json(path)
+        return {"ids": [r["id"] for r in rows], "boxes": [r["box"] for r in rows], "ious": [r["iou"] for r in rows]}
+    if task == "ve":
+        rows = _read_csv(path)[1:]
+        return {"ids": [r[0] for r in rows], "labels": [r[1] for r in rows]}
+    if task == "nlvr2":
+        rows = _read_csv(path)
+        return {"ids": [r[0] for r in rows], "labels": [r[1] == "True" for r in rows]}
+    if task == "vcr":
+        return _read_vcr(path)
+    ids = _read_json(os.path.join(out_dir, FILES[task][1]))
+    with open(path, "rb") as f:
+        scores = np.load(f, allow_pickle=False)
+    return {"scores": scores, "text_ids": ids["texts"], "image_ids": ids["images"],
+            "recalls": _read_json(os.path.join(out_dir, FILES[task][2]))}

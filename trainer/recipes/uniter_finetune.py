@@ -1,0 +1,213 @@
+"""UNITER fine-tuning (docs/downstream.md): one downstream task per run (`tasks: {vqa: 1}`), its head on
+the pretrained encoder, task folders joined to region features by image id.
+
+The run machinery is pretraining's (trainer/run.py); this recipe supplies the data (task folders, a
+FeatureStore, DownstreamLoaders), the model (UniterForFinetuning loaded by the rules of
+trainer/models/downstream_load.py), the step's loss normalisation and the validation metrics.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any, Optional
+
+from data.shards import FORMAT
+from data.tasks import collate as task_collate
+from data.tasks.features import FeatureStore
+from data.tasks.folder import TaskFolder, read_task_folder
+from data.tasks.loader import DownstreamLoader, known_images, steps_from_state
+from data.tasks.records import TASKS, VE_LABELS
+from trainer.config_files import ConfigError
+from trainer.downstream_eval import score_split
+from trainer.models.config import ModelConfig
+from trainer.models.downstream import HeadConfig, UniterForFinetuning
+from trainer.models.downstream_load import load_pretrained
+from trainer.models.pretrained_weights import read_weights
+from trainer.objectives.downstream import training_function
+from trainer.recipes import register
+from trainer.recipes.base import Recipe, StepContext, StepPlan
+
+log = logging.getLogger("vlpt")
+
+HEAD_PREFIXES = {"vqa": ("vqa_output",), "ve": ("vqa_output",), "retrieval": ("rank_output",),
+                 "nlvr2": ("nlvr2_output", "attn1", "attn2", "fc", "attn_pool"), "re": ("re_output",),
+                 "vcr": ("vcr_output",)}
+"""The new head's parameters, which `finetune.lr_mul` scales."""
+
+
+def expand_vcr(examples: list[dict]) -> list[dict]:
+    """VCR trains on Q->A and QA->R items alike, bucketed together: one item of each per question."""
+    return [{**r, "mode": mode} for r in examples for mode in ("qa", "qar")]
+
+
+@register
+class UniterFinetuneRecipe(Recipe):
+    arch = "uniter"
+    stage = "finetune"
+    model_config = ModelConfig
+    tasks = TASKS
+    shard_format = FORMAT
+
+    def __init__(self, cfg) -> None:
+        super().__init__(cfg)
+        self.task = next(iter(cfg.tasks))
+        self.train_folder: Optional[TaskFolder] = None
+        self.val_folder: Optional[TaskFolder] = None
+        self.store: Optional[FeatureStore] = None
+        self.skipped: dict[str, int] = {}
+        """Examples dropped when the folders were read (bad lines, unknown images), counted once."""
+        self.labels: Optional[list[str]] = None
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        if len(cfg.tasks) != 1:
+            raise ValueError(f"stage: finetune trains one task; tasks: has {sorted(cfg.tasks)}; keep one of "
+                             f"{', '.join(TASKS)}")
+        f = cfg.finetune
+        if not f.train and not f.val:
+            raise ValueError("stage: finetune needs finetune.train (a task folder) or finetune.val")
+        if not f.features:
+            raise ValueError("finetune.features: name the region shard folders that hold the examples' images")
+        if next(iter(cfg.tasks)) == "vcr" and cfg.model.type_vocab_size != 2:
+            raise ValueError("VCR extends the 2-row type table of a pretrained UNITER to 4 rows itself; leave "
+                             "model.type_vocab_size at 2")
+
+    # ------------------------------------------------------------------ data
+    def check_data(self, tok) -> None:
+        from trainer.run_setup import check_vocab_sizes
+
+        check_vocab_sizes(self.cfg, tok)
+        f, d = self.cfg.finetune, self.cfg.data
+        self.train_folder = self._read_folder(f.train, "finetune.train")
+        self.val_folder = self._read_folder(f.val, "finetune.val")
+        self.labels = self._answer_labels()
+        self.store = FeatureStore(f.features, self.cfg.model.img_dim, d.decode_limits(self.cfg.precision.dtype),
+                                  f.cache_images, d.allow_outside_shards)
+        for folder in (self.train_folder, self.val_folder):
+            if folder is not None:
+                folder.examples = known_images(folder.examples, self.store, folder.skipped)
+        if self.train_folder is not None and not self.train_folder.examples:
+            raise ValueError(f"finetune.train={f.train}: no usable example (skipped: {self.train_folder.skipped}); "
+                             "check that finetune.features holds its images")
+
+    def _read_folder(self, path: Optional[str], key: str) -> Optional[TaskFolder]:
+        return read_task_folder(path, f"{key}={path}", self.task) if path else None
+
+    def _answer_labels(self) -> Optional[list[str]]:
+        """VQA's answer vocabulary: the folders' `labels`, the same in both."""
+        if self.task != "vqa":
+            return list(VE_LABELS) if self.task == "ve" else None
+        lists = [f.labels for f in (self.train_folder, self.val_folder) if f is not None]
+        if not lists or any(not labels for labels in lists):
+            raise ValueError("finetune: a vqa task folder has no answer vocabulary (`labels` in its manifest); "
+                             "rebuild it with `vlpt tasks vqa`")
+        if any(labels != lists[0] for labels in lists):
+            raise ValueError("finetune.train and finetune.val have different VQA answer vocabularies; build both "
+                             "with the same --ans2label")
+        return lists[0]
+
+    def report_data(self, tok) -> None:
+        parts = [f"{name} {len(folder.examples):,} examples (skipped {folder.skipped or 'none'})"
+                 for name, folder in (("train", self.train_folder), ("val", self.val_folder)) if folder]
+        log.info("fine-tuning %s: %s; %d images indexed in finetune.features%s", self.task, "; ".join(parts),
+                 len(self.store), f" (skipped {dict(self.store.skipped)})" if self.store.skipped else "")
+
+    def train_items(self) -> list[dict]:
+        examples = self.train_folder.examples
+        return expand_vcr(examples) if self.task == "vcr" else examples
+
+    def train_loaders(self, tok, layout, rank: int, positions: dict) -> dict:
+        if self.train_folder is None:
+            raise ConfigError("finetune.train is not set: nothing to fine-tune on (vlpt evaluate scores "
+                              "finetune.val without it)")
+        streams = range(rank * layout.grad_accum, (rank + 1) * layout.grad_accum)
+        try:
+            steps = steps_from_state(positions.get(self.task), self.task, layout.n_streams, streams)
+            loader = DownstreamLoader(self.train_items(), self.store, self.collate(self.task, tok), key=self.task,
+                                      seed=self.cfg.train.seed, n_streams=layout.n_streams,
+                                      micro_batch=layout.micro_batch_size, streams=streams, steps_done=steps)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if rank == 0 and steps == 0:  # the folders' bad lines, counted once for the run
+            loader.skip_counts.update(self.train_folder.skipped)
+            loader.seen += self.train_folder.seen
+        return {self.task: loader}
+
+    def val_splits(self, tok, skipped: dict[str, int]) -> dict[str, tuple[str, Any]]:
+        return {self.task: (self.task, self.val_folder.examples)} if self.val_folder is not None else {}
+
+    # ------------------------------------------------------------------ model
+    def head_config(self) -> HeadConfig:
+        f = self.cfg.finetune
+        num_answers = len(self.labels) if self.labels else 3
+        return HeadConfig(task=self.task, num_answers=num_answers, nlvr2_variant=f.nlvr2_variant,
+                          re_mlp=f.re_mlp, re_loss=f.re_loss, vcr_extra_words=f.vcr_extra_words)
+
+    def build_model(self) -> UniterForFinetuning:
+        model = UniterForFinetuning(self.cfg.model, self.head_config())
+        source = self.cfg.finetune.init_from
+        if source:
+            sd, where = read_weights(source, "finetune.init_from")
+            report = load_pretrained(model, sd, model.head)
+            log.info("initialised from %s: %d tensors; new (missing): %s; dropped (unexpected): %s; copied: %s",
+                     where, len(sd), _prefixes(report.missing), _prefixes(report.unexpected),
+                     ", ".join(report.copied) or "none")
+        return model
+
+    def collate(self, task: str, tok):
+        d, f = self.cfg.data, self.cfg.finetune
+        common = {"tok": tok, "max_txt_len": d.max_txt_len}
+        if task == "vqa":
+            return functools.partial(task_collate.collate_vqa, num_answers=len(self.labels), **common)
+        if task == "ve":
+            return functools.partial(task_collate.collate_ve, **common)
+        if task == "retrieval":
+            return functools.partial(task_collate.collate_retrieval_train, negative_size=f.negative_size, **common)
+        if task == "nlvr2":
+            return functools.partial(task_collate.collate_nlvr2, variant=f.nlvr2_variant, **common)
+        if task == "re":
+            return functools.partial(task_collate.collate_re, **common)
+        return functools.partial(task_collate.collate_vcr, **common)
+
+    def collate_pairs(self, tok):
+        """Retrieval scoring: (caption, image) pairs, one row each."""
+        return functools.partial(task_collate.collate_retrieval_pairs, tok=tok, max_txt_len=self.cfg.data.max_txt_len)
+
+    def blocks_to_compile(self, model) -> dict:
+        return {"encoder layers": list(model.uniter.encoder.layer)}
+
+    def lr_multipliers(self) -> dict[str, float]:
+        mul = self.cfg.finetune.lr_mul
+        return {prefix: mul for prefix in HEAD_PREFIXES[self.task]} if mul != 1.0 else {}
+
+    # ------------------------------------------------------------------ step
+    def attach(self, model, layout, device) -> None:
+        self.train_fn = training_function(model.head)
+
+    def term_counts(self, batch: dict, task: str) -> dict[str, float]:
+        # RE's training loss is a sum over the micro-batch (UNITER's reduction); the others are means.
+        if task == "re":
+            return {"loss": 1.0}
+        return {"loss": float(batch["n_items"])}
+
+    def begin_step(self, engine, batches: list[dict], task: str, ctx: StepContext) -> StepPlan:
+        return StepPlan(lambda i, batch: (self.train_fn,))
+
+    def step_flops(self, batch: dict, task: str):
+        from trainer.bench_flops import uniter_work
+
+        return uniter_work(batch, self.cfg.model)
+
+    def validate(self, engine, tok, splits: dict, info, skipped: dict[str, int]) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        for key, (task, examples) in splits.items():
+            result = score_split(engine, self, tok, examples, info, skipped)
+            metrics.update({f"val/{key}_{name}": value for name, value in result.metrics.items()})
+            self.last_scores = result
+        return metrics
+
+
+def _prefixes(keys: list[str]) -> str:
+    """`vqa_output.*` for a list of keys: the module prefixes, for one log line."""
+    heads = sorted({k.split(".")[0] + ".*" for k in keys})
+    return ", ".join(heads) or "none"
