@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 export DS_ACCELERATOR ?= cpu
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo demo-albef test test-fast install test-services clean
+.PHONY: demo demo-albef demo-finetune test test-fast install test-services clean
 
 $(STAMP): requirements.txt setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,16 @@ demo_data/train/manifest.json: | $(STAMP)
 
 demo: $(STAMP) demo_data/train/manifest.json
 	$(VENV)/bin/vlpt pretrain --config configs/pretrain/demo.yaml
+
+# The demo downstream tasks (same scenes) and the `make demo` checkpoint they start from.
+demo_data/tasks/vcr/val/manifest.json: | $(STAMP) demo_data/train/manifest.json
+	$(VENV)/bin/vlpt demo-data --out demo_data --tasks
+
+runs/demo/checkpoints/latest: | $(STAMP) demo_data/train/manifest.json
+	$(VENV)/bin/vlpt pretrain --config configs/pretrain/demo.yaml
+
+demo-finetune: $(STAMP) runs/demo/checkpoints/latest demo_data/tasks/vcr/val/manifest.json
+	$(VENV)/bin/vlpt demo-finetune
 
 demo_pixels/train/manifest.json: | $(STAMP)
 	$(VENV)/bin/vlpt demo-data --pixels

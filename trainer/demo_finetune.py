@@ -10,7 +10,7 @@ from typing import Optional
 from trainer.config import Config, load_config
 
 DEMO_TASKS = ("vqa", "ve", "retrieval", "nlvr2", "re", "vcr")
-HEADLINE = {"vqa": "score", "ve": "acc", "retrieval": "img_r1", "nlvr2": "acc", "re": "acc", "vcr": "q_ar_acc"}
+HEADLINE = {"vqa": "score", "ve": "acc", "retrieval": "img_r1", "nlvr2": "acc", "re": "index_acc", "vcr": "q_ar_acc"}
 """The metric of each task the table compares (docs/downstream.md, "Metrics")."""
 
 
@@ -20,17 +20,16 @@ def chance_level(task: str, cfg: Config) -> Optional[float]:
     path = os.path.join(cfg.finetune.val or "", "manifest.json")
     try:
         with open(path) as f:
-            chance = json.load(f).get("meta", {}).get("chance", {})
+            chance = json.load(f).get("meta", {}).get("chance")
     except (OSError, ValueError):
         return None
-    value = chance.get(HEADLINE[task]) if isinstance(chance, dict) else None
-    return float(value) if isinstance(value, (int, float)) else None
+    return float(chance) if isinstance(chance, (int, float)) and not isinstance(chance, bool) else None
 
 
 def run_one(config: str, overrides: list[str], run_dir: str, from_scratch: bool) -> dict:
     from trainer.run import pretrain
 
-    extra = [f"--train.run_dir={run_dir}", "--train.resume=never"] + list(overrides)
+    extra = [f"--train.run_dir={run_dir}"] + list(overrides)  # a finished run re-validates, no steps
     if from_scratch:
         extra.append("--finetune.init_from=null")
     cfg = load_config(config, extra)
@@ -40,7 +39,24 @@ def run_one(config: str, overrides: list[str], run_dir: str, from_scratch: bool)
 
 def demo_finetune(config_dir: str, out: str, tasks: tuple[str, ...] = DEMO_TASKS,
                   overrides: tuple[str, ...] = ()) -> list[dict]:
-    """Both runs of each task; returns the table rows and writes <out>/table.{json,md}."""
+    """Both runs of each task; returns the table rows and writes <out>/table.{json,md}. One process group
+    serves every run: DeepSpeed keeps the first group it sees, so a run may not take it down."""
+    from trainer.distributed import setup_distributed, teardown
+
+    setup_distributed()
+    try:
+        rows = _runs(config_dir, out, tasks, overrides)
+    finally:
+        teardown()
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "table.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    with open(os.path.join(out, "table.md"), "w") as f:
+        f.write(format_table(rows) + "\n")
+    return rows
+
+
+def _runs(config_dir: str, out: str, tasks: tuple[str, ...], overrides: tuple[str, ...]) -> list[dict]:
     rows = []
     for task in tasks:
         config = os.path.join(config_dir, f"demo-{task}.yaml")
@@ -51,11 +67,6 @@ def demo_finetune(config_dir: str, out: str, tasks: tuple[str, ...] = DEMO_TASKS
                      "scratch": scratch.get(metric), "chance": chance_level(task, load_config(config)),
                      "all_pretrained": pre, "all_scratch": scratch})
         print(format_table(rows), flush=True)
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "table.json"), "w") as f:
-        json.dump(rows, f, indent=1)
-    with open(os.path.join(out, "table.md"), "w") as f:
-        f.write(format_table(rows) + "\n")
     return rows
 
 

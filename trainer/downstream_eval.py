@@ -71,8 +71,11 @@ def _gathered(local: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
     return full
 
 
-def score_split(engine, recipe, tok, examples: list[dict], info, skipped: dict[str, int]) -> SplitScores:
-    """Collective. The task's metrics (docs/downstream.md, "Metrics") over `examples`, and predictions."""
+def score_split(engine, recipe, tok, examples: list[dict], info, skipped: dict[str, int],
+                full: bool = False) -> SplitScores:
+    """Collective. The task's metrics (docs/downstream.md, "Metrics") over `examples`, and predictions;
+    `full`: everything the task's predictions file needs (VCR: QA->R given each of the 4 answers, as its
+    leaderboard asks, not only given the right one)."""
     task, f = recipe.task, recipe.cfg.finetune
     predict = prediction_function(recipe.head_config())
     mine_skipped: dict[str, int] = {}
@@ -83,7 +86,7 @@ def score_split(engine, recipe, tok, examples: list[dict], info, skipped: dict[s
         else:
             joined = _usable(examples, recipe.store, mine_skipped if info.rank == 0 else {})
             indices = _rank_share(len(examples), info.rank, info.world_size)
-            result = _score_items(engine, recipe, tok, task, examples, joined, indices, info, predict)
+            result = _score_items(engine, recipe, tok, task, examples, joined, indices, info, predict, full)
     finally:
         engine.train()
     for rank_skips in all_gather_objects(mine_skipped):
@@ -91,15 +94,20 @@ def score_split(engine, recipe, tok, examples: list[dict], info, skipped: dict[s
     return result
 
 
-def _score_items(engine, recipe, tok, task, examples, joined, indices, info, predict) -> SplitScores:
+def _score_items(engine, recipe, tok, task, examples, joined, indices, info, predict, full) -> SplitScores:
     bs = recipe.cfg.finetune.eval_batch_size
+
+    def scores(task_joined, rows=1):
+        collate = recipe.collate(task, tok)
+        return _gathered(_outputs(engine, collate, predict, task_joined, indices, bs, info.device, rows))
+
     if task == "vcr":
-        qa = _outputs(engine, recipe.collate("vcr", tok), predict, _with_mode(joined, "qa"), indices, bs,
-                      info.device, rows_per_item=4)
-        qar = _outputs(engine, recipe.collate("vcr", tok), predict, _with_mode(joined, "qar"), indices, bs,
-                       info.device, rows_per_item=4)
-        return vcr_scores(examples, _gathered(qa), _gathered(qar))
-    out = _gathered(_outputs(engine, recipe.collate(task, tok), predict, joined, indices, bs, info.device))
+        qa = scores(_with_mode(joined, "qa"), 4)
+        labelled = all("answer_label" in r for r in examples)
+        qar = scores(_with_mode(joined, "qar"), 4) if labelled else {}
+        given = [scores(_with_mode(joined, "qar", answer=a), 4) for a in range(4)] if full else None
+        return vcr_scores(examples, qa, qar, given)
+    out = scores(joined)
     if task in ("vqa", "ve"):
         return classifier_scores(task, examples, out, recipe.labels)
     if task == "nlvr2":
@@ -107,8 +115,10 @@ def _score_items(engine, recipe, tok, task, examples, joined, indices, info, pre
     return re_scores(examples, out, joined)
 
 
-def _with_mode(joined: list[Optional[tuple]], mode: str) -> list[Optional[tuple]]:
-    return [({**j[0], "mode": mode}, j[1]) if j is not None else None for j in joined]
+def _with_mode(joined: list[Optional[tuple]], mode: str, answer: Optional[int] = None) -> list[Optional[tuple]]:
+    """VCR items of one mode; `answer`: QA->R given that candidate answer instead of the right one."""
+    fixed = {} if answer is None else {"answer_label": answer}
+    return [({**j[0], "mode": mode, **fixed}, j[1]) if j is not None else None for j in joined]
 
 
 def _scored(examples: list[dict], out: dict[int, np.ndarray]) -> tuple[list[int], list[dict]]:
@@ -124,7 +134,8 @@ def classifier_scores(task: str, examples, out, labels: list[str]) -> SplitScore
     else:
         gold = [r.get("label") for r in used]
         metrics = {"acc": m.accuracy(pred, np.array(gold))} if all(g is not None for g in gold) else {}
-    return SplitScores(metrics, {"ids": [r["id"] for r in used], "answers": [labels[p] for p in pred]})
+    return SplitScores(metrics, {"ids": [r["id"] for r in used], "labels" if task == "ve" else "answers":
+                                 [labels[p] for p in pred]})
 
 
 def nlvr2_scores(examples, out) -> SplitScores:
@@ -135,29 +146,38 @@ def nlvr2_scores(examples, out) -> SplitScores:
 
 
 def re_scores(examples, out, joined) -> SplitScores:
-    """The argmax region's box in pixels (x1 W, y1 H, w W, h H) against the example's `box`."""
+    """The argmax region's box in pixels (x1 W, y1 H, w W, h H) against the example's `box`; on GT boxes
+    also the exact pick (`index_acc`: the demo's twin proposals overlap their object's box by > 0.5)."""
     kept, used = _scored(examples, out)
+    picks = [int(out[i].reshape(-1)[: joined[i][1][0].num_bb].argmax()) for i in kept]
     boxes = []
-    for i, r in zip(kept, used):
-        regions = joined[i][1][0]
-        k = int(out[i].reshape(-1)[: regions.num_bb].argmax())
-        x1, y1, x2, y2 = (float(v) for v in regions.img_pos[k, :4])
+    for i, r, k in zip(kept, used, picks):
+        x1, y1, x2, y2 = (float(v) for v in joined[i][1][0].img_pos[k, :4])
         w, h = float(r.get("width", 1)), float(r.get("height", 1))
         boxes.append([x1 * w, y1 * h, (x2 - x1) * w, (y2 - y1) * h])
     gold = [r["box"] for r in used]
-    acc = m.re_accuracy(boxes, gold)
-    return SplitScores({"acc": acc}, {"ids": [r["id"] for r in used], "boxes": boxes, "gold": gold})
+    metrics = {"acc": m.re_accuracy(boxes, gold)} if used else {}
+    if used:
+        metrics["index_acc"] = float(np.mean([k == r["target"] for k, r in zip(picks, used)]))
+    return SplitScores(metrics, {"ids": [r["id"] for r in used], "boxes": boxes, "gold": gold})
 
 
-def vcr_scores(examples, qa: dict, qar: dict) -> SplitScores:
-    kept = sorted(set(qa) & set(qar))
+def vcr_scores(examples, qa: dict, qar: dict, given: Optional[list[dict]] = None) -> SplitScores:
+    """Q->A [q, 4] and QA->R given the right answer [q, 4] (metrics); `given`: QA->R given each
+    candidate answer (the leaderboard's [q, 4, 4])."""
+    kept = sorted(qa)
     used = [examples[i] for i in kept]
     qa_scores = np.stack([qa[i].reshape(4) for i in kept]) if kept else np.zeros((0, 4))  # [q, 4]
-    qar_scores = np.stack([qar[i].reshape(4) for i in kept]) if kept else np.zeros((0, 4))  # [q, 4]
-    labelled = all("answer_label" in r and "rationale_label" in r for r in used)
-    metrics = m.vcr_metrics(qa_scores, qar_scores, used) if labelled and kept else {}
-    return SplitScores(metrics, {"ids": [r["id"] for r in used], "qa_scores": qa_scores.tolist(),
-                                 "qar_scores": qar_scores.tolist()})
+    metrics = {}
+    if qar and kept:
+        qar_scores = np.stack([qar[i].reshape(4) for i in kept])  # [q, 4]
+        if all("rationale_label" in r for r in used):
+            metrics = m.vcr_metrics(qa_scores, qar_scores, used)
+    payload = {"ids": [r["id"] for r in used], "answer_scores": qa_scores.tolist()}
+    if given is not None:
+        payload["rationale_scores"] = np.stack([np.stack([g[i].reshape(4) for g in given]) for i in kept]).tolist() \
+            if kept else []  # [q, 4 answers, 4 rationales]
+    return SplitScores(metrics, payload)
 
 
 def _score_retrieval(engine, recipe, tok, examples, info, predict, skipped) -> SplitScores:
@@ -189,5 +209,5 @@ def _score_retrieval(engine, recipe, tok, examples, info, predict, skipped) -> S
     column = {image_id: j for j, image_id in enumerate(image_ids)}
     gt = np.array([column[r["image_id"]] for r in captions], dtype=np.int64)
     metrics = m.retrieval_recalls(matrix, gt) if len(captions) else {}
-    return SplitScores(metrics, {"scores": matrix, "texts": [r["id"] for r in captions], "images": image_ids,
+    return SplitScores(metrics, {"scores": matrix, "text_ids": [r["id"] for r in captions], "image_ids": image_ids,
                                  "recalls": metrics})

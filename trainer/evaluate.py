@@ -46,9 +46,10 @@ def evaluate(cfg: Config, checkpoint: str, split: Optional[str] = None, out: Opt
         raise ConfigError(str(e)) from None
     model = _load_model(recipe, checkpoint).to(info.device, DTYPES[cfg.precision.dtype])
     skipped: dict[str, int] = {}
-    result = score_split(model, recipe, tok, recipe.val_folder.examples, info, skipped)
-    summary = {"task": recipe.task, "checkpoint": checkpoint, "split": split, "examples": len(recipe.val_folder.examples),
-               "metrics": result.metrics, "skipped": {**recipe.val_folder.skipped, **skipped}}
+    result = score_split(model, recipe, tok, recipe.val_folder.examples, info, skipped, full=True)
+    summary = {"task": recipe.task, "checkpoint": checkpoint, "split": split,
+               "examples": len(recipe.val_folder.examples), "metrics": result.metrics,
+               "skipped": {**recipe.val_folder.skipped, **skipped}}
     if info.is_main:
         out = out or os.path.join(cfg.train.run_dir, "eval")
         summary["files"] = write_predictions(recipe.task, out, result.predictions) + [_write_summary(out, summary)]

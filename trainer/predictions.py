@@ -202,29 +202,11 @@ _NEEDED = {
     "retrieval": ("scores", "text_ids", "image_ids", "recalls"),
 }
 """The payload keys each task's writer needs, in its arguments' order."""
-_ALIASES = {
-    ("ve", "labels"): "answers",
-    ("vcr", "answer_scores"): "qa_scores",
-    ("vcr", "rationale_scores"): "qar_scores",
-    ("retrieval", "text_ids"): "texts",
-    ("retrieval", "image_ids"): "images",
-}
-"""Other names accepted for a payload key (the names trainer/downstream_eval.py's scores use)."""
-
-
 def _payload_args(task: str, payload: dict) -> list[Any]:
-    args, missing = [], []
-    for key in _NEEDED[task]:
-        alias = _ALIASES.get((task, key))
-        if key in payload:
-            args.append(payload[key])
-        elif alias in payload:
-            args.append(payload[alias])
-        else:
-            missing.append(key if alias is None else f"{key} (or {alias})")
+    missing = [key for key in _NEEDED[task] if key not in payload]
     if missing:
         raise ValueError(f"{task} predictions payload lacks {missing}; it needs {list(_NEEDED[task])}")
-    return args
+    return [payload[key] for key in _NEEDED[task]]
 
 
 def _re_ious(payload: dict) -> Optional[list]:
@@ -243,7 +225,7 @@ def write_predictions(task: str, out_dir: str, payload: dict) -> list[str]:
     payload keys: vqa ids, answers; ve ids, labels (index or name); nlvr2 ids, labels (0/1);
     re ids, boxes, and ious or gold (gold boxes, to compute them) or neither; vcr ids,
     answer_scores [q, 4], rationale_scores [q, 4, 4]; retrieval scores, text_ids, image_ids,
-    recalls. Aliases: _ALIASES."""
+    recalls."""
     if task not in FILES:
         raise ValueError(f"unknown task {task!r}; expected one of {sorted(FILES)}")
     args = _payload_args(task, payload)

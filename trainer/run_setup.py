@@ -7,6 +7,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from pathlib import Path
 
 from data.config import DataConfig
@@ -22,8 +23,10 @@ from trainer.data_health import is_data_error
 from trainer.distributed import DistInfo, all_gather_objects, uses_cuda
 from trainer.engine import BatchLayout
 from trainer.models.weights import read_config_json, word_embedding_rows
-from trainer.recipes.base import Recipe
 from trainer.task_mix import task_mix
+
+if TYPE_CHECKING:  # the recipes' default data hooks call into this module
+    from trainer.recipes.base import Recipe
 
 log = logging.getLogger("vlpt")
 

@@ -346,7 +346,7 @@ def _add_run_commands(sub) -> None:
 
 
 def _add_tasks(sub) -> None:
-    from data.tasks.official import add_task_builder_commands
+    from data.tasks.official_cli import add_task_builder_commands
 
     add_task_builder_commands(sub)
 

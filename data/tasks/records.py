@@ -18,10 +18,10 @@ MAX_LINE_BYTES = 1 << 20
 """Longest example line read (a VCR example is a few kB); longer ones are "line_too_long"."""
 MAX_LABELS = 100
 """Most (label, score) pairs of one VQA example (10 annotators give at most 10 answers)."""
-RECORD_SKIP_REASONS = ("bad_json", "line_too_long", "missing_field", "bad_field", "bad_text", "empty_text",
+RECORD_SKIP_REASONS = ("bad_json", "line_too_long", "missing_field", "bad_field", "bad_caption", "empty_caption",
                        "bad_label", "unknown_image")
 """Why an example was skipped: "bad_json" (not one JSON object, or not UTF-8), "line_too_long",
-"missing_field", "bad_field" (wrong type), "bad_text"/"empty_text" (as captions), "bad_label" (a label
+"missing_field", "bad_field" (wrong type), "bad_caption"/"empty_caption" (text, as captions), "bad_label" (a label
 outside the task's range), "unknown_image" (no region features under that image id)."""
 
 VE_LABELS = ("contradiction", "entailment", "neutral")

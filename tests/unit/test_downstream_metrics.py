@@ -348,19 +348,15 @@ def test_retrieval_outputs(tmp_path):
     _no_temp_files(tmp_path)
 
 
-def test_payload_aliases_and_re_gold(tmp_path):
-    # The key names trainer/downstream_eval.py uses: ve answers, vcr qa/qar_scores, retrieval texts/images.
-    P.write_predictions("ve", str(tmp_path / "ve"), {"ids": ["p"], "answers": ["contradiction"]})
-    assert P.read_predictions("ve", str(tmp_path / "ve"))["labels"] == ["contradiction"]
-    P.write_predictions("vcr", str(tmp_path / "vcr"), {"ids": ["q"], "qa_scores": np.zeros((1, 4)),
-                                                       "qar_scores": np.zeros((1, 4, 4))})
-    assert P.read_predictions("vcr", str(tmp_path / "vcr"))["answer_probs"][0] == pytest.approx([0.25] * 4)
-    P.write_predictions("retrieval", str(tmp_path / "r"), {"scores": S33, "texts": ["a", "b", "c"],
-                                                           "images": ["x", "y", "z"], "recalls": {}})
-    assert P.read_predictions("retrieval", str(tmp_path / "r"))["image_ids"] == ["x", "y", "z"]
+def test_re_ious_from_gold_boxes(tmp_path):
     P.write_predictions("re", str(tmp_path / "re"), {"ids": ["1"], "boxes": [[0, 0, 10, 5]],
                                                      "gold": [[0, 0, 10, 10]]})
     assert P.read_predictions("re", str(tmp_path / "re"))["ious"] == [0.5]
+
+
+def test_payload_without_a_needed_key_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="lacks"):
+        P.write_predictions("ve", str(tmp_path / "ve"), {"ids": ["p"], "answers": ["contradiction"]})
 
 
 def test_dispatch_errors(tmp_path):

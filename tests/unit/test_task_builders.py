@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from data.tasks.folder import read_task_folder, read_task_manifest
-from data.tasks.official import (add_task_builder_commands, build_karpathy, build_nlvr2, build_ve, build_vqa,
-                                 check_id_format, normalize_answer, nlvr2_image_ids, run_task_builder,
-                                 vqa_score, vqa_targets)
+from data.tasks.official import (build_karpathy, build_nlvr2, build_ve, build_vqa, check_id_format,
+                                 normalize_answer, nlvr2_image_ids, vqa_score, vqa_targets)
+from data.tasks.official_cli import add_task_builder_commands, run_task_builder
 from data.tasks.official_refcoco import build_refcoco
 from data.tasks.official_vcr import build_vcr, vcr_text
 from data.tasks.safe_pickle import load_restricted, loads_restricted
@@ -105,7 +105,7 @@ def test_vqa_round_trip_vocabulary_and_scores(vqa, tmp_path):
     assert _read(out / "val", "vqa") == [
         {"id": "100", "image_id": img(13), "text": "Any cats?", "labels": [1, 2], "scores": [0.3, 1.0]}]
     assert _read(out / "test", "vqa") == [{"id": "200", "image_id": img(14), "text": "Where?"}]
-    assert s["skipped"] == {"bad_field": 2, "bad_record": 1, "duplicate_id": 1, "empty_text": 1,
+    assert s["skipped"] == {"bad_field": 2, "bad_record": 1, "duplicate_id": 1, "empty_caption": 1,
                             "missing_field": 1, "no_annotation": 1}
     assert s["written"] == {"train": 6, "val": 1, "test": 1} and s["unlabelled"] == 1
 
@@ -166,7 +166,7 @@ def test_ve_label_mapping_round_trip(tmp_path):
         {"id": "p1", "image_id": "123", "text": "A man.", "label": 0},
         {"id": "p2", "image_id": "456", "text": "A man.", "label": 1},
         {"id": "p3", "image_id": "123", "text": "A man.", "label": 2}]
-    assert s["skipped"] == {"bad_label": 1, "bad_text": 1, "duplicate_id": 1, "missing_field": 1}
+    assert s["skipped"] == {"bad_label": 1, "bad_caption": 1, "duplicate_id": 1, "missing_field": 1}
 
 
 # ---------------------------------------------------------------- RefCOCO
@@ -196,7 +196,7 @@ REF_EXPECTED = {
     "testA": [{"id": "2", "image_id": "2", "text": "the car", "target": 1, "box": [5.0, 6.0, 7.0, 8.0],
                "width": 100, "height": 50}],
 }
-REF_SKIPPED = {"bad_annotation": 1, "bad_split": 1, "empty_text": 1, "image_mismatch": 1, "missing_field": 1,
+REF_SKIPPED = {"bad_annotation": 1, "bad_split": 1, "empty_caption": 1, "image_mismatch": 1, "missing_field": 1,
                "unknown_annotation": 1}
 
 
@@ -276,7 +276,7 @@ def test_karpathy_round_trip_and_restval(tmp_path):
         {"id": "770337", "image_id": "391895", "text": "A man rides."}]
     assert _read(tmp_path / "out" / "val", "retrieval") == [
         {"id": "9", "image_id": "1000092795", "text": "Two men."}]
-    assert s["skipped"] == {"bad_field": 1, "bad_record": 1, "bad_split": 1, "duplicate_id": 1, "empty_text": 1}
+    assert s["skipped"] == {"bad_field": 1, "bad_record": 1, "bad_split": 1, "duplicate_id": 1, "empty_caption": 1}
     s = build_karpathy(path, tmp_path / "own", restval_into_train=False)
     assert s["written"] == {"test": 1, "restval": 1, "train": 1, "val": 1}
 

@@ -29,12 +29,6 @@ from trainer.recipes.base import Recipe, StepContext, StepPlan
 
 log = logging.getLogger("vlpt")
 
-HEAD_PREFIXES = {"vqa": ("vqa_output",), "ve": ("vqa_output",), "retrieval": ("rank_output",),
-                 "nlvr2": ("nlvr2_output", "attn1", "attn2", "fc", "attn_pool"), "re": ("re_output",),
-                 "vcr": ("vcr_output",)}
-"""The new head's parameters, which `finetune.lr_mul` scales."""
-
-
 def expand_vcr(examples: list[dict]) -> list[dict]:
     """VCR trains on Q->A and QA->R items alike, bucketed together: one item of each per question."""
     return [{**r, "mode": mode} for r in examples for mode in ("qa", "qar")]
@@ -177,12 +171,14 @@ class UniterFinetuneRecipe(Recipe):
         return {"encoder layers": list(model.uniter.encoder.layer)}
 
     def lr_multipliers(self) -> dict[str, float]:
+        """finetune.lr_mul on every parameter of the task head (UNITER's `lr_mul` groups)."""
         mul = self.cfg.finetune.lr_mul
-        return {prefix: mul for prefix in HEAD_PREFIXES[self.task]} if mul != 1.0 else {}
+        return {f"{name}.": mul for name in self.head_modules} if mul != 1.0 else {}
 
     # ------------------------------------------------------------------ step
     def attach(self, model, layout, device) -> None:
         self.train_fn = training_function(model.head)
+        self.head_modules = model.head_prefixes()
 
     def term_counts(self, batch: dict, task: str) -> dict[str, float]:
         # RE's training loss is a sum over the micro-batch (UNITER's reduction); the others are means.
@@ -203,7 +199,6 @@ class UniterFinetuneRecipe(Recipe):
         for key, (task, examples) in splits.items():
             result = score_split(engine, self, tok, examples, info, skipped)
             metrics.update({f"val/{key}_{name}": value for name, value in result.metrics.items()})
-            self.last_scores = result
         return metrics
 
 
