@@ -44,8 +44,10 @@ demo-albef: $(STAMP) demo_pixels/train/manifest.json
 test-services:
 	@sh .ci/install_test_services.sh
 
+# Two workers (pytest-xdist), each test file whole on one of them so its module fixtures are built once.
+TEST_WORKERS ?= 2
 test: $(STAMP) test-services
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
