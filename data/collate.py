@@ -28,15 +28,15 @@ def pad_text(id_lists: Sequence[np.ndarray], cls_id: int, sep_id: int, pad_id: i
     return out
 
 
-def _pad_images(images: Sequence[RegionSample]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Zero-padded features [B, Ni, D], boxes [B, Ni, 7] and region counts [B]."""
-    num_bbs = np.array([len(s.img_feat) for s in images], dtype=np.int64)
-    ni, dim = int(num_bbs.max()), images[0].img_feat.shape[1]
-    feat = np.zeros((len(images), ni, dim), dtype=np.float32)
-    pos = np.zeros((len(images), ni, 7), dtype=np.float32)
-    for i, s in enumerate(images):
-        feat[i, : num_bbs[i]] = s.img_feat
-        pos[i, : num_bbs[i]] = s.img_pos
+def pad_regions(feats: Sequence[np.ndarray], poss: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Zero-padded features [B, Ni, D], boxes [B, Ni, 7] and region counts [B] of each row's regions."""
+    num_bbs = np.array([len(f) for f in feats], dtype=np.int64)
+    ni, dim = int(num_bbs.max()), feats[0].shape[1]
+    feat = np.zeros((len(feats), ni, dim), dtype=np.float32)
+    pos = np.zeros((len(feats), ni, 7), dtype=np.float32)
+    for i, (f, p) in enumerate(zip(feats, poss)):
+        feat[i, : num_bbs[i]] = f
+        pos[i, : num_bbs[i]] = p
     return feat, pos, num_bbs
 
 
@@ -57,12 +57,12 @@ def packed_layout(txt_lens: np.ndarray, num_bbs: np.ndarray, max_txt_len: int) -
     return attn, gather
 
 
-def _batch(text_ids: Sequence[np.ndarray], images: Sequence[RegionSample],
-           samples: Sequence[RegionSample], tok, task: str) -> dict:
-    """The keys every task shares; `images[i]` is the image paired with text i."""
+def uniter_rows(text_ids: Sequence[np.ndarray], feats: Sequence[np.ndarray], poss: Sequence[np.ndarray],
+                tok) -> dict:
+    """The keys every UNITER batch has, row i = `[CLS] text_ids[i] [SEP]` with regions feats[i] / poss[i]."""
     input_ids = pad_text(text_ids, tok.cls_id, tok.sep_id, tok.pad_id)  # [B, Lt]
     txt_lens = np.array([len(ids) + 2 for ids in text_ids], dtype=np.int64)  # [B]
-    feat, pos, num_bbs = _pad_images(images)
+    feat, pos, num_bbs = pad_regions(feats, poss)
     attn, gather = packed_layout(txt_lens, num_bbs, input_ids.shape[1])
     return {
         "input_ids": torch.from_numpy(input_ids),
@@ -73,10 +73,15 @@ def _batch(text_ids: Sequence[np.ndarray], images: Sequence[RegionSample],
         "num_bbs": torch.from_numpy(num_bbs),
         "attn_masks": torch.from_numpy(attn),  # [B, L]
         "gather_index": torch.from_numpy(gather),  # [B, L]
-        "keys": [s.key for s in samples],
-        "image_ids": [s.image_id for s in samples],
-        "task": task,
     }
+
+
+def _batch(text_ids: Sequence[np.ndarray], images: Sequence[RegionSample],
+           samples: Sequence[RegionSample], tok, task: str) -> dict:
+    """The keys every task shares; `images[i]` is the image paired with text i."""
+    batch = uniter_rows(text_ids, [s.img_feat for s in images], [s.img_pos for s in images], tok)
+    batch.update(keys=[s.key for s in samples], image_ids=[s.image_id for s in samples], task=task)
+    return batch
 
 
 def _check_samples(samples: Sequence[RegionSample]) -> None:

@@ -17,8 +17,7 @@ from trainer.downstream_eval import score_split
 from trainer.models.downstream_load import load_pretrained
 from trainer.models.pretrained_weights import read_weights
 from trainer.predictions import write_predictions
-from trainer.recipes import recipe_class
-from trainer.run_setup import check_inputs, run_tokenizer, setup_logging
+from trainer.run_setup import check_inputs, checked_recipe, setup_logging
 
 log = logging.getLogger("vlpt")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -38,12 +37,7 @@ def evaluate(cfg: Config, checkpoint: str, split: Optional[str] = None, out: Opt
     joined = torch.distributed.is_initialized()
     info = setup_distributed(cfg.parallel.backend, cfg.parallel.timeout_minutes)
     setup_logging(info)
-    recipe = recipe_class(cfg.model.arch, cfg.stage)(cfg)
-    tok = run_tokenizer(cfg)
-    try:
-        recipe.check_data(tok)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    recipe, tok = checked_recipe(cfg)
     model = _load_model(recipe, checkpoint).to(info.device, DTYPES[cfg.precision.dtype])
     skipped: dict[str, int] = {}
     result = score_split(model, recipe, tok, recipe.val_folder.examples, info, skipped, full=True)

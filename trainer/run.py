@@ -25,11 +25,10 @@ from trainer.engine import BatchLayout, batch_layout, build_engine
 from trainer.errors import RunAborted, RunStopped
 from trainer.preemption import StopRequest
 from trainer.progress import Progress
-from trainer.recipes import recipe_class
 from trainer.recipes.base import Recipe, StepContext
 from trainer.run_lock import hold_run_lock
 from trainer.run_dir import agree_resume_mode, nothing_to_resume
-from trainer.run_setup import check_inputs, check_precision, resolve_run_dir, run_tokenizer, setup_logging
+from trainer.run_setup import check_inputs, check_precision, checked_recipe, resolve_run_dir, setup_logging
 from trainer.step import StepStats, optimizer_step
 from trainer.step_timer import StepTimer
 from trainer.summary import mlm_loss_drop, print_summary
@@ -69,12 +68,7 @@ def pretrain(cfg: Config) -> dict:
     cfg = resolve_run_dir(cfg)
     run_dir = os.path.abspath(cfg.train.run_dir)
     # The whole config is checked against the data before the run dir is made: a bad config leaves no folder.
-    recipe = recipe_class(cfg.model.arch, cfg.stage)(cfg)
-    tok = run_tokenizer(cfg)
-    try:
-        recipe.check_data(tok)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    recipe, tok = checked_recipe(cfg)
     agree_resume_mode(run_dir, cfg.train.resume, cfg.train.checkpoint_s3, info)
     with hold_run_lock(run_dir, info):  # one run per run dir, released however the run ends
         config_yaml = config_to_yaml(cfg)

@@ -23,6 +23,7 @@ from trainer.data_health import is_data_error
 from trainer.distributed import DistInfo, all_gather_objects, uses_cuda
 from trainer.engine import BatchLayout
 from trainer.models.weights import read_config_json, word_embedding_rows
+from trainer.recipes import recipe_class
 from trainer.task_mix import task_mix
 
 if TYPE_CHECKING:  # the recipes' default data hooks call into this module
@@ -133,6 +134,17 @@ def check_vocab_sizes(cfg: Config, tok: Tokenizer) -> None:
                           f"{declared}) but model.vocab_size={cfg.model.vocab_size} = the {tok.vocab_size} word "
                           f"pieces of {where}; use the tokenizer that BERT was trained with (its vocab.txt or "
                           "directory) and its vocab_size, or leave model.init_from_bert out")
+
+
+def checked_recipe(cfg: Config) -> tuple["Recipe", Tokenizer]:
+    """The run's recipe and tokenizer, the config checked against the data (one line, exit 2, if not)."""
+    recipe = recipe_class(cfg.model.arch, cfg.stage)(cfg)
+    tok = run_tokenizer(cfg)
+    try:
+        recipe.check_data(tok)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return recipe, tok
 
 
 def validate_against_data(cfg: Config, recipe: Recipe, tok: Tokenizer) -> None:

@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from data.collate import pad_text, packed_layout
+from data.collate import uniter_rows
 from data.tasks.features import Regions
 from data.tasks.records import NUM_CHOICES, VE_LABELS, image_ids_of
 
@@ -48,42 +48,18 @@ def _words(tok, text: str, max_txt_len: int) -> np.ndarray:
     return np.asarray(tok.encode(text)[:max_txt_len], dtype=np.int64)
 
 
-def _pad_regions(feats: Sequence[np.ndarray], poss: Sequence[np.ndarray]
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Zero-padded features [B, Ni, D], boxes [B, Ni, 7] and region counts [B]."""
+def _check_dims(feats: Sequence[np.ndarray]) -> None:
     dims = sorted({int(f.shape[1]) for f in feats})
     if len(dims) > 1:
         raise ValueError(f"regions of one batch must share img_dim, got {dims}; the region shard folders "
                          "named by finetune.features mix feature sizes")
-    num_bbs = np.array([len(f) for f in feats], dtype=np.int64)  # [B]
-    ni = int(num_bbs.max())
-    feat = np.zeros((len(feats), ni, dims[0]), dtype=np.float32)  # [B, Ni, D]
-    pos = np.zeros((len(feats), ni, 7), dtype=np.float32)  # [B, Ni, 7]
-    for i, (f, p) in enumerate(zip(feats, poss)):
-        feat[i, : num_bbs[i]] = f
-        pos[i, : num_bbs[i]] = p
-    return feat, pos, num_bbs
 
 
 def _layout(words: Sequence[np.ndarray], feats: Sequence[np.ndarray], poss: Sequence[np.ndarray],
             tok, ids: list, task: str) -> dict:
     """The common keys for rows (words[i], regions feats[i]/poss[i]); `ids` one per example."""
-    input_ids = pad_text(words, tok.cls_id, tok.sep_id, tok.pad_id)  # [B, Lt]
-    txt_lens = np.array([len(w) + 2 for w in words], dtype=np.int64)  # [B]
-    feat, pos, num_bbs = _pad_regions(feats, poss)
-    attn, gather = packed_layout(txt_lens, num_bbs, input_ids.shape[1])  # [B, L] each
-    return {
-        "input_ids": torch.from_numpy(input_ids),
-        "position_ids": torch.arange(input_ids.shape[1], dtype=torch.long).unsqueeze(0),  # [1, Lt]
-        "txt_lens": torch.from_numpy(txt_lens),
-        "img_feat": torch.from_numpy(feat),  # [B, Ni, D]
-        "img_pos_feat": torch.from_numpy(pos),  # [B, Ni, 7]
-        "num_bbs": torch.from_numpy(num_bbs),
-        "attn_masks": torch.from_numpy(attn),  # [B, L]
-        "gather_index": torch.from_numpy(gather),  # [B, L]
-        "ids": ids,
-        "task": task,
-    }
+    _check_dims(feats)
+    return {**uniter_rows(words, feats, poss, tok), "ids": ids, "task": task}
 
 
 def _single(samples: Sequence[Sample], tok, max_txt_len: int, task: str) -> dict:

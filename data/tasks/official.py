@@ -32,7 +32,7 @@ import re
 import string
 from collections import Counter
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 from data.shards import caption_reason
 from data.tasks.folder import MANIFEST, write_task_folder
@@ -443,14 +443,21 @@ def _nlvr2_example(r: dict) -> tuple[Optional[dict], Optional[str]]:
 def build_nlvr2(jsonl: dict[str, str], out: str | Path) -> dict:
     """NLVR2 JSONL files ({"identifier", "sentence", "label": "True"/"False", ...} a line), {split:
     path} -> `<out>/<split>` task folders; a line without a label (hidden test) gets none."""
+    return build_jsonl("nlvr2", "NLVR2", jsonl, out, _nlvr2_example)
+
+
+def build_jsonl(task: str, source: str, jsonl: dict[str, str], out: str | Path,
+                example: Callable[[dict], tuple[Optional[dict], Optional[str]]], meta: Optional[dict] = None) -> dict:
+    """The JSONL releases (NLVR2, SNLI-VE, VCR): each line of each {split: path} file through `example`
+    (-> (example, None) or (None, reason)) into `<out>/<split>` task folders."""
     jsonl = check_split_paths(jsonl, "--jsonl")
     if not jsonl:
         raise ValueError("--jsonl: name at least one SPLIT=FILE")
-    build = TaskBuild("nlvr2", jsonl)
+    build = TaskBuild(task, jsonl)
     for split, path in jsonl.items():
-        for r in iter_jsonl(path, f"NLVR2 {split} file", build.skipped):
-            build.add(split, *_nlvr2_example(r))
-    return build.write(out, meta={"source": "NLVR2", "files": jsonl})
+        for r in iter_jsonl(path, f"{source} {split} file", build.skipped):
+            build.add(split, *example(r))
+    return build.write(out, meta={"source": source, "files": jsonl, **(meta or {})})
 
 
 def _ve_example(r: dict, fmt: str) -> tuple[Optional[dict], Optional[str]]:
@@ -474,16 +481,9 @@ def _ve_example(r: dict, fmt: str) -> tuple[Optional[dict], Optional[str]]:
 def build_ve(jsonl: dict[str, str], out: str | Path, *, image_id_format: str = "{}") -> dict:
     """SNLI-VE JSONL files ({"Flikr30kID": "123.jpg", "sentence2", "gold_label", "pairID"} a line),
     {split: path} -> `<out>/<split>` task folders; labels in UNITER's order (records.VE_LABELS)."""
-    jsonl = check_split_paths(jsonl, "--jsonl")
-    if not jsonl:
-        raise ValueError("--jsonl: name at least one SPLIT=FILE")
     check_id_format(image_id_format)
-    build = TaskBuild("ve", jsonl)
-    for split, path in jsonl.items():
-        for r in iter_jsonl(path, f"SNLI-VE {split} file", build.skipped):
-            build.add(split, *_ve_example(r, image_id_format))
-    return build.write(out, meta={"source": "SNLI-VE", "files": jsonl, "image_id_format": image_id_format,
-                                  "label_order": list(VE_LABELS)})
+    return build_jsonl("ve", "SNLI-VE", jsonl, out, lambda r: _ve_example(r, image_id_format),
+                       {"image_id_format": image_id_format, "label_order": list(VE_LABELS)})
 
 
 # ---------------------------------------------------------------- Karpathy splits
@@ -507,6 +507,19 @@ def _karpathy_image(img: Any, restval_into_train: bool, fmt: str) -> tuple[Optio
     return (split, image_id, img["sentences"]), None
 
 
+def add_sentences(build: "TaskBuild", split: str, sentences: Iterable, keys: tuple[str, str], shared: dict) -> None:
+    """One example per sentence record ({id key, text key}) with the image's `shared` fields."""
+    id_key, text_key = keys
+    for s in sentences:
+        if not isinstance(s, dict):
+            build.skip("bad_record")
+            continue
+        sent_id, reason = need_id(s, id_key)
+        text, text_reason = need_text(s, text_key)
+        reason = reason or text_reason
+        build.add(split, None if reason else {"id": sent_id, "text": text, **shared}, reason)
+
+
 def build_karpathy(karpathy: str | Path, out: str | Path, *, restval_into_train: bool = True,
                    image_id_format: str = "{}", max_json_bytes: int = DEFAULT_MAX_JSON_BYTES) -> dict:
     """A Karpathy split file (dataset_coco.json, dataset_flickr30k.json) -> retrieval task folders
@@ -522,13 +535,6 @@ def build_karpathy(karpathy: str | Path, out: str | Path, *, restval_into_train:
             build.skip(reason)
             continue
         split, image_id, sentences = found
-        for s in sentences:
-            if not isinstance(s, dict):
-                build.skip("bad_record")
-                continue
-            sent_id, reason = need_id(s, "sentid")
-            text, text_reason = need_text(s, "raw")
-            reason = reason or text_reason
-            build.add(split, None if reason else {"id": sent_id, "image_id": image_id, "text": text}, reason)
+        add_sentences(build, split, sentences, ("sentid", "raw"), {"image_id": image_id})
     return build.write(out, meta={"source": "Karpathy split", "file": str(karpathy), "image_id_format":
                                   image_id_format, "restval_into_train": restval_into_train})

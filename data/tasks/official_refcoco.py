@@ -27,8 +27,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-from data.tasks.official import (DEFAULT_MAX_JSON_BYTES, TaskBuild, _regular_file, as_id, check_id_format,
-                                 format_image_id, need_id, need_text, read_json)
+from data.tasks.official import (DEFAULT_MAX_JSON_BYTES, TaskBuild, _regular_file, add_sentences, as_id,
+                                 check_id_format, format_image_id, read_json)
 from data.tasks.safe_pickle import load_restricted
 
 REFCOCO_SPLITS = ("train", "val", "test", "testA", "testB", "testC")
@@ -149,13 +149,6 @@ def build_refcoco(refs: str | Path, instances: str | Path, out: str | Path, *,
             continue
         if wanted is not None and ref["split"] not in wanted:
             continue
-        for s in ref["sentences"]:
-            if not isinstance(s, dict):
-                build.skip("bad_record")
-                continue
-            sent_id, reason = need_id(s, "sent_id")
-            text, text_reason = need_text(s, "sent")
-            reason = reason or text_reason
-            build.add(ref["split"], None if reason else {"id": sent_id, "text": text, **shared}, reason)
+        add_sentences(build, ref["split"], ref["sentences"], ("sent_id", "sent"), shared)
     return build.write(out, meta={"source": "RefCOCO", "refs": str(refs), "instances": str(instances),
                                   "image_id_format": image_id_format, "boxes": "ground truth, instances order"})

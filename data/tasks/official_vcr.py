@@ -22,7 +22,7 @@ from __future__ import annotations
 from pathlib import Path, PurePosixPath
 from typing import Any, Optional
 
-from data.tasks.official import TaskBuild, as_id, check_split_paths, iter_jsonl, need_id
+from data.tasks.official import as_id, build_jsonl, need_id
 from data.tasks.records import NUM_CHOICES
 
 MAX_OBJECTS = 1000
@@ -107,12 +107,4 @@ def vcr_example(r: dict) -> tuple[Optional[dict], Optional[str]]:
 
 def build_vcr(jsonl: dict[str, str], out: str | Path) -> dict:
     """VCR JSONL files, {split: path} -> `<out>/<split>` task folders (module docstring)."""
-    jsonl = check_split_paths(jsonl, "--jsonl")
-    if not jsonl:
-        raise ValueError("--jsonl: name at least one SPLIT=FILE")
-    build = TaskBuild("vcr", jsonl)
-    for split, path in jsonl.items():
-        for r in iter_jsonl(path, f"VCR {split} file", build.skipped):
-            build.add(split, *vcr_example(r))
-    return build.write(out, meta={"source": "VCR", "files": jsonl,
-                                  "object_references": "name + (index + 1), e.g. person1"})
+    return build_jsonl("vcr", "VCR", jsonl, out, vcr_example, {"object_references": "name + (index + 1), e.g. person1"})

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from trainer.models.bert import LN_EPS, MASK_VALUE, init_bert_weights
 from trainer.models.config import ModelConfig
 from trainer.models.sharing import register_shared_parameters
-from trainer.models.uniter import UniterModel
+from trainer.models.uniter import UniterModel, cast_region_features
 
 TASKS = ("vqa", "ve", "retrieval", "nlvr2", "re", "vcr")
 NLVR2_VARIANTS = ("paired", "triplet", "paired-attn")
@@ -200,13 +200,7 @@ class UniterForFinetuning(nn.Module):
         return sum(o.float().sum() for o in outputs) * 0.0
 
     def _cast_features(self, batch: dict) -> dict:
-        """Region features arrive as fp32; under bf16/fp16 engines they follow the weights."""
-        dtype = self.uniter.img_embeddings.img_linear.weight.dtype
-        out = dict(batch)
-        for key in ("img_feat", "img_pos_feat"):
-            if out.get(key) is not None and out[key].dtype != dtype:
-                out[key] = out[key].to(dtype)
-        return out
+        return cast_region_features(batch, self.uniter.img_embeddings.img_linear.weight.dtype)
 
     def encode(self, batch: Mapping[str, Optional[Tensor]]) -> Tensor:
         """Collated task batch -> last hidden states [B, L, H], with its type ids when present."""

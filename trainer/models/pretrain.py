@@ -11,7 +11,7 @@ from trainer.models.config import ModelConfig
 from trainer.models.convert import load_bert_directory, load_uniter_checkpoint
 from trainer.models.heads import MlmHead, RegionClassification, RegionFeatureRegression
 from trainer.models.sharing import register_shared_parameters
-from trainer.models.uniter import UniterModel
+from trainer.models.uniter import UniterModel, cast_region_features
 
 _TEXT_KEYS = ("input_ids", "position_ids", "attn_masks")
 _IMAGE_KEYS = ("img_feat", "img_pos_feat", "gather_index")
@@ -72,13 +72,7 @@ class UniterForPretraining(nn.Module):
         return sum(o.float().sum() for o in outputs) * 0.0
 
     def _cast_features(self, batch: dict) -> dict:
-        """Region features arrive as fp32; under bf16/fp16 engines they follow the weights."""
-        dtype = self.uniter.img_embeddings.img_linear.weight.dtype
-        out = dict(batch)
-        for key in ("img_feat", "img_pos_feat"):
-            if out.get(key) is not None and out[key].dtype != dtype:
-                out[key] = out[key].to(dtype)
-        return out
+        return cast_region_features(batch, self.uniter.img_embeddings.img_linear.weight.dtype)
 
     def encode(self, batch: Mapping[str, Optional[Tensor]], img_masks: Optional[Tensor] = None) -> Tensor:
         """Run the backbone on a collated batch -> last hidden states [B, L, H], or [R, Lp, H] for

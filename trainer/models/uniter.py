@@ -188,3 +188,13 @@ def _check_same_shape(name_a: str, a: Tensor, name_b: str, b: Tensor) -> None:
             f"{name_a} has shape {tuple(a.shape)} but {name_b} has {tuple(b.shape)}; "
             "both must be [B, L] (or [R, Lp] for packed rows) over the same sequence"
         )
+
+
+def cast_region_features(batch: dict, dtype: torch.dtype) -> dict:
+    """`batch` with img_feat / img_pos_feat in `dtype`: region features arrive as fp32, and under
+    bf16/fp16 engines they follow the weights."""
+    out = dict(batch)
+    for key in ("img_feat", "img_pos_feat"):
+        if out.get(key) is not None and out[key].dtype != dtype:
+            out[key] = out[key].to(dtype)
+    return out
