@@ -45,6 +45,11 @@ class JobPlan:
     def config_yaml(self) -> str:
         return config_to_yaml(self.run_config)
 
+    @property
+    def command(self) -> str:
+        """The `vlpt` command that runs the config: `pretrain`, or `finetune` for `stage: finetune`."""
+        return "finetune" if self.run_config.stage == "finetune" else "pretrain"
+
 
 def plan_job(target: str, config: str, overrides: list[str], cluster: ClusterConfig,
              out_dir: str | None = None, now: str | None = None) -> JobPlan:

@@ -25,7 +25,8 @@ def render_k8s(plan: JobPlan) -> str:
         raise ConfigError("k8s needs k8s.runs_claim (a ReadWriteMany PersistentVolumeClaim for train.run_dir) "
                           "or train.checkpoint_s3, or a restarted pod could not resume")
     config_map, job = yaml.safe_load_all(fill(
-        "pytorchjob.yaml", name=_j(plan.name), namespace=_j(k.namespace), config_map=_j(f"{plan.name}-config"),
+        "pytorchjob.yaml", name=_j(plan.name), vlpt_command=plan.command, namespace=_j(k.namespace),
+        config_map=_j(f"{plan.name}-config"),
         config_yaml=_j(plan.config_yaml), nodes=plan.cluster.nodes, nproc=_j(str(plan.cluster.procs_per_node)),
         backoff_limit=k.backoff_limit))
     specs = {"Master": replica_spec(plan, 1)}
@@ -66,7 +67,7 @@ def command(plan: JobPlan) -> list[str]:
             f"--max-restarts={c.max_restarts}",
             # $(POD_NAME) is expanded by Kubernetes: one log directory per pod, one subfolder per rank.
             f"--log-dir={posixpath.join(plan.run_dir, 'logs')}/$(POD_NAME)", "--redirects=3", "--tee=3",
-            "-m", "vlpt", "pretrain", "--config", plan.config_path]
+            "-m", "vlpt", plan.command, "--config", plan.config_path]
 
 
 def container_env(plan: JobPlan) -> list[dict]:

@@ -22,8 +22,10 @@ GPU_JOB_UNSET = ("# DeepSpeed finds the GPUs itself; the DS_ACCELERATOR of a CPU
 
 def render_command(launcher: str, config: str, nproc: int, overrides: Sequence[str] = (),
                    master_port: int = 29500, *, max_restarts: int = 0, log_dir: Optional[str] = None,
-                   hostfile: Optional[str] = None, nodes: int = 1, master_addr: Optional[str] = None) -> list[str]:
-    """argv of `vlpt pretrain --config <config> <overrides>` under torchrun (`local`) or `deepspeed`.
+                   hostfile: Optional[str] = None, nodes: int = 1, master_addr: Optional[str] = None,
+                   command: str = "pretrain") -> list[str]:
+    """argv of `vlpt <command> --config <config> <overrides>` (`pretrain` or `finetune`) under torchrun
+    (`local`) or `deepspeed`.
 
     `log_dir` adds per-rank log files; `hostfile` (DeepSpeed only) spreads the run over `nodes` hosts.
     """
@@ -32,7 +34,7 @@ def render_command(launcher: str, config: str, nproc: int, overrides: Sequence[s
     if nproc < 1:
         raise ConfigError(f"--nproc must be at least 1, got {nproc}")
     bin_dir = Path(sys.executable).parent
-    program = ["pretrain", "--config", config, *overrides]
+    program = [command, "--config", config, *overrides]
     if launcher == "local":
         restarts = [f"--max-restarts={max_restarts}"] if max_restarts else []
         logs = [f"--log-dir={log_dir}", "--redirects=3", "--tee=3"] if log_dir else []
@@ -57,14 +59,16 @@ def render_local(plan: JobPlan, hostfile: Optional[str]) -> str:
                           f"got {len(c.deepspeed.hosts)}")
     argv = render_command(plan.target, plan.config_path, c.procs_per_node, master_port=c.master_port,
                           max_restarts=c.max_restarts, log_dir=os.path.join(plan.run_dir, "logs", plan.target),
-                          hostfile=hostfile, nodes=c.nodes, master_addr=c.deepspeed.hosts[0] if hostfile else None)
+                          hostfile=hostfile, nodes=c.nodes, master_addr=c.deepspeed.hosts[0] if hostfile else None,
+                          command=plan.command)
     over_pdsh = hostfile is not None and c.nodes > 1  # one host: DeepSpeed starts it here, no pdsh
     if over_pdsh:
         try:
             check_deepspeed_env_files(plan.workdir)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-    return fill("local.sh", name=plan.name, nodes=c.nodes, nproc=c.procs_per_node, target=plan.target,
+    return fill("local.sh", name=plan.name, vlpt_command=plan.command, nodes=c.nodes, nproc=c.procs_per_node,
+                target=plan.target,
                 config_path=plan.config_path, workdir=shlex.quote(plan.workdir), env=env_exports(c.env),
                 accelerator=GPU_JOB_UNSET if c.gpus_per_node else "",
                 pdsh_filter=pdsh_filter() if over_pdsh else "", command=shlex.join(argv))

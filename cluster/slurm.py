@@ -31,7 +31,7 @@ def render_slurm(plan: JobPlan) -> str:
                        ("config path", plan.config_path), ("slurm.torchrun", torchrun)):
         if not PLAIN_PATH.match(path):
             raise ConfigError(f"{what} {path!r}: a Slurm job needs a path of letters, digits and ./_+-@=:, only")
-    return fill("slurm.sbatch", name=plan.name, nodes=c.nodes, nproc=c.procs_per_node,
+    return fill("slurm.sbatch", name=plan.name, vlpt_command=plan.command, nodes=c.nodes, nproc=c.procs_per_node,
                 cpus_per_task=s.cpus_per_task, sbatch_options=sbatch_options(plan),
                 signal_seconds=s.signal_seconds, log_root=log_root, workdir=plan.workdir,
                 host_local_env=" ".join(HOST_LOCAL_ENV),

@@ -1,5 +1,5 @@
 #!/bin/bash
-# {{name}}: `vlpt pretrain` on {{nodes}} node(s) x {{nproc}} process(es), rendered by `vlpt launch {{target}}`
+# {{name}}: `vlpt {{vlpt_command}}` on {{nodes}} node(s) x {{nproc}} process(es), rendered by `vlpt launch {{target}}`
 # from cluster/templates/local.sh; the frozen run config is {{config_path}}.
 # Credentials (S3, MLflow) come from the environment this runs in, never from this file.
 set -euo pipefail

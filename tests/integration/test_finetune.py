@@ -184,3 +184,17 @@ def test_resumed_finetuning_is_exact(tmp_path, demo_data, tasks_dir, uniter_chec
     a, _ = read_weights(str(tmp_path / "a" / "run-nlvr2"), "a")
     b, _ = read_weights(str(tmp_path / "b" / "run-nlvr2"), "b")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("task", ["vqa", "re"])
+def test_finetuning_runs_under_zero2_bf16(task, tmp_path, demo_data, tasks_dir, uniter_checkpoint, process_group,
+                                          monkeypatch):
+    from trainer.config import load_config
+    from tests.conftest import read_metrics
+    from trainer.run import pretrain
+
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    path = write_config(tmp_path, demo_data, tasks_dir, task, uniter_checkpoint, steps=3)
+    summary = pretrain(load_config(str(path), ["--precision.dtype=bf16", "--parallel.zero_stage=2"]))
+    losses = [r[f"{task}_loss"] for r in read_metrics(tmp_path / f"run-{task}") if f"{task}_loss" in r]
+    assert summary["steps"] == 3 and len(losses) == 3 and all(np.isfinite(losses))

@@ -203,3 +203,15 @@ def test_local_script(tmp_path):
     bash_n(script, tmp_path)
     assert f"cd {os.getcwd()}" in script and "--nproc_per_node=2" in script and "--max-restarts=1" in script
     assert f"--log-dir={plan.run_dir}/logs/local" in script and f"--config {plan.config_path}" in script
+
+
+@pytest.mark.parametrize("target, file", [("local", "launch.sh"), ("deepspeed", "launch.sh"),
+                                          ("slurm", "job.sbatch"), ("k8s", "pytorchjob.yaml")])
+def test_a_finetune_config_launches_vlpt_finetune(tmp_path, target, file):
+    """`stage: finetune` configs run under `vlpt finetune` on every target (`vlpt pretrain` refuses them)."""
+    run_dir = "/workspace/vlpt/runs/ft" if target == "k8s" else f"{tmp_path}/run"
+    where = cluster(k8s={"image": "registry.example/vlpt:1", "runs_claim": "runs"}) if target == "k8s" else cluster()
+    plan = plan_job(target, "configs/finetune/demo-vqa.yaml", [f"--train.run_dir={run_dir}"], where, now=NOW)
+    text = render_job(plan).files[file]
+    assert "vlpt finetune" in text or '"finetune"' in text or "- finetune" in text
+    assert "pretrain" not in text.replace("pretrain:", "")
