@@ -27,6 +27,12 @@ class FinetuneConfig:
     negative_size: int = 1
     """Retrieval K: each caption's group holds K negative images and K negative captions (G = 1 + 2K),
     drawn from the micro-batch's other images."""
+    hard_negatives: int = 0
+    """Retrieval with hard negatives (UNITER's hard-negative fine-tuning: 31): per caption, score
+    `hard_candidates` random other images and as many captions of other images of the training split, then
+    train the hinge on the positive and this many highest-scoring of each side. 0: random negatives."""
+    hard_candidates: int = 399
+    """Candidates per caption and side for `hard_negatives` (UNITER: 399)."""
     lr_mul: float = 1.0
     """The task head's learning rate is optim.lr x lr_mul (UNITER VQA: 10)."""
     eval_batch_size: int = 64
@@ -39,6 +45,9 @@ class FinetuneConfig:
     def __post_init__(self) -> None:
         if self.negative_size < 1 or self.eval_batch_size < 1 or self.cache_images < 1:
             raise ValueError("finetune.negative_size, eval_batch_size and cache_images must be >= 1")
+        if self.hard_negatives < 0 or (self.hard_negatives and not self.hard_negatives <= self.hard_candidates):
+            raise ValueError(f"finetune.hard_negatives={self.hard_negatives} must be 0 (random negatives) or between 1 "
+                             f"and finetune.hard_candidates={self.hard_candidates}")
         if self.lr_mul <= 0:
             raise ValueError(f"finetune.lr_mul must be > 0, got {self.lr_mul}")
         if self.vcr_extra_words < 0:

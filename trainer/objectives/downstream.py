@@ -20,6 +20,7 @@ from torch import Tensor
 
 from trainer.models.downstream import HeadConfig
 from trainer.objectives.base import TaskResult
+from trainer.objectives.itm import take_rows
 
 RANK_MARGIN = 0.2  # UNITER's hinge margin for retrieval and RE rank
 VCR_CHOICES = 4
@@ -63,6 +64,33 @@ def retrieval_train(model, batch: dict) -> TaskResult:
     hinge = torch.clamp(RANK_MARGIN + sig[:, 1:] - sig[:, :1], min=0)  # [n, G - 1]
     acc = (sig[:, :1] > sig[:, 1:]).sum()  # pairs where the positive outscores the negative
     return _result(hinge.reshape(-1), acc=acc.detach())
+
+
+@torch.no_grad()
+def hardest_rows(model, batch: dict) -> Tensor:
+    """Rows of each block's positive and its `hard_size` highest-scoring negatives -> [2Q * (1 + k)].
+
+    Scored in eval mode, as UNITER's hard-negative model does, so the pick is the model's and not
+    dropout's; the previous mode is restored afterwards (also on error). No host sync."""
+    group, k = batch["hard_group"], batch["hard_size"]
+    was_training = model.training
+    model.eval()
+    try:
+        scores = retrieval_scores(model, batch).view(-1, group)  # [2Q, 1 + C]
+    finally:
+        model.train(was_training)
+    top = scores[:, 1:].topk(k, dim=1).indices + 1  # [2Q, k], unsorted order is not needed
+    keep = torch.cat([torch.zeros_like(top[:, :1]), top], dim=1)  # [2Q, 1 + k], positive first
+    starts = torch.arange(scores.size(0), device=keep.device)[:, None] * group  # [2Q, 1]
+    return (keep + starts).reshape(-1)
+
+
+def retrieval_hard_train(model, batch: dict) -> TaskResult:
+    """The hinge of `retrieval_train` on each block's positive and its hardest negatives, encoded again
+    with gradient (docs/downstream.md, "Hard negatives")."""
+    chosen = take_rows(batch, hardest_rows(model, batch))
+    chosen["sample_size"] = 1 + batch["hard_size"]
+    return retrieval_train(model, chosen)
 
 
 # ---------------------------------------------------------------- NLVR2

@@ -80,7 +80,7 @@ def itm_loss(logits: Tensor, targets: Tensor, dist: Optional[Tensor] = None, wei
 
 # Per-pair tensors of a packed ITM batch; `position_ids` [1, Lt] is shared by all rows.
 _ROW_KEYS = ("input_ids", "txt_lens", "img_feat", "img_pos_feat", "num_bbs", "attn_masks",
-             "gather_index", "itm_targets")
+             "gather_index", "itm_targets", "txt_type_ids", "img_type_ids")
 
 
 def take_rows(batch: dict, rows: Tensor) -> dict:
@@ -92,5 +92,6 @@ def take_rows(batch: dict, rows: Tensor) -> dict:
     assert "segment_ids" not in batch, "take_rows needs one sample per row; itm-hard batches are never packed"
     out = dict(batch)
     for key in _ROW_KEYS:
-        out[key] = batch[key].index_select(0, rows)
+        if key in batch:  # itm_targets (ITM) or txt/img_type_ids (fine-tuning) where a batch has them
+            out[key] = batch[key].index_select(0, rows)
     return out

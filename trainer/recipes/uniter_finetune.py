@@ -13,6 +13,7 @@ from typing import Any, Optional
 
 from data.shards import FORMAT
 from data.tasks import collate as task_collate
+from data.tasks.collate_hard import CandidatePool, collate_retrieval_hard
 from data.tasks.features import FeatureStore
 from data.tasks.folder import TaskFolder, read_task_folder
 from data.tasks.loader import DownstreamLoader, known_images, steps_from_state
@@ -23,7 +24,7 @@ from trainer.models.config import ModelConfig
 from trainer.models.downstream import HeadConfig, UniterForFinetuning
 from trainer.models.downstream_load import load_pretrained
 from trainer.models.pretrained_weights import read_weights
-from trainer.objectives.downstream import training_function
+from trainer.objectives.downstream import retrieval_hard_train, training_function
 from trainer.recipes import register
 from trainer.recipes.base import Recipe, StepContext, StepPlan
 
@@ -155,6 +156,10 @@ class UniterFinetuneRecipe(Recipe):
             return functools.partial(task_collate.collate_vqa, num_answers=len(self.labels), **common)
         if task == "ve":
             return functools.partial(task_collate.collate_ve, **common)
+        if task == "retrieval" and f.hard_negatives:
+            pool = CandidatePool(self.train_folder.examples, self.store)
+            return functools.partial(collate_retrieval_hard, pool=pool, candidates=f.hard_candidates,
+                                     hard_size=f.hard_negatives, **common)
         if task == "retrieval":
             return functools.partial(task_collate.collate_retrieval_train, negative_size=f.negative_size, **common)
         if task == "nlvr2":
@@ -177,7 +182,8 @@ class UniterFinetuneRecipe(Recipe):
 
     # ------------------------------------------------------------------ step
     def attach(self, model, layout, device) -> None:
-        self.train_fn = training_function(model.head)
+        hard = self.task == "retrieval" and self.cfg.finetune.hard_negatives
+        self.train_fn = retrieval_hard_train if hard else training_function(model.head)
         self.head_modules = model.head_prefixes()
 
     def term_counts(self, batch: dict, task: str) -> dict[str, float]:
