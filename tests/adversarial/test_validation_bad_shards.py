@@ -61,12 +61,18 @@ def test_retrieval_set_skips_and_counts_damage(tmp_path, pixel_data):
     assert len(data.images) == pictures and len(data.input_ids) == 2 * pictures  # 2 captions per demo scene
 
 
-def test_unreadable_held_out_data_skips_the_validation_with_one_line(monkeypatch):
+def test_unreadable_held_out_data_skips_the_validation_with_one_line():
     import trainer.run as run_module
     from trainer.config import Config
 
-    def unreachable(cfg, recipe, tok, skipped):
-        raise IOError("s3://bucket/val/manifest.json: giving up after 10 retries in 45s")
+    class Recipe:
+        """The recipe's held-out reading fails as `error` does."""
+
+        def __init__(self, error: Exception) -> None:
+            self.error = error
+
+        def val_splits(self, tok, skipped):
+            raise self.error
 
     class Lines:
         def __init__(self):
@@ -75,18 +81,15 @@ def test_unreadable_held_out_data_skips_the_validation_with_one_line(monkeypatch
         def write(self, line):
             self.lines.append(line)
 
-    monkeypatch.setattr(run_module, "read_val_splits", unreachable)
     progress = Lines()
-    run = run_module.Run(Config(), None, None, None, None, None, "")
+    unreachable = Recipe(IOError("s3://bucket/val/manifest.json: giving up after 10 retries in 45s"))
+    run = run_module.Run(Config(), unreachable, None, None, None, None, "")
     run.state, run.progress = run_module.RunState(step=7), progress
     assert run.validate() == {}
     assert len(progress.lines) == 1 and "validation @ step 7 skipped" in progress.lines[0]
     assert "giving up" in progress.lines[0]
 
-    def bug(cfg, recipe, tok, skipped):
-        raise KeyError("a bug is not a data error")
-
-    monkeypatch.setattr(run_module, "read_val_splits", bug)
+    run.recipe = Recipe(KeyError("a bug is not a data error"))
     run.state.step = 8
     with pytest.raises(KeyError):
         run.validate()
