@@ -198,3 +198,36 @@ def test_finetuning_runs_under_zero2_bf16(task, tmp_path, demo_data, tasks_dir, 
     summary = pretrain(load_config(str(path), ["--precision.dtype=bf16", "--parallel.zero_stage=2"]))
     losses = [r[f"{task}_loss"] for r in read_metrics(tmp_path / f"run-{task}") if f"{task}_loss" in r]
     assert summary["steps"] == 3 and len(losses) == 3 and all(np.isfinite(losses))
+
+
+def test_retrieval_with_hard_negatives_trains(tmp_path, demo_data, tasks_dir, uniter_checkpoint, process_group,
+                                              monkeypatch):
+    from tests.conftest import read_metrics
+    from trainer.config import load_config
+    from trainer.run import pretrain
+
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    path = write_config(tmp_path, demo_data, tasks_dir, "retrieval", uniter_checkpoint, steps=2)
+    summary = pretrain(load_config(str(path), ["--finetune.hard_negatives=3", "--finetune.hard_candidates=7"]))
+    records = [r for r in read_metrics(tmp_path / "run-retrieval") if "retrieval_loss" in r]
+    assert summary["steps"] == 2 and len(records) == 2 and all(np.isfinite(r["retrieval_loss"]) for r in records)
+    assert "val/retrieval_img_r1" in summary
+
+
+@pytest.mark.parametrize("task, labels", [("vqa", ("labels", "scores")), ("vcr", ("answer_label", "rationale_label")),
+                                          ("nlvr2", ("label",))])
+def test_evaluate_writes_predictions_of_an_unlabelled_test_split(task, labels, finetuned, tmp_path):
+    from data.tasks.folder import read_task_folder, write_task_folder
+    from trainer.config import load_config
+    from trainer.evaluate import evaluate
+
+    path, _ = finetuned[task]
+    cfg = load_config(str(path))
+    val = read_task_folder(cfg.finetune.val)
+    test = [{k: v for k, v in r.items() if k not in labels} for r in val.examples]
+    write_task_folder(tmp_path / "test", task, "test", test, labels=val.labels)
+    result = evaluate(cfg, cfg.train.run_dir, split=str(tmp_path / "test"), out=str(tmp_path / "eval"))
+    assert result["metrics"] == {} and result["files"]
+    from trainer.predictions import read_predictions
+
+    assert len(read_predictions(task, str(tmp_path / "eval"))["ids"]) == len(test)
