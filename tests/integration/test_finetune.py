@@ -231,3 +231,19 @@ def test_evaluate_writes_predictions_of_an_unlabelled_test_split(task, labels, f
     from trainer.predictions import read_predictions
 
     assert len(read_predictions(task, str(tmp_path / "eval"))["ids"]) == len(test)
+
+
+@pytest.mark.parametrize("task", ["vqa", "nlvr2"])
+def test_a_finetuned_model_exports_with_uniter_names_and_loads_back(task, finetuned, tmp_path):
+    from trainer.config import load_config
+    from trainer.models.config import ModelConfig
+    from trainer.models.downstream import HeadConfig, UniterForFinetuning
+    from vlpt.cli import main
+
+    cfg = load_config(str(finetuned[task][0]))
+    assert main(["convert", "export", "--src", cfg.train.run_dir, "--dst", str(tmp_path / "model.pt")]) == 0
+    sd = torch.load(tmp_path / "model.pt", weights_only=True)
+    model = UniterForFinetuning(ModelConfig(**TINY_MODEL, vocab_size=188, img_dim=16, img_label_dim=9),
+                                HeadConfig(task=task, num_answers=22 if task == "vqa" else 3))
+    model.load_state_dict(sd, strict=True)  # UNITER's key set of a fine-tuned model: backbone + head
+    assert any(k.startswith(("vqa_output.", "nlvr2_output.")) for k in sd)

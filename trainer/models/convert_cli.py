@@ -80,7 +80,19 @@ def export_checkpoint(src: Path, dst: Path) -> str:
                           "its checkpoints/ directory or one step_XXXXXXXX/ checkpoint directory")
     if is_albef_state_dict(sd):
         return export_to_albef(sd, teacher, source, kind, dst)
+    if is_finetuned_uniter(sd):
+        save_state_dict(sd, dst)  # a task head on the backbone: UNITER's own key names already
+        return f"exported {source} ({kind}, fine-tuned) -> {dst}: {len(sd)} keys with UNITER names"
     return export_to_uniter(sd, source, kind, dst)
+
+
+FINETUNE_HEADS = ("vqa_output.", "rank_output.", "nlvr2_output.", "re_output.", "vcr_output.")
+
+
+def is_finetuned_uniter(sd: Mapping[str, Tensor]) -> bool:
+    """A `vlpt finetune` UNITER (docs/downstream.md): the backbone and a task head, no pretraining heads."""
+    pretraining_heads = ("cls.", "feat_regress.", "region_classifier.")
+    return any(k.startswith(FINETUNE_HEADS) for k in sd) and not any(k.startswith(pretraining_heads) for k in sd)
 
 
 def export_to_albef(sd: StateDict, teacher: Optional[StateDict], source: Path, kind: str, dst: Path) -> str:
@@ -246,9 +258,13 @@ def _expected_shapes(cfg_file: Path) -> Optional[Dict[str, Tuple[int, ...]]]:
     from trainer.models.pretrain import UniterForPretraining
 
     try:
-        model_cfg = load_config(str(cfg_file)).model
+        cfg = load_config(str(cfg_file))
     except (ValueError, TypeError, OSError) as e:
         print(f"vlpt: note: not checking against {cfg_file} ({_one_line(e)})", file=sys.stderr)
+        return None
+    model_cfg = cfg.model
+    if cfg.stage == "finetune":  # the head's size comes from the task folder, not the config
+        print(f"vlpt: note: not checking against {cfg_file} (a fine-tuned model)", file=sys.stderr)
         return None
     model_class = {"uniter": UniterForPretraining, "albef": Albef}.get(model_cfg.arch)
     if model_class is None:  # a family registered elsewhere: its names are its own
