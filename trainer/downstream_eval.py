@@ -51,6 +51,8 @@ def _outputs(engine, collate: Callable, predict, joined: list[Optional[tuple]], 
     """index -> this rank's raw output rows for each usable example it scored."""
     stand_in = next((j for j in joined if j is not None), None)
     out: dict[int, np.ndarray] = {}
+    if stand_in is None:  # nothing usable (counted by _usable): the same on every rank, so no batch anywhere
+        return out
     for start in range(0, len(indices), batch_size):
         chunk = indices[start:start + batch_size]
         samples = [joined[i] if i >= 0 and joined[i] is not None else stand_in for i in chunk]
@@ -76,7 +78,7 @@ def score_split(engine, recipe, tok, examples: list[dict], info, skipped: dict[s
     """Collective. The task's metrics (docs/downstream.md, "Metrics") over `examples`, and predictions;
     `full`: everything the task's predictions file needs (VCR: QA->R given each of the 4 answers, as its
     leaderboard asks, not only given the right one)."""
-    task, f = recipe.task, recipe.cfg.finetune
+    task = recipe.task
     predict = prediction_function(recipe.head_config())
     mine_skipped: dict[str, int] = {}
     engine.eval()
@@ -104,8 +106,11 @@ def _score_items(engine, recipe, tok, task, examples, joined, indices, info, pre
     if task == "vcr":
         qa = scores(_with_mode(joined, "qa"), 4)
         labelled = all("answer_label" in r for r in examples)
-        qar = scores(_with_mode(joined, "qar"), 4) if labelled else {}
         given = [scores(_with_mode(joined, "qar", answer=a), 4) for a in range(4)] if full else None
+        if given is not None and labelled:  # QA->R given the right answer is one of the four
+            qar = {i: given[examples[i]["answer_label"]][i] for i in given[0]}
+        else:
+            qar = scores(_with_mode(joined, "qar"), 4) if labelled else {}
         return vcr_scores(examples, qa, qar, given)
     out = scores(joined)
     if task in ("vqa", "ve"):
