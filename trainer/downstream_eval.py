@@ -84,7 +84,7 @@ def score_split(engine, recipe, tok, examples: list[dict], info, skipped: dict[s
     engine.eval()
     try:
         if task == "retrieval":
-            result = _score_retrieval(engine, recipe, tok, examples, info, predict, mine_skipped)
+            result = _score_retrieval(engine, recipe, tok, examples, info, predict, mine_skipped, full)
         else:
             joined = _usable(examples, recipe.store, mine_skipped if info.rank == 0 else {})
             indices = _rank_share(len(examples), info.rank, info.world_size)
@@ -185,34 +185,63 @@ def vcr_scores(examples, qa: dict, qar: dict, given: Optional[list[dict]] = None
     return SplitScores(metrics, payload)
 
 
-def _score_retrieval(engine, recipe, tok, examples, info, predict, skipped) -> SplitScores:
-    """Every caption against every image: this rank's captions (rows), gathered into [n_txt, n_img]."""
-    store, bs = recipe.store, recipe.cfg.finetune.eval_batch_size
-    image_ids = list(dict.fromkeys(r["image_id"] for r in examples))  # order of first appearance
+def _score_retrieval(engine, recipe, tok, examples, info, predict, skipped, full: bool) -> SplitScores:
+    """Captions against images: every image (`finetune.retrieval_eval: full`, and `vlpt evaluate`), or, as
+    UNITER's validation, each caption's own image and the next `retrieval_eval_images` - 1 of the split's image
+    list (wrapping). This rank scores its share of the captions; the rows are gathered."""
+    f = recipe.cfg.finetune
+    images = _split_images(recipe.store, examples, info, skipped)
+    image_ids = list(images)
+    captions = [r for r in examples if r["image_id"] in images]
+    column = {image_id: j for j, image_id in enumerate(image_ids)}
+    gt = np.array([column[r["image_id"]] for r in captions], dtype=np.int64)  # [n_txt]
+    n_img = len(image_ids)
+    validation = not full and f.retrieval_eval == "validation"
+    width = min(f.retrieval_eval_images, n_img) if validation else n_img
+    columns = (lambda t: [(gt[t] + d) % n_img for d in range(width)]) if validation else (lambda t: range(n_img))
+    rows = _gathered(_caption_rows(engine, recipe.collate_pairs(tok), predict, captions, images, image_ids,
+                                   columns, width, info, f.eval_batch_size))
+    scores = np.stack([rows[t] for t in range(len(captions))]) if captions else np.zeros((0, width))  # [n_txt, w]
+    if validation:
+        return SplitScores(validation_recalls(scores))
+    metrics = m.retrieval_recalls(scores, gt) if len(captions) else {}
+    return SplitScores(metrics, {"scores": scores, "text_ids": [r["id"] for r in captions], "image_ids": image_ids,
+                                 "recalls": metrics})
+
+
+def validation_recalls(scores: np.ndarray) -> dict[str, float]:
+    """Image R@1/5/10 of UNITER's validation-style retrieval: column 0 of each row is the caption's own image."""
+    if not len(scores):
+        return {}
+    rank = (scores[:, 1:] > scores[:, :1]).sum(axis=1)  # [n_txt] images scoring above the right one
+    recalls = {f"img_r{k}": float(np.mean(rank < k)) for k in (1, 5, 10)}
+    return {**recalls, "img_r_mean": float(np.mean(list(recalls.values())))}
+
+
+def _split_images(store, examples, info, skipped) -> dict:
+    """image id -> Regions of every usable image of the split, in order of first appearance."""
     images = {}
-    for image_id in image_ids:
+    for image_id in dict.fromkeys(r["image_id"] for r in examples):
         regions, reason = store.get(image_id)
         if regions is not None:
             images[image_id] = regions
         elif info.rank == 0:  # every rank reads every image: count once
             add_counts(skipped, {reason: 1})
-    image_ids = [i for i in image_ids if i in images]
-    captions = [r for r in examples if r["image_id"] in images]
-    collate = recipe.collate_pairs(tok)
+    return images
+
+
+def _caption_rows(engine, collate, predict, captions, images, image_ids, columns, width, info,
+                  batch_size) -> dict[int, np.ndarray]:
+    """caption index -> its scores [width] against the images `columns(t)`, for this rank's captions."""
     rows: dict[int, np.ndarray] = {}
-    pairs = [(t, j) for t in _rank_share(len(captions), info.rank, info.world_size) for j in range(len(image_ids))]
-    for start in range(0, len(pairs), bs):
-        chunk = pairs[start:start + bs]
-        batch = collate([(captions[max(t, 0)], images[image_ids[j]]) for t, j in chunk])
+    pairs = [(t, c, j) for t in _rank_share(len(captions), info.rank, info.world_size)
+             for c, j in enumerate(columns(max(t, 0)))]
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start:start + batch_size]
+        batch = collate([(captions[max(t, 0)], images[image_ids[j]]) for t, _, j in chunk])
         with torch.no_grad():
             scores = engine(pin(batch, info.device), predict).float().cpu().numpy().reshape(-1)
-        for (t, j), s in zip(chunk, scores):
+        for (t, c, _), value in zip(chunk, scores):
             if t >= 0:
-                rows.setdefault(t, np.zeros(len(image_ids), np.float32))[j] = s
-    full = _gathered(rows)
-    matrix = np.stack([full[t] for t in range(len(captions))]) if captions else np.zeros((0, 0))  # [n_txt, n_img]
-    column = {image_id: j for j, image_id in enumerate(image_ids)}
-    gt = np.array([column[r["image_id"]] for r in captions], dtype=np.int64)
-    metrics = m.retrieval_recalls(matrix, gt) if len(captions) else {}
-    return SplitScores(metrics, {"scores": matrix, "text_ids": [r["id"] for r in captions], "image_ids": image_ids,
-                                 "recalls": metrics})
+                rows.setdefault(t, np.zeros(width, np.float32))[c] = value
+    return rows

@@ -35,6 +35,12 @@ class FinetuneConfig:
     """Candidates per caption and side for `hard_negatives` (UNITER: 399)."""
     lr_mul: float = 1.0
     """The task head's learning rate is optim.lr x lr_mul (UNITER VQA: 10)."""
+    retrieval_eval: Literal["full", "validation"] = "full"
+    """How validations score retrieval: every caption against every image, or UNITER's validation style (each
+    caption's own image and the next `retrieval_eval_images` - 1 of the list, image R@K only). `vlpt evaluate`
+    always scores the full matrix."""
+    retrieval_eval_images: int = 100
+    """Images per caption of the validation style (UNITER's inf_minibatch_size)."""
     eval_batch_size: int = 64
     """Examples (retrieval: caption-image pairs) per scoring batch."""
     cache_images: int = 4096
@@ -43,8 +49,9 @@ class FinetuneConfig:
     """VCR: word rows appended to the vocabulary (UNITER's object-tag tokens)."""
 
     def __post_init__(self) -> None:
-        if self.negative_size < 1 or self.eval_batch_size < 1 or self.cache_images < 1:
-            raise ValueError("finetune.negative_size, eval_batch_size and cache_images must be >= 1")
+        if min(self.negative_size, self.eval_batch_size, self.cache_images, self.retrieval_eval_images) < 1:
+            raise ValueError("finetune.negative_size, eval_batch_size, cache_images and retrieval_eval_images must "
+                             "be >= 1")
         if self.hard_negatives < 0 or (self.hard_negatives and not self.hard_negatives <= self.hard_candidates):
             raise ValueError(f"finetune.hard_negatives={self.hard_negatives} must be 0 (random negatives) or between 1 "
                              f"and finetune.hard_candidates={self.hard_candidates}")

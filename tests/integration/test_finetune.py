@@ -247,3 +247,31 @@ def test_a_finetuned_model_exports_with_uniter_names_and_loads_back(task, finetu
                                 HeadConfig(task=task, num_answers=22 if task == "vqa" else 3))
     model.load_state_dict(sd, strict=True)  # UNITER's key set of a fine-tuned model: backbone + head
     assert any(k.startswith(("vqa_output.", "nlvr2_output.")) for k in sd)
+
+
+def test_validation_style_retrieval_scores_the_own_image_and_the_next_ones(finetuned, tmp_path):
+    """UNITER's validation style: column 0 is the caption's image, then the next images of the list; its R@K
+    equals the full matrix's read over those columns."""
+    from trainer.config import load_config
+    from trainer.downstream_eval import score_split, validation_recalls
+    from trainer.distributed import DistInfo
+    from trainer.evaluate import _load_model
+    from trainer.recipes import recipe_class
+    from trainer.run_setup import run_tokenizer
+
+    path, _ = finetuned["retrieval"]
+    cfg = load_config(str(path), ["--finetune.retrieval_eval=validation", "--finetune.retrieval_eval_images=5"])
+    recipe = recipe_class("uniter", "finetune")(cfg)
+    tok = run_tokenizer(cfg)
+    recipe.check_data(tok)
+    model = _load_model(recipe, cfg.train.run_dir)
+    info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    examples = recipe.val_folder.examples
+    val = score_split(model, recipe, tok, examples, info, {})
+    whole = score_split(model, recipe, tok, examples, info, {}, full=True)
+    matrix, images = np.asarray(whole.predictions["scores"]), whole.predictions["image_ids"]
+    gt = np.array([images.index(r["image_id"]) for r in examples])
+    picked = np.stack([row[[(g + d) % len(images) for d in range(5)]] for row, g in zip(matrix, gt)])
+    assert set(val.metrics) == {"img_r1", "img_r5", "img_r10", "img_r_mean"}
+    assert val.metrics == pytest.approx(validation_recalls(picked), abs=1e-6)
+    assert val.metrics["img_r5"] == 1.0  # 5 candidates: the right one is always within the top 5
