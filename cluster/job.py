@@ -47,8 +47,8 @@ class JobPlan:
 
     @property
     def command(self) -> str:
-        """The `vlpt` command that runs the config: `pretrain`, or `finetune` for `stage: finetune`."""
-        return "finetune" if self.run_config.stage == "finetune" else "pretrain"
+        """The `vlpt` command that runs the config: its stage's name (`pretrain`, `finetune`)."""
+        return self.run_config.stage
 
 
 def plan_job(target: str, config: str, overrides: list[str], cluster: ClusterConfig,

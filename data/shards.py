@@ -127,7 +127,7 @@ def file_sha256(path: str | Path) -> str:
 
 def _count_keys(path: Path) -> int:
     with tarfile.open(path, "r:") as tar:
-        keys = {_split_name(m.name)[0] for m in tar.getmembers() if m.isfile()}
+        keys = {split_member_name(m.name)[0] for m in tar.getmembers() if m.isfile()}
     return len(keys - {None})
 
 
@@ -341,7 +341,8 @@ def verify_manifest(manifest: Manifest) -> list[str]:
 
 # ---------------------------------------------------------------- reading
 
-def _split_name(name: str) -> tuple[Optional[str], Optional[str]]:
+def split_member_name(name: str) -> tuple[Optional[str], Optional[str]]:
+    """(sample key, extension) of a tar member name by webdataset's rule, or (None, None)."""
     m = _KEY_EXT.match(name)
     return (m.group(1), m.group(2)) if m else (None, None)
 
@@ -383,7 +384,7 @@ def iter_shard(url: str | Path, offset: int = 0, s3: Optional[S3Options] = None,
         for member in tar:
             if not member.isfile():
                 continue
-            key, ext = _split_name(member.name)
+            key, ext = split_member_name(member.name)
             if key is None:
                 continue
             if current is not None and current["__key__"] != key:

@@ -7,17 +7,17 @@ import json
 import os
 from typing import Optional
 
-from trainer.config import Config, load_config
+from data.tasks.records import TASKS
+from trainer.config import load_config
 
-DEMO_TASKS = ("vqa", "ve", "retrieval", "nlvr2", "re", "vcr")
 HEADLINE = {"vqa": "score", "ve": "acc", "retrieval": "img_r1", "nlvr2": "acc", "re": "index_acc", "vcr": "q_ar_acc"}
 """The metric of each task the table compares (docs/downstream.md, "Metrics")."""
 
 
-def chance_level(task: str, cfg: Config) -> Optional[float]:
+def chance_level(val_folder: Optional[str]) -> Optional[float]:
     """What guessing scores on the held-out split: read from the demo task folder's manifest
     (`meta.chance`, written by data/tasks/demo.py), None when it does not say."""
-    path = os.path.join(cfg.finetune.val or "", "manifest.json")
+    path = os.path.join(val_folder or "", "manifest.json")
     try:
         with open(path) as f:
             chance = json.load(f).get("meta", {}).get("chance")
@@ -26,7 +26,8 @@ def chance_level(task: str, cfg: Config) -> Optional[float]:
     return float(chance) if isinstance(chance, (int, float)) and not isinstance(chance, bool) else None
 
 
-def run_one(config: str, overrides: list[str], run_dir: str, from_scratch: bool) -> dict:
+def run_one(config: str, overrides: list[str], run_dir: str, from_scratch: bool) -> tuple[dict, Optional[str]]:
+    """The run's held-out metrics (`val/` taken off their names) and its held-out task folder."""
     from trainer.run import pretrain
 
     extra = [f"--train.run_dir={run_dir}"] + list(overrides)  # a finished run re-validates, no steps
@@ -34,10 +35,10 @@ def run_one(config: str, overrides: list[str], run_dir: str, from_scratch: bool)
         extra.append("--finetune.init_from=null")
     cfg = load_config(config, extra)
     summary = pretrain(cfg)
-    return {k[len("val/"):]: v for k, v in summary.items() if k.startswith("val/")}
+    return {k[len("val/"):]: v for k, v in summary.items() if k.startswith("val/")}, cfg.finetune.val
 
 
-def demo_finetune(config_dir: str, out: str, tasks: tuple[str, ...] = DEMO_TASKS,
+def demo_finetune(config_dir: str, out: str, tasks: Optional[tuple[str, ...]] = None,
                   overrides: tuple[str, ...] = ()) -> list[dict]:
     """Both runs of each task; returns the table rows and writes <out>/table.{json,md}. One process group
     serves every run: DeepSpeed keeps the first group it sees, so a run may not take it down."""
@@ -45,7 +46,7 @@ def demo_finetune(config_dir: str, out: str, tasks: tuple[str, ...] = DEMO_TASKS
 
     setup_distributed()
     try:
-        rows = _runs(config_dir, out, tasks, overrides)
+        rows = _runs(config_dir, out, tasks or TASKS, overrides)
     finally:
         teardown()
     os.makedirs(out, exist_ok=True)
@@ -60,11 +61,11 @@ def _runs(config_dir: str, out: str, tasks: tuple[str, ...], overrides: tuple[st
     rows = []
     for task in tasks:
         config = os.path.join(config_dir, f"demo-{task}.yaml")
-        pre = run_one(config, list(overrides), os.path.join(out, task), from_scratch=False)
-        scratch = run_one(config, list(overrides), os.path.join(out, f"{task}-scratch"), from_scratch=True)
+        pre, val = run_one(config, list(overrides), os.path.join(out, task), from_scratch=False)
+        scratch, _ = run_one(config, list(overrides), os.path.join(out, f"{task}-scratch"), from_scratch=True)
         metric = f"{task}_{HEADLINE[task]}"
         rows.append({"task": task, "metric": HEADLINE[task], "pretrained": pre.get(metric),
-                     "scratch": scratch.get(metric), "chance": chance_level(task, load_config(config)),
+                     "scratch": scratch.get(metric), "chance": chance_level(val),
                      "all_pretrained": pre, "all_scratch": scratch})
         print(format_table(rows), flush=True)
     return rows
@@ -80,4 +81,3 @@ def format_table(rows: list[dict]) -> str:
         lines.append(f"| {r['task']} | {r['metric']} | {_cell(r['pretrained'])} | {_cell(r['scratch'])} | "
                      f"{_cell(r['chance'])} |")
     return "\n".join(lines)
-

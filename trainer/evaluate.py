@@ -10,6 +10,7 @@ from typing import Optional
 
 import torch
 
+from trainer.checkpoint_files import write_atomic
 from trainer.config import Config
 from trainer.config_files import ConfigError
 from trainer.distributed import setup_distributed, teardown
@@ -69,10 +70,7 @@ def _load_model(recipe, checkpoint: str):
 
 def _write_summary(out: str, summary: dict) -> str:
     path = os.path.join(out, "metrics.json")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(summary, f, indent=1)
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(summary, indent=1))
     return path
 
 

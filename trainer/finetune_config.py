@@ -5,8 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-NLVR2_VARIANTS = ("paired", "triplet", "paired-attn")
-
 
 @dataclass(frozen=True)
 class FinetuneConfig:

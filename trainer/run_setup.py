@@ -93,7 +93,8 @@ def check_inputs(cfg: Config) -> None:
         if not os.path.exists(path):
             shards = key.endswith((".train", ".val", "]"))  # the manifest of a shard or task folder
             written = path_origin(os.path.dirname(path) if shards else path)
-            hint = " (make the demo shards with `vlpt demo-data [--pixels] [--tasks]`)" if shards and "demo" in path else ""
+            demo = shards and "demo" in path
+            hint = " (make the demo shards with `vlpt demo-data [--pixels] [--tasks]`)" if demo else ""
             raise ConfigError(f"{key}: file not found: {path}{written}{hint}")
 
 

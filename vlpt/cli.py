@@ -34,9 +34,8 @@ def _run_config(args, extra: list[str], stage: str):
     from trainer.config import load_config
 
     cfg = load_config(args.config, split_overrides(extra))
-    if cfg.stage != stage:
-        command = "finetune" if cfg.stage == "finetune" else "pretrain"
-        raise ConfigError(f"{args.config} has stage: {cfg.stage}; run it with `vlpt {command}`")
+    if cfg.stage != stage:  # each stage has the command of its name
+        raise ConfigError(f"{args.config} has stage: {cfg.stage}; run it with `vlpt {cfg.stage}`")
     return cfg
 
 
@@ -67,8 +66,8 @@ def cmd_evaluate(args, extra: list[str]) -> int:
 def cmd_demo_finetune(args, extra: list[str]) -> int:
     from trainer.demo_finetune import demo_finetune
 
-    tasks = tuple(t for t in args.tasks.split(",") if t)
-    demo_finetune(args.configs, args.out, tasks, tuple(split_overrides(extra)))
+    tasks = tuple(t for t in (args.tasks or "").split(",") if t)
+    demo_finetune(args.configs, args.out, tasks or None, tuple(split_overrides(extra)))
     return 0
 
 
@@ -354,7 +353,7 @@ def _add_tasks(sub) -> None:
 def _add_demo_finetune(sub) -> None:
     sp = sub.add_parser("demo-finetune", help="fine-tune the `make demo` model on every demo task and from "
                                               "scratch; print the metrics table")
-    sp.add_argument("--tasks", default="vqa,ve,retrieval,nlvr2,re,vcr", help="comma-separated demo tasks")
+    sp.add_argument("--tasks", help="comma-separated demo tasks (default: all six)")
     sp.add_argument("--configs", default="configs/finetune", help="folder of the demo-<task>.yaml configs")
     sp.add_argument("--out", default="runs/demo-finetune", help="run folders and table.{md,json}")
     sp.set_defaults(fn=cmd_demo_finetune)

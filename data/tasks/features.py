@@ -9,7 +9,6 @@ never raised.
 from __future__ import annotations
 
 import json
-import os
 import tarfile
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
@@ -18,8 +17,8 @@ from typing import Optional, Sequence
 import numpy as np
 
 from data.limits import DecodeLimits
-from data.shards import FORMAT, decode_regions, read_manifest
-from data.storage import check_regular_file
+from data.shards import FORMAT, decode_regions, read_manifest, split_member_name
+from data.storage import NotARegularFile, open_regular_file
 
 
 @dataclass(frozen=True)
@@ -66,17 +65,21 @@ def _index_shard(path: str, skipped: Counter) -> dict[str, _Member]:
     ids: dict[str, str] = {}  # sample key -> image id
     npz: dict[str, _Member] = {}  # sample key -> npz member
     try:
-        with tarfile.open(path, "r:") as tar:
+        with open_regular_file(path) as f, tarfile.open(fileobj=f, mode="r:") as tar:
             for member in tar:
                 if not member.isfile():  # links and devices are never followed
                     continue
-                key, _, ext = member.name.partition(".")
+                key, ext = split_member_name(member.name)
                 if ext == "json":
                     image_id = _image_id(tar, member)
                     if image_id is not None:
                         ids[key] = image_id
                 elif ext == "npz":
                     npz[key] = _Member(path, member.offset_data, member.size)
+    except FileNotFoundError:
+        skipped["missing_shard"] += 1
+    except NotARegularFile:
+        skipped["not_a_file"] += 1
     except (tarfile.TarError, OSError, EOFError):
         skipped["corrupt_tar"] += 1
     found: dict[str, _Member] = {}
@@ -114,14 +117,6 @@ class FeatureStore:
             raise ValueError(f"finetune.features: {folder} has {manifest.img_dim}-d region features but "
                              f"model.img_dim={self.img_dim}")
         for shard in manifest.shards:
-            try:
-                check_regular_file(shard)
-            except (OSError, ValueError):
-                self.skipped["not_a_file"] += 1
-                continue
-            if not os.path.isfile(shard):
-                self.skipped["missing_shard"] += 1
-                continue
             for image_id, member in _index_shard(shard, self.skipped).items():
                 self.index.setdefault(image_id, member)
 
@@ -154,8 +149,7 @@ class FeatureStore:
         if member.size > self.limits.max_member_bytes:
             return None, "npz_too_large"
         try:
-            with open(member.shard, "rb") as f:
-                f.seek(member.offset)
+            with open_regular_file(member.shard, member.offset) as f:  # never a FIFO swapped in since indexing
                 data = f.read(member.size)
         except OSError:
             return None, "missing_npz"

@@ -14,13 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from data.tasks.collate import NLVR2_VARIANTS
+from data.tasks.records import TASKS
 from trainer.models.bert import LN_EPS, MASK_VALUE, init_bert_weights
 from trainer.models.config import ModelConfig
 from trainer.models.sharing import register_shared_parameters
 from trainer.models.uniter import UniterModel, cast_region_features
 
-TASKS = ("vqa", "ve", "retrieval", "nlvr2", "re", "vcr")
-NLVR2_VARIANTS = ("paired", "triplet", "paired-attn")
 RE_LOSSES = ("cls", "rank")
 VQA_ANSWERS = 3129
 VE_CLASSES = 3  # contradiction 0, entailment 1, neutral 2 (UNITER's order)

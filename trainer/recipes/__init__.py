@@ -22,7 +22,6 @@ if TYPE_CHECKING:
 DEFAULT_ARCH = "uniter"
 BUILTIN = {("uniter", "pretrain"): "trainer.recipes.uniter", ("albef", "pretrain"): "trainer.recipes.albef",
            ("uniter", "finetune"): "trainer.recipes.uniter_finetune"}
-STAGES = ("pretrain", "finetune")
 ENV_MODULES = "VLPT_RECIPES"
 
 _REGISTRY: dict[tuple[str, str], type["Recipe"]] = {}

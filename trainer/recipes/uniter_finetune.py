@@ -30,6 +30,7 @@ from trainer.recipes.base import Recipe, StepContext, StepPlan
 
 log = logging.getLogger("vlpt")
 
+
 def expand_vcr(examples: list[dict]) -> list[dict]:
     """VCR trains on Q->A and QA->R items alike, bucketed together: one item of each per question."""
     return [{**r, "mode": mode} for r in examples for mode in ("qa", "qar")]
@@ -49,8 +50,6 @@ class UniterFinetuneRecipe(Recipe):
         self.train_folder: Optional[TaskFolder] = None
         self.val_folder: Optional[TaskFolder] = None
         self.store: Optional[FeatureStore] = None
-        self.skipped: dict[str, int] = {}
-        """Examples dropped when the folders were read (bad lines, unknown images), counted once."""
         self.labels: Optional[list[str]] = None
 
     @classmethod
