@@ -68,6 +68,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 
+from data.atomic_write import write_atomic
 from data.limits import DEFAULT_MAX_MEMBER_BYTES, FLOAT32_MAX, DecodeLimits
 from data.pixels import ImageTooLargeError, open_image
 from data.shards import (FORMAT, MANIFEST_NAME, PIXEL_FORMAT, REGION_FIELDS, REQUIRED_REGION_FIELDS,
@@ -404,12 +405,6 @@ def _sidecar(path: Path) -> Path:
     return path.parent / SIDECAR_DIR / f"{path.name}.json"
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _build_shard(job: dict) -> dict:
     """Write one shard (temporary name, then rename) and its sidecar; return the sidecar record."""
     path = Path(job["path"])
@@ -435,7 +430,7 @@ def _build_shard(job: dict) -> dict:
     finally:
         tmp.unlink(missing_ok=True)
     _sidecar(path).parent.mkdir(exist_ok=True)
-    _write_atomic(_sidecar(path), json.dumps(record, sort_keys=True) + "\n")
+    write_atomic(_sidecar(path), json.dumps(record, sort_keys=True) + "\n")
     return record
 
 

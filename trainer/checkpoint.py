@@ -32,10 +32,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from data.atomic_write import write_atomic
 from trainer.checkpoint_files import (
     STATE_FILE, TMP_PREFIX, UnreadableCheckpointError, UnsafeCheckpointError, check_tag, checkpoint_file_path,
     checkpoint_root, latest_tag, list_complete, load_tensors, read_trainer_state, resume_candidates, save_tensors,
-    step_tag, write_atomic, write_latest,
+    step_tag, write_latest,
 )
 from trainer.distributed import DistInfo, all_gather_objects, barrier
 from trainer.errors import RunAborted

@@ -22,6 +22,8 @@ from typing import Any, Optional
 
 import torch
 
+from data.atomic_write import write_atomic
+
 log = logging.getLogger("trainer.checkpoint")  # one logger for the checkpoint modules, as before the split
 
 STATE_FILE = "trainer_state.json"
@@ -91,22 +93,6 @@ def list_complete(root: str) -> list[str]:
 
 
 # ---------------------------------------------------------------------------- the `latest` pointer
-
-
-def write_atomic(path: str, text: str) -> None:
-    """Write `text` to `path` through `<path>.tmp`, synced, then renamed over `path`: a reader
-    sees the old file or the new one, never a part; a failed write leaves no `.tmp` behind."""
-    tmp = f"{path}.tmp"
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError:
-        if os.path.exists(tmp):
-            os.unlink(tmp)  # a half-written file must not stay beside `latest`
-        raise
-    os.replace(tmp, path)
 
 
 def write_latest(root: str, tag: str) -> None:

@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from trainer.checkpoint_files import write_atomic
+from data.atomic_write import write_atomic
 from trainer.config import Config
 from trainer.config_files import ConfigError
 from trainer.distributed import setup_distributed, teardown

@@ -22,11 +22,11 @@ import json
 import math
 import os
 import re
-import tempfile
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from data.atomic_write import write_atomic
 from data.tasks.records import NUM_CHOICES, VE_LABELS
 from trainer.downstream_metrics import iou_xywh
 
@@ -46,29 +46,6 @@ _DIGITS = re.compile(r"[0-9]+")
 
 
 # ---------------------------------------------------------------------------- writing
-
-
-def _write_atomic(path: str, write: Callable[[io.BufferedWriter], None]) -> str:
-    """Run `write` on a temporary file beside `path`, sync it, rename it over `path`; a failure
-    leaves neither a partial `path` nor the temporary file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-def _write_text(path: str, text: str) -> str:
-    return _write_atomic(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def _csv_text(rows: Sequence[Sequence[Any]]) -> str:
@@ -96,7 +73,7 @@ def write_vqa_predictions(path: str, ids: Sequence[Any], answers: Sequence[str])
     if not all(isinstance(a, str) for a in answers):
         raise ValueError("answers must be strings (the answer vocabulary's entries), not label indices")
     rows = [{"question_id": int(i) if _DIGITS.fullmatch(i) else i, "answer": a} for i, a in zip(sids, answers)]
-    return _write_text(path, json.dumps(rows))
+    return write_atomic(path, json.dumps(rows))
 
 
 def _ve_name(label: Any) -> str:
@@ -110,7 +87,7 @@ def _ve_name(label: Any) -> str:
 def write_ve_predictions(path: str, ids: Sequence[Any], labels: Sequence[Any]) -> str:
     """SNLI-VE predictions: CSV `pair_id,label` with a header, labels by name (UNITER's order)."""
     sids = _check_ids(ids, len(labels), "labels")
-    return _write_text(path, _csv_text([("pair_id", "label")] + [(i, _ve_name(x)) for i, x in zip(sids, labels)]))
+    return write_atomic(path, _csv_text([("pair_id", "label")] + [(i, _ve_name(x)) for i, x in zip(sids, labels)]))
 
 
 def _bool_label(label: Any) -> str:
@@ -123,7 +100,7 @@ def write_nlvr2_predictions(path: str, ids: Sequence[Any], labels: Sequence[Any]
     """NLVR2 predictions: `identifier,True|False` lines, no header (the official script takes
     every line's first two comma fields)."""
     sids = _check_ids(ids, len(labels), "predictions", no_comma=True)
-    return _write_text(path, "".join(f"{i},{_bool_label(x)}\n" for i, x in zip(sids, labels)))
+    return write_atomic(path, "".join(f"{i},{_bool_label(x)}\n" for i, x in zip(sids, labels)))
 
 
 def _finite_floats(values: Sequence[Any], what: str) -> list[float]:
@@ -146,7 +123,7 @@ def write_re_predictions(path: str, ids: Sequence[Any], boxes: Sequence[Sequence
             raise ValueError(f"box of {i!r} must be [x, y, w, h], got {b!r}")
         rows.append({"id": i, "box": _finite_floats(b, f"box of {i!r}"),
                      "iou": None if v is None else _finite_floats([v], f"iou of {i!r}")[0]})
-    return _write_text(path, json.dumps(rows))
+    return write_atomic(path, json.dumps(rows))
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
@@ -170,7 +147,7 @@ def write_vcr_predictions(path: str, ids: Sequence[Any], answer_scores: Any, rat
     sids = _check_ids(ids, q, "questions")
     probs = np.concatenate([_softmax(a), _softmax(r.reshape(q, NUM_CHOICES, NUM_CHOICES)).reshape(q, -1)], axis=1)
     rows = [VCR_COLUMNS] + [[i] + [repr(float(v)) for v in p] for i, p in zip(sids, probs)]
-    return _write_text(path, _csv_text(rows))
+    return write_atomic(path, _csv_text(rows))
 
 
 def write_retrieval_outputs(out_dir: str, scores: Any, text_ids: Sequence[Any], image_ids: Sequence[Any],
@@ -188,9 +165,9 @@ def write_retrieval_outputs(out_dir: str, scores: Any, text_ids: Sequence[Any], 
     images = _check_ids(image_ids, s.shape[1], "score columns")
     rec = {str(k): float(v) for k, v in recalls.items()}
     names = FILES["retrieval"]
-    return [_write_atomic(os.path.join(out_dir, names[0]), lambda f: np.save(f, s16, allow_pickle=False)),
-            _write_text(os.path.join(out_dir, names[1]), json.dumps({"texts": texts, "images": images})),
-            _write_text(os.path.join(out_dir, names[2]), json.dumps(rec, indent=1, sort_keys=True))]
+    return [write_atomic(os.path.join(out_dir, names[0]), lambda f: np.save(f, s16, allow_pickle=False)),
+            write_atomic(os.path.join(out_dir, names[1]), json.dumps({"texts": texts, "images": images})),
+            write_atomic(os.path.join(out_dir, names[2]), json.dumps(rec, indent=1, sort_keys=True))]
 
 
 _NEEDED = {

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
+from data.atomic_write import write_atomic
 from data.tasks.records import MAX_LINE_BYTES, TASKS, parse_line
 
 TASK_FORMAT = "vlpt-task-v1"
@@ -61,9 +61,7 @@ def write_task_folder(out: str | Path, task: str, split: str, examples: Iterable
                 "sha256": digest.hexdigest(), "meta": meta or {}}
     if labels is not None:
         manifest["labels"] = list(labels)
-    tmp = out / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1, ensure_ascii=False))
-    os.replace(tmp, out / MANIFEST)
+    write_atomic(out / MANIFEST, json.dumps(manifest, indent=1, ensure_ascii=False))
     return out
 
 

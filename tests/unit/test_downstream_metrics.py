@@ -366,17 +366,3 @@ def test_dispatch_errors(tmp_path):
         P.write_predictions("vqa", str(tmp_path), {"ids": ["1"]})
     with pytest.raises(ValueError, match="one id per prediction"):
         P.write_predictions("vqa", str(tmp_path), {"ids": ["1", "2"], "answers": ["yes"]})
-
-
-def test_failed_write_keeps_the_old_file_and_no_temp(tmp_path):
-    path = str(tmp_path / "predictions.json")
-    P.write_vqa_predictions(path, ["1"], ["yes"])
-
-    def boom(f):
-        f.write(b"partial")
-        raise OSError("disk full")
-
-    with pytest.raises(OSError):
-        P._write_atomic(path, boom)
-    assert json.loads(open(path).read()) == [{"question_id": 1, "answer": "yes"}]
-    _no_temp_files(tmp_path)
