@@ -371,21 +371,39 @@ def _re_expressions(scene: DemoScene, objects: list[SceneObject], o: SceneObject
     return plain, relational
 
 
-def re_examples(scenes: list[DemoScene], rng: np.random.Generator, per_scene: int = 2) -> list[dict]:
+def pick_expression(scene: DemoScene, objects: list[SceneObject], o: SceneObject,
+                    rng: np.random.Generator) -> Optional[str]:
+    """The demo's RE expression for `o`: a relational one half the time when there is one, else a plain one."""
+    plain, relational = _re_expressions(scene, objects, o)
+    pool = relational if relational and rng.random() < 0.5 else plain
+    return pool[int(rng.integers(len(pool)))]
+
+
+ExpressionPicker = Callable[[DemoScene, list[SceneObject], SceneObject, np.random.Generator], Optional[str]]
+
+
+def re_examples(scenes: list[DemoScene], rng: np.random.Generator, per_scene: int = 2,
+                pick: ExpressionPicker = pick_expression) -> list[dict]:
+    """Up to `per_scene` referred objects per scene, in random order; an object `pick` finds no
+    expression for (None) is passed over (benchmarks/re_demo_study.py's variants)."""
     out = []
     for scene in scenes:
         objects = scene_objects(scene)
         usable = [o for o in objects
                   if box_iou(scene.norm_bb[o.region], scene.norm_bb[o.twin]) <= MAX_TWIN_IOU]
-        for k, i in enumerate(rng.permutation(len(usable))[:per_scene]):
+        k = 0
+        for i in rng.permutation(len(usable)):
+            if k == per_scene:
+                break
             o = usable[int(i)]
-            plain, relational = _re_expressions(scene, objects, o)
-            pool = relational if relational and rng.random() < 0.5 else plain
+            text = pick(scene, objects, o, rng)
+            if text is None:
+                continue
             x1, y1, x2, y2 = (float(v) for v in scene.norm_bb[o.region, :4])
             box = [round(x1 * 100, 4), round(y1 * 100, 4), round((x2 - x1) * 100, 4), round((y2 - y1) * 100, 4)]
-            out.append({"id": f"{scene.image_id}-{k}", "image_id": scene.image_id,
-                        "text": pool[int(rng.integers(len(pool)))], "target": o.region, "box": box,
-                        "width": 100, "height": 100, "twin": o.twin})
+            out.append({"id": f"{scene.image_id}-{k}", "image_id": scene.image_id, "text": text,
+                        "target": o.region, "box": box, "width": 100, "height": 100, "twin": o.twin})
+            k += 1
     return out
 
 
