@@ -10,7 +10,7 @@ import pytest
 
 from data.demo import write_demo_dataset
 from data.demo_scenes import DEMO_COLOURS, DEMO_SHAPES, generate_scenes, spatial_relation
-from data.tasks.demo import MAX_TWIN_IOU, VQA_ANSWERS, box_iou, write_demo_tasks
+from data.tasks.demo import MAX_TWIN_IOU, VQA_ANSWERS, box_iou, pick_expression, re_examples, write_demo_tasks
 from data.tasks.folder import EXAMPLES, MANIFEST, read_task_folder
 from data.tasks.records import NUM_CHOICES, TASKS
 
@@ -283,3 +283,18 @@ def test_vcr_answers_and_rationales_are_right(built, scenes):
     for split in SPLIT_SCENES:
         for e in built[3]["vcr", split].examples:
             _vcr_check(View(scenes[split][e["image_id"]]), e)
+
+
+def test_re_passes_over_objects_the_picker_has_no_expression_for():
+    scenes = list(generate_scenes("val", 40, seed=0, img_dim=16, noise_std=0.5))
+    rng = lambda: np.random.default_rng(7)  # noqa: E731
+    assert re_examples(scenes, rng(), 2) == re_examples(scenes, rng(), 2, pick_expression)  # the default
+    only_balls = lambda scene, objects, o, r: "the ball" if DEMO_SHAPES[o.shape] == "ball" else None  # noqa: E731
+    picked = re_examples(scenes, rng(), 2, only_balls)
+    per_scene = Counter(e["image_id"] for e in picked)
+    assert picked and max(per_scene.values()) <= 2
+    for e in picked:
+        scene = next(s for s in scenes if s.image_id == e["image_id"])
+        assert DEMO_SHAPES[scene.objects[e["target"]][0]] == "ball" and e["text"] == "the ball"
+    for image_id, n in per_scene.items():  # ids count the picked objects of a scene: -0, -1
+        assert sorted(e["id"] for e in picked if e["image_id"] == image_id) == [f"{image_id}-{k}" for k in range(n)]
