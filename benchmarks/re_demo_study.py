@@ -55,13 +55,15 @@ def without_colours(scene, objects, o, rng) -> Optional[str]:
     return pool[int(rng.integers(len(pool)))] if pool else None
 
 
-# name -> (what it changes, train scenes, train expression picker, extra overrides, init_from rule)
+# name -> (what it changes, train scenes, train expression picker, extra overrides, init_from rule);
+# validation uses the demo's own expressions unless VAL_PICKERS names others.
 VARIANTS: dict[str, tuple[str, int, Callable, list[str], Optional[str]]] = {
     "demo": ("the demo RE task as `make demo-finetune` runs it", 2000, D.pick_expression, [], None),
     "few": ("150 training scenes instead of 2,000", 150, D.pick_expression, [], None),
     "few-lr1e-4": ("150 scenes, lr 1e-4", 150, D.pick_expression, ["--optim.lr=1e-4"], None),
     "few-lr1e-3": ("150 scenes, lr 1e-3", 150, D.pick_expression, ["--optim.lr=1e-3"], None),
-    "relational": ("only relational expressions", 2000, relational_only, [], None),
+    "relational": ("trained on relational expressions only", 2000, relational_only, [], None),
+    "relational-both": ("trained and validated on relational expressions only", 2000, relational_only, [], None),
     "held-out-colours": ("training never names purple, orange, white or black", 2000, without_colours, [], None),
     "probe": ("a linear head on a nearly frozen encoder (lr 5e-6, head x100)", 2000, D.pick_expression,
               ["--optim.lr=5e-6", "--finetune.lr_mul=100"], None),
@@ -69,6 +71,8 @@ VARIANTS: dict[str, tuple[str, int, Callable, list[str], Optional[str]]] = {
     "few-layers": ("150 scenes, only the encoder layers from `make demo`", 150, D.pick_expression, [],
                    r"encoder\.layer\."),
 }
+
+VAL_PICKERS: dict[str, Callable] = {"relational-both": relational_only}
 
 
 def write_split(out: Path, split: str, n_scenes: int, use: int, per_scene: int, pick: Callable) -> None:
@@ -100,7 +104,7 @@ def run_variant(name: str, out: Path, pretrained: str) -> dict:
     what, n_train, pick, extra, keep = VARIANTS[name]
     data = out / name / "data"
     write_split(data / "train", "train", 2000, n_train, 2, pick)
-    write_split(data / "val", "val", 250, 250, 4, D.pick_expression)
+    write_split(data / "val", "val", 250, 250, 4, VAL_PICKERS.get(name, D.pick_expression))
     init = partial_init(pretrained, keep, out / name / "init.pt") if keep else pretrained
     common = [f"--finetune.train={data / 'train'}", f"--finetune.val={data / 'val'}", "--tracking.enabled=false",
               f"--finetune.init_from={init}", *extra]
