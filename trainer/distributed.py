@@ -6,6 +6,7 @@ the launchers export RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT.
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -49,8 +50,39 @@ def setup_distributed(backend: str = "auto", timeout_minutes: int = 30) -> DistI
         if "TORCHELASTIC_RESTART_COUNT" in os.environ:
             _init_elastic_group(backend, rank, world, timeout)
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout)
+        if not use_cuda:
+            _unlink_shm_workspace()
     return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(),
                     local_rank=local_rank, device=device)
+
+
+SHM_DIR = "/dev/shm"
+
+
+def shm_workspace_path(rank: int) -> str:
+    """Where DeepSpeed's CPU accelerator keeps `rank`'s shared-memory all-reduce workspace (its
+    ops/csrc/cpu/comm/shm.cpp names it by user, MASTER_ADDR, MASTER_PORT and rank)."""
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    return os.path.join(SHM_DIR, f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}")
+
+
+def _unlink_shm_workspace() -> None:
+    """Remove this rank's DeepSpeed shared-memory workspace name once every rank has mapped it.
+
+    On the CPU accelerator, when all ranks are local (the DeepSpeed launcher sets LOCAL_SIZE),
+    init_distributed creates a 66 MB workspace per rank in /dev/shm and maps its peers'; DeepSpeed
+    never unlinks them, so each run left 66 MB per rank in memory until reboot. Every rank has mapped
+    its peers' once init_distributed returned on all of them (the barrier); the mappings outlive the
+    names."""
+    if not hasattr(os, "getuid"):  # no POSIX shared memory names to clean (Windows)
+        return
+    path = shm_workspace_path(dist.get_rank())
+    if dist.get_world_size() > 1:
+        dist.barrier()
+    try:
+        os.unlink(path)
+    except FileNotFoundError:  # not created: torchrun (no LOCAL_SIZE), or ranks on several nodes
+        pass
 
 
 def uses_cuda() -> bool:
@@ -149,9 +181,12 @@ def barrier() -> None:
 
 
 def teardown() -> None:
-    """After a run that ended well on every rank: wait for all of them, then take the process group
-    down before the interpreter exits (left to exit-time destructors, gloo's threads can abort a
-    finished process with "terminate called without an active exception")."""
+    """After a run that ended well on every rank: free what is unreachable, wait for all ranks, then
+    take the process group down before the interpreter exits. A finished DeepSpeed engine sits in
+    reference cycles with its optimizer's tensors and gloo work (tests/integration/test_pretrain_run.py);
+    left to the interpreter's finalisation, freeing them (or gloo's threads) can abort a finished
+    process with "terminate called without an active exception"."""
+    gc.collect()
     if dist.is_initialized():
         barrier()
         dist.destroy_process_group()

@@ -78,12 +78,17 @@ def pretrain(cfg: Config) -> dict:
                 f.write(config_yaml)
             print(f"resolved config (saved to {run_dir}/config.yaml):\n{config_yaml}", flush=True)
             recipe.report_data(tok)
-        run = Run.build(cfg, recipe, info, tok, config_yaml)
-        run.open(run.resume())
-        summary = run.train()
+        summary = _build_and_train(cfg, recipe, info, tok, config_yaml)
     if not joined:
-        teardown()
+        teardown()  # after the run is gone: teardown collects it before the group goes down
     return summary
+
+
+def _build_and_train(cfg: Config, recipe: Recipe, info: DistInfo, tok, config_yaml: str) -> dict:
+    """The run, alive only inside this call (pretrain collects it before taking the group down)."""
+    run = Run.build(cfg, recipe, info, tok, config_yaml)
+    run.open(run.resume())
+    return run.train()
 
 
 class Run:
