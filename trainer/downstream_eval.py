@@ -8,7 +8,7 @@ model (ZeRO-3) line up. The per-example outputs are gathered and scored the same
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -53,17 +53,27 @@ def _outputs(engine, collate: Callable, predict, joined: list[Optional[tuple]], 
     out: dict[int, np.ndarray] = {}
     if stand_in is None:  # nothing usable (counted by _usable): the same on every rank, so no batch anywhere
         return out
-    for start in range(0, len(indices), batch_size):
-        chunk = indices[start:start + batch_size]
+
+    def batch_of(chunk: list[int]) -> dict:
         samples = [joined[i] if i >= 0 and joined[i] is not None else stand_in for i in chunk]
-        batch = collate(samples, np.random.default_rng(EVAL_SEED))
-        with torch.no_grad():
-            values = engine(pin(batch, device), predict).float().cpu().numpy()
+        return collate(samples, np.random.default_rng(EVAL_SEED))
+
+    for chunk, values in _batched_outputs(engine, predict, indices, batch_of, batch_size, device):
         values = values.reshape(len(chunk), rows_per_item, -1)  # [n, rows, k]
         for i, v in zip(chunk, values):
             if i >= 0 and joined[i] is not None:
                 out[i] = v
     return out
+
+
+def _batched_outputs(engine, predict, items: list, batch_of: Callable[[list], dict], batch_size: int,
+                     device) -> Iterator[tuple[list, np.ndarray]]:
+    """(chunk, the model's float outputs for it) for each `batch_size` chunk of `items`, without gradient."""
+    for start in range(0, len(items), batch_size):
+        chunk = items[start:start + batch_size]
+        with torch.no_grad():  # left before yielding: the caller's code never runs in no_grad
+            values = engine(pin(batch_of(chunk), device), predict).float().cpu().numpy()
+        yield chunk, values
 
 
 def _gathered(local: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
@@ -236,12 +246,12 @@ def _caption_rows(engine, collate, predict, captions, images, image_ids, columns
     rows: dict[int, np.ndarray] = {}
     pairs = [(t, c, j) for t in _rank_share(len(captions), info.rank, info.world_size)
              for c, j in enumerate(columns(max(t, 0)))]
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start:start + batch_size]
-        batch = collate([(captions[max(t, 0)], images[image_ids[j]]) for t, _, j in chunk])
-        with torch.no_grad():
-            scores = engine(pin(batch, info.device), predict).float().cpu().numpy().reshape(-1)
-        for (t, c, _), value in zip(chunk, scores):
+
+    def batch_of(chunk: list[tuple[int, int, int]]) -> dict:
+        return collate([(captions[max(t, 0)], images[image_ids[j]]) for t, _, j in chunk])
+
+    for chunk, scores in _batched_outputs(engine, predict, pairs, batch_of, batch_size, info.device):
+        for (t, c, _), value in zip(chunk, scores.reshape(-1)):
             if t >= 0:
                 rows.setdefault(t, np.zeros(width, np.float32))[c] = value
     return rows

@@ -7,8 +7,8 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from data.config import DataConfig
 from data.loader import ResumableTaskLoader, StreamSpec, TaskBatches

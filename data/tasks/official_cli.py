@@ -15,6 +15,7 @@ from data.tasks.official_vcr import build_vcr
 EXIT_USER_ERROR = 2
 """As `vlpt`'s other commands: a user error ends with one line on stderr and this code."""
 
+
 def _split_paths(items: Optional[list[str]], flag: str) -> dict[str, str]:
     out: dict[str, str] = {}
     for item in items or []:
