@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 export DS_ACCELERATOR ?= cpu
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo demo-albef demo-finetune test test-fast install test-services clean
+.PHONY: demo demo-albef demo-finetune demo-finetune-albef test test-fast install test-services clean
 
 $(STAMP): requirements.txt setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,13 @@ demo_pixels/train/manifest.json: | $(STAMP)
 
 demo-albef: $(STAMP) demo_pixels/train/manifest.json
 	$(VENV)/bin/vlpt pretrain --config configs/pretrain/demo-albef.yaml
+
+# ALBEF retrieval fine-tuned from the `make demo-albef` checkpoint and from scratch (docs/downstream.md).
+runs/demo-albef/checkpoints/latest: | $(STAMP) demo_pixels/train/manifest.json
+	$(VENV)/bin/vlpt pretrain --config configs/pretrain/demo-albef.yaml
+
+demo-finetune-albef: $(STAMP) runs/demo-albef/checkpoints/latest
+	$(VENV)/bin/vlpt demo-finetune --family albef
 
 # Best effort (root + apt-get): Slurm and munge for the Slurm job test, which skips without them.
 test-services:

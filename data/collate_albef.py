@@ -6,6 +6,8 @@ the loader keys by (seed, task, reader, epoch, batch): a resumed run redraws the
 """
 from __future__ import annotations
 
+import hashlib
+import re
 from typing import Sequence
 
 import numpy as np
@@ -17,21 +19,60 @@ from data.pixels import PixelConfig, eval_pixels, swap_left_right, train_pixels
 from data.shards import PixelSample
 
 
-def caption_batch(captions: Sequence[str], tok, max_txt_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """`[CLS] ids [SEP]` right-padded, captions truncated to `max_txt_len` word pieces (ALBEF
-    truncates, it does not drop): (input_ids [B, L] int64, attn_mask [B, L] int64)."""
+def caption_batch(captions: Sequence[str], tok, max_txt_len: int, sep: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """`[CLS] ids [SEP]` (pretraining) or `[CLS] ids` (`sep=False`: ALBEF's downstream tokenizer) right-padded,
+    captions truncated to `max_txt_len` word pieces (ALBEF truncates, it does not drop):
+    (input_ids [B, L] int64, attn_mask [B, L] int64)."""
     ids = [np.asarray(tok.encode(c)[:max_txt_len], dtype=np.int64) for c in captions]
-    if any(len(i) == 0 for i in ids):
+    if sep and any(len(i) == 0 for i in ids):
         raise ValueError("a caption has no word pieces; decode_pixel_sample skips such samples")
     input_ids = pad_text(ids, tok.cls_id, tok.sep_id, tok.pad_id)  # [B, L]
-    lengths = np.array([len(i) + 2 for i in ids])  # [B]
+    lengths = np.array([len(i) + (2 if sep else 1) for i in ids])  # [B]
     attn = (np.arange(input_ids.shape[1])[None, :] < lengths[:, None]).astype(np.int64)  # [B, L]
+    input_ids = np.where(attn == 1, input_ids, tok.pad_id)  # without [SEP] its slot is padding
+    if not sep:
+        input_ids = input_ids[:, :-1]  # the column pad_text kept for [SEP]
+        attn = attn[:, :-1]
     return input_ids, attn
+
+
+_DELETED = re.compile(r"""[,.'!?"()*#:;~]""")
+_SPACES = re.compile(r"\s{2,}")
+DOWNSTREAM_MAX_WORDS = 30
+
+
+def pre_caption(caption: str, max_words: int = DOWNSTREAM_MAX_WORDS) -> str:
+    """ALBEF's downstream text: lowercased, `,.'!?"()*#:;~` deleted, `-` and `/` made spaces, `<person>`
+    made `person`, runs of spaces made one, at most `max_words` words."""
+    text = _DELETED.sub("", caption.lower()).replace("-", " ").replace("/", " ").replace("<person>", "person")
+    words = _SPACES.sub(" ", text).strip(" \n").split(" ")
+    return " ".join(words[:max_words])
+
+
+def image_index(image_ids: Sequence[str]) -> torch.Tensor:
+    """[B] long: a 62-bit hash of each image id, the same on every rank and in every step, so pairs of
+    one image share it across the batch and the queue (ALBEF's `idx`: only equality is used; never
+    ALBEF's empty-slot value -100, since it is not negative)."""
+    digests = [hashlib.blake2b(i.encode("utf-8"), digest_size=8).digest() for i in image_ids]
+    return torch.tensor([int.from_bytes(d, "big") >> 2 for d in digests], dtype=torch.long)
 
 
 def batch_image_index(image_ids: Sequence[str]) -> torch.Tensor:
     """[B] long: equal values for pairs that show the same image (ITM never pairs those as negatives)."""
     return torch.from_numpy(np.unique(np.asarray(image_ids), return_inverse=True)[1].astype(np.int64).reshape(-1))
+
+
+def augmented_pairs(samples: Sequence[PixelSample], pixels: PixelConfig,
+                    rng: np.random.Generator) -> tuple[list[torch.Tensor], list[str]]:
+    """Each sample's augmented view [3, S, S] and its caption, mirrored with the picture ("left" <-> "right")."""
+    if not samples:
+        raise ValueError("cannot collate an empty batch")
+    views, captions = [], []
+    for s in samples:
+        view, flipped = train_pixels(s.image, pixels, rng)  # draws in sample order
+        views.append(view)
+        captions.append(swap_left_right(s.caption) if flipped else s.caption)
+    return views, captions
 
 
 def collate_albef(samples: Sequence[PixelSample], rng: np.random.Generator, tok, pixels: PixelConfig,
@@ -47,13 +88,7 @@ def collate_albef(samples: Sequence[PixelSample], rng: np.random.Generator, tok,
       image_ids      [B] long batch-local image index (equal = same image_id)
       n_items        B
     """
-    if not samples:
-        raise ValueError("cannot collate an empty batch")
-    views, captions = [], []
-    for s in samples:
-        view, flipped = train_pixels(s.image, pixels, rng)  # draws in sample order
-        views.append(view)
-        captions.append(swap_left_right(s.caption) if flipped else s.caption)
+    views, captions = augmented_pairs(samples, pixels, rng)
     input_ids, attn = caption_batch(captions, tok, max_txt_len)
     masked, labels = mask_caption_tokens(input_ids, attn, rng, tok.mask_id, tok.vocab_size, mlm_prob)
     rows, cols = np.nonzero(labels != -1)  # row-major
@@ -70,6 +105,20 @@ def collate_albef(samples: Sequence[PixelSample], rng: np.random.Generator, tok,
         "n_items": len(samples),
         "task": "albef",
     }
+
+
+def collate_albef_retrieval(samples: Sequence[PixelSample], rng: np.random.Generator, tok, pixels: PixelConfig,
+                            max_txt_len: int) -> dict:
+    """Retrieval fine-tuning batch (docs/downstream.md, "ALBEF retrieval"): augmented pictures and their
+    captions in ALBEF's downstream form (`pre_caption`, `[CLS] ids`, no [SEP]). Keys: pixels, input_ids,
+    attn_mask, image_ids (batch-local, equal = same image), image_index (the image's id hash, for the
+    queue), n_images (distinct images, host int), n_items."""
+    views, captions = augmented_pairs(samples, pixels, rng)
+    input_ids, attn = caption_batch([pre_caption(c) for c in captions], tok, max_txt_len, sep=False)
+    ids = [s.image_id for s in samples]
+    return {"pixels": torch.stack(views), "input_ids": torch.from_numpy(input_ids), "attn_mask": torch.from_numpy(attn),
+            "image_ids": batch_image_index(ids), "image_index": image_index(ids), "n_images": len(set(ids)),
+            "keys": [s.key for s in samples], "image_keys": ids, "n_items": len(samples), "task": "retrieval"}
 
 
 def eval_images(images: Sequence, pixels: PixelConfig) -> torch.Tensor:

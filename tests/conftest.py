@@ -133,6 +133,19 @@ def write_albef_config(tmp_path: Path, data: Path, name: str, steps: int, **sect
     return path
 
 
+def write_albef_retrieval_config(tmp_path: Path, data: Path, name: str, steps: int, init_from: Path,
+                                 **sections) -> Path:
+    """The tiny ALBEF run of `write_albef_config`, fine-tuned for retrieval from `init_from`."""
+    import yaml
+
+    path = write_albef_config(tmp_path, data, name, steps, stage="finetune", finetune={"init_from": str(init_from)},
+                              **sections)
+    raw = yaml.safe_load(path.read_text())
+    raw["tasks"] = {"retrieval": 1}
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
 def write_equivalence_config(tmp_path: Path, data_dir: Path, name: str, zero_stage: int = 0, **train) -> Path:
     """A run whose losses must not depend on how it is launched: global batch 16 (however the
     processes and accumulation split it), no dropout (per-process randomness), lr 1e-2 from step 1."""

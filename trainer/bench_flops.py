@@ -121,7 +121,7 @@ def image_token_count(model) -> int:
     return (model.image_size // model.patch_size) ** 2 + 1
 
 
-def albef_pass_flops(text: Lengths, model) -> tuple[float, float]:
+def albef_pass_flops(text: Lengths, model, mlm: bool = True) -> tuple[float, float]:
     """(student forward + backward, teacher forward) of one ALBEF step over pairs with these caption lengths.
 
     Student (trainer/recipes/albef_tasks.py `albef_losses`): the ViT once; the text layers twice
@@ -130,21 +130,25 @@ def albef_pass_flops(text: Lengths, model) -> tuple[float, float]:
     are counted at the pairs' own lengths: the draw happens on the device and is not read back, and
     under a uniform draw its expected sums are these. Teacher (trainer/models/albef.py
     `AlbefTeacher.encode` + `mlm_logits`, no backward): the ViT, the text layers twice, the fusion once.
+    Without MLM (retrieval fine-tuning, `mlm=False`), the masked-caption passes are not run: the student's
+    text layers once and fusion 3 times, the teacher's ViT and text layers once.
     """
     m = model
     vision = stack_forward(Lengths.fixed(text.n, image_token_count(m)), m.vision_layers, m.vision_width, m.vision_mlp)
     txt = stack_forward(text, m.text_layers, m.hidden_size, m.intermediate_size)
     fusion = fusion_forward(text, image_token_count(m), m.fusion_layers, m.hidden_size, m.intermediate_size,
                             m.vision_width)
+    if not mlm:
+        return FWD_BWD * (vision + txt + 3 * fusion), vision + txt
     return FWD_BWD * (vision + 2 * txt + 4 * fusion), vision + 2 * txt + fusion
 
 
-def albef_work(batch: dict, model) -> BatchWork:
+def albef_work(batch: dict, model, mlm: bool = True) -> BatchWork:
     """ALBEF (model: AlbefConfig): the student's forward + backward and the momentum teacher's forward,
     both required by the algorithm, so both count as useful work."""
     mask = batch["attn_mask"]  # [B, L]
     b, length = mask.shape
     image = image_token_count(model)
-    useful = sum(albef_pass_flops(Lengths.of(mask.sum(1)), model))
-    padded = sum(albef_pass_flops(Lengths.fixed(b, length), model))
+    useful = sum(albef_pass_flops(Lengths.of(mask.sum(1)), model, mlm))
+    padded = sum(albef_pass_flops(Lengths.fixed(b, length), model, mlm))
     return BatchWork(b, int(mask.sum()) + b * image, b * (length + image), useful, padded)

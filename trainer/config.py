@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Literal, Mapping, Optional
+from typing import TYPE_CHECKING, Literal, Mapping, Optional
 
 import yaml
+
+if TYPE_CHECKING:
+    import torch
 
 from data.config import DataConfig
 from trainer.config_files import ConfigError, load_yaml_with_includes, resolve_paths
@@ -105,6 +108,13 @@ class PrecisionConfig:
     """fp16 only: dynamic loss scale starts at 2**initial_scale_power."""
     loss_scale_window: int = 1000
     min_loss_scale: float = 1.0
+
+    @property
+    def torch_dtype(self) -> "torch.dtype":
+        """The weights' dtype in the engine (and of a model scored outside it, as `vlpt evaluate`'s)."""
+        import torch
+
+        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.dtype]
 
 
 RESUME_MODES = ("auto", "never", "must")

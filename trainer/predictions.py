@@ -10,6 +10,7 @@ folder, and `read_predictions` reads them back (tests, reports).
 | re | predictions.json | JSON list [{"id", "box": [x, y, w, h], "iou"}] (iou null without a gold box) |
 | vcr | predictions.csv | leaderboard CSV: `annot_id`, `answer_0..3`, `rationale_conditioned_on_a{i}_{j}`, i, j 0..3 |
 | retrieval | scores.npy, ids.json, recalls.json | float16 [n_txt, n_img]; {"texts", "images"}; the recalls |
+| (ALBEF) | + scores_i2t.npy | [n_img, n_txt]: each image's own top-k texts re-scored; both float32 |
 
 Every file is written to a temporary file in the same folder and renamed over its name, so a
 reader never sees half a file, and only under the given folder.
@@ -39,6 +40,8 @@ FILES = {
     "retrieval": ("scores.npy", "ids.json", "recalls.json"),
 }
 """The files each task's predictions are written to, inside the output folder."""
+I2T_FILE = "scores_i2t.npy"
+"""Retrieval, when the image->text scores are a matrix of their own (ALBEF)."""
 VCR_COLUMNS = (["annot_id"] + [f"answer_{i}" for i in range(NUM_CHOICES)]
                + [f"rationale_conditioned_on_a{a}_{r}" for a in range(NUM_CHOICES) for r in range(NUM_CHOICES)])
 """The VCR leaderboard's columns: answer probabilities, then rationale probabilities given each answer."""
@@ -151,23 +154,36 @@ def write_vcr_predictions(path: str, ids: Sequence[Any], answer_scores: Any, rat
 
 
 def write_retrieval_outputs(out_dir: str, scores: Any, text_ids: Sequence[Any], image_ids: Sequence[Any],
-                            recalls: dict) -> list[str]:
-    """scores.npy (float16 [n_txt, n_img]), ids.json {"texts", "images"} (the matrix's row and
-    column ids, in order), recalls.json (the recall dict)."""
-    s = np.asarray(scores)
-    if s.ndim != 2 or s.shape != (len(text_ids), len(image_ids)):
-        raise ValueError(f"scores must be [n_txt, n_img] = [{len(text_ids)}, {len(image_ids)}], got {s.shape}")
-    with np.errstate(over="ignore"):  # an overflow becomes inf, which the check below reports
-        s16 = s.astype(np.float16)
-    if not np.isfinite(s16).all():
-        raise ValueError("scores hold a NaN/inf or a value beyond float16's range (65504); check the model outputs")
+                            recalls: dict, scores_i2t: Any = None, dtype: str = "float16") -> list[str]:
+    """scores.npy ([n_txt, n_img], float16 as UNITER's full evaluation), ids.json {"texts", "images"} (the
+    matrix's row and column ids, in order), recalls.json (the recall dict); with `scores_i2t` (ALBEF: each
+    image re-ranks its own top-k texts, so the image->text scores are a matrix of their own) also
+    scores_i2t.npy ([n_img, n_txt]). ALBEF's matrices are float32 (`dtype`), as its evaluation."""
+    s = _score_matrix(scores, (len(text_ids), len(image_ids)), "scores", "[n_txt, n_img]", dtype)
     texts = _check_ids(text_ids, s.shape[0], "score rows")
     images = _check_ids(image_ids, s.shape[1], "score columns")
     rec = {str(k): float(v) for k, v in recalls.items()}
     names = FILES["retrieval"]
-    return [write_atomic(os.path.join(out_dir, names[0]), lambda f: np.save(f, s16, allow_pickle=False)),
-            write_atomic(os.path.join(out_dir, names[1]), json.dumps({"texts": texts, "images": images})),
-            write_atomic(os.path.join(out_dir, names[2]), json.dumps(rec, indent=1, sort_keys=True))]
+    paths = [write_atomic(os.path.join(out_dir, names[0]), lambda f: np.save(f, s, allow_pickle=False)),
+             write_atomic(os.path.join(out_dir, names[1]), json.dumps({"texts": texts, "images": images})),
+             write_atomic(os.path.join(out_dir, names[2]), json.dumps(rec, indent=1, sort_keys=True))]
+    if scores_i2t is not None:
+        s_i2t = _score_matrix(scores_i2t, (len(image_ids), len(text_ids)), "scores_i2t", "[n_img, n_txt]", dtype)
+        paths.append(write_atomic(os.path.join(out_dir, I2T_FILE), lambda f: np.save(f, s_i2t, allow_pickle=False)))
+    return paths
+
+
+def _score_matrix(scores: Any, shape: tuple[int, int], name: str, named_shape: str, dtype: str) -> np.ndarray:
+    if dtype not in ("float16", "float32"):
+        raise ValueError(f"retrieval scores are written as float16 or float32, not {dtype!r}")
+    s = np.asarray(scores)
+    if s.ndim != 2 or s.shape != shape:
+        raise ValueError(f"{name} must be {named_shape} = {list(shape)}, got {s.shape}")
+    with np.errstate(over="ignore"):  # an overflow becomes inf, which the check below reports
+        cast = s.astype(dtype)
+    if not np.isfinite(cast).all():
+        raise ValueError(f"{name} hold a NaN/inf or a value beyond {dtype}'s range; check the model outputs")
+    return cast
 
 
 _NEEDED = {
@@ -207,7 +223,8 @@ def write_predictions(task: str, out_dir: str, payload: dict) -> list[str]:
         raise ValueError(f"unknown task {task!r}; expected one of {sorted(FILES)}")
     args = _payload_args(task, payload)
     if task == "retrieval":
-        return write_retrieval_outputs(out_dir, *args)
+        return write_retrieval_outputs(out_dir, *args, scores_i2t=payload.get("scores_i2t"),
+                                       dtype=payload.get("scores_dtype", "float16"))
     path = os.path.join(out_dir, FILES[task][0])
     if task == "re":
         return [write_re_predictions(path, *args, ious=_re_ious(payload))]
@@ -260,7 +277,13 @@ def read_predictions(task: str, out_dir: str) -> dict:
     if task == "vcr":
         return _read_vcr(path)
     ids = _read_json(os.path.join(out_dir, FILES[task][1]))
+    out = {"scores": _read_matrix(path), "text_ids": ids["texts"], "image_ids": ids["images"],
+           "recalls": _read_json(os.path.join(out_dir, FILES[task][2]))}
+    if os.path.isfile(os.path.join(out_dir, I2T_FILE)):
+        out["scores_i2t"] = _read_matrix(os.path.join(out_dir, I2T_FILE))
+    return out
+
+
+def _read_matrix(path: str) -> np.ndarray:
     with open(path, "rb") as f:
-        scores = np.load(f, allow_pickle=False)
-    return {"scores": scores, "text_ids": ids["texts"], "image_ids": ids["images"],
-            "recalls": _read_json(os.path.join(out_dir, FILES[task][2]))}
+        return np.load(f, allow_pickle=False)

@@ -81,7 +81,7 @@ def finetune_dirs(cfg: Config) -> list[DatasetDir]:
 def check_inputs(cfg: Config) -> None:
     """Fail before any heavy work when a file the config names is missing."""
     need = {"data.tokenizer.path": cfg.data.tokenizer.path}
-    for d in dataset_dirs(cfg.data) if cfg.stage == "pretrain" else finetune_dirs(cfg):
+    for d in recipe_class(cfg.model.arch, cfg.stage).input_dirs(cfg):
         if not is_s3(d.path):  # remote manifests are checked when read
             need[d.where] = os.path.join(d.path, "manifest.json")
     if cfg.stage == "finetune" and cfg.finetune.init_from:

@@ -67,7 +67,11 @@ def cmd_demo_finetune(args, extra: list[str]) -> int:
     from trainer.demo_finetune import demo_finetune
 
     tasks = tuple(t for t in (args.tasks or "").split(",") if t)
-    demo_finetune(args.configs, args.out, tasks or None, tuple(split_overrides(extra)))
+    out = args.out or ("runs/demo-finetune" if args.family == "uniter" else f"runs/demo-finetune-{args.family}")
+    try:
+        demo_finetune(args.configs, out, tasks or None, tuple(split_overrides(extra)), args.family)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     return 0
 
 
@@ -351,11 +355,14 @@ def _add_tasks(sub) -> None:
 
 
 def _add_demo_finetune(sub) -> None:
-    sp = sub.add_parser("demo-finetune", help="fine-tune the `make demo` model on every demo task and from "
-                                              "scratch; print the metrics table")
-    sp.add_argument("--tasks", help="comma-separated demo tasks (default: all six)")
-    sp.add_argument("--configs", default="configs/finetune", help="folder of the demo-<task>.yaml configs")
-    sp.add_argument("--out", default="runs/demo-finetune", help="run folders and table.{md,json}")
+    sp = sub.add_parser("demo-finetune", help="fine-tune the `make demo` (or `make demo-albef`) model on every "
+                                              "demo task and from scratch; print the metrics table")
+    sp.add_argument("--family", choices=("uniter", "albef"), default="uniter",
+                    help="uniter: the six demo tasks from runs/demo; albef: retrieval from runs/demo-albef")
+    sp.add_argument("--tasks", help="comma-separated demo tasks (default: all of the family's)")
+    sp.add_argument("--configs", default="configs/finetune",
+                    help="folder of the demo-<task>.yaml / demo-albef-<task>.yaml configs")
+    sp.add_argument("--out", help="run folders and table.{md,json} (default runs/demo-finetune[-albef])")
     sp.set_defaults(fn=cmd_demo_finetune)
 
 

@@ -145,6 +145,10 @@ def test_albef_flops_count_student_teacher_and_the_itm_fusions():
     text_p, fusion_p = 2 * 128 * 8 + 4 * 4 * 32, 2560 + 512 + 640 + 640
     assert work.padded_flops == 3 * (vit + 2 * text_p + 4 * fusion_p) + vit + 2 * text_p + fusion_p == 90496
     assert (work.samples, work.tokens, work.padded_tokens) == (2, 5 + 2 * 5, 2 * (4 + 5))
+    # Retrieval fine-tuning has no MLM: the student's text layers once and 3 ITM fusions, the teacher's
+    # ViT and text layers once.
+    retrieval = recipe_class("albef", "finetune")(SimpleNamespace(model=m)).step_flops(batch, "retrieval")
+    assert retrieval.flops == 3 * (vit + text + 3 * fusion) + vit + text == 45024
 
 
 # ---------------------------------------------------------------- ALBEF, the sweep, out of memory

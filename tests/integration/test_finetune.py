@@ -255,7 +255,6 @@ def test_validation_style_retrieval_scores_the_own_image_and_the_next_ones(finet
     from trainer.config import load_config
     from trainer.downstream_eval import score_split, validation_recalls
     from trainer.distributed import DistInfo
-    from trainer.evaluate import _load_model
     from trainer.recipes import recipe_class
     from trainer.run_setup import run_tokenizer
 
@@ -264,7 +263,7 @@ def test_validation_style_retrieval_scores_the_own_image_and_the_next_ones(finet
     recipe = recipe_class("uniter", "finetune")(cfg)
     tok = run_tokenizer(cfg)
     recipe.check_data(tok)
-    model = _load_model(recipe, cfg.train.run_dir)
+    model = recipe.load_finetuned(cfg.train.run_dir)
     info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     examples = recipe.val_folder.examples
     val = score_split(model, recipe, tok, examples, info, {})

@@ -290,3 +290,39 @@ def test_export_of_an_albef_run_checkpoint(process_group, tmp_path, capsys):
                                                        list(student.visual_encoder.state_dict()))
     assert_bit_identical(got_student, {k: v.float() for k, v in engine.module.state_dict().items()})
     assert_bit_identical(got_teacher, teacher.state_dict())
+
+
+def test_albef_retrieval_export_uses_the_names_of_albefs_retrieval_model():
+    """A retrieval fine-tuning model (no MLM head, an image-index queue) -> `model_retrieval.ALBEF`'s names:
+    its text encoders are BertModels (no `bert.` prefix, no `cls.*`), and `idx_queue` is [1, K]."""
+    torch.manual_seed(0)
+    student = Albef(TINY_ALBEF, mlm_head=False)
+    teacher = AlbefTeacher(student, image_index_queue=True)
+    with torch.no_grad():
+        teacher.queues.idx_queue[:4] = torch.tensor([3, 9, 3, 1])
+    out = export_albef_state_dict(student.state_dict(), teacher.state_dict())
+
+    pretrain_student, pretrain_teacher = tiny_albef()  # the pretraining layout, tested above
+    pretrain = export_albef_state_dict(pretrain_student.state_dict(), pretrain_teacher.state_dict())
+    want = {k.replace("text_encoder.bert.", "text_encoder.").replace("text_encoder_m.bert.", "text_encoder_m.")
+            for k in pretrain if ".cls." not in k and not k.startswith(("text_encoder.cls.", "text_encoder_m.cls."))}
+    assert set(out) == want | {"idx_queue"}
+    t = TINY_ALBEF.text_layers
+    assert {"text_encoder.embeddings.position_ids", f"text_encoder.encoder.layer.{t}.crossattention.self.value.bias",
+            "text_encoder_m.embeddings.word_embeddings.weight"} <= set(out)
+    assert out["idx_queue"].shape == (1, TINY_ALBEF.queue_size) and out["idx_queue"].dtype == torch.long
+    assert out["idx_queue"][0, :5].tolist() == [3, 9, 3, 1, -100]
+
+    got_student, got_teacher = import_albef_state_dict(out, list(student.visual_encoder.state_dict()))
+    assert_bit_identical(got_student, student.state_dict())
+    assert_bit_identical(got_teacher, teacher.state_dict())
+
+
+def test_a_teacher_file_that_is_not_a_state_dict_is_one_line(tmp_path):
+    from trainer.config_files import ConfigError
+    from trainer.models.convert_cli import read_teacher
+
+    assert read_teacher(tmp_path) is None  # no teacher.pt: a UNITER run, or a student-only checkpoint
+    save_tensors({"queues.ptr": [1, 2]}, str(tmp_path / "teacher.pt"))
+    with pytest.raises(ConfigError, match="teacher.pt is not a state dict"):
+        read_teacher(tmp_path)

@@ -10,7 +10,7 @@ from PIL import Image
 
 from data.pixels import MEAN, STD, PixelConfig
 from trainer.models.albef import Albef
-from trainer.retrieval import RetrievalSet, retrieval_metrics
+from trainer.retrieval import RetrievalSet, retrieval_metrics, retrieval_scores
 
 N_IMAGES, CAPTIONS_PER_IMAGE, DIM = 12, 2, 8
 
@@ -80,6 +80,27 @@ def test_recalls_match_a_brute_force_ranking(k, batch_size):
     assert got["t2i_r1_chance"] == pytest.approx(100.0 / N_IMAGES)
     assert got["r_mean"] == pytest.approx(np.mean([got[f"{d}_r{at}"] for d in ("t2i", "i2t") for at in (1, 5, 10)]))
     assert engine.modes == ["eval", "train"]
+
+
+@pytest.mark.parametrize("k", [4, 12])
+def test_score_matrices_hold_the_itm_scores_of_each_querys_top_k_and_minus_100_elsewhere(k):
+    """ALBEF's score matrices, built here from the tables: per text, its k most similar images hold
+    SCORE[t, i]; per image, its k most similar texts hold SCORE[t, i]; every other entry is -100."""
+    engine, data = TableEngine(), retrieval_set()
+    got = retrieval_scores(engine, data, PixelConfig(image_size=8), k=k, batch_size=5, device=torch.device("cpu"))
+    sims, score = (engine.text_feat @ engine.image_feat.t()).numpy(), engine.score.numpy()
+    want_t2i = np.full(score.shape, -100.0, dtype=np.float32)
+    for t in range(score.shape[0]):
+        top = np.argsort(-sims[t])[:min(k, N_IMAGES)]
+        want_t2i[t, top] = score[t, top]
+    want_i2t = np.full(score.T.shape, -100.0, dtype=np.float32)
+    for i in range(N_IMAGES):
+        top = np.argsort(-sims[:, i])[:k]
+        want_i2t[i, top] = score[top, i]
+    np.testing.assert_array_equal(got.t2i.numpy(), want_t2i)
+    np.testing.assert_array_equal(got.i2t.numpy(), want_i2t)
+    assert got.metrics == retrieval_metrics(TableEngine(), data, PixelConfig(image_size=8), k=k, batch_size=5,
+                                            device=torch.device("cpu"))
 
 
 def test_a_match_outside_the_candidates_does_not_count_for_a_larger_k():

@@ -71,13 +71,13 @@ class FusionLayer(nn.Module):
 class TextEncoder(nn.Module):
     """Embeddings + text layers (unimodal) + fusion layers (with the image) + MLM head."""
 
-    def __init__(self, cfg: AlbefConfig) -> None:
+    def __init__(self, cfg: AlbefConfig, mlm_head: bool = True) -> None:
         super().__init__()
         bert = cfg.bert()
         self.embeddings = TextEmbeddings(bert, padding_idx=cfg.pad_token_id)
         self.layer = nn.ModuleList(Layer(bert) for _ in range(cfg.text_layers))
         self.fusion = nn.ModuleList(FusionLayer(bert, cfg.vision_width) for _ in range(cfg.fusion_layers))
-        self.cls = MlmHead(cfg.hidden_size, cfg.vocab_size)
+        self.cls = MlmHead(cfg.hidden_size, cfg.vocab_size) if mlm_head else None
         self.apply(lambda m: init_bert_weights(m, cfg.initializer_range))
 
     def text(self, input_ids: Tensor, attn_mask: Tensor) -> Tensor:
@@ -108,19 +108,21 @@ class Albef(nn.Module):
     TEACHER_PARTS = ("visual_encoder", "vision_proj", "text_encoder", "text_proj")
     """What the teacher copies: all but the temperature and the ITM head (ALBEF)."""
 
-    def __init__(self, cfg: AlbefConfig) -> None:
+    def __init__(self, cfg: AlbefConfig, mlm_head: bool = True) -> None:
+        """`mlm_head=False`: ALBEF's retrieval model, whose text encoder has no MLM head."""
         super().__init__()
         self.config = cfg
         self.visual_encoder = vision_transformer(cfg)
         self.vision_proj = nn.Linear(cfg.vision_width, cfg.embed_dim)
-        self.text_encoder = TextEncoder(cfg)
+        self.text_encoder = TextEncoder(cfg, mlm_head)
         self.text_proj = nn.Linear(cfg.hidden_size, cfg.embed_dim)
         self.itm_head = nn.Linear(cfg.hidden_size, 2)
         for head in (self.vision_proj, self.text_proj, self.itm_head):
             init_bert_weights(head, cfg.initializer_range)
         # [1], not ALBEF's 0-d scalar: DeepSpeed broadcasts parameters as bytes, which a 0-d tensor cannot be viewed as.
         self.temp = nn.Parameter(torch.tensor([cfg.temp]))
-        register_shared_parameters([(self.text_encoder.cls, self.text_encoder.embeddings.word_embeddings.weight)])
+        if mlm_head:
+            register_shared_parameters([(self.text_encoder.cls, self.text_encoder.embeddings.word_embeddings.weight)])
 
     def forward(self, batch: dict, task: Callable, *args):
         """`task(self, batch, *args)`: the training losses (trainer/recipes/albef_tasks.py) or a
@@ -156,13 +158,14 @@ class AlbefTeacher(nn.Module):
     Its parts are EMA copies of the student's TEACHER_PARTS (registered alike, so parameters
     pair up in order); saved in every checkpoint beside the engine's files."""
 
-    def __init__(self, student: Albef) -> None:
+    def __init__(self, student: Albef, image_index_queue: bool = False) -> None:
+        """`image_index_queue`: the queues also keep each feature's image index (retrieval fine-tuning)."""
         super().__init__()
         self.momentum = student.config.momentum
         for name in Albef.TEACHER_PARTS:
             setattr(self, name, copy.deepcopy(getattr(student, name)).float())
         self.requires_grad_(False)
-        self.queues = FeatureQueues(student.config.embed_dim, student.config.queue_size)
+        self.queues = FeatureQueues(student.config.embed_dim, student.config.queue_size, image_index_queue)
 
     @torch.no_grad()
     def update(self, student: Albef) -> None:

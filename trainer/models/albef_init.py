@@ -211,7 +211,7 @@ def _grid_side(rows: int, what: str) -> int:
     return side
 
 
-def _resize_positions(pos: Tensor, rows: int, d: Path) -> Tensor:
+def resize_positions(pos: Tensor, rows: int, d: "str | Path") -> Tensor:
     """[1, 1+P, W] -> [1, 1+rows, W]: the cls position kept, the P patch positions resized
     bicubically on their 2-D grid (ALBEF's `interpolate_pos_embed`)."""
     if pos.dim() != 3 or pos.shape[1] < 2:
@@ -259,7 +259,7 @@ def load_vit_directory(vit: nn.Module, path: PathLike) -> List[str]:
     ours = vit.state_dict()
     _check_vit_sizes(sd, ours, config, vit, d)
     if POS in sd:
-        sd[POS] = _resize_positions(sd[POS], ours[POS].shape[1] - 1, d)
+        sd[POS] = resize_positions(sd[POS], ours[POS].shape[1] - 1, d)
     sd = _to_module_names(sd, list(ours))
     _check_complete(sd, ours, d)
     vit.load_state_dict(sd, strict=True)

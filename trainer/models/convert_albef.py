@@ -15,7 +15,11 @@ Ours -> ALBEF's, by part (the teacher's parts get ALBEF's `_m` suffix):
 - the teacher's queues `queues.{image_queue,text_queue,ptr}` -> `image_queue`, `text_queue`,
   `queue_ptr` ([1], long).
 
-`import_albef_state_dict` is the inverse (and refuses tied copies that differ).
+A retrieval fine-tuning model (no MLM head; `queues.idx_queue`) gets the names of ALBEF's retrieval model
+instead: its text encoders are BertModels (`text_encoder.{embeddings,encoder.layer.{i}}`, no `bert.`, no
+`cls.*`), and `idx_queue` is [1, K].
+
+`import_albef_state_dict` is the inverse of both (and refuses tied copies that differ).
 """
 from __future__ import annotations
 
@@ -39,7 +43,11 @@ _HF_QKV = re.compile(r"^encoder\.layer\.(\d+)\.attention\.attention\.(query|key|
 _HF_LAYER = re.compile(r"^encoder\.layer\.(\d+)\.(.+)$")
 _OUR_TEXT_LAYER = re.compile(r"^(layer|fusion)\.(\d+)\.(.+)$")
 _ALBEF_TEXT_LAYER = re.compile(r"^bert\.encoder\.layer\.(\d+)\.(.+)$")
-_QUEUES = {"queues.image_queue": "image_queue", "queues.text_queue": "text_queue", "queues.ptr": "queue_ptr"}
+_QUEUES = {"queues.image_queue": "image_queue", "queues.text_queue": "text_queue", "queues.ptr": "queue_ptr",
+           "queues.idx_queue": "idx_queue"}
+_RESHAPED = {"queues.ptr": (1,), "queues.idx_queue": (1, -1)}
+"""Ours -> ALBEF's shape: the pointer [1] (ours 0-d), the image indices [1, K] (ours [K])."""
+_IMPORTED_SHAPE = {"queues.ptr": (), "queues.idx_queue": (-1,)}
 
 
 def _part(sd: Mapping[str, Tensor], prefix: str) -> StateDict:
@@ -86,7 +94,17 @@ def vit_from_albef(sd: Mapping[str, Tensor], module_keys: List[str]) -> StateDic
 
 
 def text_to_albef(sd: Mapping[str, Tensor], text_layers: int, max_positions: int) -> StateDict:
-    """Our text encoder (`embeddings`, `layer.i`, `fusion.j`, `cls`) -> ALBEF's BertForMaskedLM names."""
+    """Our text encoder (`embeddings`, `layer.i`, `fusion.j`, and `cls` in pretraining) -> ALBEF's
+    BertForMaskedLM names, or without an MLM head its BertModel's (the retrieval model: no `bert.`)."""
+    if "cls.predictions.bias" not in sd:
+        bert = _text_to_bert(sd, text_layers, max_positions)
+        return {k[len("bert."):]: v for k, v in bert.items()}
+    return _text_to_bert(sd, text_layers, max_positions) | {
+        _DECODER + "weight": sd["embeddings.word_embeddings.weight"].detach().clone(),
+        _DECODER + "bias": sd["cls.predictions.bias"].detach().clone()}
+
+
+def _text_to_bert(sd: Mapping[str, Tensor], text_layers: int, max_positions: int) -> StateDict:
     out: StateDict = {}
     for key, value in sd.items():
         layer = _OUR_TEXT_LAYER.match(key)
@@ -100,13 +118,13 @@ def text_to_albef(sd: Mapping[str, Tensor], text_layers: int, max_positions: int
         else:
             raise ValueError(f"text encoder key {key!r} has no ALBEF name")
     out[_POSITION_IDS] = torch.arange(max_positions).unsqueeze(0)  # [1, P], a buffer ALBEF's BERT saves
-    out[_DECODER + "weight"] = sd["embeddings.word_embeddings.weight"].detach().clone()
-    out[_DECODER + "bias"] = sd["cls.predictions.bias"].detach().clone()
     return out
 
 
 def text_from_albef(sd: Mapping[str, Tensor]) -> StateDict:
-    """ALBEF's BertForMaskedLM -> our text encoder; the fusion layers are those with cross-attention."""
+    """ALBEF's BertForMaskedLM, or the BertModel of its downstream models (no `bert.`), -> our text
+    encoder; the fusion layers are those with cross-attention."""
+    sd = {("bert." + k if k.startswith(("embeddings.", "encoder.")) else k): v for k, v in sd.items()}
     matches = [m for m in map(_ALBEF_TEXT_LAYER.match, sd) if m]
     fused = {int(m.group(1)) for m in matches if m.group(2).startswith("crossattention.")}
     text_layers = min(fused, default=max((int(m.group(1)) for m in matches), default=-1) + 1)
@@ -136,7 +154,8 @@ def text_from_albef(sd: Mapping[str, Tensor]) -> StateDict:
 
 
 def export_albef_state_dict(student: Mapping[str, Tensor], teacher: Optional[Mapping[str, Tensor]]) -> StateDict:
-    """Our student (+ teacher.pt, when given) -> the state dict of ALBEF's `ALBEF` pretraining model."""
+    """Our student (+ teacher.pt, when given) -> the state dict of ALBEF's `ALBEF` pretraining model, or of
+    its retrieval model (`model_retrieval.ALBEF`) for a retrieval fine-tuning run (no MLM head, `idx_queue`)."""
     if OUR_MARKER not in student:
         raise ValueError(f"not an ALBEF model of ours: no {OUR_MARKER}")
     text_layers = len({m.group(2) for m in map(_OUR_TEXT_LAYER.match, _part(student, "text_encoder")) if m
@@ -152,8 +171,8 @@ def export_albef_state_dict(student: Mapping[str, Tensor], teacher: Optional[Map
     out.update({f"itm_head.{k}": v for k, v in _part(student, "itm_head").items()})
     out["temp"] = student["temp"].reshape(())  # ALBEF's temperature is a 0-d parameter
     for ours, theirs in _QUEUES.items():
-        if teacher is not None:
-            out[theirs] = teacher[ours].reshape(1) if ours == "queues.ptr" else teacher[ours]
+        if teacher is not None and ours in teacher:  # the index queue only in retrieval fine-tuning
+            out[theirs] = teacher[ours].reshape(_RESHAPED[ours]) if ours in _RESHAPED else teacher[ours]
     leftover = [k for k in student if not k.startswith(("visual_encoder.", "text_encoder.", "vision_proj.",
                                                            "text_proj.", "itm_head.", "temp"))]
     if leftover:
@@ -183,7 +202,8 @@ def import_albef_state_dict(sd: Mapping[str, Tensor], vit_module_keys: List[str]
     student["temp"] = sd["temp"].reshape(1)
     if teacher:
         for ours, theirs in _QUEUES.items():
-            teacher[ours] = sd[theirs].reshape(()) if ours == "queues.ptr" else sd[theirs]
+            if theirs in sd:
+                teacher[ours] = sd[theirs].reshape(_IMPORTED_SHAPE.get(ours, sd[theirs].shape))
     known = ("visual_encoder", "text_encoder", "vision_proj", "text_proj")
     prefixes = tuple(f"{p}{s}." for p in known for s in ("", "_m")) + ("itm_head.",)
     leftover = [k for k in sd if not k.startswith(prefixes) and k not in ("temp", *_QUEUES.values())]

@@ -31,6 +31,8 @@ from trainer.models.convert_albef import export_albef_state_dict, is_albef_state
 StateDict = Dict[str, Tensor]
 
 STAGE0_MODEL_FILE = "mp_rank_00_model_states.pt"
+TEACHER_FILE = "teacher.pt"
+"""ALBEF runs: the recipe's replicated `teacher` module, saved beside the engine's files (trainer/checkpoint.py)."""
 KEY_ORDER_METADATA = "vlpt_key_order"  # safetensors sorts keys; UNITER's order is kept here
 _MAX_LISTED = 5
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -71,8 +73,7 @@ def export_checkpoint(src: Path, dst: Path) -> str:
         sd, kind = read_deepspeed_checkpoint(tag_dir)
         check_against_run_config(sd, tag_dir)
         source = tag_dir
-        if (tag_dir / "teacher.pt").is_file():  # ALBEF's momentum model and queues, beside the engine's files
-            teacher = _load_deepspeed_file(tag_dir / "teacher.pt")
+        teacher = read_teacher(tag_dir)
     elif src.is_file():
         sd, kind, source = load_state_dict_file(src), "state dict", src
     else:
@@ -97,8 +98,6 @@ def is_finetuned_uniter(sd: Mapping[str, Tensor]) -> bool:
 
 def export_to_albef(sd: StateDict, teacher: Optional[StateDict], source: Path, kind: str, dst: Path) -> str:
     """Our ALBEF student (+ its teacher) -> a state dict with the names of ALBEF's `ALBEF` model."""
-    if teacher is not None and not _is_state_dict(teacher):
-        raise ConfigError(f"{source}/teacher.pt is not a state dict; is the checkpoint complete?")
     try:
         out = export_albef_state_dict(sd, teacher)
     except (ValueError, KeyError) as e:
@@ -180,7 +179,7 @@ def read_deepspeed_checkpoint(tag_dir: Path) -> Tuple[StateDict, str]:
     if not model_file.is_file():
         raise ConfigError(f"{tag_dir} has neither {STAGE0_MODEL_FILE} nor ZeRO *_optim_states.pt files; "
                           "is the checkpoint complete?")
-    module = _load_deepspeed_file(model_file).get("module")
+    module = load_deepspeed_file(model_file).get("module")
     if not _is_state_dict(module):
         raise ConfigError(f"{model_file} has no 'module' state dict; is this a DeepSpeed checkpoint?")
     dtypes = sorted({str(v.dtype).removeprefix("torch.") for v in module.values() if v.is_floating_point()})
@@ -189,7 +188,18 @@ def read_deepspeed_checkpoint(tag_dir: Path) -> Tuple[StateDict, str]:
     return sd, f"stage-0 checkpoint, {'/'.join(dtypes) or 'no float'} module weights"
 
 
-def _load_deepspeed_file(path: Path) -> Dict[str, Any]:
+def read_teacher(tag_dir: Path) -> Optional[Dict[str, Any]]:
+    """ALBEF's momentum model and queues (`teacher.pt`, beside the engine's files), or None if absent."""
+    path = tag_dir / TEACHER_FILE
+    if not path.is_file():
+        return None
+    teacher = load_deepspeed_file(path)
+    if not _is_state_dict(teacher):
+        raise ConfigError(f"{path} is not a state dict; is the checkpoint complete?")
+    return teacher
+
+
+def load_deepspeed_file(path: Path) -> Dict[str, Any]:
     """DeepSpeed's model-states file, read like every checkpoint file: `weights_only=True`
     with DeepSpeed's plain records allowed, a file pickling anything else refused."""
     try:
@@ -263,15 +273,16 @@ def _expected_shapes(cfg_file: Path) -> Optional[Dict[str, Tuple[int, ...]]]:
         print(f"vlpt: note: not checking against {cfg_file} ({_one_line(e)})", file=sys.stderr)
         return None
     model_cfg = cfg.model
-    if cfg.stage == "finetune":  # the head's size comes from the task folder, not the config
+    if cfg.stage == "finetune" and model_cfg.arch == "uniter":  # the head's size comes from the task folder
         print(f"vlpt: note: not checking against {cfg_file} (a fine-tuned model)", file=sys.stderr)
         return None
-    model_class = {"uniter": UniterForPretraining, "albef": Albef}.get(model_cfg.arch)
-    if model_class is None:  # a family registered elsewhere: its names are its own
+    builders = {"uniter": UniterForPretraining,
+                "albef": lambda c: Albef(c, mlm_head=cfg.stage == "pretrain")}  # retrieval: no MLM head
+    if model_cfg.arch not in builders:  # a family registered elsewhere: its names are its own
         print(f"vlpt: note: not checking against {cfg_file} (model.arch={model_cfg.arch})", file=sys.stderr)
         return None
     with torch.device("meta"):
-        model = model_class(model_cfg)
+        model = builders[model_cfg.arch](model_cfg)
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 

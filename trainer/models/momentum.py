@@ -6,7 +6,7 @@ teacher module beside the engine's files).
 from __future__ import annotations
 
 import contextlib
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -40,16 +40,24 @@ def gathered(params: list[nn.Parameter]):
     return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
 
+EMPTY_INDEX = -100
+"""The image index of a queue slot no feature has filled yet (ALBEF's `idx_queue` starts at -100)."""
+
+
 class FeatureQueues(nn.Module):
     """Image and text queues `[D, Q]` of momentum features, filled with each step's global
-    batch (all-gathered by the trainer, so every rank holds the same queues)."""
+    batch (all-gathered by the trainer, so every rank holds the same queues); with
+    `image_index`, also `idx_queue` [Q]: the image index of each slot (retrieval fine-tuning,
+    where queued captions of a batch image are positives too)."""
 
-    def __init__(self, dim: int, size: int) -> None:
+    def __init__(self, dim: int, size: int, image_index: bool = False) -> None:
         super().__init__()
         self.size = size
         self.register_buffer("image_queue", F.normalize(torch.randn(dim, size), dim=0))
         self.register_buffer("text_queue", F.normalize(torch.randn(dim, size), dim=0))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+        index = torch.full((size,), EMPTY_INDEX, dtype=torch.long) if image_index else None
+        self.register_buffer("idx_queue", index)  # a None buffer is not saved
 
     def check_batch(self, global_batch: int) -> None:
         if global_batch <= 0 or self.size % global_batch:
@@ -57,14 +65,18 @@ class FeatureQueues(nn.Module):
                              f"{global_batch} (ALBEF: 65,536 with batch 512); change one of them")
 
     @torch.no_grad()
-    def push(self, image_feat_m: Tensor, text_feat_m: Tensor) -> None:
+    def push(self, image_feat_m: Tensor, text_feat_m: Tensor, image_index: Optional[Tensor] = None) -> None:
         """Append the global batch's momentum features ([B, D], every rank's rows in stream
-        order, the same on all ranks), oldest overwritten. Positions wrap around, so a batch
-        shortened by bad samples still fits; the write position stays on the device."""
+        order, the same on all ranks) and, with an index queue, their image indices [B];
+        oldest overwritten. Positions wrap around, so a batch shortened by bad samples still
+        fits; the write position stays on the device."""
         n = image_feat_m.size(0)
         if n > self.size:
             raise ValueError(f"a global batch of {n} does not fit a queue of {self.size}")
+        assert (image_index is None) == (self.idx_queue is None), "image indices go with an index queue"
         cols = (self.ptr + torch.arange(n, device=self.ptr.device)) % self.size  # [B]
         self.image_queue.index_copy_(1, cols, image_feat_m.t().to(self.image_queue.dtype))
         self.text_queue.index_copy_(1, cols, text_feat_m.t().to(self.text_queue.dtype))
+        if image_index is not None:
+            self.idx_queue.index_copy_(0, cols, image_index.to(self.idx_queue.device))
         self.ptr.copy_((self.ptr + n) % self.size)

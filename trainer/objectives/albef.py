@@ -7,6 +7,7 @@ the ALBEF model feeds them. Shapes: B pairs, D = 256 projection, Q queue length,
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -40,16 +41,27 @@ class ItcResult:
     """[b, B + Q]"""
 
 
-def soft_targets(sim_m: Tensor, alpha: float, offset: int = 0) -> Tensor:
-    """`alpha * softmax(momentum sims) + (1 - alpha) * one-hot`; row i's positive is column offset + i."""
-    b = sim_m.size(0)
-    one_hot = torch.zeros_like(sim_m)
-    one_hot[:, offset:offset + b].fill_diagonal_(1.0)
-    return alpha * F.softmax(sim_m, dim=1) + (1.0 - alpha) * one_hot
+def soft_targets(sim_m: Tensor, alpha: float, offset: int = 0, positives: Optional[Tensor] = None) -> Tensor:
+    """`alpha * softmax(momentum sims) + (1 - alpha) * positives`; by default one-hot, row i's positive
+    being column offset + i."""
+    if positives is None:
+        b = sim_m.size(0)
+        positives = torch.zeros_like(sim_m)
+        positives[:, offset:offset + b].fill_diagonal_(1.0)
+    return alpha * F.softmax(sim_m, dim=1) + (1.0 - alpha) * positives
+
+
+def shared_index_targets(idx: Tensor, idx_all: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """ALBEF retrieval's targets [b, B + Q]: every column showing the row's image (`idx` [b] against
+    `idx_all` [B + Q], the global batch then the queue) is a positive, weights summing to 1 per row.
+    A row always has one: its own pair is in the global batch."""
+    positives = (idx[:, None] == idx_all[None, :]).to(dtype)  # [b, B+Q]
+    return positives / positives.sum(1, keepdim=True)
 
 
 def itc_loss(image_feat: Tensor, text_feat: Tensor, image_feat_m_all: Tensor, text_feat_m_all: Tensor,
-             image_queue: Tensor, text_queue: Tensor, temp: Tensor, alpha: float, offset: int = 0) -> ItcResult:
+             image_queue: Tensor, text_queue: Tensor, temp: Tensor, alpha: float, offset: int = 0,
+             positives: Optional[Tensor] = None) -> ItcResult:
     """Image-text contrastive loss of this rank's b pairs.
 
     image_feat, text_feat          [b, D] student features of this rank, L2-normalised
@@ -57,7 +69,9 @@ def itc_loss(image_feat: Tensor, text_feat: Tensor, image_feat_m_all: Tensor, te
                                    [B, D] momentum features of the whole global batch (all ranks,
                                    rank order; no gradient); this rank's rows start at `offset`
     image_queue, text_queue        [D, Q] momentum features of earlier steps, before this step's push
-    temp                           scalar, already clamped
+    temp                           scalar (pretraining clamps it first; retrieval fine-tuning does not)
+    positives                      [b, B+Q] target weights of the true pairs (`shared_index_targets`);
+                                   None: one-hot on each row's own pair
 
     The candidates are the global batch plus the queue on every rank, so 2 ranks give the
     mean loss of 1 rank with their joint batch (ALBEF's own code uses each rank's local batch).
@@ -68,8 +82,8 @@ def itc_loss(image_feat: Tensor, text_feat: Tensor, image_feat_m_all: Tensor, te
         text_all = torch.cat([text_feat_m_all.t(), text_queue], dim=1)  # [D, B+Q]
         image_m = image_feat_m_all[offset:offset + b]  # [b, D]
         text_m = text_feat_m_all[offset:offset + b]  # [b, D]
-        targets_i2t = soft_targets(image_m @ text_all / temp, alpha, offset)  # [b, B+Q]
-        targets_t2i = soft_targets(text_m @ image_all / temp, alpha, offset)  # [b, B+Q]
+        targets_i2t = soft_targets(image_m @ text_all / temp, alpha, offset, positives)  # [b, B+Q]
+        targets_t2i = soft_targets(text_m @ image_all / temp, alpha, offset, positives)  # [b, B+Q]
     sim_i2t = image_feat @ text_all / temp  # [b, B+Q]
     sim_t2i = text_feat @ image_all / temp  # [b, B+Q]
     loss_i2t = -(F.log_softmax(sim_i2t, dim=1) * targets_i2t).sum(1).mean()

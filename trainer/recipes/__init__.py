@@ -21,7 +21,8 @@ if TYPE_CHECKING:
 
 DEFAULT_ARCH = "uniter"
 BUILTIN = {("uniter", "pretrain"): "trainer.recipes.uniter", ("albef", "pretrain"): "trainer.recipes.albef",
-           ("uniter", "finetune"): "trainer.recipes.uniter_finetune"}
+           ("uniter", "finetune"): "trainer.recipes.uniter_finetune",
+           ("albef", "finetune"): "trainer.recipes.albef_retrieval"}
 ENV_MODULES = "VLPT_RECIPES"
 
 _REGISTRY: dict[tuple[str, str], type["Recipe"]] = {}

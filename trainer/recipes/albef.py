@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 
 import torch
+from torch import Tensor
 
 from data.collate_albef import collate_albef
 from data.shards import PIXEL_FORMAT
@@ -100,15 +101,7 @@ class AlbefRecipe(Recipe):
         """EMA (not right after a skipped step: the student did not move, the EMA must not apply it
         twice), then the teacher's features of the whole global batch."""
         teacher, precision = self.teacher, self.cfg.precision.dtype
-        if not ctx.after_skip:
-            teacher.update(engine.module)
-        with teacher_precision(ctx.device, precision):
-            encoded = [teacher.encode(b) for b in batches]  # (image tokens, image feat, text feat)
-        local = torch.cat([torch.cat([image_f, text_f], dim=1) for _, image_f, text_f in encoded])  # [rows, 2D]
-        features, sizes = all_gather_varying_rows(local)  # [B, 2D], rows in stream order
-        image_all, text_all = features.chunk(2, dim=1)
-        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-        offsets = [sum(sizes[:rank]) + sum(b["n_items"] for b in batches[:i]) for i in range(len(batches))]
+        encoded, image_all, text_all, offsets = self.teacher_features(engine, batches, ctx)
         alpha = alpha_at(self.cfg.model.alpha, ctx.step, self.alpha_warmup)
 
         def forward_args(i: int, batch: dict) -> tuple:
@@ -125,6 +118,22 @@ class AlbefRecipe(Recipe):
                 teacher.queues.push(image_all, text_all)
 
         return StepPlan(forward_args, finish)
+
+    def teacher_features(self, engine, batches: list[dict], ctx: StepContext) -> tuple[list, Tensor, Tensor, list[int]]:
+        """The EMA (not right after a skipped step), then the teacher's encoding of each micro-batch
+        (image tokens, image feat, text feat), the momentum features of the whole global batch
+        ([B, D] each, all ranks in stream order) and each micro-batch's first row in it."""
+        teacher = self.teacher
+        if not ctx.after_skip:
+            teacher.update(engine.module)
+        with teacher_precision(ctx.device, self.cfg.precision.dtype):
+            encoded = [teacher.encode(b) for b in batches]  # (image tokens, image feat, text feat)
+        local = torch.cat([torch.cat([image_f, text_f], dim=1) for _, image_f, text_f in encoded])  # [rows, 2D]
+        features, sizes = all_gather_varying_rows(local)  # [B, 2D], rows in stream order
+        image_all, text_all = features.chunk(2, dim=1)
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        offsets = [sum(sizes[:rank]) + sum(b["n_items"] for b in batches[:i]) for i in range(len(batches))]
+        return encoded, image_all, text_all, offsets
 
     def step_flops(self, batch: dict, task: str):
         from trainer.bench_flops import albef_work

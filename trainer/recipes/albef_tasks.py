@@ -54,11 +54,7 @@ def albef_losses(model, batch: dict, teacher: TeacherTargets) -> TaskResult:
     """ITC, hard-negative ITM and distilled MLM of this micro-batch's b pairs: sums over their terms
     (b rows, 3b pairs, the masked tokens), which the step divides by their counts over the step."""
     objectives.clamp_temperature_(model.temp)
-    image = model.image_tokens(batch["pixels"])  # [b, 1+P, Hv]
-    text = model.text_encoder.text(batch["input_ids"], batch["attn_mask"])  # [b, L, H]
-    # ITC in fp32: the 65,536-column softmax and the temperature do not belong in bf16.
-    image_feat = F.normalize(model.vision_proj(image[:, 0]).float(), dim=-1)  # [b, D]
-    text_feat = F.normalize(model.text_proj(text[:, 0]).float(), dim=-1)  # [b, D]
+    image, text, image_feat, text_feat = student_features(model, batch)
     b, offset = image_feat.size(0), teacher.offset
     itc = objectives.itc_loss(image_feat, text_feat, teacher.image_feat_m, teacher.text_feat_m,
                               teacher.image_queue, teacher.text_queue, model.temp.float()[0], teacher.alpha, offset)
@@ -66,11 +62,28 @@ def albef_losses(model, batch: dict, teacher: TeacherTargets) -> TaskResult:
     itm_sum, itm_correct = hard_negative_itm(model, image, text, batch, itc.sim_i2t[:, offset:offset + b],
                                              itc.sim_t2i[:, offset:offset + b], generator)
     losses = {"itc": itc.loss * b, "itm": itm_sum, "mlm": distilled_mlm(model, image, batch, teacher)}
-    counts = {"itc": b, "itm": 3 * b, "itm_acc": 3 * b, "mlm": batch["mlm_index"].numel(), "temp": b}
+    return task_result(model, b, losses, itm_correct, {"mlm": batch["mlm_index"].numel()})
+
+
+def student_features(model, batch: dict) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(image tokens [b, 1+P, Hv], text states [b, L, H], ITC image and text features [b, D], fp32)."""
+    image = model.image_tokens(batch["pixels"])  # [b, 1+P, Hv]
+    text = model.text_encoder.text(batch["input_ids"], batch["attn_mask"])  # [b, L, H]
+    # ITC in fp32: the 65,536-column softmax and the temperature do not belong in bf16.
+    image_feat = F.normalize(model.vision_proj(image[:, 0]).float(), dim=-1)  # [b, D]
+    text_feat = F.normalize(model.text_proj(text[:, 0]).float(), dim=-1)  # [b, D]
+    return image, text, image_feat, text_feat
+
+
+def task_result(model, b: int, losses: dict[str, Tensor], itm_correct: Tensor, counts: dict[str, int]) -> TaskResult:
+    """`losses` (sums: ITC over b rows, ITM over 3b pairs, the others over `counts`) with the ITM accuracy
+    and the temperature as statistics."""
+    counts = {"itc": b, "itm": 3 * b, "itm_acc": 3 * b, "temp": b, **counts}
     stats = {**{k: v.detach() for k, v in losses.items()}, "itm_acc": itm_correct,
              "temp": model.temp.detach().float()[0] * b}
+    device = itm_correct.device
     # torch.full fills on the device; torch.tensor(v, device=...) would copy from the host and wait
-    return TaskResult(losses, stats, {k: torch.full((), float(v), device=image.device) for k, v in counts.items()})
+    return TaskResult(losses, stats, {k: torch.full((), float(v), device=device) for k, v in counts.items()})
 
 
 def hard_negative_itm(model, image: Tensor, text: Tensor, batch: dict, sim_i2t: Tensor, sim_t2i: Tensor,
@@ -97,3 +110,45 @@ def distilled_mlm(model, image: Tensor, batch: dict, teacher: TeacherTargets) ->
         return logits.float().sum() * 0.0
     loss = objectives.distilled_mlm_loss(logits, teacher.mlm_logits_m, batch["mlm_targets"], teacher.alpha)
     return loss * index.numel()
+
+
+RETRIEVAL_WEIGHT_SHIFT = 1e-4
+"""ALBEF's retrieval adds 1e-4 to the similarities before the negatives' softmax: a constant shift,
+so a no-op up to rounding; kept to compute what ALBEF computes."""
+
+
+@dataclass
+class RetrievalTargets:
+    """What the teacher gives one micro-batch of retrieval fine-tuning."""
+
+    image_feat_m: Tensor
+    """[B, D] momentum image features of the whole global batch (all ranks, stream order)."""
+    text_feat_m: Tensor
+    """[B, D]"""
+    image_queue: Tensor
+    """[D, Q] the queue before this step's push."""
+    text_queue: Tensor
+    index_all: Tensor
+    """[B + Q] long: the image index of every column (the global batch's, then the queue's)."""
+    offset: int
+    alpha: float
+    negatives_seed: int
+
+
+def albef_retrieval_losses(model, batch: dict, teacher: RetrievalTargets) -> TaskResult:
+    """ALBEF's retrieval fine-tuning of this micro-batch's b pairs: ITC whose positives are every
+    column of the same image (in the global batch and the queue), with the temperature learnt
+    unclamped; ITM on hard negatives never drawn from the same image. Sums over b rows and 3b pairs."""
+    if batch["n_images"] < 2:
+        raise ValueError(f"a micro-batch of {batch['n_items']} pairs shows one image only, so ITM has no negative "
+                         "to draw (ALBEF fails here too); raise data.micro_batch_size or data.shuffle_buffer")
+    image, text, image_feat, text_feat = student_features(model, batch)
+    b, offset = image_feat.size(0), teacher.offset
+    positives = objectives.shared_index_targets(batch["image_index"], teacher.index_all)  # [b, B+Q]
+    itc = objectives.itc_loss(image_feat, text_feat, teacher.image_feat_m, teacher.text_feat_m, teacher.image_queue,
+                              teacher.text_queue, model.temp.float()[0], teacher.alpha, offset, positives)
+    generator = torch.Generator(device=image.device).manual_seed(teacher.negatives_seed)
+    shift = RETRIEVAL_WEIGHT_SHIFT
+    itm_sum, itm_correct = hard_negative_itm(model, image, text, batch, itc.sim_i2t[:, offset:offset + b] + shift,
+                                             itc.sim_t2i[:, offset:offset + b] + shift, generator)
+    return task_result(model, b, {"itc": itc.loss * b, "itm": itm_sum}, itm_correct, {})

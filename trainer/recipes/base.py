@@ -9,7 +9,7 @@ data loading, tracking) is the run's and is the same for every family.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional
 
 import torch
 from torch import nn
@@ -80,7 +80,14 @@ class Recipe:
         """A dataset the run will read against the model (ValueError naming the key to change)."""
 
     # The run's data: pretraining recipes read `data:`'s shard folders (trainer/run_setup.py); a
-    # recipe that reads other data (fine-tuning's task folders) overrides these four.
+    # recipe that reads other data (fine-tuning's task folders) overrides these five.
+    @classmethod
+    def input_dirs(cls, cfg: "Config") -> list:
+        """The folders the run reads (`DatasetDir`s: config key, path), checked to exist before any heavy work."""
+        from trainer.run_setup import dataset_dirs
+
+        return dataset_dirs(cfg.data)
+
     def check_data(self, tok) -> None:
         """Before the run folder is made: every dataset the run reads, against the model."""
         from trainer.run_setup import validate_against_data
@@ -158,3 +165,26 @@ class Recipe:
         """Collective. Metrics named `val/<mix key>_<name>` over every split {key: (task, data)};
         bad samples met here are added to `skipped` (already summed over ranks)."""
         raise NotImplementedError
+
+    # `vlpt evaluate` (trainer/evaluate.py): fine-tuning recipes implement these two.
+    @classmethod
+    def evaluation_config(cls, cfg: "Config", split: Optional[str]) -> "Config":
+        """The config that scores `split` (None: the config's held-out split) without training or init_from."""
+        raise ValueError(f"vlpt evaluate is not available for model.arch={cls.arch} (stage: {cls.stage})")
+
+    def evaluate(self, checkpoint: str, tok, info: "DistInfo") -> "Evaluation":
+        """Collective. The weights at `checkpoint` scored on the held-out split."""
+        raise NotImplementedError
+
+
+@dataclass
+class Evaluation:
+    """What `vlpt evaluate` reports and writes for one task."""
+
+    task: str
+    split: str
+    examples: int
+    metrics: dict[str, float]
+    predictions: dict
+    """The payload of trainer/predictions.py's `write_predictions(task, ...)`."""
+    skipped: dict[str, int]

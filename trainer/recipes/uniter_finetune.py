@@ -7,6 +7,7 @@ trainer/models/downstream_load.py), the step's loss normalisation and the valida
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from typing import Any, Optional
@@ -26,7 +27,7 @@ from trainer.models.downstream_load import load_pretrained
 from trainer.models.pretrained_weights import read_weights
 from trainer.objectives.downstream import retrieval_hard_train, training_function
 from trainer.recipes import register
-from trainer.recipes.base import Recipe, StepContext, StepPlan
+from trainer.recipes.base import Evaluation, Recipe, StepContext, StepPlan
 
 log = logging.getLogger("vlpt")
 
@@ -205,6 +206,43 @@ class UniterFinetuneRecipe(Recipe):
             result = score_split(engine, self, tok, examples, info, skipped)
             metrics.update({f"val/{key}_{name}": value for name, value in result.metrics.items()})
         return metrics
+
+    # ------------------------------------------------------------------ vlpt evaluate
+    @classmethod
+    def input_dirs(cls, cfg) -> list:
+        from trainer.run_setup import finetune_dirs
+
+        return finetune_dirs(cfg)
+
+    @classmethod
+    def evaluation_config(cls, cfg, split: Optional[str]):
+        split = split or cfg.finetune.val
+        if not split:
+            raise ValueError("vlpt evaluate: give --split <task folder> or set finetune.val")
+        return dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, val=split, train=None,
+                                                                     init_from=None))
+
+    def evaluate(self, checkpoint: str, tok, info) -> Evaluation:
+        """The fine-tuned head and backbone at `checkpoint`, every scorer run whole (retrieval: the full matrix)."""
+        model = self.load_finetuned(checkpoint).to(info.device, self.cfg.precision.torch_dtype)
+        skipped: dict[str, int] = {}
+        examples = self.val_folder.examples
+        result = score_split(model, self, tok, examples, info, skipped, full=True)
+        return Evaluation(self.task, self.cfg.finetune.val, len(examples), result.metrics, result.predictions,
+                          {**self.val_folder.skipped, **skipped})
+
+    def load_finetuned(self, checkpoint: str) -> UniterForFinetuning:
+        model = self.build_model()  # finetune.init_from is cleared: the head's own init, then the checkpoint
+        sd, where = read_weights(checkpoint, "--checkpoint")
+        try:
+            report = load_pretrained(model, sd, model.head)
+        except ValueError as e:
+            raise ConfigError(f"--checkpoint {checkpoint}: {e}") from None
+        if report.missing:
+            raise ConfigError(f"--checkpoint {checkpoint} has no {self.task} head ({', '.join(report.missing[:3])} "
+                              f"missing): it is not fine-tuned on {self.task}; pass a `vlpt finetune` run or checkpoint")
+        log.info("evaluating %s", where)
+        return model.eval()
 
 
 def _prefixes(keys: list[str]) -> str:

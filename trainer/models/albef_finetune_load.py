@@ -1,0 +1,76 @@
+"""Where an ALBEF fine-tuning run starts (docs/downstream.md, "ALBEF retrieval"): the student and the
+momentum model (with its queues) of a vlpt ALBEF pretraining checkpoint, or of ALBEF's own checkpoint file.
+
+Rules (ALBEF's `load_state_dict(strict=False)` after its own renames, made explicit): the MLM head
+(`text_encoder.cls.*`) is dropped, the patch position grid is resized bicubically to the model's image
+size, every other tensor must be present with the model's shape; the teacher's image-index queue is
+always fresh (ALBEF: `idx_queue` is not in a pretraining checkpoint). A source without a momentum model
+leaves the teacher a copy of the loaded student, with fresh queues.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Mapping, Optional
+
+from torch import Tensor, nn
+
+from trainer.config_files import ConfigError
+from trainer.models.albef_init import resize_positions
+from trainer.models.convert_albef import ALBEF_MARKER, import_albef_state_dict, is_albef_state_dict
+from trainer.models.convert_cli import (load_state_dict_file, read_deepspeed_checkpoint, read_teacher,
+                                        resolve_checkpoint_dir)
+from trainer.models.weights import listed
+
+log = logging.getLogger("vlpt")
+StateDict = dict[str, Tensor]
+
+DROPPED = ("text_encoder.cls.",)
+"""Pretraining tensors a retrieval model has no place for: the MLM head."""
+FRESH = ("queues.idx_queue",)
+"""Fine-tuning state that never comes from the source."""
+POSITIONS = "visual_encoder.embeddings.position_embeddings"
+
+
+def read_albef_weights(path: str, key: str, vit_module_keys: list[str]) -> tuple[StateDict, Optional[StateDict], str]:
+    """(student, teacher or None, where) in our names, from a vlpt run / checkpoint folder (its
+    teacher.pt beside) or a state-dict file (ours or ALBEF's). `key` names the config key for errors."""
+    p = Path(path)
+    if p.is_dir():
+        tag_dir = resolve_checkpoint_dir(p)
+        student, kind = read_deepspeed_checkpoint(tag_dir)
+        return dict(student), read_teacher(tag_dir), f"{tag_dir} ({kind})"
+    if not p.is_file():
+        raise ConfigError(f"{key}={path}: no such file or folder; name a vlpt ALBEF run folder, a checkpoint "
+                          "folder or a state-dict file (ours or ALBEF's)")
+    sd = load_state_dict_file(p)
+    if ALBEF_MARKER in sd:
+        try:
+            student, teacher = import_albef_state_dict(sd, vit_module_keys)
+        except ValueError as e:
+            raise ConfigError(f"{key}={path}: {e}") from None
+        return student, teacher or None, f"{p} (ALBEF state dict)"
+    if not is_albef_state_dict(sd):
+        raise ConfigError(f"{key}={path}: not an ALBEF model's state dict (no image encoder keys)")
+    return sd, None, f"{p} (vlpt state dict, student only)"
+
+
+def load_into(module: nn.Module, sd: Mapping[str, Tensor], what: str, fresh: tuple[str, ...] = ()) -> list[str]:
+    """Load `sd` into `module` by the rules above; returns the dropped keys. ValueError naming what
+    is missing, left over or of another shape."""
+    sd = {k: v for k, v in sd.items() if not k.startswith(fresh)}
+    dropped = [k for k in sd if k.startswith(DROPPED)]
+    sd = {k: v for k, v in sd.items() if k not in dropped}
+    ours = module.state_dict()
+    if POSITIONS in sd and POSITIONS in ours:
+        sd[POSITIONS] = resize_positions(sd[POSITIONS], ours[POSITIONS].shape[1] - 1, what)
+    missing = [k for k in ours if k not in sd and not k.startswith(fresh)]
+    unexpected = [k for k in sd if k not in ours]
+    if missing or unexpected:
+        raise ValueError(f"{what} does not fit the model: missing {listed(missing)}; unexpected {listed(unexpected)}")
+    bad = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in ours.items() if k in sd and sd[k].shape != v.shape]
+    if bad:
+        raise ValueError(f"{what}: shape mismatch (file vs model) in {listed(bad)}; check the model section "
+                         "(model.queue_size for the queues)")
+    module.load_state_dict(sd, strict=False)  # only `fresh` keys are left out, checked above
+    return dropped
