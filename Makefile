@@ -40,11 +40,12 @@ demo_pixels/train/manifest.json: | $(STAMP)
 demo-albef: $(STAMP) demo_pixels/train/manifest.json
 	$(VENV)/bin/vlpt pretrain --config configs/pretrain/demo-albef.yaml
 
-# ALBEF retrieval fine-tuned from the `make demo-albef` checkpoint and from scratch (docs/downstream.md).
+# ALBEF retrieval and VE fine-tuned from the `make demo-albef` checkpoint and from scratch (docs/downstream.md);
+# VE's task folders are the region demo's, joined to the pixel demo's pictures of the same scenes.
 runs/demo-albef/checkpoints/latest: | $(STAMP) demo_pixels/train/manifest.json
 	$(VENV)/bin/vlpt pretrain --config configs/pretrain/demo-albef.yaml
 
-demo-finetune-albef: $(STAMP) runs/demo-albef/checkpoints/latest
+demo-finetune-albef: $(STAMP) runs/demo-albef/checkpoints/latest demo_data/tasks/vcr/val/manifest.json
 	$(VENV)/bin/vlpt demo-finetune --family albef
 
 # Best effort (root + apt-get): Slurm and munge for the Slurm job test, which skips without them.

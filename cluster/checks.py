@@ -16,7 +16,7 @@ from cluster.job import JobPlan
 from trainer.config import Config
 from trainer.config_files import ConfigError
 from trainer.engine import batch_layout
-from trainer.recipes import recipe_class
+from trainer.recipes import recipe_for
 from trainer.recipes.base import Recipe
 from trainer.run_setup import dataset_dirs
 
@@ -26,7 +26,7 @@ def check_run_config(cfg: Config, world_size: int) -> None:
     data or touching a device: the batch split, the recipe's layout rules, `train.compile`'s blocks.
     The recipe's `check_config` already ran when the config was loaded."""
     layout = batch_layout(cfg.optim, cfg.data.micro_batch_size, world_size)
-    recipe = recipe_class(cfg.model.arch)
+    recipe = recipe_for(cfg)
     try:
         recipe.check_layout(cfg, layout)
     except ValueError as e:

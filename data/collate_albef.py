@@ -17,6 +17,7 @@ from data.collate import pad_text
 from data.masking import mask_caption_tokens
 from data.pixels import PixelConfig, eval_pixels, swap_left_right, train_pixels
 from data.shards import PixelSample
+from data.tasks.records import VE_LABELS
 
 
 def caption_batch(captions: Sequence[str], tok, max_txt_len: int, sep: bool = True) -> tuple[np.ndarray, np.ndarray]:
@@ -119,6 +120,30 @@ def collate_albef_retrieval(samples: Sequence[PixelSample], rng: np.random.Gener
     return {"pixels": torch.stack(views), "input_ids": torch.from_numpy(input_ids), "attn_mask": torch.from_numpy(attn),
             "image_ids": batch_image_index(ids), "image_index": image_index(ids), "n_images": len(set(ids)),
             "keys": [s.key for s in samples], "image_keys": ids, "n_items": len(samples), "task": "retrieval"}
+
+
+ALBEF_VE_LABELS = ("contradiction", "neutral", "entailment")
+"""ALBEF's class order for visual entailment (UNITER's and the task folders': contradiction, entailment, neutral)."""
+NO_LABEL = -100
+
+
+def collate_albef_ve(samples: Sequence[tuple[dict, list]], rng: np.random.Generator, tok, pixels: PixelConfig,
+                     max_txt_len: int, train: bool = True) -> dict:
+    """VE batch from (example, [picture]) pairs of a task folder joined to picture shards: the picture
+    augmented (`train`: mirrored with its hypothesis' left/right) or resized (evaluation), the hypothesis in
+    ALBEF's downstream form (`pre_caption`, `[CLS] ids`), and the label in ALBEF's order (NO_LABEL without one)."""
+    if not samples:
+        raise ValueError("cannot collate an empty batch")
+    views, texts = [], []
+    for example, (image,) in samples:
+        view, flipped = train_pixels(image, pixels, rng) if train else (eval_pixels(image, pixels), False)
+        views.append(view)
+        texts.append(pre_caption(swap_left_right(example["text"]) if flipped else example["text"]))
+    input_ids, attn = caption_batch(texts, tok, max_txt_len, sep=False)
+    labels = [ALBEF_VE_LABELS.index(VE_LABELS[r["label"]]) if "label" in r else NO_LABEL for r, _ in samples]
+    return {"pixels": torch.stack(views), "input_ids": torch.from_numpy(input_ids), "attn_mask": torch.from_numpy(attn),
+            "labels": torch.tensor(labels, dtype=torch.long), "ids": [r["id"] for r, _ in samples],
+            "n_items": len(samples), "task": "ve"}
 
 
 def eval_images(images: Sequence, pixels: PixelConfig) -> torch.Tensor:

@@ -134,14 +134,16 @@ def write_albef_config(tmp_path: Path, data: Path, name: str, steps: int, **sect
 
 
 def write_albef_retrieval_config(tmp_path: Path, data: Path, name: str, steps: int, init_from: Path,
-                                 **sections) -> Path:
-    """The tiny ALBEF run of `write_albef_config`, fine-tuned for retrieval from `init_from`."""
+                                 task: str = "retrieval", **sections) -> Path:
+    """The tiny ALBEF run of `write_albef_config`, fine-tuned on `task` from `init_from`."""
     import yaml
+    from trainer.config_files import deep_merge
 
-    path = write_albef_config(tmp_path, data, name, steps, stage="finetune", finetune={"init_from": str(init_from)},
-                              **sections)
+    path = write_albef_config(tmp_path, data, name, steps, stage="finetune")
     raw = yaml.safe_load(path.read_text())
-    raw["tasks"] = {"retrieval": 1}
+    raw["tasks"] = {task: 1}
+    raw = deep_merge(raw, {"finetune": {"init_from": str(init_from) if init_from else None}})
+    raw = deep_merge(raw, sections)
     path.write_text(yaml.safe_dump(raw))
     return path
 

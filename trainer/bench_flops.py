@@ -143,6 +143,25 @@ def albef_pass_flops(text: Lengths, model, mlm: bool = True) -> tuple[float, flo
     return FWD_BWD * (vision + 2 * txt + 4 * fusion), vision + 2 * txt + fusion
 
 
+def albef_classifier_work(batch: dict, model) -> BatchWork:
+    """ALBEF's VE model (trainer/models/albef_classifier.py): one ViT, text and fusion pass per pair, forward +
+    backward for the student and forward for its momentum copy."""
+    mask = batch["attn_mask"]  # [B, L]
+    b, length = mask.shape
+
+    def one_pass(text: Lengths) -> float:
+        m = model
+        vision = stack_forward(Lengths.fixed(text.n, image_token_count(m)), m.vision_layers, m.vision_width,
+                               m.vision_mlp)
+        return vision + stack_forward(text, m.text_layers, m.hidden_size, m.intermediate_size) + fusion_forward(
+            text, image_token_count(m), m.fusion_layers, m.hidden_size, m.intermediate_size, m.vision_width)
+
+    image = image_token_count(model)
+    useful = (FWD_BWD + 1) * one_pass(Lengths.of(mask.sum(1)))
+    padded = (FWD_BWD + 1) * one_pass(Lengths.fixed(b, length))
+    return BatchWork(b, int(mask.sum()) + b * image, b * (length + image), useful, padded)
+
+
 def albef_work(batch: dict, model, mlm: bool = True) -> BatchWork:
     """ALBEF (model: AlbefConfig): the student's forward + backward and the momentum teacher's forward,
     both required by the algorithm, so both count as useful work."""

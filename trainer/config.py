@@ -249,7 +249,7 @@ class Config:
         for d in self.data.datasets:
             _check_task_ratios(f"data.datasets.{d.name}.tasks", d.tasks or self.tasks, recipe.tasks,
                                allow_empty=False)
-        recipe.check_config(self)
+        recipe.for_config(self).check_config(self)
         if self.train.compile and self.parallel.zero_stage == 3:
             raise ValueError("train.compile needs parallel.zero_stage <= 2: ZeRO-3 gathers each submodule's "
                              "parameters in module hooks torch.compile cannot trace, which cuts every compiled "

@@ -106,6 +106,23 @@ def score_split(engine, recipe, tok, examples: list[dict], info, skipped: dict[s
     return result
 
 
+def example_outputs(engine, collate: Callable, predict, examples: list[dict], store, info, batch_size: int,
+                    skipped: dict[str, int]) -> dict[int, np.ndarray]:
+    """Collective. Example index -> the model's output rows, for every usable example of `examples` (their
+    images read from `store`), scored over all ranks in eval mode; the unusable ones are counted into `skipped`."""
+    mine_skipped: dict[str, int] = {}
+    engine.eval()
+    try:
+        joined = _usable(examples, store, mine_skipped if info.rank == 0 else {})
+        indices = _rank_share(len(examples), info.rank, info.world_size)
+        out = _gathered(_outputs(engine, collate, predict, joined, indices, batch_size, info.device))
+    finally:
+        engine.train()
+    for rank_skips in all_gather_objects(mine_skipped):
+        add_counts(skipped, rank_skips)
+    return out
+
+
 def _score_items(engine, recipe, tok, task, examples, joined, indices, info, predict, full) -> SplitScores:
     bs = recipe.cfg.finetune.eval_batch_size
 

@@ -14,7 +14,7 @@ from trainer.config import Config
 from trainer.config_files import ConfigError
 from trainer.distributed import setup_distributed, teardown
 from trainer.predictions import write_predictions
-from trainer.recipes import recipe_class
+from trainer.recipes import recipe_for
 from trainer.run_setup import check_inputs, checked_recipe, setup_logging
 
 log = logging.getLogger("vlpt")
@@ -27,7 +27,7 @@ def evaluate(cfg: Config, checkpoint: str, split: Optional[str] = None, out: Opt
         raise ConfigError(f"vlpt evaluate scores fine-tuned models: the config has stage: {cfg.stage}; use a "
                           "configs/finetune/ config (stage: finetune)")
     try:
-        cfg = recipe_class(cfg.model.arch, cfg.stage).evaluation_config(cfg, split)
+        cfg = recipe_for(cfg).evaluation_config(cfg, split)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     check_inputs(cfg)

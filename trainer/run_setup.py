@@ -23,7 +23,7 @@ from trainer.data_health import is_data_error
 from trainer.distributed import DistInfo, all_gather_objects, uses_cuda
 from trainer.engine import BatchLayout
 from trainer.models.weights import read_config_json, word_embedding_rows
-from trainer.recipes import recipe_class
+from trainer.recipes import recipe_for
 from trainer.task_mix import task_mix
 
 if TYPE_CHECKING:  # the recipes' default data hooks call into this module
@@ -81,7 +81,7 @@ def finetune_dirs(cfg: Config) -> list[DatasetDir]:
 def check_inputs(cfg: Config) -> None:
     """Fail before any heavy work when a file the config names is missing."""
     need = {"data.tokenizer.path": cfg.data.tokenizer.path}
-    for d in recipe_class(cfg.model.arch, cfg.stage).input_dirs(cfg):
+    for d in recipe_for(cfg).input_dirs(cfg):
         if not is_s3(d.path):  # remote manifests are checked when read
             need[d.where] = os.path.join(d.path, "manifest.json")
     if cfg.stage == "finetune" and cfg.finetune.init_from:
@@ -139,7 +139,7 @@ def check_vocab_sizes(cfg: Config, tok: Tokenizer) -> None:
 
 def checked_recipe(cfg: Config) -> tuple["Recipe", Tokenizer]:
     """The run's recipe and tokenizer, the config checked against the data (one line, exit 2, if not)."""
-    recipe = recipe_class(cfg.model.arch, cfg.stage)(cfg)
+    recipe = recipe_for(cfg)(cfg)
     tok = run_tokenizer(cfg)
     try:
         recipe.check_data(tok)

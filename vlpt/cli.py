@@ -358,7 +358,7 @@ def _add_demo_finetune(sub) -> None:
     sp = sub.add_parser("demo-finetune", help="fine-tune the `make demo` (or `make demo-albef`) model on every "
                                               "demo task and from scratch; print the metrics table")
     sp.add_argument("--family", choices=("uniter", "albef"), default="uniter",
-                    help="uniter: the six demo tasks from runs/demo; albef: retrieval from runs/demo-albef")
+                    help="uniter: the six demo tasks from runs/demo; albef: retrieval and VE from runs/demo-albef")
     sp.add_argument("--tasks", help="comma-separated demo tasks (default: all of the family's)")
     sp.add_argument("--configs", default="configs/finetune",
                     help="folder of the demo-<task>.yaml / demo-albef-<task>.yaml configs")

@@ -161,7 +161,8 @@ def test_demo_finetune_table_of_the_albef_family(tmp_path, pixel_data, pretraine
     cfg = write_albef_retrieval_config(tmp_path, pixel_data, "unused", 2, pretrained)
     (configs / "demo-albef-retrieval.yaml").write_text(cfg.read_text())
     out = tmp_path / "table"
-    proc = run_vlpt(["demo-finetune", "--family", "albef", "--configs", str(configs), "--out", str(out)])
+    proc = run_vlpt(["demo-finetune", "--family", "albef", "--tasks", "retrieval", "--configs", str(configs),
+                     "--out", str(out)])
     assert "| task | metric | from `make demo-albef` | from scratch | chance |" in proc.stdout
     (row,) = json.loads((out / "table.json").read_text())
     assert (row["task"], row["metric"], row["chance"]) == ("retrieval", "t2i_r1", 10.0)  # 10 val images

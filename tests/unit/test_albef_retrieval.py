@@ -194,14 +194,34 @@ def test_position_grid_is_resized_to_the_model_image_size():
 
 
 
-def test_the_demo_config_fits_the_demo_pretraining_checkpoint():
-    """configs/finetune/demo-albef-retrieval.yaml loads the `make demo-albef` run: the same model section."""
+@pytest.mark.parametrize("task", ["retrieval", "ve"])
+def test_the_demo_configs_fit_the_demo_pretraining_checkpoint(task):
+    """configs/finetune/demo-albef-<task>.yaml loads the `make demo-albef` run: the same model section."""
     import dataclasses
 
     from trainer.config import load_config
 
-    finetune = load_config(str(REPO / "configs/finetune/demo-albef-retrieval.yaml"))
+    finetune = load_config(str(REPO / f"configs/finetune/demo-albef-{task}.yaml"))
     pretrain = load_config(str(REPO / "configs/pretrain/demo-albef.yaml"))
-    assert (finetune.stage, finetune.tasks) == ("finetune", {"retrieval": 1.0})
+    assert (finetune.stage, finetune.tasks) == ("finetune", {task: 1.0})
     assert dataclasses.asdict(finetune.model) == dataclasses.asdict(pretrain.model)
     assert finetune.finetune.init_from == str(REPO / "runs/demo-albef")
+
+
+@pytest.mark.parametrize("name, k_test, steps", [("coco", 256, 11070), ("flickr", 128, 5660)])
+def test_the_base_configs_are_albefs_retrieval_settings(name, k_test, steps):
+    import dataclasses
+
+    from trainer.config import load_config
+    from trainer.engine import batch_layout
+
+    cfg = load_config(str(REPO / f"configs/finetune/albef-base-retrieval-{name}.yaml"))
+    pretrain_model = AlbefConfig()  # ALBEF-base (configs/model/albef-base.yaml has its values)
+    assert dataclasses.replace(cfg.model, image_size=pretrain_model.image_size, k_test=pretrain_model.k_test) == \
+        dataclasses.replace(pretrain_model, vocab_size=cfg.model.vocab_size)
+    assert (cfg.model.image_size, cfg.data.albef.pixels.image_size, cfg.model.k_test) == (384, 384, k_test)
+    assert (cfg.optim.lr, cfg.optim.min_lr, cfg.optim.weight_decay, cfg.optim.grad_clip) == (1e-5, 1e-6, 0.02, 0.0)
+    assert cfg.train.max_steps == steps and cfg.tasks == {"retrieval": 1.0}
+    type(cfg).__post_init__(cfg)  # the recipe's checks
+    layout = batch_layout(cfg.optim, cfg.data.micro_batch_size, 8)
+    assert layout.global_batch_size == 256 and cfg.model.queue_size % 256 == 0

@@ -326,3 +326,30 @@ def test_a_teacher_file_that_is_not_a_state_dict_is_one_line(tmp_path):
     save_tensors({"queues.ptr": [1, 2]}, str(tmp_path / "teacher.pt"))
     with pytest.raises(ConfigError, match="teacher.pt is not a state dict"):
         read_teacher(tmp_path)
+
+
+def test_the_model_entry_of_a_training_checkpoint_is_read(tmp_path):
+    """ALBEF's ALBEF.pth is `{'model': state dict, 'optimizer': ..., 'config': ..., 'epoch': ...}`."""
+    from trainer.models.convert_cli import load_state_dict_file
+
+    student, _ = tiny_albef()
+    sd = export_albef_state_dict(student.state_dict(), None)
+    path = tmp_path / "ALBEF.pth"
+    torch.save({"model": sd, "optimizer": {"state": {}, "param_groups": []}, "config": {"lr": 1e-4}, "epoch": 29},
+               path)
+    assert_bit_identical(load_state_dict_file(path), sd)
+
+
+def test_albef_ve_export_uses_the_names_of_albefs_ve_model():
+    """ALBEF's `model_ve`: visual_encoder, text_encoder (a BertModel), cls_head, and their `_m` copies."""
+    from trainer.models.albef_classifier import AlbefClassifier, ClassifierTeacher
+
+    torch.manual_seed(0)
+    student = AlbefClassifier(TINY_ALBEF, 3)
+    teacher = ClassifierTeacher(student)
+    out = export_albef_state_dict(student.state_dict(), teacher.state_dict())
+    tops = {k.split(".")[0] for k in out}
+    assert tops == {"visual_encoder", "text_encoder", "cls_head", "visual_encoder_m", "text_encoder_m", "cls_head_m"}
+    assert {"cls_head.0.weight", "cls_head_m.2.bias", "text_encoder.embeddings.position_ids",
+            f"text_encoder_m.encoder.layer.{TINY_ALBEF.text_layers}.crossattention.self.key.weight"} <= set(out)
+    assert torch.equal(out["cls_head_m.2.weight"], teacher.model.cls_head[2].weight)

@@ -41,6 +41,11 @@ def vision_transformer(cfg: AlbefConfig) -> nn.Module:
                               initializer_range=cfg.initializer_range), add_pooling_layer=False)
 
 
+def vit_tokens(vit: nn.Module, pixels: Tensor, dtype: torch.dtype) -> Tensor:
+    """[B, 3, S, S] -> image tokens [B, 1+P, Hv]; under bf16/fp16 engines the inputs follow the weights' `dtype`."""
+    return vit(pixel_values=pixels.to(dtype)).last_hidden_state
+
+
 class CrossAttention(nn.Module):
     """`crossattention.self` + `.output` (BERT's names): text queries, image keys/values."""
 
@@ -130,8 +135,7 @@ class Albef(nn.Module):
         return task(self, batch, *args)
 
     def image_tokens(self, pixels: Tensor) -> Tensor:
-        dtype = self.vision_proj.weight.dtype  # under bf16/fp16 engines the inputs follow the weights
-        return self.visual_encoder(pixel_values=pixels.to(dtype)).last_hidden_state  # [B, 1+P, Hv]
+        return vit_tokens(self.visual_encoder, pixels, self.vision_proj.weight.dtype)  # [B, 1+P, Hv]
 
     @torch.no_grad()
     def embed(self, batch: dict) -> dict[str, Tensor]:

@@ -26,7 +26,7 @@ log = logging.getLogger("vlpt")
 StateDict = dict[str, Tensor]
 
 DROPPED = ("text_encoder.cls.",)
-"""Pretraining tensors a retrieval model has no place for: the MLM head."""
+"""Pretraining tensors a retrieval model has no place for: the MLM head (a VE model names its own)."""
 FRESH = ("queues.idx_queue",)
 """Fine-tuning state that never comes from the source."""
 POSITIONS = "visual_encoder.embeddings.position_embeddings"
@@ -55,16 +55,18 @@ def read_albef_weights(path: str, key: str, vit_module_keys: list[str]) -> tuple
     return sd, None, f"{p} (vlpt state dict, student only)"
 
 
-def load_into(module: nn.Module, sd: Mapping[str, Tensor], what: str, fresh: tuple[str, ...] = ()) -> list[str]:
-    """Load `sd` into `module` by the rules above; returns the dropped keys. ValueError naming what
-    is missing, left over or of another shape."""
+def load_into(module: nn.Module, sd: Mapping[str, Tensor], what: str, fresh: tuple[str, ...] = (),
+              new: tuple[str, ...] = (), dropped: tuple[str, ...] = DROPPED) -> list[str]:
+    """Load `sd` into `module` by the rules above; returns the keys dropped. `fresh`: never loaded (state that
+    starts anew); `new`: loaded when `sd` has them, else left as initialised (a new head); `dropped`: prefixes
+    of `sd` the module has no place for. ValueError naming what is missing, left over or of another shape."""
     sd = {k: v for k, v in sd.items() if not k.startswith(fresh)}
-    dropped = [k for k in sd if k.startswith(DROPPED)]
-    sd = {k: v for k, v in sd.items() if k not in dropped}
+    gone = [k for k in sd if k.startswith(dropped)]
+    sd = {k: v for k, v in sd.items() if k not in gone}
     ours = module.state_dict()
     if POSITIONS in sd and POSITIONS in ours:
         sd[POSITIONS] = resize_positions(sd[POSITIONS], ours[POSITIONS].shape[1] - 1, what)
-    missing = [k for k in ours if k not in sd and not k.startswith(fresh)]
+    missing = [k for k in ours if k not in sd and not k.startswith(fresh + new)]
     unexpected = [k for k in sd if k not in ours]
     if missing or unexpected:
         raise ValueError(f"{what} does not fit the model: missing {listed(missing)}; unexpected {listed(unexpected)}")
@@ -72,5 +74,5 @@ def load_into(module: nn.Module, sd: Mapping[str, Tensor], what: str, fresh: tup
     if bad:
         raise ValueError(f"{what}: shape mismatch (file vs model) in {listed(bad)}; check the model section "
                          "(model.queue_size for the queues)")
-    module.load_state_dict(sd, strict=False)  # only `fresh` keys are left out, checked above
-    return dropped
+    module.load_state_dict(sd, strict=False)  # only `fresh` and `new` keys are left out, checked above
+    return gone

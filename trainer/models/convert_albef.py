@@ -17,7 +17,8 @@ Ours -> ALBEF's, by part (the teacher's parts get ALBEF's `_m` suffix):
 
 A retrieval fine-tuning model (no MLM head; `queues.idx_queue`) gets the names of ALBEF's retrieval model
 instead: its text encoders are BertModels (`text_encoder.{embeddings,encoder.layer.{i}}`, no `bert.`, no
-`cls.*`), and `idx_queue` is [1, K].
+`cls.*`), and `idx_queue` is [1, K]. A VE model gets those of ALBEF's VE model: the same text encoders,
+`cls_head.*` as is, no projections, ITM head or temperature, and its teacher as `*_m` (`cls_head_m` too).
 
 `import_albef_state_dict` is the inverse of both (and refuses tied copies that differ).
 """
@@ -161,20 +162,23 @@ def export_albef_state_dict(student: Mapping[str, Tensor], teacher: Optional[Map
     text_layers = len({m.group(2) for m in map(_OUR_TEXT_LAYER.match, _part(student, "text_encoder")) if m
                        and m.group(1) == "layer"})
     max_positions = student["text_encoder.embeddings.position_embeddings.weight"].shape[0]
+    if teacher is not None and any(k.startswith("model.") for k in teacher):  # a VE run's teacher: a whole model
+        teacher = {k.removeprefix("model."): v for k, v in teacher.items()}
     out: StateDict = {}
     for suffix, sd in (("", student), ("_m", teacher or {})):
         out.update({f"visual_encoder{suffix}.{k}": v for k, v in vit_to_albef(_part(sd, "visual_encoder")).items()})
-        for name in ("vision_proj", "text_proj"):
+        for name in ("vision_proj", "text_proj", "cls_head"):  # cls_head: ALBEF's VE model (`model_ve`)
             out.update({f"{name}{suffix}.{k}": v for k, v in _part(sd, name).items()})
         text = text_to_albef(_part(sd, "text_encoder"), text_layers, max_positions) if sd else {}
         out.update({f"text_encoder{suffix}.{k}": v for k, v in text.items()})
     out.update({f"itm_head.{k}": v for k, v in _part(student, "itm_head").items()})
-    out["temp"] = student["temp"].reshape(())  # ALBEF's temperature is a 0-d parameter
+    if "temp" in student:  # ALBEF's temperature is a 0-d parameter; the VE model has none
+        out["temp"] = student["temp"].reshape(())
     for ours, theirs in _QUEUES.items():
         if teacher is not None and ours in teacher:  # the index queue only in retrieval fine-tuning
             out[theirs] = teacher[ours].reshape(_RESHAPED[ours]) if ours in _RESHAPED else teacher[ours]
     leftover = [k for k in student if not k.startswith(("visual_encoder.", "text_encoder.", "vision_proj.",
-                                                           "text_proj.", "itm_head.", "temp"))]
+                                                           "text_proj.", "itm_head.", "cls_head.", "temp"))]
     if leftover:
         raise ValueError(f"keys with no ALBEF name: {listed(leftover)}")
     return out

@@ -120,7 +120,8 @@ def export_to_uniter(sd: StateDict, source: Path, kind: str, dst: Path) -> str:
 
 
 def load_state_dict_file(path: Path) -> StateDict:
-    """A plain name -> tensor file (.safetensors, or .pt read with `weights_only=True`)."""
+    """A plain name -> tensor file (.safetensors, or .pt read with `weights_only=True`), or the `model` entry of
+    a training checkpoint that holds one (ALBEF's `ALBEF.pth`)."""
     if not path.is_file():
         raise ConfigError(f"--src {path} is not an existing file; check the path")
     if path.suffix == ".safetensors":
@@ -133,6 +134,8 @@ def load_state_dict_file(path: Path) -> StateDict:
     if isinstance(sd, Mapping) and isinstance(sd.get("module"), Mapping):
         raise ConfigError(f"{path} is a DeepSpeed model-states file; pass its checkpoint "
                           f"directory {path.parent} as --src instead")
+    if isinstance(sd, Mapping) and _is_state_dict(sd.get("model")):
+        sd = sd["model"]  # a training checkpoint as ALBEF's (`{'model': ..., 'optimizer': ..., 'epoch': ...}`)
     if not _is_state_dict(sd):
         raise ConfigError(f"{path} is not a state dict (a mapping of parameter names to tensors); "
                           "pass a file saved with torch.save(model.state_dict())")
@@ -264,7 +267,9 @@ def check_against_run_config(sd: Mapping[str, Tensor], tag_dir: Path) -> None:
 def _expected_shapes(cfg_file: Path) -> Optional[Dict[str, Tuple[int, ...]]]:
     """Key -> shape of the model `cfg_file` describes (built on the meta device), or None if unreadable."""
     from trainer.config import load_config
+    from data.collate_albef import ALBEF_VE_LABELS
     from trainer.models.albef import Albef
+    from trainer.models.albef_classifier import AlbefClassifier
     from trainer.models.pretrain import UniterForPretraining
 
     try:
@@ -276,8 +281,12 @@ def _expected_shapes(cfg_file: Path) -> Optional[Dict[str, Tuple[int, ...]]]:
     if cfg.stage == "finetune" and model_cfg.arch == "uniter":  # the head's size comes from the task folder
         print(f"vlpt: note: not checking against {cfg_file} (a fine-tuned model)", file=sys.stderr)
         return None
-    builders = {"uniter": UniterForPretraining,
-                "albef": lambda c: Albef(c, mlm_head=cfg.stage == "pretrain")}  # retrieval: no MLM head
+    def albef(c):
+        if cfg.stage == "finetune" and "ve" in cfg.tasks:
+            return AlbefClassifier(c, len(ALBEF_VE_LABELS))
+        return Albef(c, mlm_head=cfg.stage == "pretrain")  # retrieval: no MLM head
+
+    builders = {"uniter": UniterForPretraining, "albef": albef}
     if model_cfg.arch not in builders:  # a family registered elsewhere: its names are its own
         print(f"vlpt: note: not checking against {cfg_file} (model.arch={model_cfg.arch})", file=sys.stderr)
         return None

@@ -145,3 +145,18 @@ def distilled_mlm_loss(logits: Tensor, logits_m: Tensor, targets: Tensor, alpha:
     teacher = F.softmax(logits_m.float(), dim=-1).detach()  # [N, V]
     distill = -(student * teacher).sum(-1).mean()
     return (1.0 - alpha) * ce + alpha * distill
+
+
+def distilled_classification_loss(logits: Tensor, logits_m: Tensor, labels: Tensor, alpha: float) -> Tensor:
+    """ALBEF's VE / NLVR2 loss, summed over the b examples: per example `(1 - alpha) * CE(label) + alpha *
+    soft-CE(softmax(momentum logits))`.
+
+    logits, logits_m  [b, C] student and momentum logits
+    labels            [b] class indices
+    """
+    student = F.log_softmax(logits.float(), dim=-1)  # [b, C]
+    ce = F.nll_loss(student, labels, reduction="sum")
+    if alpha == 0:
+        return ce
+    distill = -(student * F.softmax(logits_m.float(), dim=-1).detach()).sum()
+    return (1.0 - alpha) * ce + alpha * distill

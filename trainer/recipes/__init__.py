@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 DEFAULT_ARCH = "uniter"
 BUILTIN = {("uniter", "pretrain"): "trainer.recipes.uniter", ("albef", "pretrain"): "trainer.recipes.albef",
            ("uniter", "finetune"): "trainer.recipes.uniter_finetune",
-           ("albef", "finetune"): "trainer.recipes.albef_retrieval"}
+           ("albef", "finetune"): "trainer.recipes.albef_finetune"}
 ENV_MODULES = "VLPT_RECIPES"
 
 _REGISTRY: dict[tuple[str, str], type["Recipe"]] = {}
@@ -61,6 +61,12 @@ def recipe_class(arch: str, stage: str = "pretrain") -> type["Recipe"]:
         raise ValueError(f"stage: {stage} is not available for model.arch={arch!r}; the {arch} family has: "
                          f"{', '.join(s for a, s in sorted(set(BUILTIN) | set(_REGISTRY)) if a == arch)}")
     return _REGISTRY[key]
+
+
+def recipe_for(cfg) -> type["Recipe"]:
+    """The recipe that runs `cfg`: its family's recipe of its stage, or the one of its task where the family
+    has one per task (`Recipe.for_config`)."""
+    return recipe_class(cfg.model.arch, cfg.stage).for_config(cfg)
 
 
 def known_archs() -> list[str]:

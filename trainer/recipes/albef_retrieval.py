@@ -25,7 +25,6 @@ from trainer.distributed import all_gather_varying_rows
 from trainer.models.albef import Albef, AlbefTeacher
 from trainer.models.albef_finetune_load import FRESH, load_into, read_albef_weights
 from trainer.objectives.albef import alpha_at
-from trainer.recipes import register
 from trainer.recipes.albef import AlbefRecipe
 from trainer.recipes.albef_tasks import RetrievalTargets, albef_retrieval_losses, negatives_seed
 from trainer.recipes.base import Evaluation, StepContext, StepPlan
@@ -35,8 +34,9 @@ log = logging.getLogger("vlpt")
 TASK = "retrieval"
 
 
-@register
 class AlbefRetrievalRecipe(AlbefRecipe):
+    """The `retrieval` recipe of ALBEF's fine-tuning (trainer/recipes/albef_finetune.py picks it)."""
+
     stage = "finetune"
     tasks = (TASK,)
 

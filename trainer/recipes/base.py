@@ -68,6 +68,11 @@ class Recipe:
         self.cfg = cfg
 
     @classmethod
+    def for_config(cls, cfg: "Config") -> type["Recipe"]:
+        """The recipe class that runs `cfg`: this one, or (a family with a recipe per task) the task's."""
+        return cls
+
+    @classmethod
     def check_config(cls, cfg: "Config") -> None:
         """Rules across sections (ValueError with the keys to change); the task names are checked already."""
 

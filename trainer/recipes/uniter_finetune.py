@@ -7,7 +7,6 @@ trainer/models/downstream_load.py), the step's loss normalisation and the valida
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 from typing import Any, Optional
@@ -16,8 +15,7 @@ from data.shards import FORMAT
 from data.tasks import collate as task_collate
 from data.tasks.collate_hard import CandidatePool, collate_retrieval_hard
 from data.tasks.features import FeatureStore
-from data.tasks.folder import TaskFolder, read_task_folder
-from data.tasks.loader import DownstreamLoader, known_images, steps_from_state
+from data.tasks.folder import TaskFolder
 from data.tasks.records import TASKS, VE_LABELS
 from trainer.config_files import ConfigError
 from trainer.downstream_eval import score_split
@@ -26,7 +24,7 @@ from trainer.models.downstream import HeadConfig, UniterForFinetuning
 from trainer.models.downstream_load import load_pretrained
 from trainer.models.pretrained_weights import read_weights
 from trainer.objectives.downstream import retrieval_hard_train, training_function
-from trainer.recipes import register
+from trainer.recipes import register, task_data
 from trainer.recipes.base import Evaluation, Recipe, StepContext, StepPlan
 
 log = logging.getLogger("vlpt")
@@ -73,20 +71,11 @@ class UniterFinetuneRecipe(Recipe):
 
         check_vocab_sizes(self.cfg, tok)
         f, d = self.cfg.finetune, self.cfg.data
-        self.train_folder = self._read_folder(f.train, "finetune.train")
-        self.val_folder = self._read_folder(f.val, "finetune.val")
+        self.train_folder, self.val_folder = task_data.read_folders(self.cfg, self.task)
         self.labels = self._answer_labels()
         self.store = FeatureStore(f.features, self.cfg.model.img_dim, d.decode_limits(self.cfg.precision.dtype),
                                   f.cache_images, d.allow_outside_shards)
-        for folder in (self.train_folder, self.val_folder):
-            if folder is not None:
-                folder.examples = known_images(folder.examples, self.store, folder.skipped)
-        if self.train_folder is not None and not self.train_folder.examples:
-            raise ValueError(f"finetune.train={f.train}: no usable example (skipped: {self.train_folder.skipped}); "
-                             "check that finetune.features holds its images")
-
-    def _read_folder(self, path: Optional[str], key: str) -> Optional[TaskFolder]:
-        return read_task_folder(path, f"{key}={path}", self.task) if path else None
+        task_data.keep_known((self.train_folder, self.val_folder), self.store, self.cfg)
 
     def _answer_labels(self) -> Optional[list[str]]:
         """VQA's answer vocabulary: the folders' `labels`, the same in both."""
@@ -102,31 +91,16 @@ class UniterFinetuneRecipe(Recipe):
         return lists[0]
 
     def report_data(self, tok) -> None:
-        parts = [f"{name} {len(folder.examples):,} examples (skipped {folder.skipped or 'none'})"
-                 for name, folder in (("train", self.train_folder), ("val", self.val_folder)) if folder]
-        log.info("fine-tuning %s: %s; %d images indexed in finetune.features%s", self.task, "; ".join(parts),
-                 len(self.store), f" (skipped {dict(self.store.skipped)})" if self.store.skipped else "")
+        task_data.report(self.task, (self.train_folder, self.val_folder), self.store)
 
     def train_items(self) -> list[dict]:
         examples = self.train_folder.examples
         return expand_vcr(examples) if self.task == "vcr" else examples
 
     def train_loaders(self, tok, layout, rank: int, positions: dict) -> dict:
-        if self.train_folder is None:
-            raise ConfigError("finetune.train is not set: nothing to fine-tune on (vlpt evaluate scores "
-                              "finetune.val without it)")
-        streams = range(rank * layout.grad_accum, (rank + 1) * layout.grad_accum)
-        try:
-            steps = steps_from_state(positions.get(self.task), self.task, layout.n_streams, streams)
-            loader = DownstreamLoader(self.train_items(), self.store, self.collate(self.task, tok), key=self.task,
-                                      seed=self.cfg.train.seed, n_streams=layout.n_streams,
-                                      micro_batch=layout.micro_batch_size, streams=streams, steps_done=steps)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-        if rank == 0 and steps == 0:  # the folders' bad lines, counted once for the run
-            loader.skip_counts.update(self.train_folder.skipped)
-            loader.seen += self.train_folder.seen
-        return {self.task: loader}
+        items = self.train_items() if self.train_folder is not None else []
+        return task_data.task_loader(self.cfg, self.task, self.train_folder, items, self.store,
+                                     self.collate(self.task, tok), layout, rank, positions)
 
     def val_splits(self, tok, skipped: dict[str, int]) -> dict[str, tuple[str, Any]]:
         return {self.task: (self.task, self.val_folder.examples)} if self.val_folder is not None else {}
@@ -216,11 +190,7 @@ class UniterFinetuneRecipe(Recipe):
 
     @classmethod
     def evaluation_config(cls, cfg, split: Optional[str]):
-        split = split or cfg.finetune.val
-        if not split:
-            raise ValueError("vlpt evaluate: give --split <task folder> or set finetune.val")
-        return dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, val=split, train=None,
-                                                                     init_from=None))
+        return task_data.evaluation_config(cfg, split)
 
     def evaluate(self, checkpoint: str, tok, info) -> Evaluation:
         """The fine-tuned head and backbone at `checkpoint`, every scorer run whole (retrieval: the full matrix)."""

@@ -1,0 +1,31 @@
+"""ALBEF's fine-tuning (docs/downstream.md, "ALBEF retrieval", "ALBEF visual entailment"): one recipe per task,
+registered here as the family's `finetune` recipe, which picks the config's task's (`for_config`)."""
+from __future__ import annotations
+
+import importlib
+
+from data.shards import PIXEL_FORMAT
+from trainer.models.config import AlbefConfig
+from trainer.recipes import register
+from trainer.recipes.base import Recipe
+
+TASK_RECIPES = {"retrieval": ("trainer.recipes.albef_retrieval", "AlbefRetrievalRecipe"),
+                "ve": ("trainer.recipes.albef_ve", "AlbefVeRecipe")}
+"""Task -> (module, class) of its recipe, imported when a config names the task."""
+
+
+@register
+class AlbefFinetuneRecipe(Recipe):
+    arch = "albef"
+    stage = "finetune"
+    model_config = AlbefConfig
+    tasks = tuple(TASK_RECIPES)
+    shard_format = PIXEL_FORMAT
+
+    @classmethod
+    def for_config(cls, cfg) -> type[Recipe]:
+        if len(cfg.tasks) != 1:
+            raise ValueError(f"stage: finetune trains one task; tasks: has {sorted(cfg.tasks)}; keep one of "
+                             f"{', '.join(TASK_RECIPES)}")
+        module, name = TASK_RECIPES[next(iter(cfg.tasks))]
+        return getattr(importlib.import_module(module), name)
