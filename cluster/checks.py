@@ -18,7 +18,6 @@ from trainer.config_files import ConfigError
 from trainer.engine import batch_layout
 from trainer.recipes import recipe_for
 from trainer.recipes.base import Recipe
-from trainer.run_setup import dataset_dirs
 
 
 def check_run_config(cfg: Config, world_size: int) -> None:
@@ -37,10 +36,13 @@ def check_run_config(cfg: Config, world_size: int) -> None:
 
 
 def node_paths(plan: JobPlan) -> Iterator[tuple[str, str]]:
-    """(config key, path) of what every node reads or writes: the datasets, the tokenizer, the run dir."""
+    """(config key, path) of what every node reads or writes: the datasets (a fine-tuning run's task and
+    feature folders, its init_from), the tokenizer, the run dir."""
     cfg = plan.run_config
-    for d in dataset_dirs(cfg.data):
+    for d in recipe_for(cfg).input_dirs(cfg):
         yield d.where, d.path
+    if cfg.stage == "finetune" and cfg.finetune.init_from:
+        yield "finetune.init_from", cfg.finetune.init_from
     yield "data.tokenizer.path", cfg.data.tokenizer.path
     yield "train.run_dir", cfg.train.run_dir
 

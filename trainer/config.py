@@ -11,9 +11,6 @@ from typing import TYPE_CHECKING, Literal, Mapping, Optional
 
 import yaml
 
-if TYPE_CHECKING:
-    import torch
-
 from data.config import DataConfig
 from trainer.config_files import ConfigError, load_yaml_with_includes, resolve_paths
 from trainer.config_loader import apply_overrides, check_config_values, check_known_keys, from_dict, to_dict
@@ -22,6 +19,9 @@ from trainer.finetune_config import FinetuneConfig
 from trainer.models.config import AlbefConfig, ModelConfig
 from trainer.objectives.itm import WraConfig
 from trainer.recipes import DEFAULT_ARCH, recipe_class
+
+if TYPE_CHECKING:
+    import torch
 
 MAX_STEPS = 10**9
 """Bound of every step count (max_steps, warmup, intervals): ~30 years at 1 step/s; a larger value

@@ -121,3 +121,15 @@ def test_cli_prints_the_warnings_and_still_renders(tmp_path, capsys):
 def test_relative_shared_prefix_is_refused():
     with pytest.raises(ConfigError, match="shared_paths"):
         load_cluster_config(None, {"shared_paths": ["shared"]})
+
+
+def test_a_fine_tuning_job_checks_its_task_feature_and_init_folders(tmp_path):
+    """A fine-tuning job reads finetune.train / val / features and init_from, not data.train: those warn."""
+    raw = {"nodes": 2, "gpus_per_node": 8, "shared_paths": ["/shared"], "deepspeed": {"hosts": ["n1", "n2"]}}
+    overrides = ["--finetune.train=/shared/ve/train", "--finetune.val=/local/ve/val",
+                 "--finetune.features=[/local/pictures]", "--finetune.init_from=/local/runs/demo-albef",
+                 "--data.tokenizer.path=/shared/vocab.txt", "--train.run_dir=/shared/runs/ve"]
+    plan = plan_job("slurm", "configs/finetune/demo-albef-ve.yaml", overrides, load_cluster_config(None, raw))
+    keys = [line.split("=")[0].removeprefix("vlpt launch: warning: ") for line in unshared_path_warnings(plan)]
+    assert keys == ["finetune.val", "finetune.features[0]", "finetune.init_from"]
+    check_run_config(plan.run_config, 16)  # VE has no queue: any global batch splits

@@ -19,7 +19,6 @@ from trainer.models.albef_finetune_load import FRESH, load_into
 from trainer.models.config import AlbefConfig
 from trainer.models.momentum import EMPTY_INDEX, FeatureQueues
 from trainer.objectives import albef
-from trainer.recipes import albef_tasks
 from trainer.recipes.albef_tasks import RETRIEVAL_WEIGHT_SHIFT, RetrievalTargets, albef_retrieval_losses
 
 RNG = np.random.default_rng(1)

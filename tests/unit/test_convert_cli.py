@@ -353,3 +353,6 @@ def test_albef_ve_export_uses_the_names_of_albefs_ve_model():
     assert {"cls_head.0.weight", "cls_head_m.2.bias", "text_encoder.embeddings.position_ids",
             f"text_encoder_m.encoder.layer.{TINY_ALBEF.text_layers}.crossattention.self.key.weight"} <= set(out)
     assert torch.equal(out["cls_head_m.2.weight"], teacher.model.cls_head[2].weight)
+    got_student, got_teacher = import_albef_state_dict(out, list(student.visual_encoder.state_dict()))
+    assert_bit_identical(got_student, student.state_dict())  # ALBEF's VE files load back (vlpt evaluate)
+    assert_bit_identical({f"model.{k}": v for k, v in got_teacher.items()}, teacher.state_dict())

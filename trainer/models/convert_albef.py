@@ -185,7 +185,8 @@ def export_albef_state_dict(student: Mapping[str, Tensor], teacher: Optional[Map
 
 
 def import_albef_state_dict(sd: Mapping[str, Tensor], vit_module_keys: List[str]) -> Tuple[StateDict, StateDict]:
-    """ALBEF's `ALBEF` state dict -> (our student, our teacher; empty without the `_m` parts).
+    """ALBEF's state dict (its pretraining, retrieval or VE model) -> (our student, our teacher; empty without
+    the `_m` parts).
     `vit_module_keys`: our image encoder's keys (the transformers naming in use)."""
     if ALBEF_MARKER not in sd:
         raise ValueError(f"not an ALBEF state dict: no {ALBEF_MARKER}")
@@ -198,17 +199,18 @@ def import_albef_state_dict(sd: Mapping[str, Tensor], vit_module_keys: List[str]
         vit = vit_from_albef(_part(sd, f"visual_encoder{suffix}"), vit_module_keys)
         out.update({f"visual_encoder.{k}": v for k, v in vit.items()})
         out.update({f"text_encoder.{k}": v for k, v in text_from_albef(_part(sd, f"text_encoder{suffix}")).items()})
-        for name in ("vision_proj", "text_proj"):
+        for name in ("vision_proj", "text_proj", "cls_head"):
             out.update({f"{name}.{k}": v for k, v in _part(sd, f"{name}{suffix}").items()})
         models.append(out)
     student, teacher = models
     student.update({f"itm_head.{k}": v for k, v in _part(sd, "itm_head").items()})
-    student["temp"] = sd["temp"].reshape(1)
+    if "temp" in sd:  # not in ALBEF's VE model
+        student["temp"] = sd["temp"].reshape(1)
     if teacher:
         for ours, theirs in _QUEUES.items():
             if theirs in sd:
                 teacher[ours] = sd[theirs].reshape(_IMPORTED_SHAPE.get(ours, sd[theirs].shape))
-    known = ("visual_encoder", "text_encoder", "vision_proj", "text_proj")
+    known = ("visual_encoder", "text_encoder", "vision_proj", "text_proj", "cls_head")
     prefixes = tuple(f"{p}{s}." for p in known for s in ("", "_m")) + ("itm_head.",)
     leftover = [k for k in sd if not k.startswith(prefixes) and k not in ("temp", *_QUEUES.values())]
     if leftover:

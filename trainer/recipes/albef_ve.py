@@ -1,5 +1,5 @@
 """ALBEF visual entailment (docs/downstream.md, "ALBEF visual entailment"): `stage: finetune`, `model.arch:
-albef`, `tasks: {ve: 1}`, as ALBEF's `VE.py`. Task folders (`vlpt tasks snli-ve`, the demo's) joined by image
+albef`, `tasks: {ve: 1}`, as ALBEF's `VE.py`. Task folders (`vlpt tasks ve`, the demo's) joined by image
 id to picture shards (`finetune.features`); one fusion pass per (picture, hypothesis) and a 3-way `cls_head`
 on the fused [CLS], distilled from a momentum copy of the whole model: per example
 `(1 - alpha) * CE + alpha * soft-CE(teacher)`, alpha constant (ALBEF: no warm-up for VE).
