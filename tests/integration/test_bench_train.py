@@ -147,8 +147,15 @@ def test_albef_flops_count_student_teacher_and_the_itm_fusions():
     assert (work.samples, work.tokens, work.padded_tokens) == (2, 5 + 2 * 5, 2 * (4 + 5))
     # Retrieval fine-tuning has no MLM: the student's text layers once and 3 ITM fusions, the teacher's
     # ViT and text layers once.
-    retrieval = recipe_class("albef", "finetune")(SimpleNamespace(model=m)).step_flops(batch, "retrieval")
+    from trainer.recipes.albef_retrieval import AlbefRetrievalRecipe
+
+    retrieval = AlbefRetrievalRecipe(SimpleNamespace(model=m)).step_flops(batch, "retrieval")
     assert retrieval.flops == 3 * (vit + text + 3 * fusion) + vit + text == 45024
+    # VE: one ViT, text and fusion pass a pair, forward + backward, and the momentum copy's forward.
+    from trainer.recipes.albef_ve import AlbefVeRecipe
+
+    ve = AlbefVeRecipe(SimpleNamespace(model=m)).step_flops(batch, "ve")
+    assert ve.flops == 4 * (vit + text + fusion) == 30784
 
 
 # ---------------------------------------------------------------- ALBEF, the sweep, out of memory

@@ -224,3 +224,16 @@ def test_the_base_configs_are_albefs_retrieval_settings(name, k_test, steps):
     type(cfg).__post_init__(cfg)  # the recipe's checks
     layout = batch_layout(cfg.optim, cfg.data.micro_batch_size, 8)
     assert layout.global_batch_size == 256 and cfg.model.queue_size % 256 == 0
+
+
+def test_albefs_finetune_recipe_is_the_tasks():
+    from trainer.config import load_config
+    from trainer.recipes import recipe_class, recipe_for
+    from trainer.recipes.albef_retrieval import AlbefRetrievalRecipe
+    from trainer.recipes.albef_ve import AlbefVeRecipe
+
+    for task, want in (("retrieval", AlbefRetrievalRecipe), ("ve", AlbefVeRecipe)):
+        cfg = load_config(str(REPO / f"configs/finetune/demo-albef-{task}.yaml"))
+        assert recipe_for(cfg) is want and type(recipe_class("albef", "finetune")(cfg)) is want
+    with pytest.raises(ValueError, match="trains one task"):
+        load_config(str(REPO / "configs/finetune/demo-albef-ve.yaml"), ["--tasks.retrieval=1"])

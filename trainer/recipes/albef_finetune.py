@@ -22,6 +22,10 @@ class AlbefFinetuneRecipe(Recipe):
     tasks = tuple(TASK_RECIPES)
     shard_format = PIXEL_FORMAT
 
+    def __new__(cls, cfg):
+        """Made from a config, it is the config's task's recipe (so `recipe_class(...)(cfg)` works too)."""
+        return cls.for_config(cfg)(cfg)
+
     @classmethod
     def for_config(cls, cfg) -> type[Recipe]:
         if len(cfg.tasks) != 1:
