@@ -10,9 +10,11 @@ leaves the teacher a copy of the loaded student, with fresh queues.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Optional
 
+import torch
 from torch import Tensor, nn
 
 from trainer.config_files import ConfigError
@@ -76,3 +78,35 @@ def load_into(module: nn.Module, sd: Mapping[str, Tensor], what: str, fresh: tup
                          "(model.queue_size for the queues)")
     module.load_state_dict(sd, strict=False)  # only `fresh` and `new` keys are left out, checked above
     return gone
+
+
+@dataclass
+class Loaded:
+    """What `read_into` read besides the student it loaded."""
+
+    teacher: Optional[StateDict]
+    """The source's momentum model and queues (teacher.pt, or ALBEF's `_m` parts), None without one."""
+    where: str
+    student_keys: list[str]
+    dropped: list[str]
+
+
+def read_into(model: nn.Module, path: str, key: str, **rules) -> Loaded:
+    """Read the weights at `path` (named by config key or flag `key`) and load the student into `model` by
+    `load_into`'s `rules`; ValueError naming what does not fit."""
+    student, teacher, where = read_albef_weights(path, key, list(model.visual_encoder.state_dict()))
+    what = f"{key} {path}" if key.startswith("--") else f"{key}={path}"
+    dropped = load_into(model, student, what, **rules)
+    return Loaded(teacher, where, list(student), dropped)
+
+
+def load_for_evaluation(model: nn.Module, checkpoint: str, device: torch.device, dtype: torch.dtype,
+                        hint: str = "", **rules) -> nn.Module:
+    """`vlpt evaluate`'s model: the student at `checkpoint` loaded into `model`, moved and in eval mode; a
+    checkpoint that does not fit is one ConfigError line (ending with `hint`)."""
+    try:
+        loaded = read_into(model, checkpoint, "--checkpoint", **rules)
+    except ValueError as e:
+        raise ConfigError(f"{e}{hint}") from None
+    log.info("evaluating %s", loaded.where)
+    return model.to(device, dtype).eval()

@@ -40,9 +40,7 @@ class AlbefRecipe(Recipe):
 
     @classmethod
     def check_config(cls, cfg) -> None:
-        if cfg.data.albef.pixels.image_size != cfg.model.image_size:
-            raise ValueError(f"data.albef.pixels.image_size={cfg.data.albef.pixels.image_size} must equal "
-                             f"model.image_size={cfg.model.image_size}")
+        check_picture_size(cfg)
         if cfg.data.uniter.token_budget:
             raise ValueError("data.uniter.token_budget batches are for UNITER; ALBEF batches have a fixed size "
                              "(the queue advances by the global batch): set data.uniter.token_budget=0")
@@ -153,6 +151,13 @@ class AlbefRecipe(Recipe):
                                       world=info.world_size)
             metrics.update({f"val/{key}_{k}": v for k, v in found.items()})
         return metrics
+
+
+def check_picture_size(cfg) -> None:
+    """The pictures are made at the size the image encoder's position grid has."""
+    if cfg.data.albef.pixels.image_size != cfg.model.image_size:
+        raise ValueError(f"data.albef.pixels.image_size={cfg.data.albef.pixels.image_size} must equal "
+                         f"model.image_size={cfg.model.image_size}")
 
 
 def vit_blocks(vit) -> list:

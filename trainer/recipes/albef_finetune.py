@@ -33,3 +33,10 @@ class AlbefFinetuneRecipe(Recipe):
                              f"{', '.join(TASK_RECIPES)}")
         module, name = TASK_RECIPES[next(iter(cfg.tasks))]
         return getattr(importlib.import_module(module), name)
+
+
+def refuse_pretraining_inits(cfg) -> None:
+    """A fine-tuning run starts from finetune.init_from, never from model.init_from_bert / init_from_vit."""
+    if cfg.model.init_from_bert or cfg.model.init_from_vit:
+        raise ValueError("fine-tuning starts from finetune.init_from (an ALBEF pretraining run or file); "
+                         "model.init_from_bert / init_from_vit are for pretraining: unset them")

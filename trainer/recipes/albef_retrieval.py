@@ -20,12 +20,12 @@ from typing import Optional
 import torch
 
 from data.collate_albef import collate_albef_retrieval
-from trainer.config_files import ConfigError
 from trainer.distributed import all_gather_varying_rows
 from trainer.models.albef import Albef, AlbefTeacher
-from trainer.models.albef_finetune_load import FRESH, load_into, read_albef_weights
+from trainer.models.albef_finetune_load import FRESH, load_for_evaluation, load_into, read_into
 from trainer.objectives.albef import alpha_at
 from trainer.recipes.albef import AlbefRecipe
+from trainer.recipes.albef_finetune import refuse_pretraining_inits
 from trainer.recipes.albef_tasks import RetrievalTargets, albef_retrieval_losses, negatives_seed
 from trainer.recipes.base import Evaluation, StepContext, StepPlan
 from trainer.retrieval import load_retrieval_set, retrieval_scores
@@ -47,24 +47,21 @@ class AlbefRetrievalRecipe(AlbefRecipe):
     @classmethod
     def check_config(cls, cfg) -> None:
         super().check_config(cfg)
-        f, m = cfg.finetune, cfg.model
+        f = cfg.finetune
         if f.train or f.val or f.features:
             raise ValueError("ALBEF retrieval reads picture-caption shards from data.train / data.val; "
                              "finetune.train, finetune.val and finetune.features are UNITER's task folders: unset them")
-        if m.init_from_bert or m.init_from_vit:
-            raise ValueError("fine-tuning starts from finetune.init_from (an ALBEF pretraining run or file); "
-                             "model.init_from_bert / init_from_vit are for pretraining: unset them")
+        refuse_pretraining_inits(cfg)
 
     def build_model(self) -> Albef:
         """ALBEF's retrieval model (no MLM head), loaded from finetune.init_from when set."""
         model = Albef(self.cfg.model, mlm_head=False)
         source = self.cfg.finetune.init_from
         if source:
-            student, self.init_teacher, where = read_albef_weights(source, "finetune.init_from",
-                                                                   list(model.visual_encoder.state_dict()))
-            dropped = load_into(model, student, f"finetune.init_from={source}")
-            log.info("initialised from %s: %d tensors; dropped: %s; teacher and queues: %s", where, len(student),
-                     "text_encoder.cls.* (MLM head)" if dropped else "none",
+            loaded = read_into(model, source, "finetune.init_from")
+            self.init_teacher = loaded.teacher
+            log.info("initialised from %s: %d tensors; dropped: %s; teacher and queues: %s", loaded.where,
+                     len(loaded.student_keys), "text_encoder.cls.* (MLM head)" if loaded.dropped else "none",
                      "loaded (index queue fresh)" if self.init_teacher else "a copy of the student, fresh queues")
         return model
 
@@ -127,14 +124,8 @@ class AlbefRetrievalRecipe(AlbefRecipe):
     def evaluate(self, checkpoint: str, tok, info) -> Evaluation:
         """The weights at `checkpoint` (a fine-tuned run, or a pretraining one: zero-shot) on the held-out
         split: ALBEF's score matrices of both directions and their recalls."""
-        model = Albef(self.cfg.model, mlm_head=False)
-        student, _, where = read_albef_weights(checkpoint, "--checkpoint", list(model.visual_encoder.state_dict()))
-        try:
-            load_into(model, student, f"--checkpoint {checkpoint}")
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-        log.info("evaluating %s", where)
-        model.to(info.device, self.cfg.precision.torch_dtype).eval()
+        model = load_for_evaluation(Albef(self.cfg.model, mlm_head=False), checkpoint, info.device,
+                                    self.cfg.precision.torch_dtype)
         skipped: dict[str, int] = {}
         (_, data), = self.val_splits(tok, skipped).values()
         d = self.cfg.data

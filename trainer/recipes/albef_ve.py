@@ -16,15 +16,15 @@ from data.collate_albef import ALBEF_VE_LABELS, collate_albef_ve
 from data.shards import PIXEL_FORMAT
 from data.tasks.features import PictureStore
 from data.tasks.records import VE_LABELS
-from trainer.config_files import ConfigError
 from trainer.downstream_eval import classifier_scores, example_outputs
 from trainer.models.albef_classifier import PREDICT_TASK, AlbefClassifier, ClassifierTeacher
-from trainer.models.albef_finetune_load import load_into, read_albef_weights
+from trainer.models.albef_finetune_load import load_for_evaluation, load_into, read_into
 from trainer.models.config import AlbefConfig
 from trainer.objectives.albef import distilled_classification_loss
 from trainer.objectives.base import TaskResult
 from trainer.recipes import task_data
-from trainer.recipes.albef import vit_blocks
+from trainer.recipes.albef import check_picture_size, vit_blocks
+from trainer.recipes.albef_finetune import refuse_pretraining_inits
 from trainer.recipes.albef_tasks import teacher_precision
 from trainer.recipes.base import Evaluation, Recipe, StepContext, StepPlan
 
@@ -55,17 +55,13 @@ class AlbefVeRecipe(Recipe):
 
     @classmethod
     def check_config(cls, cfg) -> None:
-        f, m = cfg.finetune, cfg.model
+        f = cfg.finetune
         if not f.train and not f.val:
             raise ValueError("stage: finetune needs finetune.train (a task folder) or finetune.val")
         if not f.features:
             raise ValueError("finetune.features: name the picture shard folders that hold the examples' images")
-        if cfg.data.albef.pixels.image_size != m.image_size:
-            raise ValueError(f"data.albef.pixels.image_size={cfg.data.albef.pixels.image_size} must equal "
-                             f"model.image_size={m.image_size}")
-        if m.init_from_bert or m.init_from_vit:
-            raise ValueError("fine-tuning starts from finetune.init_from (an ALBEF pretraining run or file); "
-                             "model.init_from_bert / init_from_vit are for pretraining: unset them")
+        check_picture_size(cfg)
+        refuse_pretraining_inits(cfg)
 
     @classmethod
     def input_dirs(cls, cfg) -> list:
@@ -105,13 +101,12 @@ class AlbefVeRecipe(Recipe):
         model = AlbefClassifier(self.cfg.model, len(ALBEF_VE_LABELS))
         source = self.cfg.finetune.init_from
         if source:
-            student, self.init_teacher, where = read_albef_weights(source, "finetune.init_from",
-                                                                   list(model.visual_encoder.state_dict()))
-            dropped = load_into(model, student, f"finetune.init_from={source}", new=NEW, dropped=NOT_IN_VE)
-            head = "loaded" if any(k.startswith(NEW) for k in student) else "new"
-            log.info("initialised from %s: %d tensors; cls_head.*: %s; dropped: %s; teacher: %s", where,
-                     len(student), head, _prefixes(dropped), "loaded, its cls_head a copy of the student's"
-                     if self.init_teacher else "a copy of the student")
+            loaded = read_into(model, source, "finetune.init_from", new=NEW, dropped=NOT_IN_VE)
+            self.init_teacher = loaded.teacher
+            head = "loaded" if any(k.startswith(NEW) for k in loaded.student_keys) else "new"
+            log.info("initialised from %s: %d tensors; cls_head.*: %s; dropped: %s; teacher: %s", loaded.where,
+                     len(loaded.student_keys), head, _prefixes(loaded.dropped),
+                     "loaded, its cls_head a copy of the student's" if self.init_teacher else "a copy of the student")
         return model
 
     def attach(self, model, layout, device) -> None:
@@ -176,14 +171,10 @@ class AlbefVeRecipe(Recipe):
         return task_data.evaluation_config(cfg, split)
 
     def evaluate(self, checkpoint: str, tok, info) -> Evaluation:
-        model = AlbefClassifier(self.cfg.model, len(ALBEF_VE_LABELS))
-        student, _, where = read_albef_weights(checkpoint, "--checkpoint", list(model.visual_encoder.state_dict()))
-        try:
-            load_into(model, student, f"--checkpoint {checkpoint}", dropped=NOT_IN_VE)
-        except ValueError as e:
-            raise ConfigError(f"{e} (a VE model needs its cls_head: pass a `vlpt finetune` run on ve)") from None
-        log.info("evaluating %s", where)
-        model.to(info.device, self.cfg.precision.torch_dtype).eval()
+        model = load_for_evaluation(AlbefClassifier(self.cfg.model, len(ALBEF_VE_LABELS)), checkpoint, info.device,
+                                    self.cfg.precision.torch_dtype,
+                                    " (a VE model needs its cls_head: pass a `vlpt finetune` run on ve)",
+                                    dropped=NOT_IN_VE)
         skipped: dict[str, int] = {}
         examples = self.val_folder.examples
         found = self.score(model, tok, examples, info, skipped)
