@@ -138,12 +138,45 @@ def collate_albef_ve(samples: Sequence[tuple[dict, list]], rng: np.random.Genera
     for example, (image,) in samples:
         view, flipped = train_pixels(image, pixels, rng) if train else (eval_pixels(image, pixels), False)
         views.append(view)
-        texts.append(pre_caption(swap_left_right(example["text"]) if flipped else example["text"]))
-    input_ids, attn = caption_batch(texts, tok, max_txt_len, sep=False)
+        texts.append(swap_left_right(example["text"]) if flipped else example["text"])
     labels = [ALBEF_VE_LABELS.index(VE_LABELS[r["label"]]) if "label" in r else NO_LABEL for r, _ in samples]
+    return _classification_batch(samples, views, texts, labels, tok, max_txt_len, "ve")
+
+
+def collate_albef_nlvr2(samples: Sequence[tuple[dict, list]], rng: np.random.Generator, tok, pixels: PixelConfig,
+                        max_txt_len: int, train: bool = True) -> dict:
+    """NLVR2 batch from (example, [left picture, right picture]) pairs: `pixels` [2B, 3, S, S] holds every
+    left picture, then every right one (one image-encoder pass, split in the model); each picture augmented
+    on its own (`train`) or resized. The statement is never mirrored: its "left"/"right" name the pictures,
+    not sides within one (ALBEF flips NLVR2 pictures and keeps the text). Labels 1 true, 0 false."""
+    if not samples:
+        raise ValueError("cannot collate an empty batch")
+    sides: list[list[torch.Tensor]] = [[], []]
+    for _, pair in samples:
+        for side, image in zip(sides, pair):
+            side.append(train_pixels(image, pixels, rng)[0] if train else eval_pixels(image, pixels))
+    labels = [int(r["label"]) if "label" in r else NO_LABEL for r, _ in samples]
+    return _classification_batch(samples, sides[0] + sides[1], [r["text"] for r, _ in samples], labels, tok,
+                                 max_txt_len, "nlvr2")
+
+
+def _classification_batch(samples, views: list, texts: list[str], labels: list[int], tok, max_txt_len: int,
+                          task: str) -> dict:
+    input_ids, attn = caption_batch([pre_caption(t) for t in texts], tok, max_txt_len, sep=False)
     return {"pixels": torch.stack(views), "input_ids": torch.from_numpy(input_ids), "attn_mask": torch.from_numpy(attn),
             "labels": torch.tensor(labels, dtype=torch.long), "ids": [r["id"] for r, _ in samples],
-            "n_items": len(samples), "task": "ve"}
+            "n_items": len(samples), "task": task}
+
+
+def collate_albef_ta(samples: Sequence[PixelSample], rng: np.random.Generator, tok, pixels: PixelConfig,
+                     max_txt_len: int) -> dict:
+    """Text-assignment batch (NLVR2's pretraining step): pretraining's augmented pictures and captions
+    (`[CLS] ids [SEP]`, ALBEF's pretraining tokenizer), no masking; the pairs are drawn in the model."""
+    views, captions = augmented_pairs(samples, pixels, rng)
+    input_ids, attn = caption_batch(captions, tok, max_txt_len)
+    return {"pixels": torch.stack(views), "input_ids": torch.from_numpy(input_ids), "attn_mask": torch.from_numpy(attn),
+            "keys": [s.key for s in samples], "image_keys": [s.image_id for s in samples], "n_items": len(samples),
+            "task": "ta"}
 
 
 def eval_images(images: Sequence, pixels: PixelConfig) -> torch.Tensor:

@@ -19,6 +19,7 @@ is that of the packed rows, R x Lp, the layout the encoder runs on.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -143,23 +144,26 @@ def albef_pass_flops(text: Lengths, model, mlm: bool = True) -> tuple[float, flo
     return FWD_BWD * (vision + 2 * txt + 4 * fusion), vision + 2 * txt + fusion
 
 
-def albef_classifier_work(batch: dict, model) -> BatchWork:
-    """ALBEF's VE model (trainer/models/albef_classifier.py): one ViT, text and fusion pass per pair, forward +
-    backward for the student and forward for its momentum copy."""
+def albef_classifier_work(batch: dict, model, images: int = 1, pictures: Optional[int] = None,
+                          teacher: bool = True) -> BatchWork:
+    """ALBEF's classification models (trainer/models/albef_classifier.py): per example `pictures` ViT passes
+    (default `images`: 1 VE, 2 NLVR2; text assignment: 1, its pictures reused as partners), one text pass and
+    `images` x fusion_layers fusion layers, each reading one picture; forward + backward for the student and,
+    with a `teacher`, forward for its momentum copy."""
     mask = batch["attn_mask"]  # [B, L]
     b, length = mask.shape
+    image, pictures = image_token_count(model), images if pictures is None else pictures
 
     def one_pass(text: Lengths) -> float:
         m = model
-        vision = stack_forward(Lengths.fixed(text.n, image_token_count(m)), m.vision_layers, m.vision_width,
-                               m.vision_mlp)
+        vision = pictures * stack_forward(Lengths.fixed(text.n, image), m.vision_layers, m.vision_width, m.vision_mlp)
         return vision + stack_forward(text, m.text_layers, m.hidden_size, m.intermediate_size) + fusion_forward(
-            text, image_token_count(m), m.fusion_layers, m.hidden_size, m.intermediate_size, m.vision_width)
+            text, image, images * m.fusion_layers, m.hidden_size, m.intermediate_size, m.vision_width)
 
-    image = image_token_count(model)
-    useful = (FWD_BWD + 1) * one_pass(Lengths.of(mask.sum(1)))
-    padded = (FWD_BWD + 1) * one_pass(Lengths.fixed(b, length))
-    return BatchWork(b, int(mask.sum()) + b * image, b * (length + image), useful, padded)
+    passes = FWD_BWD + (1 if teacher else 0)
+    useful = passes * one_pass(Lengths.of(mask.sum(1)))
+    padded = passes * one_pass(Lengths.fixed(b, length))
+    return BatchWork(b, int(mask.sum()) + b * pictures * image, b * (length + pictures * image), useful, padded)
 
 
 def albef_work(batch: dict, model, mlm: bool = True) -> BatchWork:

@@ -156,6 +156,16 @@ def test_albef_flops_count_student_teacher_and_the_itm_fusions():
 
     ve = AlbefVeRecipe(SimpleNamespace(model=m)).step_flops(batch, "ve")
     assert ve.flops == 4 * (vit + text + fusion) == 30784
+    # NLVR2: two pictures an example through the ViT and twice the fusion layers (each reading one picture);
+    # text assignment the same fusion layers over one picture an example (reused as partners), no momentum copy.
+    from trainer.recipes.albef_nlvr2 import AlbefNlvr2Recipe
+    from trainer.recipes.albef_ta import AlbefTextAssignmentRecipe
+
+    nlvr2 = AlbefNlvr2Recipe(SimpleNamespace(model=m)).step_flops(batch, "nlvr2")
+    assert nlvr2.flops == 4 * (2 * vit + text + 2 * fusion) == 55616
+    assert nlvr2.tokens == 5 + 2 * 2 * 5
+    ta = AlbefTextAssignmentRecipe(SimpleNamespace(model=m)).step_flops(batch, "ta")
+    assert ta.flops == 3 * (vit + text + 2 * fusion) == 31632
 
 
 # ---------------------------------------------------------------- ALBEF, the sweep, out of memory

@@ -13,7 +13,7 @@ global batch plus the queue, then hands each micro-batch's `TeacherTargets` to t
 from __future__ import annotations
 
 import copy
-from typing import Callable
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -76,12 +76,14 @@ class FusionLayer(nn.Module):
 class TextEncoder(nn.Module):
     """Embeddings + text layers (unimodal) + fusion layers (with the image) + MLM head."""
 
-    def __init__(self, cfg: AlbefConfig, mlm_head: bool = True) -> None:
+    def __init__(self, cfg: AlbefConfig, mlm_head: bool = True, fusion_layers: Optional[int] = None) -> None:
+        """`fusion_layers`: default `cfg.fusion_layers` (NLVR2's two-image encoder has twice as many)."""
         super().__init__()
         bert = cfg.bert()
         self.embeddings = TextEmbeddings(bert, padding_idx=cfg.pad_token_id)
         self.layer = nn.ModuleList(Layer(bert) for _ in range(cfg.text_layers))
-        self.fusion = nn.ModuleList(FusionLayer(bert, cfg.vision_width) for _ in range(cfg.fusion_layers))
+        self.fusion = nn.ModuleList(FusionLayer(bert, cfg.vision_width)
+                                    for _ in range(fusion_layers or cfg.fusion_layers))
         self.cls = MlmHead(cfg.hidden_size, cfg.vocab_size) if mlm_head else None
         self.apply(lambda m: init_bert_weights(m, cfg.initializer_range))
 
@@ -94,11 +96,13 @@ class TextEncoder(nn.Module):
             hidden = layer(hidden, mask)
         return hidden
 
-    def fuse(self, text: Tensor, attn_mask: Tensor, image: Tensor) -> Tensor:
-        """text [B, L, H] + image tokens [B, P, Hv] -> multimodal states [B, L, H]."""
+    def fuse(self, text: Tensor, attn_mask: Tensor, image: Union[Tensor, Sequence[Tensor]]) -> Tensor:
+        """text [B, L, H] + image tokens [B, P, Hv] -> multimodal states [B, L, H]. Given n images' tokens,
+        fusion layer k cross-attends to image k mod n (NLVR2: even layers the left image, odd the right)."""
+        images = [image] if isinstance(image, Tensor) else list(image)
         mask = extended_attention_mask(attn_mask, text.dtype)
-        for layer in self.fusion:
-            text = layer(text, mask, image)
+        for k, layer in enumerate(self.fusion):
+            text = layer(text, mask, images[k % len(images)])
         return text
 
     def mlm_logits(self, fused: Tensor, mlm_index: Tensor) -> Tensor:

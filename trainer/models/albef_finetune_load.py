@@ -10,9 +10,10 @@ leaves the teacher a copy of the loaded student, with fresh queues.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Callable, Mapping, Optional
 
 import torch
 from torch import Tensor, nn
@@ -26,6 +27,7 @@ from trainer.models.weights import listed
 
 log = logging.getLogger("vlpt")
 StateDict = dict[str, Tensor]
+Adapt = Callable[[StateDict, str], StateDict]
 
 DROPPED = ("text_encoder.cls.",)
 """Pretraining tensors a retrieval model has no place for: the MLM head (a VE model names its own)."""
@@ -91,13 +93,49 @@ class Loaded:
     dropped: list[str]
 
 
-def read_into(model: nn.Module, path: str, key: str, **rules) -> Loaded:
+def read_into(model: nn.Module, path: str, key: str, adapt: Optional[Adapt] = None, **rules) -> Loaded:
     """Read the weights at `path` (named by config key or flag `key`) and load the student into `model` by
-    `load_into`'s `rules`; ValueError naming what does not fit."""
+    `load_into`'s `rules`, after `adapt(state dict, what)` when given (the teacher is returned unadapted);
+    ValueError naming what does not fit."""
     student, teacher, where = read_albef_weights(path, key, list(model.visual_encoder.state_dict()))
     what = f"{key} {path}" if key.startswith("--") else f"{key}={path}"
+    if adapt is not None:
+        student = adapt(student, what)
     dropped = load_into(model, student, what, **rules)
     return Loaded(teacher, where, list(student), dropped)
+
+
+_FUSION = re.compile(r"^text_encoder\.fusion\.(\d+)\.(.+)$")
+_SHARED = re.compile(r"^crossattention\.self\.(key|value)\.")
+
+
+def two_image_layers(fusion_layers: int) -> Adapt:
+    """The `adapt` of NLVR2's two-image text encoder (2 x `fusion_layers` fusion layers): a one-image source's
+    fusion layer k becomes layers 2k and 2k+1 (ALBEF's `Pretrain_nlvr.py`); a two-image source (a text-
+    assignment or NLVR2 run) is kept, with the shared key/value of a layer pair filled in from its twin
+    where a checkpoint stored one name of the pair only."""
+
+    def adapt(sd: StateDict, what: str) -> StateDict:
+        layers = {int(m.group(1)) for m in map(_FUSION.match, sd) if m}
+        if layers == set(range(fusion_layers)):
+            out = {k: v for k, v in sd.items() if not _FUSION.match(k)}
+            for key, value in sd.items():
+                if m := _FUSION.match(key):
+                    for copy in (2 * int(m.group(1)), 2 * int(m.group(1)) + 1):
+                        out[f"text_encoder.fusion.{copy}.{m.group(2)}"] = value
+            return out
+        if layers != set(range(2 * fusion_layers)):
+            raise ValueError(f"{what}: its text encoder has fusion layers {sorted(layers)}; NLVR2 reads a one-image "
+                             f"model ({fusion_layers} fusion layers) or a two-image one ({2 * fusion_layers})")
+        out = dict(sd)
+        for key, value in sd.items():
+            m = _FUSION.match(key)
+            if m and _SHARED.match(m.group(2)):
+                twin = f"text_encoder.fusion.{int(m.group(1)) ^ 1}.{m.group(2)}"
+                out.setdefault(twin, value)
+        return out
+
+    return adapt
 
 
 def load_for_evaluation(model: nn.Module, checkpoint: str, device: torch.device, dtype: torch.dtype,

@@ -18,7 +18,9 @@ Ours -> ALBEF's, by part (the teacher's parts get ALBEF's `_m` suffix):
 A retrieval fine-tuning model (no MLM head; `queues.idx_queue`) gets the names of ALBEF's retrieval model
 instead: its text encoders are BertModels (`text_encoder.{embeddings,encoder.layer.{i}}`, no `bert.`, no
 `cls.*`), and `idx_queue` is [1, K]. A VE model gets those of ALBEF's VE model: the same text encoders,
-`cls_head.*` as is, no projections, ITM head or temperature, and its teacher as `*_m` (`cls_head_m` too).
+`cls_head.*` as is, no projections, ITM head or temperature, and its teacher as `*_m` (`cls_head_m` too); an
+NLVR2 model the same with its 18-layer text encoder (`encoder.layer.{6..17}` the fusion layers), and a
+text-assignment model that encoder, `vision_proj` and `ta_head` (ALBEF's `model_pretrain_nlvr`).
 
 `import_albef_state_dict` is the inverse of both (and refuses tied copies that differ).
 """
@@ -44,6 +46,8 @@ _HF_QKV = re.compile(r"^encoder\.layer\.(\d+)\.attention\.attention\.(query|key|
 _HF_LAYER = re.compile(r"^encoder\.layer\.(\d+)\.(.+)$")
 _OUR_TEXT_LAYER = re.compile(r"^(layer|fusion)\.(\d+)\.(.+)$")
 _ALBEF_TEXT_LAYER = re.compile(r"^bert\.encoder\.layer\.(\d+)\.(.+)$")
+_HEADS = ("itm_head", "ta_head")
+"""Student-only heads, named as ALBEF's (`ta_head`: NLVR2's text-assignment model)."""
 _QUEUES = {"queues.image_queue": "image_queue", "queues.text_queue": "text_queue", "queues.ptr": "queue_ptr",
            "queues.idx_queue": "idx_queue"}
 _RESHAPED = {"queues.ptr": (1,), "queues.idx_queue": (1, -1)}
@@ -171,14 +175,15 @@ def export_albef_state_dict(student: Mapping[str, Tensor], teacher: Optional[Map
             out.update({f"{name}{suffix}.{k}": v for k, v in _part(sd, name).items()})
         text = text_to_albef(_part(sd, "text_encoder"), text_layers, max_positions) if sd else {}
         out.update({f"text_encoder{suffix}.{k}": v for k, v in text.items()})
-    out.update({f"itm_head.{k}": v for k, v in _part(student, "itm_head").items()})
+    for head in _HEADS:
+        out.update({f"{head}.{k}": v for k, v in _part(student, head).items()})
     if "temp" in student:  # ALBEF's temperature is a 0-d parameter; the VE model has none
         out["temp"] = student["temp"].reshape(())
     for ours, theirs in _QUEUES.items():
         if teacher is not None and ours in teacher:  # the index queue only in retrieval fine-tuning
             out[theirs] = teacher[ours].reshape(_RESHAPED[ours]) if ours in _RESHAPED else teacher[ours]
     leftover = [k for k in student if not k.startswith(("visual_encoder.", "text_encoder.", "vision_proj.",
-                                                           "text_proj.", "itm_head.", "cls_head.", "temp"))]
+                                                           "text_proj.", "itm_head.", "ta_head.", "cls_head.", "temp"))]
     if leftover:
         raise ValueError(f"keys with no ALBEF name: {listed(leftover)}")
     return out
@@ -203,7 +208,8 @@ def import_albef_state_dict(sd: Mapping[str, Tensor], vit_module_keys: List[str]
             out.update({f"{name}.{k}": v for k, v in _part(sd, f"{name}{suffix}").items()})
         models.append(out)
     student, teacher = models
-    student.update({f"itm_head.{k}": v for k, v in _part(sd, "itm_head").items()})
+    for head in _HEADS:
+        student.update({f"{head}.{k}": v for k, v in _part(sd, head).items()})
     if "temp" in sd:  # not in ALBEF's VE model
         student["temp"] = sd["temp"].reshape(1)
     if teacher:
@@ -211,7 +217,7 @@ def import_albef_state_dict(sd: Mapping[str, Tensor], vit_module_keys: List[str]
             if theirs in sd:
                 teacher[ours] = sd[theirs].reshape(_IMPORTED_SHAPE.get(ours, sd[theirs].shape))
     known = ("visual_encoder", "text_encoder", "vision_proj", "text_proj", "cls_head")
-    prefixes = tuple(f"{p}{s}." for p in known for s in ("", "_m")) + ("itm_head.",)
+    prefixes = tuple(f"{p}{s}." for p in known for s in ("", "_m")) + tuple(f"{h}." for h in _HEADS)
     leftover = [k for k in sd if not k.startswith(prefixes) and k not in ("temp", *_QUEUES.values())]
     if leftover:
         raise ValueError(f"keys with no counterpart in ours: {listed(leftover)}")

@@ -267,31 +267,19 @@ def check_against_run_config(sd: Mapping[str, Tensor], tag_dir: Path) -> None:
 def _expected_shapes(cfg_file: Path) -> Optional[Dict[str, Tuple[int, ...]]]:
     """Key -> shape of the model `cfg_file` describes (built on the meta device), or None if unreadable."""
     from trainer.config import load_config
-    from data.collate_albef import ALBEF_VE_LABELS
-    from trainer.models.albef import Albef
-    from trainer.models.albef_classifier import AlbefClassifier
-    from trainer.models.pretrain import UniterForPretraining
+    from trainer.recipes import recipe_for
 
     try:
         cfg = load_config(str(cfg_file))
-    except (ValueError, TypeError, OSError) as e:
+        recipe = recipe_for(cfg)(cfg)
+    except (ValueError, TypeError, OSError) as e:  # also a family registered elsewhere, not imported here
         print(f"vlpt: note: not checking against {cfg_file} ({_one_line(e)})", file=sys.stderr)
         return None
-    model_cfg = cfg.model
-    if cfg.stage == "finetune" and model_cfg.arch == "uniter":  # the head's size comes from the task folder
+    with torch.device("meta"):
+        model = recipe.checkpoint_model()
+    if model is None:  # a UNITER fine-tuned model: the task folder sizes its head
         print(f"vlpt: note: not checking against {cfg_file} (a fine-tuned model)", file=sys.stderr)
         return None
-    def albef(c):
-        if cfg.stage == "finetune" and "ve" in cfg.tasks:
-            return AlbefClassifier(c, len(ALBEF_VE_LABELS))
-        return Albef(c, mlm_head=cfg.stage == "pretrain")  # retrieval: no MLM head
-
-    builders = {"uniter": UniterForPretraining, "albef": albef}
-    if model_cfg.arch not in builders:  # a family registered elsewhere: its names are its own
-        print(f"vlpt: note: not checking against {cfg_file} (model.arch={model_cfg.arch})", file=sys.stderr)
-        return None
-    with torch.device("meta"):
-        model = builders[model_cfg.arch](model_cfg)
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 

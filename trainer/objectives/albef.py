@@ -160,3 +160,32 @@ def distilled_classification_loss(logits: Tensor, logits_m: Tensor, labels: Tens
         return ce
     distill = -(student * F.softmax(logits_m.float(), dim=-1).detach()).sum()
     return (1.0 - alpha) * ce + alpha * distill
+
+
+TA_PAIR_PROB = 2.0 / 3.0
+"""Text assignment: how often the caption's own picture is one of the two (ALBEF: `rand > 1/3`)."""
+
+
+def text_assignment_draws(weights: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+    """NLVR2's text-assignment pairs for a batch of b captions, caption i of picture i (ALBEF's
+    `model_pretrain_nlvr`, drawn at once rather than in a loop: the same distribution).
+
+    weights  [b, b] partner weights, row i over the other pictures (diagonal 0)
+    returns  (left [b], right [b], labels [b]) long: with probability 2/3 picture i and one partner
+             j ~ weights[i], i on the left (label 0) or the right (label 1) at 1/2 each; otherwise two
+             distinct partners drawn from weights[i] (label 2, the caption fits neither)
+    """
+    b = weights.size(0)
+    if b < 3:
+        raise ValueError(f"text assignment needs >= 3 pictures per micro-batch to draw two partners of another "
+                         f"picture, got {b}; raise data.micro_batch_size")
+    device = weights.device
+    pair = torch.rand(b, generator=generator, device=device) < TA_PAIR_PROB  # [b]
+    own_left = torch.rand(b, generator=generator, device=device) < 0.5  # [b]
+    partners = torch.multinomial(weights, 2, replacement=False, generator=generator)  # [b, 2]
+    own = torch.arange(b, device=device)
+    j = partners[:, 0]  # the first of two draws without replacement is a draw from weights[i]
+    left = torch.where(pair, torch.where(own_left, own, j), partners[:, 0])
+    right = torch.where(pair, torch.where(own_left, j, own), partners[:, 1])
+    labels = torch.where(pair, torch.where(own_left, 0, 1), 2)
+    return left, right, labels

@@ -19,7 +19,7 @@ from torch import Tensor
 from data.collate_albef import collate_albef
 from data.shards import PIXEL_FORMAT
 from trainer.distributed import all_gather_varying_rows
-from trainer.models.albef import AlbefTeacher, build_albef
+from trainer.models.albef import Albef, AlbefTeacher, build_albef
 from trainer.models.config import AlbefConfig
 from trainer.objectives.albef import alpha_at
 from trainer.recipes import register
@@ -62,6 +62,9 @@ class AlbefRecipe(Recipe):
 
     def build_model(self):
         return build_albef(self.cfg.model)
+
+    def checkpoint_model(self):
+        return Albef(self.cfg.model)
 
     def collate(self, task: str, tok):
         d = self.cfg.data

@@ -1,5 +1,6 @@
-"""ALBEF's fine-tuning (docs/downstream.md, "ALBEF retrieval", "ALBEF visual entailment"): one recipe per task,
-registered here as the family's `finetune` recipe, which picks the config's task's (`for_config`)."""
+"""ALBEF's fine-tuning (docs/downstream.md, "ALBEF retrieval", "ALBEF visual entailment", "ALBEF NLVR2"): one
+recipe per task (`ta`: NLVR2's text-assignment pretraining), registered here as the family's `finetune`
+recipe, which picks the config's task's (`for_config`)."""
 from __future__ import annotations
 
 import importlib
@@ -10,7 +11,9 @@ from trainer.recipes import register
 from trainer.recipes.base import Recipe
 
 TASK_RECIPES = {"retrieval": ("trainer.recipes.albef_retrieval", "AlbefRetrievalRecipe"),
-                "ve": ("trainer.recipes.albef_ve", "AlbefVeRecipe")}
+                "ve": ("trainer.recipes.albef_ve", "AlbefVeRecipe"),
+                "nlvr2": ("trainer.recipes.albef_nlvr2", "AlbefNlvr2Recipe"),
+                "ta": ("trainer.recipes.albef_ta", "AlbefTextAssignmentRecipe")}
 """Task -> (module, class) of its recipe, imported when a config names the task."""
 
 
@@ -40,3 +43,11 @@ def refuse_pretraining_inits(cfg) -> None:
     if cfg.model.init_from_bert or cfg.model.init_from_vit:
         raise ValueError("fine-tuning starts from finetune.init_from (an ALBEF pretraining run or file); "
                          "model.init_from_bert / init_from_vit are for pretraining: unset them")
+
+
+def refuse_task_folders(cfg, what: str) -> None:
+    """Tasks trained on picture-caption shards (data.train / data.val) take no task folders."""
+    f = cfg.finetune
+    if f.train or f.val or f.features:
+        raise ValueError(f"{what} reads picture-caption shards from data.train / data.val; finetune.train, "
+                         "finetune.val and finetune.features name task folders: unset them")

@@ -25,7 +25,7 @@ from trainer.models.albef import Albef, AlbefTeacher
 from trainer.models.albef_finetune_load import FRESH, load_for_evaluation, load_into, read_into
 from trainer.objectives.albef import alpha_at
 from trainer.recipes.albef import AlbefRecipe
-from trainer.recipes.albef_finetune import refuse_pretraining_inits
+from trainer.recipes.albef_finetune import refuse_pretraining_inits, refuse_task_folders
 from trainer.recipes.albef_tasks import RetrievalTargets, albef_retrieval_losses, negatives_seed
 from trainer.recipes.base import Evaluation, StepContext, StepPlan
 from trainer.retrieval import load_retrieval_set, retrieval_scores
@@ -47,15 +47,12 @@ class AlbefRetrievalRecipe(AlbefRecipe):
     @classmethod
     def check_config(cls, cfg) -> None:
         super().check_config(cfg)
-        f = cfg.finetune
-        if f.train or f.val or f.features:
-            raise ValueError("ALBEF retrieval reads picture-caption shards from data.train / data.val; "
-                             "finetune.train, finetune.val and finetune.features are UNITER's task folders: unset them")
+        refuse_task_folders(cfg, "ALBEF retrieval")
         refuse_pretraining_inits(cfg)
 
     def build_model(self) -> Albef:
         """ALBEF's retrieval model (no MLM head), loaded from finetune.init_from when set."""
-        model = Albef(self.cfg.model, mlm_head=False)
+        model = self.checkpoint_model()
         source = self.cfg.finetune.init_from
         if source:
             loaded = read_into(model, source, "finetune.init_from")
@@ -64,6 +61,9 @@ class AlbefRetrievalRecipe(AlbefRecipe):
                      len(loaded.student_keys), "text_encoder.cls.* (MLM head)" if loaded.dropped else "none",
                      "loaded (index queue fresh)" if self.init_teacher else "a copy of the student, fresh queues")
         return model
+
+    def checkpoint_model(self) -> Albef:
+        return Albef(self.cfg.model, mlm_head=False)
 
     def collate(self, task: str, tok):
         d = self.cfg.data
@@ -124,7 +124,7 @@ class AlbefRetrievalRecipe(AlbefRecipe):
     def evaluate(self, checkpoint: str, tok, info) -> Evaluation:
         """The weights at `checkpoint` (a fine-tuned run, or a pretraining one: zero-shot) on the held-out
         split: ALBEF's score matrices of both directions and their recalls."""
-        model = load_for_evaluation(Albef(self.cfg.model, mlm_head=False), checkpoint, info.device,
+        model = load_for_evaluation(self.checkpoint_model(), checkpoint, info.device,
                                     self.cfg.precision.torch_dtype)
         skipped: dict[str, int] = {}
         (_, data), = self.val_splits(tok, skipped).values()

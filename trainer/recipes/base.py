@@ -128,6 +128,11 @@ class Recipe:
     def build_model(self) -> nn.Module:
         raise NotImplementedError
 
+    def checkpoint_model(self) -> Optional[nn.Module]:
+        """The model the run's checkpoints hold, built with no weights read (`vlpt convert export` checks a
+        checkpoint's keys and shapes against it), or None where its layout depends on data (a task folder)."""
+        return None
+
     def collate(self, task: str, tok) -> Callable:
         """(samples, rng) -> batch for `task`; picklable (DataLoader workers build batches)."""
         raise NotImplementedError

@@ -13,7 +13,7 @@ from data.packing import round_up
 from data.shards import FORMAT, manifest_root
 from trainer.distributed import all_gather_objects, all_reduce_sum
 from trainer.models.config import ModelConfig
-from trainer.models.pretrain import build_uniter
+from trainer.models.pretrain import UniterForPretraining, build_uniter
 from trainer.recipes import register
 from trainer.recipes.base import Recipe, StepContext, StepPlan
 from trainer.recipes.uniter_tasks import task_functions
@@ -80,6 +80,9 @@ class UniterRecipe(Recipe):
 
     def build_model(self):
         return build_uniter(self.cfg.model)
+
+    def checkpoint_model(self):
+        return UniterForPretraining(self.cfg.model)
 
     def collate(self, task: str, tok):
         """The task's collate, for training and validation alike; with data.uniter.pack_len > 0 its
