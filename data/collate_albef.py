@@ -160,6 +160,48 @@ def collate_albef_nlvr2(samples: Sequence[tuple[dict, list]], rng: np.random.Gen
                                  max_txt_len, "nlvr2")
 
 
+def collate_albef_vqa(samples: Sequence[tuple[dict, list]], rng: np.random.Generator, tok, pixels: PixelConfig,
+                      max_txt_len: int, answers: Sequence[str], train: bool = True) -> dict:
+    """VQA batch from (example, [picture]) pairs: the picture augmented (`train`: a mirrored picture mirrors
+    "left"/"right" in its question and answers) or resized, the question in ALBEF's downstream form
+    (`pre_caption`, `[CLS] ids`) and, in training, every labelled answer of every question flattened:
+
+      answer_ids    [N, La] `[CLS] a [SEP]` (ALBEF appends "[SEP]" to each answer), right-padded
+      answer_mask   [N, La]
+      answer_owner  [N] the question (batch row) each answer belongs to
+      answer_weights [N] ALBEF's weight: the share of annotators who gave it (the record's `weights`;
+                    a folder without them weights each answer by its soft score)
+
+    `answers`: the task folder's answer vocabulary (its `labels`)."""
+    if not samples:
+        raise ValueError("cannot collate an empty batch")
+    views, questions, texts, owners, weights = [], [], [], [], []
+    for row, (example, (image,)) in enumerate(samples):
+        view, flipped = train_pixels(image, pixels, rng) if train else (eval_pixels(image, pixels), False)
+        views.append(view)
+        mirror = swap_left_right if flipped else str
+        questions.append(mirror(example["text"]))
+        if train:
+            labels = example.get("labels", [])
+            texts += [mirror(answers[a]) for a in labels]
+            weights += list(example.get("weights", example.get("scores", [])))
+            owners += [row] * len(labels)
+    batch = _classification_batch(samples, views, questions, [NO_LABEL] * len(samples), tok, max_txt_len, "vqa")
+    del batch["labels"]
+    if train:
+        answer_ids, answer_mask = caption_batch(texts, tok, max_txt_len)
+        batch.update(answer_ids=torch.from_numpy(answer_ids), answer_mask=torch.from_numpy(answer_mask),
+                     answer_owner=torch.tensor(owners, dtype=torch.long),
+                     answer_weights=torch.tensor(weights, dtype=torch.float32))
+    return batch
+
+
+def answer_batch(answers: Sequence[str], tok, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The candidate answers of VQA's ranking as the decoder reads them: ([A, La] `[CLS] a [SEP]`, mask)."""
+    ids, mask = caption_batch(list(answers), tok, max_len)
+    return torch.from_numpy(ids), torch.from_numpy(mask)
+
+
 def _classification_batch(samples, views: list, texts: list[str], labels: list[int], tok, max_txt_len: int,
                           task: str) -> dict:
     input_ids, attn = caption_batch([pre_caption(t) for t in texts], tok, max_txt_len, sep=False)

@@ -148,6 +148,34 @@ def write_albef_retrieval_config(tmp_path: Path, data: Path, name: str, steps: i
     return path
 
 
+@pytest.fixture(scope="session")
+def pixel_tasks(tmp_path_factory, pixel_data) -> Path:
+    """The demo task folders of the pixel fixture's scenes (seed 0, 48 + 10 scenes, img_dim 64, noise 0.5):
+    `<pixel_tasks>/<task>/{train,val}`, their pictures in `pixel_data`."""
+    from data.tasks.demo import write_demo_tasks
+
+    out = tmp_path_factory.mktemp("pixel_tasks")
+    write_demo_tasks(out, seed=0, n_train_scenes=48, n_val_scenes=10, img_dim=64, noise_std=0.5)
+    return out
+
+
+@pytest.fixture(scope="session")
+def albef_pretrained(tmp_path_factory, pixel_data) -> Path:
+    """A tiny ALBEF pretraining run (2 steps) the downstream tests fine-tune from."""
+    tmp = tmp_path_factory.mktemp("albef_pre_downstream")
+    run_vlpt(["pretrain", "--config", str(write_albef_config(tmp, pixel_data, "pre", 2))])
+    return tmp / "pre"
+
+
+def write_albef_task_config(tmp_path: Path, pixel_data: Path, tasks: Path, task: str, name: str, steps: int,
+                            init_from: Path | None, **sections) -> Path:
+    """The tiny ALBEF run fine-tuned on the task folders `tasks/<task>/{train,val}` joined to `pixel_data`."""
+    finetune = {"train": str(tasks / task / "train"), "val": str(tasks / task / "val"),
+                "features": [str(pixel_data / "train"), str(pixel_data / "val")], "eval_batch_size": 16}
+    return write_albef_retrieval_config(tmp_path, pixel_data, name, steps, init_from, task=task,
+                                        finetune=finetune, **sections)
+
+
 def write_equivalence_config(tmp_path: Path, data_dir: Path, name: str, zero_stage: int = 0, **train) -> Path:
     """A run whose losses must not depend on how it is launched: global batch 16 (however the
     processes and accumulation split it), no dropout (per-process randomness), lr 1e-2 from step 1."""

@@ -166,6 +166,27 @@ def albef_classifier_work(batch: dict, model, images: int = 1, pictures: Optiona
     return BatchWork(b, int(mask.sum()) + b * pictures * image, b * (length + pictures * image), useful, padded)
 
 
+def albef_vqa_work(batch: dict, model) -> BatchWork:
+    """ALBEF's VQA model (trainer/models/albef_vqa.py): per question one ViT, text and fusion pass; per answer
+    the decoder's fusion_layers layers over its tokens, cross-attending to its question's (padded) tokens, and
+    the vocabulary projection of every answer token; forward + backward and the momentum copy's forward."""
+    mask, answers = batch["attn_mask"], batch["answer_mask"]  # [B, Lq], [N, La]
+    (b, length), (n, answer_length) = mask.shape, answers.shape
+    image, m = image_token_count(model), model
+
+    def one_pass(question: Lengths, answer: Lengths) -> float:
+        vision = stack_forward(Lengths.fixed(question.n, image), m.vision_layers, m.vision_width, m.vision_mlp)
+        encoder = stack_forward(question, m.text_layers, m.hidden_size, m.intermediate_size) + fusion_forward(
+            question, image, m.fusion_layers, m.hidden_size, m.intermediate_size, m.vision_width)
+        decoder = fusion_forward(answer, length, m.fusion_layers, m.hidden_size, m.intermediate_size, m.hidden_size)
+        return vision + encoder + decoder + 2 * m.hidden_size * m.vocab_size * answer.s1
+
+    useful = (FWD_BWD + 1) * one_pass(Lengths.of(mask.sum(1)), Lengths.of(answers.sum(1)))
+    padded = (FWD_BWD + 1) * one_pass(Lengths.fixed(b, length), Lengths.fixed(n, answer_length))
+    return BatchWork(b, int(mask.sum()) + b * image + int(answers.sum()), b * (length + image) + n * answer_length,
+                     useful, padded)
+
+
 def albef_work(batch: dict, model, mlm: bool = True) -> BatchWork:
     """ALBEF (model: AlbefConfig): the student's forward + backward and the momentum teacher's forward,
     both required by the algorithm, so both count as useful work."""

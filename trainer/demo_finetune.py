@@ -25,7 +25,7 @@ class DemoFamily:
 FAMILIES = {
     "uniter": DemoFamily("demo-{}.yaml", {"vqa": "score", "ve": "acc", "retrieval": "img_r1", "nlvr2": "acc",
                                           "re": "index_acc", "vcr": "q_ar_acc"}, "make demo"),
-    "albef": DemoFamily("demo-albef-{}.yaml", {"retrieval": "t2i_r1", "ve": "acc", "nlvr2": "acc"},
+    "albef": DemoFamily("demo-albef-{}.yaml", {"retrieval": "t2i_r1", "ve": "acc", "nlvr2": "acc", "vqa": "score"},
                          "make demo-albef"),
 }
 

@@ -350,8 +350,12 @@ def _vqa_example(q: Any, answers: Optional[dict], label_of: dict[str, int],
     if answers is not None:
         if qid not in answers:
             return None, "no_annotation"
-        pairs = sorted((label_of[a], s) for a, s in vqa_targets(answers[qid]).items() if a in label_of and s > 0)
-        example["labels"], example["scores"] = [i for i, _ in pairs], [s for _, s in pairs]
+        given = answers[qid]
+        counts = Counter(given)
+        pairs = sorted((label_of[a], s, round(counts[a] / len(given), 6))
+                       for a, s in vqa_targets(given).items() if a in label_of and s > 0)
+        example["labels"], example["scores"] = [i for i, _, _ in pairs], [s for _, s, _ in pairs]
+        example["weights"] = [w for _, _, w in pairs]  # ALBEF's: the share of annotators who gave the answer
     return example, None
 
 

@@ -52,8 +52,11 @@ def _check_vqa(r: dict, num_labels: int) -> Optional[str]:
         return "bad_field"
     if not all(_is_int(a) and 0 <= a < num_labels for a in labels):
         return "bad_label"
+    weights = r.get("weights", scores)  # ALBEF's answer weights (optional): the share of annotators
+    if not isinstance(weights, list) or len(weights) != len(labels):
+        return "bad_field"
     if not all(isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s) and 0 <= s <= 1
-               for s in scores):
+               for s in scores + weights):
         return "bad_label"
     return None
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import read_metrics, run_vlpt, write_albef_config, write_albef_retrieval_config
+from tests.conftest import read_metrics, run_vlpt, write_albef_retrieval_config, write_albef_task_config
 
 pytestmark = pytest.mark.slow
 STEPS = 4
@@ -27,20 +27,8 @@ PAIR_LAYERS = 2  # the tiny model's one fusion layer, doubled
 
 
 @pytest.fixture(scope="module")
-def nlvr2_tasks(tmp_path_factory, pixel_data):
-    """The demo tasks of the pixel fixture's scenes (seed 0, 48 + 10 scenes, img_dim 64, noise 0.5)."""
-    from data.tasks.demo import write_demo_tasks
-
-    out = tmp_path_factory.mktemp("nlvr2_tasks")
-    write_demo_tasks(out, seed=0, n_train_scenes=48, n_val_scenes=10, img_dim=64, noise_std=0.5)
-    return out / "nlvr2"
-
-
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory, pixel_data):
-    tmp = tmp_path_factory.mktemp("albef_pre_nlvr2")
-    run_vlpt(["pretrain", "--config", str(write_albef_config(tmp, pixel_data, "pre", 2))])
-    return tmp / "pre"
+def nlvr2_tasks(pixel_tasks):
+    return pixel_tasks / "nlvr2"
 
 
 def ta_config(tmp_path, pixel_data, name, init_from):
@@ -52,10 +40,8 @@ def ta_config(tmp_path, pixel_data, name, init_from):
 
 
 def nlvr2_config(tmp_path, pixel_data, nlvr2_tasks, name, init_from, **sections):
-    finetune = {"train": str(nlvr2_tasks / "train"), "val": str(nlvr2_tasks / "val"),
-                "features": [str(pixel_data / "train"), str(pixel_data / "val")], "eval_batch_size": 16}
-    return write_albef_retrieval_config(tmp_path, pixel_data, name, STEPS, init_from, task="nlvr2",
-                                        finetune=finetune, **sections)
+    return write_albef_task_config(tmp_path, pixel_data, nlvr2_tasks.parent, "nlvr2", name, STEPS, init_from,
+                                   **sections)
 
 
 def losses(run_dir, task: str) -> dict:
@@ -69,9 +55,9 @@ def assert_same_losses(got: dict, ref: dict, rel: float) -> None:
 
 
 @pytest.fixture(scope="module")
-def text_assignment(tmp_path_factory, pixel_data, pretrained):
+def text_assignment(tmp_path_factory, pixel_data, albef_pretrained):
     tmp = tmp_path_factory.mktemp("albef_ta")
-    proc = run_vlpt(["finetune", "--config", str(ta_config(tmp, pixel_data, "ta", pretrained))])
+    proc = run_vlpt(["finetune", "--config", str(ta_config(tmp, pixel_data, "ta", albef_pretrained))])
     return tmp, proc
 
 
@@ -83,13 +69,13 @@ def one_process(tmp_path_factory, pixel_data, nlvr2_tasks, text_assignment):
     return tmp / "one", proc
 
 
-def test_text_assignment_doubles_the_fusion_layers_and_is_launch_independent(tmp_path, pixel_data, pretrained,
+def test_text_assignment_doubles_the_fusion_layers_and_is_launch_independent(tmp_path, pixel_data, albef_pretrained,
                                                                              text_assignment):
     tmp, proc = text_assignment
     assert "(fusion layers doubled where the source has one image); ta_head.*: new" in proc.stderr
     ref = losses(tmp / "ta", "ta")
     assert all(0.0 <= acc <= 1.0 for _, acc in ref.values())
-    run_vlpt(["finetune", "--config", str(ta_config(tmp_path, pixel_data, "two", pretrained))],
+    run_vlpt(["finetune", "--config", str(ta_config(tmp_path, pixel_data, "two", albef_pretrained))],
              launcher="torchrun", nproc=2)
     assert_same_losses(losses(tmp_path / "two", "ta"), ref, 1e-4)
 
@@ -104,8 +90,8 @@ def test_nlvr2_starts_from_the_text_assignment_run(one_process):
     assert f"model.text_encoder.fusion.{PAIR_LAYERS - 1}.crossattention.self.key.weight" in teacher
 
 
-def test_nlvr2_straight_from_pretraining_loads_its_teacher(tmp_path, pixel_data, nlvr2_tasks, pretrained):
-    cfg = nlvr2_config(tmp_path, pixel_data, nlvr2_tasks, "direct", pretrained, train={"max_steps": 1})
+def test_nlvr2_straight_from_pretraining_loads_its_teacher(tmp_path, pixel_data, nlvr2_tasks, albef_pretrained):
+    cfg = nlvr2_config(tmp_path, pixel_data, nlvr2_tasks, "direct", albef_pretrained, train={"max_steps": 1})
     proc = run_vlpt(["finetune", "--config", str(cfg)])
     assert "teacher: loaded, its cls_head a copy of the student's" in proc.stderr
 

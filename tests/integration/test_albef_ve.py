@@ -14,34 +14,19 @@ import json
 import pytest
 import torch
 
-from tests.conftest import read_metrics, run_vlpt, write_albef_config, write_albef_retrieval_config
+from tests.conftest import read_metrics, run_vlpt, write_albef_task_config
 
 pytestmark = pytest.mark.slow
 STEPS = 4
 
 
 @pytest.fixture(scope="module")
-def ve_tasks(tmp_path_factory, pixel_data):
-    """The demo tasks of the pixel fixture's scenes (seed 0, 48 + 10 scenes, img_dim 64, noise 0.5)."""
-    from data.tasks.demo import write_demo_tasks
-
-    out = tmp_path_factory.mktemp("ve_tasks")
-    write_demo_tasks(out, seed=0, n_train_scenes=48, n_val_scenes=10, img_dim=64, noise_std=0.5)
-    return out / "ve"
-
-
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory, pixel_data):
-    tmp = tmp_path_factory.mktemp("albef_pre_ve")
-    run_vlpt(["pretrain", "--config", str(write_albef_config(tmp, pixel_data, "pre", 2))])
-    return tmp / "pre"
+def ve_tasks(pixel_tasks):
+    return pixel_tasks / "ve"
 
 
 def ve_config(tmp_path, pixel_data, ve_tasks, name, init_from, **sections):
-    finetune = {"train": str(ve_tasks / "train"), "val": str(ve_tasks / "val"),
-                "features": [str(pixel_data / "train"), str(pixel_data / "val")], "eval_batch_size": 16}
-    return write_albef_retrieval_config(tmp_path, pixel_data, name, STEPS, init_from, task="ve",
-                                        finetune=finetune, **sections)
+    return write_albef_task_config(tmp_path, pixel_data, ve_tasks.parent, "ve", name, STEPS, init_from, **sections)
 
 
 def losses(run_dir) -> dict:
@@ -49,13 +34,13 @@ def losses(run_dir) -> dict:
 
 
 @pytest.fixture(scope="module")
-def one_process(tmp_path_factory, pixel_data, ve_tasks, pretrained):
+def one_process(tmp_path_factory, pixel_data, ve_tasks, albef_pretrained):
     tmp = tmp_path_factory.mktemp("albef_ve_one")
-    proc = run_vlpt(["finetune", "--config", str(ve_config(tmp, pixel_data, ve_tasks, "one", pretrained))])
+    proc = run_vlpt(["finetune", "--config", str(ve_config(tmp, pixel_data, ve_tasks, "one", albef_pretrained))])
     return tmp / "one", proc
 
 
-def test_fine_tunes_from_the_pretraining_student_and_teacher(one_process, pretrained):
+def test_fine_tunes_from_the_pretraining_student_and_teacher(one_process, albef_pretrained):
     run_dir, proc = one_process
     assert "cls_head.*: new; dropped: itm_head.*, temp, text_encoder.cls.*, text_proj.*, vision_proj.*" in proc.stderr
     assert "teacher: loaded, its cls_head a copy of the student's" in proc.stderr
@@ -64,7 +49,7 @@ def test_fine_tunes_from_the_pretraining_student_and_teacher(one_process, pretra
     assert 0.0 <= summary["val/ve_acc"] <= 1.0 and sorted(losses(run_dir)) == list(range(1, STEPS + 1))
     ckpt = run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
     teacher = torch.load(ckpt / "teacher.pt", weights_only=True)
-    pre_ckpt = pretrained / "checkpoints" / (pretrained / "checkpoints" / "latest").read_text().strip()
+    pre_ckpt = albef_pretrained / "checkpoints" / (albef_pretrained / "checkpoints" / "latest").read_text().strip()
     pre_teacher = torch.load(pre_ckpt / "teacher.pt", weights_only=True)
     assert "model.cls_head.2.weight" in teacher and not any(k.startswith("model.vision_proj") for k in teacher)
     # the EMA moved the loaded teacher only a little from the pretraining teacher's weights
@@ -72,11 +57,11 @@ def test_fine_tunes_from_the_pretraining_student_and_teacher(one_process, pretra
     assert (teacher["model." + key] - pre_teacher[key]).abs().max() < 0.1
 
 
-def test_two_processes_match_one_and_resume_is_exact(tmp_path, pixel_data, ve_tasks, pretrained, one_process):
+def test_two_processes_match_one_and_resume_is_exact(tmp_path, pixel_data, ve_tasks, albef_pretrained, one_process):
     ref = losses(one_process[0])
-    two = ve_config(tmp_path, pixel_data, ve_tasks, "two", pretrained)
+    two = ve_config(tmp_path, pixel_data, ve_tasks, "two", albef_pretrained)
     run_vlpt(["finetune", "--config", str(two)], launcher="torchrun", nproc=2)
-    resumed = ve_config(tmp_path, pixel_data, ve_tasks, "resumed", pretrained, train={"save_every": 2})
+    resumed = ve_config(tmp_path, pixel_data, ve_tasks, "resumed", albef_pretrained, train={"save_every": 2})
     run_vlpt(["finetune", "--config", str(resumed), "--train.stop_after_steps=2"])
     run_vlpt(["finetune", "--config", str(resumed)])
     for got, rel in ((losses(tmp_path / "two"), 1e-4), (losses(tmp_path / "resumed"), 1e-5)):
@@ -107,9 +92,9 @@ def test_evaluate_writes_predictions_an_independent_scorer_agrees_with(tmp_path,
     assert metrics["acc"] == pytest.approx(summary["val/ve_acc"])  # the run's last validation, same weights
 
 
-def test_a_checkpoint_without_a_ve_head_is_refused_in_one_line(tmp_path, pixel_data, ve_tasks, pretrained):
+def test_a_checkpoint_without_a_ve_head_is_refused_in_one_line(tmp_path, pixel_data, ve_tasks, albef_pretrained):
     cfg = ve_config(tmp_path, pixel_data, ve_tasks, "eval", None)
-    proc = run_vlpt(["evaluate", "--config", str(cfg), "--checkpoint", str(pretrained)], check=False)
+    proc = run_vlpt(["evaluate", "--config", str(cfg), "--checkpoint", str(albef_pretrained)], check=False)
     assert proc.returncode == 2 and "missing 4 [cls_head.0.weight" in proc.stderr and "run on ve" in proc.stderr
 
 

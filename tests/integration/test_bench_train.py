@@ -166,6 +166,17 @@ def test_albef_flops_count_student_teacher_and_the_itm_fusions():
     assert nlvr2.tokens == 5 + 2 * 2 * 5
     ta = AlbefTextAssignmentRecipe(SimpleNamespace(model=m)).step_flops(batch, "ta")
     assert ta.flops == 3 * (vit + text + 2 * fusion) == 31632
+    # VQA: the question's encoder pass, then per answer (lengths 3, 2, 3) the decoder layer over its tokens,
+    # cross-attending to the 4 padded question tokens, and the vocabulary projection (V 10) of each token;
+    # forward + backward and the momentum copy's forward.
+    from trainer.recipes.albef_vqa import AlbefVqaRecipe
+
+    answers = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 1, 1]])
+    vqa_model = SimpleNamespace(**vars(m), vocab_size=10)
+    vqa = AlbefVqaRecipe(SimpleNamespace(model=vqa_model)).step_flops({**batch, "answer_mask": answers}, "vqa")
+    # decoder: self-attention layer 2*128*8 + 4*4*22, cross Q/O 2*(2*16)*8, K/V 2*(2*4*4)*4*3, scores 4*4*4*8
+    decoder = 2400 + 512 + 768 + 512
+    assert vqa.flops == 4 * (vit + text + fusion + decoder + 2 * 4 * 10 * 8) == 50112
 
 
 # ---------------------------------------------------------------- ALBEF, the sweep, out of memory

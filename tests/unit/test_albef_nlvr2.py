@@ -38,7 +38,8 @@ def test_text_assignment_pairs_match_their_labels_and_never_repeat_a_picture():
     for left, right, labels in draws(weights, 3000):
         own = torch.arange(b)
         assert bool((left != right).all())
-        assert bool((left[labels == 0] == own[labels == 0]).all()) and bool((right[labels == 1] == own[labels == 1]).all())
+        assert bool((left[labels == 0] == own[labels == 0]).all())
+        assert bool((right[labels == 1] == own[labels == 1]).all())
         neither = labels == 2
         assert not bool(((left == own) | (right == own))[neither].any())
         assert not bool(((left != own) & (right != own))[~neither].any())
@@ -126,7 +127,8 @@ def test_a_two_image_source_is_kept_and_a_missing_twin_filled_in():
                        sd["text_encoder.fusion.1.crossattention.self.value.bias"])
     assert adapted.keys() == model.state_dict().keys()
     three = {k.replace("fusion.3.", "fusion.9."): v for k, v in sd.items()}
-    with pytest.raises(ValueError, match=r"fusion layers \[0, 1, 2, 9\]; NLVR2 reads a one-image model \(2 fusion layers\) or a two-image one \(4\)"):
+    with pytest.raises(ValueError, match=r"fusion layers \[0, 1, 2, 9\]; NLVR2 reads a one-image model "
+                                         r"\(2 fusion layers\) or a two-image one \(4\)"):
         two_image_layers(TWO.fusion_layers)(three, "init")
 
 
@@ -208,7 +210,8 @@ def test_export_names_are_albefs_nlvr2_and_text_assignment_models_and_import_bac
     assert back.keys() == ta.keys()
 
 
-@pytest.mark.parametrize("task, recipe", [("nlvr2", "AlbefNlvr2Recipe"), ("ta", "AlbefTextAssignmentRecipe")])
+@pytest.mark.parametrize("task, recipe", [("nlvr2", "AlbefNlvr2Recipe"), ("ta", "AlbefTextAssignmentRecipe"),
+                                          ("vqa", "AlbefVqaRecipe")])
 def test_the_demo_configs_pick_their_recipes_and_the_base_ones_pass_the_checks(task, recipe):
     import importlib
 
@@ -219,7 +222,7 @@ def test_the_demo_configs_pick_their_recipes_and_the_base_ones_pass_the_checks(t
     assert recipe_for(cfg) is getattr(importlib.import_module(f"trainer.recipes.albef_{task}"), recipe)
     base = load_config(str(REPO / f"configs/finetune/albef-base-{task}.yaml"))
     assert base.tasks == {task: 1.0} and base.optim.lr == 2e-5 and base.optim.weight_decay == 0.02
-    assert base.model.image_size == (384 if task == "nlvr2" else 256)
+    assert base.model.image_size == (256 if task == "ta" else 384)
 
 
 def test_text_assignment_refuses_a_held_out_split_task_folders_and_vlpt_evaluate():

@@ -15,7 +15,7 @@ from data.pixels import PixelConfig
 from data.tokenizer import load_tokenizer
 from tests.conftest import REPO
 from trainer.models.albef import Albef, AlbefTeacher
-from trainer.models.albef_classifier import AlbefClassifier, ClassifierTeacher
+from trainer.models.albef_classifier import AlbefClassifier, MomentumCopy
 from trainer.models.albef_finetune_load import load_into
 from trainer.models.config import AlbefConfig
 from trainer.objectives.albef import distilled_classification_loss
@@ -101,10 +101,11 @@ def test_loading_a_pretraining_checkpoint_keeps_the_encoders_and_drops_what_ve_h
     for k, v in model.state_dict().items():
         want = head[k] if k.startswith("cls_head.") else pretrained.state_dict()[k]
         assert torch.equal(v, want), k
-    teacher = ClassifierTeacher(model)
-    parts = {k: v for k, v in pre_teacher.state_dict().items() if k.startswith(ClassifierTeacher.PARTS)}
+    teacher = MomentumCopy(model)
+    parts = {k: v for k, v in pre_teacher.state_dict().items() if k.startswith(AlbefClassifier.TEACHER_PARTS)}
     load_into(teacher.model, parts, "src teacher", new=NEW, dropped=NOT_IN_VE)
-    assert torch.equal(teacher.model.visual_encoder.embeddings.cls_token, pre_teacher.visual_encoder.embeddings.cls_token)
+    assert torch.equal(teacher.model.visual_encoder.embeddings.cls_token,
+                       pre_teacher.visual_encoder.embeddings.cls_token)
     assert torch.equal(teacher.model.cls_head[2].weight, model.cls_head[2].weight)  # ALBEF's copy_params
     with pytest.raises(ValueError, match="missing .*cls_head"):  # evaluating needs a fine-tuned head
         load_into(AlbefClassifier(TINY, 3), pretrained.state_dict(), "src", dropped=NOT_IN_VE)
@@ -113,7 +114,7 @@ def test_loading_a_pretraining_checkpoint_keeps_the_encoders_and_drops_what_ve_h
 def test_the_teacher_moves_by_ema_part_by_part():
     torch.manual_seed(0)
     model = AlbefClassifier(TINY, 3)
-    teacher = ClassifierTeacher(model)
+    teacher = MomentumCopy(model)
     with torch.no_grad():
         model.cls_head[2].bias.add_(1.0)
     before = teacher.model.cls_head[2].bias.clone()

@@ -342,11 +342,11 @@ def test_the_model_entry_of_a_training_checkpoint_is_read(tmp_path):
 
 def test_albef_ve_export_uses_the_names_of_albefs_ve_model():
     """ALBEF's `model_ve`: visual_encoder, text_encoder (a BertModel), cls_head, and their `_m` copies."""
-    from trainer.models.albef_classifier import AlbefClassifier, ClassifierTeacher
+    from trainer.models.albef_classifier import AlbefClassifier, MomentumCopy
 
     torch.manual_seed(0)
     student = AlbefClassifier(TINY_ALBEF, 3)
-    teacher = ClassifierTeacher(student)
+    teacher = MomentumCopy(student)
     out = export_albef_state_dict(student.state_dict(), teacher.state_dict())
     tops = {k.split(".")[0] for k in out}
     assert tops == {"visual_encoder", "text_encoder", "cls_head", "visual_encoder_m", "text_encoder_m", "cls_head_m"}

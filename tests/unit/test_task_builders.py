@@ -91,19 +91,24 @@ def test_vqa_round_trip_vocabulary_and_scores(vqa, tmp_path):
     out = tmp_path / "vqa"
     s = build_vqa(vqa["questions"], out, vqa["annotations"], num_answers=3, image_id_format="COCO_{:012d}")
     # "2" and "yes" twice each (normalised: "Two", "Yes."); "no" and "red" once: the tie goes to "no";
-    # the bad annotation's "no" does not count
+    # the bad annotation's "no" does not count. weights: ALBEF's share of the 10 annotators per kept answer
     labels = ["2", "yes", "no"]
     assert read_task_manifest(out / "train")["labels"] == labels and s["num_answers"] == 3
     img = lambda i: f"COCO_{i:012d}"  # noqa: E731
     assert _read(out / "train", "vqa") == [
-        {"id": "1", "image_id": img(9), "text": "How many dogs?", "labels": [0], "scores": [1.0]},
-        {"id": "2", "image_id": img(9), "text": "Is it sunny?", "labels": [1, 2], "scores": [0.6, 0.3]},
-        {"id": "3", "image_id": img(10), "text": "What number is on the bus?", "labels": [0], "scores": [1.0]},
-        {"id": "4", "image_id": img(12), "text": "Is the dog asleep?", "labels": [1, 2], "scores": [1.0, 1.0]},
-        {"id": "5", "image_id": img(10), "text": "Is this the sea?", "labels": [1], "scores": [0.9]},
-        {"id": "6", "image_id": img(11), "text": "What color?", "labels": [], "scores": []}]
+        {"id": "1", "image_id": img(9), "text": "How many dogs?", "labels": [0], "scores": [1.0],
+         "weights": [0.7]},
+        {"id": "2", "image_id": img(9), "text": "Is it sunny?", "labels": [1, 2], "scores": [0.6, 0.3],
+         "weights": [0.2, 0.1]},
+        {"id": "3", "image_id": img(10), "text": "What number is on the bus?", "labels": [0], "scores": [1.0],
+         "weights": [1.0]},
+        {"id": "4", "image_id": img(12), "text": "Is the dog asleep?", "labels": [1, 2], "scores": [1.0, 1.0],
+         "weights": [0.6, 0.4]},
+        {"id": "5", "image_id": img(10), "text": "Is this the sea?", "labels": [1], "scores": [0.9], "weights": [0.3]},
+        {"id": "6", "image_id": img(11), "text": "What color?", "labels": [], "scores": [], "weights": []}]
     assert _read(out / "val", "vqa") == [
-        {"id": "100", "image_id": img(13), "text": "Any cats?", "labels": [1, 2], "scores": [0.3, 1.0]}]
+        {"id": "100", "image_id": img(13), "text": "Any cats?", "labels": [1, 2], "scores": [0.3, 1.0],
+         "weights": [0.1, 0.9]}]
     assert _read(out / "test", "vqa") == [{"id": "200", "image_id": img(14), "text": "Where?"}]
     assert s["skipped"] == {"bad_field": 2, "bad_record": 1, "duplicate_id": 1, "empty_caption": 1,
                             "missing_field": 1, "no_annotation": 1}

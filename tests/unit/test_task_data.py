@@ -31,11 +31,14 @@ def test_folder_round_trip_and_bad_lines_counted(tmp_path):
         f.write(b"[1, 2]\n")
         f.write(b"{\"id\": \"" + b"x" * (2 << 20) + b"\"}\n")  # over MAX_LINE_BYTES
         f.write(json.dumps({**_vqa(4), "id": 5}).encode() + b"\n")  # id not a string
+        f.write(json.dumps({**_vqa(5), "weights": [0.5, 0.5]}).encode() + b"\n")  # a weight per label, or none
+        f.write(json.dumps({**_vqa(6), "weights": [1.5]}).encode() + b"\n")  # a share of annotators: <= 1
+        f.write(json.dumps({**_vqa(7), "weights": [0.3]}).encode() + b"\n")
     read = read_task_folder(folder, task="vqa")
-    assert [r["id"] for r in read.examples] == ["q0", "q1"] and read.labels == ["a", "b", "c"]
-    assert read.skipped == {"bad_json": 3, "bad_label": 1, "bad_caption": 1, "missing_field": 1,
-                            "line_too_long": 1, "bad_field": 1}
-    assert read.seen == 10
+    assert [r["id"] for r in read.examples] == ["q0", "q1", "q7"] and read.labels == ["a", "b", "c"]
+    assert read.skipped == {"bad_json": 3, "bad_label": 2, "bad_caption": 1, "missing_field": 1,
+                            "line_too_long": 1, "bad_field": 2}
+    assert read.seen == 13
 
 
 @pytest.mark.parametrize("manifest, message", [

@@ -54,8 +54,9 @@ class CrossAttention(nn.Module):
         self.self = SelfAttention(cfg, context_width)
         self.output = SelfOutput(cfg)
 
-    def forward(self, hidden: Tensor, image: Tensor) -> Tensor:
-        return self.output(self.self(hidden, None, image), hidden)  # [B, L, H]; every image token is valid
+    def forward(self, hidden: Tensor, image: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        """`mask`: additive key mask of the context (None: every image token is valid)."""
+        return self.output(self.self(hidden, mask, image), hidden)  # [B, L, H]
 
 
 class FusionLayer(nn.Module):
@@ -68,21 +69,24 @@ class FusionLayer(nn.Module):
         self.intermediate = Intermediate(cfg)
         self.output = Output(cfg)
 
-    def forward(self, hidden: Tensor, mask: Tensor, image: Tensor) -> Tensor:
-        attn = self.crossattention(self.attention(hidden, mask), image)  # [B, L, H]
+    def forward(self, hidden: Tensor, mask: Tensor, image: Tensor, context_mask: Optional[Tensor] = None) -> Tensor:
+        attn = self.crossattention(self.attention(hidden, mask), image, context_mask)  # [B, L, H]
         return self.output(self.intermediate(attn), attn)  # [B, L, H]
 
 
 class TextEncoder(nn.Module):
     """Embeddings + text layers (unimodal) + fusion layers (with the image) + MLM head."""
 
-    def __init__(self, cfg: AlbefConfig, mlm_head: bool = True, fusion_layers: Optional[int] = None) -> None:
-        """`fusion_layers`: default `cfg.fusion_layers` (NLVR2's two-image encoder has twice as many)."""
+    def __init__(self, cfg: AlbefConfig, mlm_head: bool = True, fusion_layers: Optional[int] = None,
+                 text_layers: Optional[int] = None, context_width: Optional[int] = None) -> None:
+        """Defaults: `cfg.fusion_layers`, `cfg.text_layers`, cross-attention to `cfg.vision_width` image tokens.
+        NLVR2's two-image encoder has twice the fusion layers; VQA's answer decoder no text layers and
+        cross-attends to the question's states (`context_width` = hidden)."""
         super().__init__()
         bert = cfg.bert()
         self.embeddings = TextEmbeddings(bert, padding_idx=cfg.pad_token_id)
-        self.layer = nn.ModuleList(Layer(bert) for _ in range(cfg.text_layers))
-        self.fusion = nn.ModuleList(FusionLayer(bert, cfg.vision_width)
+        self.layer = nn.ModuleList(Layer(bert) for _ in range(cfg.text_layers if text_layers is None else text_layers))
+        self.fusion = nn.ModuleList(FusionLayer(bert, context_width or cfg.vision_width)
                                     for _ in range(fusion_layers or cfg.fusion_layers))
         self.cls = MlmHead(cfg.hidden_size, cfg.vocab_size) if mlm_head else None
         self.apply(lambda m: init_bert_weights(m, cfg.initializer_range))

@@ -3,7 +3,7 @@
 projections, no ITM head) and `cls_head` on the fused [CLS], as ALBEF's `model_ve.ALBEF`; with two images
 per example, NLVR2's `model_nlvr.ALBEF`, whose fusion layers alternate between the two pictures (twice as
 many, the key/value Linears of each pair one parameter). Their teacher is an EMA copy of the whole model
-(ALBEF's pairs: visual_encoder, text_encoder, cls_head), kept outside the engine in fp32.
+(ALBEF's pairs: visual_encoder, text_encoder, cls_head), kept outside the engine in fp32 (`MomentumCopy`).
 
 `TextAssignment` is NLVR2's text-assignment pretraining model (`model_pretrain_nlvr.ALBEF`): the same
 two-image encoder telling which of two pictures a caption belongs to, or neither.
@@ -39,6 +39,9 @@ class AlbefClassifier(nn.Module):
     """`forward(batch, task, *args)` runs `task(self, batch, *args)` inside the module the engine wraps.
     `images`: pictures per example (1: VE; 2: NLVR2, `pixels` holding all left pictures, then all right)."""
 
+    TEACHER_PARTS = ("visual_encoder", "text_encoder", "cls_head")
+    """What the momentum copy moves: everything (ALBEF's model pairs)."""
+
     def __init__(self, cfg: AlbefConfig, num_classes: int, images: int = 1) -> None:
         super().__init__()
         if images not in (1, 2):
@@ -62,20 +65,20 @@ class AlbefClassifier(nn.Module):
         return self.cls_head(fused[:, 0]).float()
 
 
-class ClassifierTeacher(nn.Module):
-    """The momentum model: an fp32 copy of the whole classifier, moved by EMA once per optimizer step."""
+class MomentumCopy(nn.Module):
+    """The momentum model of ALBEF's downstream models (classifiers, VQA): an fp32 copy of the whole student,
+    its `TEACHER_PARTS` moved by EMA once per optimizer step."""
 
-    def __init__(self, student: AlbefClassifier) -> None:
+    def __init__(self, student: nn.Module) -> None:
         super().__init__()
         self.momentum = student.config.momentum
+        self.parts: tuple[str, ...] = student.TEACHER_PARTS
         self.model = copy.deepcopy(student).float().requires_grad_(False)
 
-    PARTS = ("visual_encoder", "text_encoder", "cls_head")
-
     @torch.no_grad()
-    def update(self, student: AlbefClassifier) -> None:
+    def update(self, student: nn.Module) -> None:
         """One part at a time, so ZeRO-3 gathers one part's parameters at once."""
-        ema_update([(getattr(student, n), getattr(self.model, n)) for n in self.PARTS], self.momentum)
+        ema_update([(getattr(student, n), getattr(self.model, n)) for n in self.parts], self.momentum)
 
     @torch.no_grad()
     def logits(self, batch: dict) -> Tensor:

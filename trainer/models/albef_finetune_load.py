@@ -148,3 +148,22 @@ def load_for_evaluation(model: nn.Module, checkpoint: str, device: torch.device,
         raise ConfigError(f"{e}{hint}") from None
     log.info("evaluating %s", loaded.where)
     return model.to(device, dtype).eval()
+
+
+_DECODER_SOURCE = re.compile(r"^text_encoder\.(embeddings\.|fusion\.|cls\.)(.*)$")
+
+
+def decoder_from_fusion(sd: StateDict, what: str) -> StateDict:
+    """The `adapt` of ALBEF's VQA model: a source without an answer decoder (a pretraining checkpoint or its
+    teacher) gives it the text encoder's embeddings, fusion layers (k -> decoder layer k) and MLM head, which
+    then leaves the encoder (ALBEF's `VQA.py`); a source with one (a VQA run) is kept."""
+    if any(k.startswith("text_decoder.") for k in sd):
+        return sd
+    if not any(k.startswith("text_encoder.cls.") for k in sd):
+        raise ValueError(f"{what}: VQA's answer decoder starts from the text encoder's fusion layers and MLM head, "
+                         "and this checkpoint has no MLM head; start from an ALBEF pretraining run or file")
+    out = {k: v for k, v in sd.items() if not k.startswith("text_encoder.cls.")}
+    for key, value in sd.items():
+        if m := _DECODER_SOURCE.match(key):
+            out[f"text_decoder.{m.group(1)}{m.group(2)}"] = value
+    return out

@@ -27,6 +27,15 @@ def extended_attention_mask(attn_masks: Tensor, dtype: torch.dtype) -> Tensor:
     return (1.0 - m) * MASK_VALUE
 
 
+def causal_attention_mask(attn_masks: Tensor, dtype: torch.dtype) -> Tensor:
+    """A decoder's additive mask [B, 1, L, L]: position i attends to valid positions j <= i (BERT's
+    `is_decoder` mask: causal x key padding)."""
+    length = attn_masks.size(1)
+    causal = torch.ones(length, length, device=attn_masks.device).tril()  # [L, L]
+    m = causal[None, None] * attn_masks[:, None, None, :].to(causal.dtype)  # [B, 1, L, L]
+    return (1.0 - m.to(dtype)) * MASK_VALUE
+
+
 def block_diagonal_mask(segment_ids: Tensor, dtype: torch.dtype) -> Tensor:
     """Additive mask [R, 1, Lp, Lp] of packed rows: a position attends only to positions of its own
     sample (same segment id). Pads (-1) attend to the row's pads, so no query row is empty; with

@@ -20,7 +20,9 @@ instead: its text encoders are BertModels (`text_encoder.{embeddings,encoder.lay
 `cls.*`), and `idx_queue` is [1, K]. A VE model gets those of ALBEF's VE model: the same text encoders,
 `cls_head.*` as is, no projections, ITM head or temperature, and its teacher as `*_m` (`cls_head_m` too); an
 NLVR2 model the same with its 18-layer text encoder (`encoder.layer.{6..17}` the fusion layers), and a
-text-assignment model that encoder, `vision_proj` and `ta_head` (ALBEF's `model_pretrain_nlvr`).
+text-assignment model that encoder, `vision_proj` and `ta_head` (ALBEF's `model_pretrain_nlvr`). A VQA model
+gets those of ALBEF's `model_vqa`: the text encoder as above and the answer decoder as a BertLMHeadModel
+(`text_decoder.bert.{embeddings,encoder.layer.{i}}`, `text_decoder.cls.*` with the tied decoder copies).
 
 `import_albef_state_dict` is the inverse of both (and refuses tied copies that differ).
 """
@@ -175,6 +177,9 @@ def export_albef_state_dict(student: Mapping[str, Tensor], teacher: Optional[Map
             out.update({f"{name}{suffix}.{k}": v for k, v in _part(sd, name).items()})
         text = text_to_albef(_part(sd, "text_encoder"), text_layers, max_positions) if sd else {}
         out.update({f"text_encoder{suffix}.{k}": v for k, v in text.items()})
+        decoder = _part(sd, "text_decoder")  # VQA's answer decoder: a BertLMHeadModel, cross-attention everywhere
+        if decoder:
+            out.update({f"text_decoder{suffix}.{k}": v for k, v in text_to_albef(decoder, 0, max_positions).items()})
     for head in _HEADS:
         out.update({f"{head}.{k}": v for k, v in _part(student, head).items()})
     if "temp" in student:  # ALBEF's temperature is a 0-d parameter; the VE model has none
@@ -182,8 +187,9 @@ def export_albef_state_dict(student: Mapping[str, Tensor], teacher: Optional[Map
     for ours, theirs in _QUEUES.items():
         if teacher is not None and ours in teacher:  # the index queue only in retrieval fine-tuning
             out[theirs] = teacher[ours].reshape(_RESHAPED[ours]) if ours in _RESHAPED else teacher[ours]
-    leftover = [k for k in student if not k.startswith(("visual_encoder.", "text_encoder.", "vision_proj.",
-                                                           "text_proj.", "itm_head.", "ta_head.", "cls_head.", "temp"))]
+    named = ("visual_encoder.", "text_encoder.", "text_decoder.", "vision_proj.", "text_proj.", "itm_head.", "ta_head.",
+             "cls_head.", "temp")
+    leftover = [k for k in student if not k.startswith(named)]
     if leftover:
         raise ValueError(f"keys with no ALBEF name: {listed(leftover)}")
     return out
@@ -203,7 +209,8 @@ def import_albef_state_dict(sd: Mapping[str, Tensor], vit_module_keys: List[str]
         out: StateDict = {}
         vit = vit_from_albef(_part(sd, f"visual_encoder{suffix}"), vit_module_keys)
         out.update({f"visual_encoder.{k}": v for k, v in vit.items()})
-        out.update({f"text_encoder.{k}": v for k, v in text_from_albef(_part(sd, f"text_encoder{suffix}")).items()})
+        for text in ("text_encoder", "text_decoder"):
+            out.update({f"{text}.{k}": v for k, v in text_from_albef(_part(sd, f"{text}{suffix}")).items()})
         for name in ("vision_proj", "text_proj", "cls_head"):
             out.update({f"{name}.{k}": v for k, v in _part(sd, f"{name}{suffix}").items()})
         models.append(out)
@@ -216,7 +223,7 @@ def import_albef_state_dict(sd: Mapping[str, Tensor], vit_module_keys: List[str]
         for ours, theirs in _QUEUES.items():
             if theirs in sd:
                 teacher[ours] = sd[theirs].reshape(_IMPORTED_SHAPE.get(ours, sd[theirs].shape))
-    known = ("visual_encoder", "text_encoder", "vision_proj", "text_proj", "cls_head")
+    known = ("visual_encoder", "text_encoder", "text_decoder", "vision_proj", "text_proj", "cls_head")
     prefixes = tuple(f"{p}{s}." for p in known for s in ("", "_m")) + tuple(f"{h}." for h in _HEADS)
     leftover = [k for k in sd if not k.startswith(prefixes) and k not in ("temp", *_QUEUES.values())]
     if leftover:

@@ -189,3 +189,47 @@ def text_assignment_draws(weights: Tensor, generator: torch.Generator) -> tuple[
     right = torch.where(pair, torch.where(own_left, j, own), partners[:, 1])
     labels = torch.where(pair, torch.where(own_left, 0, 1), 2)
     return left, right, labels
+
+
+# ---------------------------------------------------------------------------- VQA (answer generation)
+
+
+def answer_targets(answer_ids: Tensor, answer_mask: Tensor) -> Tensor:
+    """[n, La-1] next-token targets of `[CLS] a [SEP]` answers: ids from position 1 on, -100 on padding."""
+    return answer_ids[:, 1:].masked_fill(answer_mask[:, 1:] == 0, -100)
+
+
+def answer_token_losses(logits: Tensor, answer_ids: Tensor, answer_mask: Tensor) -> Tensor:
+    """[n] per answer the summed next-token CE of its tokens after [CLS], [SEP] included (pads ignored).
+    logits [n, La, V] are the decoder's at every input position."""
+    targets = answer_targets(answer_ids, answer_mask)  # [n, La-1]
+    ce = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, ignore_index=-100, reduction="none")
+    return ce.sum(1)
+
+
+def distilled_answer_losses(logits: Tensor, logits_m: Tensor, answer_ids: Tensor, answer_mask: Tensor,
+                            alpha: float) -> Tensor:
+    """[n] ALBEF VQA's per-answer loss: `(1 - alpha) * CE + alpha * sum over the answer's tokens of
+    soft-CE(softmax(teacher logits))`, both over the vocabulary. (ALBEF's `model_vqa` passes no alpha to its
+    decoder, so there it is 0, and its decoder normalises the student over positions; docs/downstream.md.)"""
+    ce = answer_token_losses(logits, answer_ids, answer_mask)
+    if alpha == 0:
+        return ce
+    student = F.log_softmax(logits[:, :-1].float(), dim=-1)  # [n, La-1, V]
+    teacher = F.softmax(logits_m[:, :-1].float(), dim=-1).detach()
+    valid = answer_targets(answer_ids, answer_mask) != -100  # [n, La-1]
+    distill = (-(teacher * student).sum(-1) * valid).sum(1)
+    return (1.0 - alpha) * ce + alpha * distill
+
+
+def first_token_candidates(first_logits: Tensor, answer_ids: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """(probabilities [B, k], answer indices [B, k]): per question the k candidate answers whose first word
+    piece (`answer_ids[:, 1]`) the decoder's first step finds most likely (k capped at the candidates)."""
+    probs = F.softmax(first_logits.float(), dim=-1).index_select(1, answer_ids[:, 1])  # [B, A]
+    return probs.topk(min(k, answer_ids.size(0)), dim=1)
+
+
+def reranked_answer_scores(top_probs: Tensor, answer_losses: Tensor) -> Tensor:
+    """[B, k] ALBEF's ranking score `log p(first word piece) - CE_sum(whole answer)`. The answer's CE already
+    holds -log p(first word piece), so the first token counts twice (ALBEF's `rank_answer`, kept as is)."""
+    return top_probs.log() - answer_losses

@@ -14,7 +14,7 @@ import torch
 from data.shards import PIXEL_FORMAT
 from data.tasks.features import PictureStore
 from trainer.downstream_eval import example_outputs
-from trainer.models.albef_classifier import PREDICT_TASK, AlbefClassifier, ClassifierTeacher
+from trainer.models.albef_classifier import PREDICT_TASK, AlbefClassifier, MomentumCopy
 from trainer.models.albef_finetune_load import Adapt, load_for_evaluation, load_into, read_into
 from trainer.models.config import AlbefConfig
 from trainer.objectives.albef import alpha_at, distilled_classification_loss
@@ -27,7 +27,7 @@ from trainer.recipes.base import Evaluation, Recipe, StepContext, StepPlan
 
 log = logging.getLogger("vlpt")
 NEW = ("cls_head.",)
-"""The head a pretraining checkpoint does not have: it keeps its (PyTorch default) initialisation."""
+"""The classifiers' head a pretraining checkpoint does not have: it keeps its (PyTorch default) initialisation."""
 
 
 class AlbefClassifierRecipe(Recipe):
@@ -45,6 +45,8 @@ class AlbefClassifierRecipe(Recipe):
     """Distillation weight ramped from 0 over the first epoch (ALBEF's `warm_up`)."""
     dropped: tuple[str, ...]
     """Prefixes of a source checkpoint the task's model has no place for (dropped on load)."""
+    new_heads = NEW
+    """Prefixes a pretraining checkpoint does not have (kept as initialised when the source lacks them)."""
     missing_head_hint = ""
 
     def __init__(self, cfg) -> None:
@@ -113,22 +115,27 @@ class AlbefClassifierRecipe(Recipe):
         model = self.checkpoint_model()
         source = self.cfg.finetune.init_from
         if source:
-            loaded = read_into(model, source, "finetune.init_from", adapt=self.adapt(), new=NEW, dropped=self.dropped)
+            loaded = read_into(model, source, "finetune.init_from", adapt=self.adapt(), new=self.new_heads,
+                               dropped=self.dropped)
             self.init_teacher = loaded.teacher
-            head = "loaded" if any(k.startswith(NEW) for k in loaded.student_keys) else "new"
-            log.info("initialised from %s: %d tensors; cls_head.*: %s; dropped: %s; teacher: %s", loaded.where,
-                     len(loaded.student_keys), head, self._prefixes(loaded.dropped),
-                     "loaded, its cls_head a copy of the student's" if self.init_teacher else "a copy of the student")
+            heads = ", ".join(p.rstrip(".") for p in self.new_heads)  # "cls_head"
+            head = "loaded" if any(k.startswith(self.new_heads) for k in loaded.student_keys) else "new"
+            log.info("initialised from %s: %d tensors; %s; dropped: %s; teacher: %s", loaded.where,
+                     len(loaded.student_keys), f"{heads}.*: {head}" if heads else "no new head",
+                     self._prefixes(loaded.dropped),
+                     (f"loaded, its {heads} a copy of the student's" if heads else "loaded") if self.init_teacher
+                     else "a copy of the student")
         return model
 
     def attach(self, model, layout, device) -> None:
-        self.teacher = ClassifierTeacher(model)  # cls_head: a copy of the student's, as ALBEF's copy_params
+        self.teacher = MomentumCopy(model)  # a new head: a copy of the student's, as ALBEF's copy_params
         if self.init_teacher is not None:
             named = {k.removeprefix("model."): v for k, v in self.init_teacher.items()}  # a fine-tuned run's teacher.pt
-            parts = {k: v for k, v in named.items() if k.startswith(ClassifierTeacher.PARTS)}
+            parts = {k: v for k, v in named.items() if k.startswith(self.teacher.parts)}
             what = f"finetune.init_from={self.cfg.finetune.init_from} (teacher.pt)"
             adapt = self.adapt()
-            load_into(self.teacher.model, adapt(parts, what) if adapt else parts, what, new=NEW, dropped=self.dropped)
+            load_into(self.teacher.model, adapt(parts, what) if adapt else parts, what, new=self.new_heads,
+                      dropped=self.dropped)
             self.init_teacher = None
         self.teacher.to(device)
 
@@ -156,9 +163,14 @@ class AlbefClassifierRecipe(Recipe):
         def forward_args(i: int, batch: dict) -> tuple:
             with teacher_precision(ctx.device, self.cfg.precision.dtype):
                 logits_m = teacher.logits(batch)  # [b, C]
-            return classifier_losses, logits_m, alpha
+            return self.losses, logits_m, alpha
 
         return StepPlan(forward_args)
+
+    @staticmethod
+    def losses(model, batch: dict, logits_m: torch.Tensor, alpha: float) -> TaskResult:
+        """The micro-batch's summed loss against the teacher's `logits_m` (run inside the engine's module)."""
+        return classifier_losses(model, batch, logits_m, alpha)
 
     def step_flops(self, batch: dict, task: str):
         from trainer.bench_flops import albef_classifier_work
@@ -175,8 +187,12 @@ class AlbefClassifierRecipe(Recipe):
 
     def outputs(self, engine, tok, examples: list[dict], info, skipped: dict[str, int]) -> dict:
         """Collective. Example index -> its logits in the model's class order."""
-        return example_outputs(engine, self.collate(self.task, tok, train=False), PREDICT_TASK, examples, self.store,
-                               info, self.cfg.finetune.eval_batch_size, skipped)
+        return example_outputs(engine, self.collate(self.task, tok, train=False), self.predict_task(), examples,
+                               self.store, info, self.cfg.finetune.eval_batch_size, skipped)
+
+    def predict_task(self) -> Callable:
+        """Scoring: `task(model, batch)` -> [b, C] per-example outputs whose argmax is the prediction."""
+        return PREDICT_TASK
 
     def score(self, engine, tok, examples: list[dict], info, skipped: dict[str, int]):
         raise NotImplementedError

@@ -1,6 +1,6 @@
-"""ALBEF's fine-tuning (docs/downstream.md, "ALBEF retrieval", "ALBEF visual entailment", "ALBEF NLVR2"): one
-recipe per task (`ta`: NLVR2's text-assignment pretraining), registered here as the family's `finetune`
-recipe, which picks the config's task's (`for_config`)."""
+"""ALBEF's fine-tuning (docs/downstream.md, "ALBEF retrieval", "ALBEF visual entailment", "ALBEF NLVR2",
+"ALBEF VQA"): one recipe per task (`ta`: NLVR2's text-assignment pretraining), registered here as the family's
+`finetune` recipe, which picks the config's task's (`for_config`)."""
 from __future__ import annotations
 
 import importlib
@@ -13,7 +13,8 @@ from trainer.recipes.base import Recipe
 TASK_RECIPES = {"retrieval": ("trainer.recipes.albef_retrieval", "AlbefRetrievalRecipe"),
                 "ve": ("trainer.recipes.albef_ve", "AlbefVeRecipe"),
                 "nlvr2": ("trainer.recipes.albef_nlvr2", "AlbefNlvr2Recipe"),
-                "ta": ("trainer.recipes.albef_ta", "AlbefTextAssignmentRecipe")}
+                "ta": ("trainer.recipes.albef_ta", "AlbefTextAssignmentRecipe"),
+                "vqa": ("trainer.recipes.albef_vqa", "AlbefVqaRecipe")}
 """Task -> (module, class) of its recipe, imported when a config names the task."""
 
 

@@ -32,6 +32,18 @@ def keep_known(folders: tuple[Optional[TaskFolder], ...], store, cfg) -> None:
                          "check that finetune.features holds its images")
 
 
+def answer_vocabulary(folders: tuple[Optional[TaskFolder], ...]) -> list[str]:
+    """VQA's answer vocabulary: the folders' `labels`, the same in each."""
+    lists = [f.labels for f in folders if f is not None]
+    if not lists or any(not labels for labels in lists):
+        raise ValueError("finetune: a vqa task folder has no answer vocabulary (`labels` in its manifest); "
+                         "rebuild it with `vlpt tasks vqa`")
+    if any(labels != lists[0] for labels in lists):
+        raise ValueError("finetune.train and finetune.val have different VQA answer vocabularies; build both "
+                         "with the same --ans2label")
+    return lists[0]
+
+
 def report(task: str, folders: tuple[Optional[TaskFolder], ...], store) -> None:
     parts = [f"{name} {len(folder.examples):,} examples (skipped {folder.skipped or 'none'})"
              for name, folder in zip(("train", "val"), folders) if folder]

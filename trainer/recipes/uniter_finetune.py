@@ -78,17 +78,9 @@ class UniterFinetuneRecipe(Recipe):
         task_data.keep_known((self.train_folder, self.val_folder), self.store, self.cfg)
 
     def _answer_labels(self) -> Optional[list[str]]:
-        """VQA's answer vocabulary: the folders' `labels`, the same in both."""
         if self.task != "vqa":
             return list(VE_LABELS) if self.task == "ve" else None
-        lists = [f.labels for f in (self.train_folder, self.val_folder) if f is not None]
-        if not lists or any(not labels for labels in lists):
-            raise ValueError("finetune: a vqa task folder has no answer vocabulary (`labels` in its manifest); "
-                             "rebuild it with `vlpt tasks vqa`")
-        if any(labels != lists[0] for labels in lists):
-            raise ValueError("finetune.train and finetune.val have different VQA answer vocabularies; build both "
-                             "with the same --ans2label")
-        return lists[0]
+        return task_data.answer_vocabulary((self.train_folder, self.val_folder))
 
     def report_data(self, tok) -> None:
         task_data.report(self.task, (self.train_folder, self.val_folder), self.store)
