@@ -1,8 +1,9 @@
-"""The fine-tuning recipe ALBEF's classification tasks share (docs/downstream.md, "ALBEF visual entailment",
-"ALBEF NLVR2"): task folders joined by image id to picture shards (`finetune.features`), one fusion pass
-per example and `cls_head` on the fused [CLS], distilled from a momentum copy of the whole model: per example
-`(1 - alpha) * CE + alpha * soft-CE(teacher)`. A task's recipe (trainer/recipes/albef_ve.py, albef_nlvr2.py)
-says its classes, pictures per example, batches, scoring and how a checkpoint's weights fit its model.
+"""The fine-tuning recipe ALBEF's task-folder tasks share (docs/downstream.md, "ALBEF visual entailment", "ALBEF
+NLVR2", "ALBEF VQA"): task folders joined by image id to picture shards (`finetune.features`), a model whose
+momentum copy (the whole model, EMA once per step) gives the distillation targets, and per example
+`(1 - alpha) * CE + alpha * soft-CE(teacher)`: for the classifiers on `cls_head` over the fused [CLS]. A task's
+recipe (trainer/recipes/albef_ve.py, albef_nlvr2.py, albef_vqa.py) says its model, pictures per example,
+batches, loss, scoring and how a checkpoint's weights fit its model.
 """
 from __future__ import annotations
 
