@@ -44,12 +44,19 @@ class OptimConfig:
     """Applied to every weight except biases and LayerNorm parameters (as UNITER)."""
     impl: Literal["auto", "torch", "torch_fused", "deepspeed", "apex"] = "auto"
     """AdamW implementation; auto = apex FusedAdam if importable on GPU, else torch fused on GPU, torch on CPU."""
-    schedule: Literal["linear", "cosine", "constant"] = "linear"
-    """Linear warmup, then linear decay to 0 / cosine decay to min_lr / constant."""
+    schedule: Literal["linear", "cosine", "constant", "albef_epochs"] = "linear"
+    """Linear warmup, then linear decay to 0 / cosine decay to min_lr / constant; `albef_epochs`: ALBEF's
+    scheduler (docs/downstream.md, "ALBEF's learning-rate schedule"): in epoch 0 `warmup_lr` raised to `lr` in
+    blocks of 100 steps over `warmup_steps`, then from epoch e = 1 on the cosine of e / epochs, per epoch."""
     warmup_steps: int = 10000
     total_steps: Optional[int] = None
     """Length of the schedule; None = train.max_steps."""
     min_lr: float = 0.0
+    warmup_lr: Optional[float] = None
+    """`albef_epochs`: the learning rate warm-up starts from (ALBEF's `warmup_lr`); None = lr."""
+    epoch_steps: Optional[int] = None
+    """`albef_epochs`: optimizer steps in an epoch (ALBEF's len(data_loader)); the schedule's length must be a
+    whole number of epochs."""
     grad_clip: float = 5.0
     """Global grad-norm clip (0 disables), on the gradient of the step's mean loss unless `accum_sum_semantics`."""
     accum_sum_semantics: bool = False
@@ -69,6 +76,23 @@ class OptimConfig:
         _check_step_counts("optim", warmup_steps=self.warmup_steps, total_steps=self.total_steps)
         if self.global_batch_size is not None and self.global_batch_size <= 0:
             raise ValueError(f"global_batch_size must be positive, got {self.global_batch_size}")
+        if self.schedule == "albef_epochs":
+            self._check_albef_schedule()
+
+    def _check_albef_schedule(self) -> None:
+        if not self.epoch_steps or self.epoch_steps <= 0:
+            raise ValueError("optim.schedule=albef_epochs needs optim.epoch_steps: the optimizer steps in an epoch "
+                             "(ALBEF's len(data_loader): training examples // global batch)")
+        if self.warmup_steps % ALBEF_WARMUP_BLOCK:
+            raise ValueError(f"optim.schedule=albef_epochs warms up in blocks of {ALBEF_WARMUP_BLOCK} steps: "
+                             f"optim.warmup_steps={self.warmup_steps} must be a multiple (ALBEF's warmup_epochs x "
+                             f"{ALBEF_WARMUP_BLOCK})")
+        if self.warmup_lr is not None and self.warmup_lr <= 0:
+            raise ValueError(f"optim.warmup_lr must be > 0, got {self.warmup_lr}")
+
+
+ALBEF_WARMUP_BLOCK = 100
+"""ALBEF's warm-up steps its scheduler once per 100 iterations (its `warmup_epochs` count these blocks)."""
 
 
 @dataclass(frozen=True)
@@ -250,6 +274,10 @@ class Config:
             _check_task_ratios(f"data.datasets.{d.name}.tasks", d.tasks or self.tasks, recipe.tasks,
                                allow_empty=False)
         recipe.for_config(self).check_config(self)
+        total, epoch = self.optim.total_steps or self.train.max_steps, self.optim.epoch_steps
+        if self.optim.schedule == "albef_epochs" and total % epoch:
+            raise ValueError(f"optim.schedule=albef_epochs: the schedule's {total} steps (optim.total_steps or "
+                             f"train.max_steps) are not a whole number of optim.epoch_steps={epoch}")
         if self.train.compile and self.parallel.zero_stage == 3:
             raise ValueError("train.compile needs parallel.zero_stage <= 2: ZeRO-3 gathers each submodule's "
                              "parameters in module hooks torch.compile cannot trace, which cuts every compiled "

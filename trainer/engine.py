@@ -161,6 +161,8 @@ def _apex_available() -> bool:
 
 def lr_lambda(optim: OptimConfig, total_steps: int):
     """Multiplier of the peak lr at a step: linear warmup, then the configured decay."""
+    if optim.schedule == "albef_epochs":
+        return albef_epoch_lambda(optim, total_steps)
     warmup = optim.warmup_steps
     floor = optim.min_lr / optim.lr
 
@@ -177,6 +179,33 @@ def lr_lambda(optim: OptimConfig, total_steps: int):
         return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return fn
+
+
+def albef_epoch_lambda(optim: OptimConfig, total_steps: int):
+    """ALBEF's timm cosine scheduler as its scripts step it: epoch 0 starts at `warmup_lr` and, after update i
+    = 0, 100, ..., warmup_steps, moves to `warmup_lr + (lr - warmup_lr) * (i / 100) / W` (W = warmup_steps /
+    100), reaching `lr`; epoch e >= 1 runs at `min_lr + (lr - min_lr) * (1 + cos(pi * e / E)) / 2` throughout
+    (E = total_steps / epoch_steps)."""
+    from trainer.config import ALBEF_WARMUP_BLOCK
+
+    steps, blocks = optim.epoch_steps, optim.warmup_steps // ALBEF_WARMUP_BLOCK
+    epochs, rest = divmod(total_steps, steps)
+    if rest:
+        raise ValueError(f"optim.schedule=albef_epochs: the schedule's {total_steps} steps are not a whole number "
+                         f"of optim.epoch_steps={steps}; set train.max_steps (or optim.total_steps) to epochs x "
+                         f"{steps}")
+    start = optim.lr if optim.warmup_lr is None else optim.warmup_lr
+
+    def lr_at(index: int) -> float:
+        # LambdaLR asks for index k before update k (from 0); ALBEF's update k reads the lr its scheduler set
+        # after update 100 * floor((k - 1) / 100), or its initial warmup_lr before the first.
+        epoch = index // steps
+        if epoch >= 1:
+            return optim.min_lr + (optim.lr - optim.min_lr) * 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
+        block = 0 if index == 0 else (index - 1) // ALBEF_WARMUP_BLOCK
+        return optim.lr if block >= blocks else start + (optim.lr - start) * block / blocks
+
+    return lambda index: lr_at(index) / optim.lr
 
 
 class OptimizerStepGate:

@@ -207,7 +207,7 @@ def test_the_demo_configs_fit_the_demo_pretraining_checkpoint(task):
     assert finetune.finetune.init_from == str(REPO / "runs/demo-albef")
 
 
-@pytest.mark.parametrize("name, k_test, steps", [("coco", 256, 11070), ("flickr", 128, 5660)])
+@pytest.mark.parametrize("name, k_test, steps", [("coco", 256, 11065), ("flickr", 128, 5660)])
 def test_the_base_configs_are_albefs_retrieval_settings(name, k_test, steps):
     import dataclasses
 
@@ -221,6 +221,7 @@ def test_the_base_configs_are_albefs_retrieval_settings(name, k_test, steps):
     assert (cfg.model.image_size, cfg.data.albef.pixels.image_size, cfg.model.k_test) == (384, 384, k_test)
     assert (cfg.optim.lr, cfg.optim.min_lr, cfg.optim.weight_decay, cfg.optim.grad_clip) == (1e-5, 1e-6, 0.02, 0.0)
     assert cfg.train.max_steps == steps and cfg.tasks == {"retrieval": 1.0}
+    assert (cfg.optim.schedule, cfg.optim.warmup_lr, cfg.optim.warmup_steps) == ("albef_epochs", 1e-5, 100)
     type(cfg).__post_init__(cfg)  # the recipe's checks
     layout = batch_layout(cfg.optim, cfg.data.micro_batch_size, 8)
     assert layout.global_batch_size == 256 and cfg.model.queue_size % 256 == 0
