@@ -122,6 +122,25 @@ def collate_albef_retrieval(samples: Sequence[PixelSample], rng: np.random.Gener
             "keys": [s.key for s in samples], "image_keys": ids, "n_items": len(samples), "task": "retrieval"}
 
 
+def collate_albef_grounding(samples: Sequence[tuple[dict, list]], rng: np.random.Generator, tok, pixels: PixelConfig,
+                            max_txt_len: int, train: bool = True) -> dict:
+    """Grounding batch from (referring expression, [picture]) pairs of an RE task folder: in training the
+    retrieval fine-tuning batch (`collate_albef_retrieval`'s keys; the expression mirrored with its picture),
+    for scoring the resized picture with its expression and the example ids."""
+    if not samples:
+        raise ValueError("cannot collate an empty batch")
+    views, texts = [], []
+    for example, (image,) in samples:
+        view, flipped = train_pixels(image, pixels, rng) if train else (eval_pixels(image, pixels), False)
+        views.append(view)
+        texts.append(swap_left_right(example["text"]) if flipped else example["text"])
+    input_ids, attn = caption_batch([pre_caption(t) for t in texts], tok, max_txt_len, sep=False)
+    ids = [r["image_id"] for r, _ in samples]
+    return {"pixels": torch.stack(views), "input_ids": torch.from_numpy(input_ids), "attn_mask": torch.from_numpy(attn),
+            "image_ids": batch_image_index(ids), "image_index": image_index(ids), "n_images": len(set(ids)),
+            "ids": [r["id"] for r, _ in samples], "image_keys": ids, "n_items": len(samples), "task": "grounding"}
+
+
 ALBEF_VE_LABELS = ("contradiction", "neutral", "entailment")
 """ALBEF's class order for visual entailment (UNITER's and the task folders': contradiction, entailment, neutral)."""
 NO_LABEL = -100

@@ -168,10 +168,14 @@ def albef_pretrained(tmp_path_factory, pixel_data) -> Path:
 
 
 def write_albef_task_config(tmp_path: Path, pixel_data: Path, tasks: Path, task: str, name: str, steps: int,
-                            init_from: Path | None, **sections) -> Path:
-    """The tiny ALBEF run fine-tuned on the task folders `tasks/<task>/{train,val}` joined to `pixel_data`."""
-    finetune = {"train": str(tasks / task / "train"), "val": str(tasks / task / "val"),
-                "features": [str(pixel_data / "train"), str(pixel_data / "val")], "eval_batch_size": 16}
+                            init_from: Path | None, folder: str | None = None, finetune: dict | None = None,
+                            **sections) -> Path:
+    """The tiny ALBEF run fine-tuned on the task folders `tasks/<folder or task>/{train,val}` joined to
+    `pixel_data`; `finetune`: more keys of that section."""
+    folders = tasks / (folder or task)
+    finetune = {"train": str(folders / "train"), "val": str(folders / "val"),
+                "features": [str(pixel_data / "train"), str(pixel_data / "val")], "eval_batch_size": 16,
+                **(finetune or {})}
     return write_albef_retrieval_config(tmp_path, pixel_data, name, steps, init_from, task=task,
                                         finetune=finetune, **sections)
 

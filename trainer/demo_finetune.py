@@ -25,8 +25,8 @@ class DemoFamily:
 FAMILIES = {
     "uniter": DemoFamily("demo-{}.yaml", {"vqa": "score", "ve": "acc", "retrieval": "img_r1", "nlvr2": "acc",
                                           "re": "index_acc", "vcr": "q_ar_acc"}, "make demo"),
-    "albef": DemoFamily("demo-albef-{}.yaml", {"retrieval": "t2i_r1", "ve": "acc", "nlvr2": "acc", "vqa": "score"},
-                         "make demo-albef"),
+    "albef": DemoFamily("demo-albef-{}.yaml", {"retrieval": "t2i_r1", "ve": "acc", "nlvr2": "acc", "vqa": "score",
+                                               "grounding": "acc"}, "make demo-albef"),
 }
 
 
@@ -85,8 +85,9 @@ def _runs(demo: DemoFamily, config_dir: str, out: str, tasks: tuple[str, ...], o
         pre, val = run_one(config, list(overrides), os.path.join(out, task), from_scratch=False)
         scratch, _ = run_one(config, list(overrides), os.path.join(out, f"{task}-scratch"), from_scratch=True)
         metric = f"{task}_{demo.headline[task]}"
-        # A task folder's manifest says its chance level; ALBEF's retrieval metrics carry their own.
-        chance = chance_level(val) if val else pre.get(f"{metric}_chance")
+        # A run that measures its own chance level reports it (ALBEF retrieval, grounding: `<metric>_chance`);
+        # otherwise the task folder's manifest says it.
+        chance = pre.get(f"{metric}_chance", chance_level(val) if val else None)
         rows.append({"task": task, "metric": demo.headline[task], "pretrained": pre.get(metric),
                      "scratch": scratch.get(metric), "chance": chance, "all_pretrained": pre, "all_scratch": scratch})
         print(format_table(rows, demo.pretrained_by), flush=True)

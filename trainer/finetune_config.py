@@ -45,6 +45,9 @@ class FinetuneConfig:
     """Decoded images each rank keeps in memory."""
     vcr_extra_words: int = 81
     """VCR: word rows appended to the vocabulary (UNITER's object-tag tokens)."""
+    gradcam_layer: int = 2
+    """ALBEF grounding: the fusion layer whose cross-attention gives the Grad-CAM (ALBEF's block 8 of BERT-base:
+    fusion layer 2)."""
 
     def __post_init__(self) -> None:
         if min(self.negative_size, self.eval_batch_size, self.cache_images, self.retrieval_eval_images) < 1:

@@ -379,6 +379,12 @@ def pick_expression(scene: DemoScene, objects: list[SceneObject], o: SceneObject
     return pool[int(rng.integers(len(pool)))]
 
 
+def _pixel_box(norm_bb) -> list[float]:
+    """A normalised [x1, y1, x2, y2, ...] region box as [x, y, w, h] on the 100 x 100 scene canvas."""
+    x1, y1, x2, y2 = (float(v) for v in norm_bb[:4])
+    return [round(x1 * 100, 4), round(y1 * 100, 4), round((x2 - x1) * 100, 4), round((y2 - y1) * 100, 4)]
+
+
 ExpressionPicker = Callable[[DemoScene, list[SceneObject], SceneObject, np.random.Generator], Optional[str]]
 
 
@@ -399,10 +405,10 @@ def re_examples(scenes: list[DemoScene], rng: np.random.Generator, per_scene: in
             text = pick(scene, objects, o, rng)
             if text is None:
                 continue
-            x1, y1, x2, y2 = (float(v) for v in scene.norm_bb[o.region, :4])
-            box = [round(x1 * 100, 4), round(y1 * 100, 4), round((x2 - x1) * 100, 4), round((y2 - y1) * 100, 4)]
+            boxes = [_pixel_box(b) for b in scene.norm_bb]  # every proposal: ALBEF grounding's candidates
             out.append({"id": f"{scene.image_id}-{k}", "image_id": scene.image_id, "text": text,
-                        "target": o.region, "box": box, "width": 100, "height": 100, "twin": o.twin})
+                        "target": o.region, "box": boxes[o.region], "boxes": boxes, "width": 100, "height": 100,
+                        "twin": o.twin})
             k += 1
     return out
 

@@ -35,8 +35,8 @@ def join_regions(example: dict, store: FeatureStore) -> tuple[Optional[list[Regi
             return None, reason
         images.append(regions)
     target = example.get("target")
-    if target is not None and target >= images[0].num_bb:  # RE: the referred box is not a region
-        return None, "bad_label"
+    if target is not None and isinstance(images[0], Regions) and target >= images[0].num_bb:
+        return None, "bad_label"  # RE on region features: the referred box is not a region (pictures have none)
     return images, None
 
 
@@ -81,6 +81,7 @@ class DownstreamLoader:
         samples = self._usable(order, start)
         rng = np.random.default_rng([self.seed, stable_id(self.key), epoch, step, stream])
         batch = self.collate(samples, rng)
+        batch["stream"] = stream  # what seeds a recipe's own draws (ALBEF's negatives), as pretraining's loader
         self._next_stream += 1
         if self._next_stream == len(self.streams):
             self._next_stream, self.steps_done = 0, self.steps_done + 1

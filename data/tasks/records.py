@@ -67,20 +67,31 @@ def _check_label(r: dict, field: str, n: int) -> Optional[str]:
     return None if _is_int(r[field]) and 0 <= r[field] < n else "bad_label"
 
 
+MAX_BOXES = 100
+"""Most candidate boxes of one RE example (ALBEF grounding's detections; RefCOCO's detectors keep 100)."""
+
+
+def _is_box(box: Any) -> bool:
+    return isinstance(box, list) and len(box) == 4 and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box)
+
+
 def _check_re(r: dict) -> Optional[str]:
     for k in ("target", "box"):
         if k not in r:
             return "missing_field"
     if not _is_int(r["target"]) or r["target"] < 0:
         return "bad_label"
-    box = r["box"]
-    if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                                           and math.isfinite(v) for v in box)):
+    if not _is_box(r["box"]):
         return "bad_field"
     for k in ("width", "height"):
         v = r.get(k, 1)
         if not isinstance(v, (int, float)) or isinstance(v, bool) or not (0 < v < 1e6):
             return "bad_field"
+    boxes = r.get("boxes", [[0, 0, 1, 1]])  # optional: candidate boxes [x, y, w, h] (ALBEF grounding)
+    if not isinstance(boxes, list) or not 0 < len(boxes) <= MAX_BOXES or not all(
+            _is_box(b) and b[2] > 0 and b[3] > 0 for b in boxes):
+        return "bad_field"
     return None
 
 

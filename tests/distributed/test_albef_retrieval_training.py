@@ -168,5 +168,5 @@ def test_demo_finetune_table_of_the_albef_family(tmp_path, pixel_data, pretraine
     assert (row["task"], row["metric"], row["chance"]) == ("retrieval", "t2i_r1", 10.0)  # 10 val images
     assert row["pretrained"] == row["all_pretrained"]["retrieval_t2i_r1"] and row["scratch"] is not None
     assert row["all_pretrained"] != row["all_scratch"]
-    bad = run_vlpt(["demo-finetune", "--family", "albef", "--tasks", "vqa", "--out", str(out)], check=False)
-    assert bad.returncode == 2 and "vqa is not among the albef demo tasks" in bad.stderr
+    bad = run_vlpt(["demo-finetune", "--family", "albef", "--tasks", "vcr", "--out", str(out)], check=False)
+    assert bad.returncode == 2 and "vcr is not among the albef demo tasks" in bad.stderr

@@ -151,6 +151,9 @@ def test_albef_flops_count_student_teacher_and_the_itm_fusions():
 
     retrieval = AlbefRetrievalRecipe(SimpleNamespace(model=m)).step_flops(batch, "retrieval")
     assert retrieval.flops == 3 * (vit + text + 3 * fusion) + vit + text == 45024
+    from trainer.recipes.albef_grounding import AlbefGroundingRecipe  # retrieval fine-tuning on expressions
+
+    assert AlbefGroundingRecipe(SimpleNamespace(model=m)).step_flops(batch, "grounding").flops == 45024
     # VE: one ViT, text and fusion pass a pair, forward + backward, and the momentum copy's forward.
     from trainer.recipes.albef_ve import AlbefVeRecipe
 

@@ -211,7 +211,7 @@ def test_export_names_are_albefs_nlvr2_and_text_assignment_models_and_import_bac
 
 
 @pytest.mark.parametrize("task, recipe", [("nlvr2", "AlbefNlvr2Recipe"), ("ta", "AlbefTextAssignmentRecipe"),
-                                          ("vqa", "AlbefVqaRecipe")])
+                                          ("vqa", "AlbefVqaRecipe"), ("grounding", "AlbefGroundingRecipe")])
 def test_the_demo_configs_pick_their_recipes_and_the_base_ones_pass_the_checks(task, recipe):
     import importlib
 
@@ -221,7 +221,8 @@ def test_the_demo_configs_pick_their_recipes_and_the_base_ones_pass_the_checks(t
     cfg = load_config(str(REPO / f"configs/finetune/demo-albef-{task}.yaml"))
     assert recipe_for(cfg) is getattr(importlib.import_module(f"trainer.recipes.albef_{task}"), recipe)
     base = load_config(str(REPO / f"configs/finetune/albef-base-{task}.yaml"))
-    assert base.tasks == {task: 1.0} and base.optim.lr == 2e-5 and base.optim.weight_decay == 0.02
+    assert base.tasks == {task: 1.0} and base.optim.lr == (1e-5 if task == "grounding" else 2e-5)
+    assert base.optim.weight_decay == 0.02 and base.optim.schedule == "albef_epochs"
     assert base.model.image_size == (256 if task == "ta" else 384)
 
 

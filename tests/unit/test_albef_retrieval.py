@@ -193,7 +193,7 @@ def test_position_grid_is_resized_to_the_model_image_size():
 
 
 
-@pytest.mark.parametrize("task", ["retrieval", "ve", "nlvr2", "ta", "vqa"])
+@pytest.mark.parametrize("task", ["retrieval", "ve", "nlvr2", "ta", "vqa", "grounding"])
 def test_the_demo_configs_fit_the_demo_pretraining_checkpoint(task):
     """configs/finetune/demo-albef-<task>.yaml loads the `make demo-albef` run: the same model section."""
     import dataclasses

@@ -6,6 +6,7 @@ checkpoints load without renaming.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -95,6 +96,22 @@ class SelfAttention(nn.Module):
         )  # [B, nh, L, d]
         b, _, l, _ = ctx.shape
         return ctx.transpose(1, 2).reshape(b, l, self.num_heads * self.head_dim)  # [B, L, H]
+
+    def forward_with_probs(self, hidden: Tensor, mask: Optional[Tensor],
+                           context: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+        """`forward` computed explicitly (no dropout), also returning the attention probabilities [B, nh, L, S]
+        in the graph: Grad-CAM (trainer/grounding.py) differentiates with respect to them."""
+        source = hidden if context is None else context
+        q = self._heads(self.query(hidden))  # [B, nh, L, d]
+        k = self._heads(self.key(source))  # [B, nh, S, d]
+        v = self._heads(self.value(source))  # [B, nh, S, d]
+        scores = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim)  # [B, nh, L, S]
+        if mask is not None:
+            scores = scores + mask.to(scores.dtype)
+        probs = scores.softmax(-1)
+        ctx = probs @ v  # [B, nh, L, d]
+        b, _, l, _ = ctx.shape
+        return ctx.transpose(1, 2).reshape(b, l, self.num_heads * self.head_dim), probs
 
 
 class SelfOutput(nn.Module):

@@ -31,34 +31,24 @@ NEW = ("cls_head.",)
 """The classifiers' head a pretraining checkpoint does not have: it keeps its (PyTorch default) initialisation."""
 
 
-class AlbefClassifierRecipe(Recipe):
-    """Subclasses set the task and the class attributes below, `collate` and `score`."""
+class PictureTaskFolders:
+    """The data side of ALBEF's task-folder recipes (these, and grounding's): finetune.train / finetune.val task
+    folders joined by image id to the picture shards of finetune.features, the training loader at its resumed
+    position, held-out splits, and the distillation weight's ramp over the first epoch where the task has one."""
 
-    arch = "albef"
-    stage = "finetune"
-    model_config = AlbefConfig
-    shard_format = PIXEL_FORMAT
     task: str
-    num_classes: int
-    images = 1
-    """Pictures per example."""
+    folder_task: Optional[str] = None
+    """The kind of task folder read, where it is not `task` (grounding reads RE folders)."""
     ramp_alpha = False
     """Distillation weight ramped from 0 over the first epoch (ALBEF's `warm_up`)."""
-    dropped: tuple[str, ...]
-    """Prefixes of a source checkpoint the task's model has no place for (dropped on load)."""
-    new_heads = NEW
-    """Prefixes a pretraining checkpoint does not have (kept as initialised when the source lacks them)."""
-    missing_head_hint = ""
 
-    def __init__(self, cfg) -> None:
-        super().__init__(cfg)
+    def init_folders(self) -> None:
         self.train_folder = self.val_folder = None
         self.store: Optional[PictureStore] = None
-        self.init_teacher: Optional[dict] = None
         self.alpha_warmup = 0
 
     @classmethod
-    def check_config(cls, cfg) -> None:
+    def check_task_folders(cls, cfg) -> None:
         f = cfg.finetune
         if not f.train and not f.val:
             raise ValueError("stage: finetune needs finetune.train (a task folder) or finetune.val")
@@ -73,13 +63,12 @@ class AlbefClassifierRecipe(Recipe):
 
         return finetune_dirs(cfg)
 
-    # ------------------------------------------------------------------ data
     def check_data(self, tok) -> None:
         from trainer.run_setup import check_vocab_sizes
 
         check_vocab_sizes(self.cfg, tok)
         f, d = self.cfg.finetune, self.cfg.data
-        self.train_folder, self.val_folder = task_data.read_folders(self.cfg, self.task)
+        self.train_folder, self.val_folder = task_data.read_folders(self.cfg, self.folder_task or self.task)
         self.store = PictureStore(f.features, d.decode_limits(self.cfg.precision.dtype), f.cache_images,
                                   d.allow_outside_shards)
         task_data.keep_known((self.train_folder, self.val_folder), self.store, self.cfg)
@@ -100,6 +89,36 @@ class AlbefClassifierRecipe(Recipe):
 
     def val_splits(self, tok, skipped: dict[str, int]) -> dict:
         return {self.task: (self.task, self.val_folder.examples)} if self.val_folder is not None else {}
+
+    @classmethod
+    def evaluation_config(cls, cfg, split: Optional[str]):
+        return task_data.evaluation_config(cfg, split)
+
+
+class AlbefClassifierRecipe(PictureTaskFolders, Recipe):
+    """Subclasses set the task and the class attributes below, `collate` and `score`."""
+
+    arch = "albef"
+    stage = "finetune"
+    model_config = AlbefConfig
+    shard_format = PIXEL_FORMAT
+    num_classes: int
+    images = 1
+    """Pictures per example."""
+    dropped: tuple[str, ...]
+    """Prefixes of a source checkpoint the task's model has no place for (dropped on load)."""
+    new_heads = NEW
+    """Prefixes a pretraining checkpoint does not have (kept as initialised when the source lacks them)."""
+    missing_head_hint = ""
+
+    def __init__(self, cfg) -> None:
+        super().__init__(cfg)
+        self.init_folders()
+        self.init_teacher: Optional[dict] = None
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        cls.check_task_folders(cfg)
 
     def collate(self, task: str, tok, train: bool = True) -> Callable:
         raise NotImplementedError
@@ -197,10 +216,6 @@ class AlbefClassifierRecipe(Recipe):
 
     def score(self, engine, tok, examples: list[dict], info, skipped: dict[str, int]):
         raise NotImplementedError
-
-    @classmethod
-    def evaluation_config(cls, cfg, split: Optional[str]):
-        return task_data.evaluation_config(cfg, split)
 
     def evaluate(self, checkpoint: str, tok, info) -> Evaluation:
         model = load_for_evaluation(self.checkpoint_model(), checkpoint, info.device, self.cfg.precision.torch_dtype,

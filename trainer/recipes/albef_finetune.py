@@ -1,5 +1,5 @@
 """ALBEF's fine-tuning (docs/downstream.md, "ALBEF retrieval", "ALBEF visual entailment", "ALBEF NLVR2",
-"ALBEF VQA"): one recipe per task (`ta`: NLVR2's text-assignment pretraining), registered here as the family's
+"ALBEF VQA", "ALBEF grounding"): one recipe per task (`ta`: NLVR2's text-assignment pretraining), registered here as the family's
 `finetune` recipe, which picks the config's task's (`for_config`)."""
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ TASK_RECIPES = {"retrieval": ("trainer.recipes.albef_retrieval", "AlbefRetrieval
                 "ve": ("trainer.recipes.albef_ve", "AlbefVeRecipe"),
                 "nlvr2": ("trainer.recipes.albef_nlvr2", "AlbefNlvr2Recipe"),
                 "ta": ("trainer.recipes.albef_ta", "AlbefTextAssignmentRecipe"),
-                "vqa": ("trainer.recipes.albef_vqa", "AlbefVqaRecipe")}
+                "vqa": ("trainer.recipes.albef_vqa", "AlbefVqaRecipe"),
+                "grounding": ("trainer.recipes.albef_grounding", "AlbefGroundingRecipe")}
 """Task -> (module, class) of its recipe, imported when a config names the task."""
 
 
