@@ -40,7 +40,7 @@ demo_pixels/train/manifest.json: | $(STAMP)
 demo-albef: $(STAMP) demo_pixels/train/manifest.json
 	$(VENV)/bin/vlpt pretrain --config configs/pretrain/demo-albef.yaml
 
-# ALBEF retrieval, VE, NLVR2 and VQA fine-tuned from the `make demo-albef` checkpoint and from scratch
+# ALBEF retrieval, VE, NLVR2, VQA and grounding fine-tuned from the `make demo-albef` checkpoint and from scratch
 # (docs/downstream.md); the task folders are the region demo's, joined to the pixel demo's pictures of the same scenes.
 runs/demo-albef/checkpoints/latest: | $(STAMP) demo_pixels/train/manifest.json
 	$(VENV)/bin/vlpt pretrain --config configs/pretrain/demo-albef.yaml

@@ -122,18 +122,27 @@ def collate_albef_retrieval(samples: Sequence[PixelSample], rng: np.random.Gener
             "keys": [s.key for s in samples], "image_keys": ids, "n_items": len(samples), "task": "retrieval"}
 
 
+def picture_views(samples: Sequence[tuple[dict, list]], pixels: PixelConfig, rng: np.random.Generator,
+                  train: bool) -> tuple[list[torch.Tensor], list[str], list[bool]]:
+    """(views [3, S, S], texts, mirrored) of one-picture task examples: each picture augmented (`train`; its text
+    mirrored with it, "left" <-> "right") or resized; draws in example order."""
+    if not samples:
+        raise ValueError("cannot collate an empty batch")
+    views, texts, mirrored = [], [], []
+    for example, (image,) in samples:
+        view, flipped = train_pixels(image, pixels, rng) if train else (eval_pixels(image, pixels), False)
+        views.append(view)
+        texts.append(swap_left_right(example["text"]) if flipped else example["text"])
+        mirrored.append(flipped)
+    return views, texts, mirrored
+
+
 def collate_albef_grounding(samples: Sequence[tuple[dict, list]], rng: np.random.Generator, tok, pixels: PixelConfig,
                             max_txt_len: int, train: bool = True) -> dict:
     """Grounding batch from (referring expression, [picture]) pairs of an RE task folder: in training the
     retrieval fine-tuning batch (`collate_albef_retrieval`'s keys; the expression mirrored with its picture),
     for scoring the resized picture with its expression and the example ids."""
-    if not samples:
-        raise ValueError("cannot collate an empty batch")
-    views, texts = [], []
-    for example, (image,) in samples:
-        view, flipped = train_pixels(image, pixels, rng) if train else (eval_pixels(image, pixels), False)
-        views.append(view)
-        texts.append(swap_left_right(example["text"]) if flipped else example["text"])
+    views, texts, _ = picture_views(samples, pixels, rng, train)
     input_ids, attn = caption_batch([pre_caption(t) for t in texts], tok, max_txt_len, sep=False)
     ids = [r["image_id"] for r, _ in samples]
     return {"pixels": torch.stack(views), "input_ids": torch.from_numpy(input_ids), "attn_mask": torch.from_numpy(attn),
@@ -151,13 +160,7 @@ def collate_albef_ve(samples: Sequence[tuple[dict, list]], rng: np.random.Genera
     """VE batch from (example, [picture]) pairs of a task folder joined to picture shards: the picture
     augmented (`train`: mirrored with its hypothesis' left/right) or resized (evaluation), the hypothesis in
     ALBEF's downstream form (`pre_caption`, `[CLS] ids`), and the label in ALBEF's order (NO_LABEL without one)."""
-    if not samples:
-        raise ValueError("cannot collate an empty batch")
-    views, texts = [], []
-    for example, (image,) in samples:
-        view, flipped = train_pixels(image, pixels, rng) if train else (eval_pixels(image, pixels), False)
-        views.append(view)
-        texts.append(swap_left_right(example["text"]) if flipped else example["text"])
+    views, texts, _ = picture_views(samples, pixels, rng, train)
     labels = [ALBEF_VE_LABELS.index(VE_LABELS[r["label"]]) if "label" in r else NO_LABEL for r, _ in samples]
     return _classification_batch(samples, views, texts, labels, tok, max_txt_len, "ve")
 
@@ -192,22 +195,16 @@ def collate_albef_vqa(samples: Sequence[tuple[dict, list]], rng: np.random.Gener
                     a folder without them weights each answer by its soft score)
 
     `answers`: the task folder's answer vocabulary (its `labels`)."""
-    if not samples:
-        raise ValueError("cannot collate an empty batch")
-    views, questions, texts, owners, weights = [], [], [], [], []
-    for row, (example, (image,)) in enumerate(samples):
-        view, flipped = train_pixels(image, pixels, rng) if train else (eval_pixels(image, pixels), False)
-        views.append(view)
-        mirror = swap_left_right if flipped else str
-        questions.append(mirror(example["text"]))
-        if train:
-            labels = example.get("labels", [])
-            texts += [mirror(answers[a]) for a in labels]
-            weights += list(example.get("weights", example.get("scores", [])))
-            owners += [row] * len(labels)
+    views, questions, mirrored = picture_views(samples, pixels, rng, train)
     batch = _classification_batch(samples, views, questions, [NO_LABEL] * len(samples), tok, max_txt_len, "vqa")
     del batch["labels"]
     if train:
+        texts, owners, weights = [], [], []
+        for row, ((example, _), flipped) in enumerate(zip(samples, mirrored)):
+            labels = example.get("labels", [])
+            texts += [swap_left_right(answers[a]) if flipped else answers[a] for a in labels]
+            weights += list(example.get("weights", example.get("scores", [])))
+            owners += [row] * len(labels)
         answer_ids, answer_mask = caption_batch(texts, tok, max_txt_len)
         batch.update(answer_ids=torch.from_numpy(answer_ids), answer_mask=torch.from_numpy(answer_mask),
                      answer_owner=torch.tensor(owners, dtype=torch.long),

@@ -90,6 +90,14 @@ class PictureTaskFolders:
     def val_splits(self, tok, skipped: dict[str, int]) -> dict:
         return {self.task: (self.task, self.val_folder.examples)} if self.val_folder is not None else {}
 
+    def validate(self, engine, tok, splits: dict, info, skipped: dict[str, int]) -> dict[str, float]:
+        """Collective. The task's `score` metrics of each held-out split, as `val/<key>_<name>`."""
+        metrics: dict[str, float] = {}
+        for key, (_, examples) in splits.items():
+            found = self.score(engine, tok, examples, info, skipped)
+            metrics.update({f"val/{key}_{name}": value for name, value in found.metrics.items()})
+        return metrics
+
     @classmethod
     def evaluation_config(cls, cfg, split: Optional[str]):
         return task_data.evaluation_config(cfg, split)
@@ -198,13 +206,6 @@ class AlbefClassifierRecipe(PictureTaskFolders, Recipe):
         return albef_classifier_work(batch, self.cfg.model, self.images)
 
     # ------------------------------------------------------------------ scoring
-    def validate(self, engine, tok, splits: dict, info, skipped: dict[str, int]) -> dict[str, float]:
-        metrics: dict[str, float] = {}
-        for key, (_, examples) in splits.items():
-            found = self.score(engine, tok, examples, info, skipped)
-            metrics.update({f"val/{key}_{name}": value for name, value in found.metrics.items()})
-        return metrics
-
     def outputs(self, engine, tok, examples: list[dict], info, skipped: dict[str, int]) -> dict:
         """Collective. Example index -> its logits in the model's class order."""
         return example_outputs(engine, self.collate(self.task, tok, train=False), self.predict_task(), examples,

@@ -60,13 +60,6 @@ class AlbefGroundingRecipe(PictureTaskFolders, AlbefRetrievalRecipe):
         return albef_work(batch, self.cfg.model, mlm=False)
 
     # ------------------------------------------------------------------ scoring
-    def validate(self, engine, tok, splits: dict, info, skipped: dict[str, int]) -> dict[str, float]:
-        metrics: dict[str, float] = {}
-        for key, (_, examples) in splits.items():
-            found = self.score(engine, tok, examples, info, skipped)
-            metrics.update({f"val/{key}_{name}": value for name, value in found.metrics.items()})
-        return metrics
-
     def score(self, engine, tok, examples: list[dict], info, skipped: dict[str, int]) -> SplitScores:
         """Collective. Accuracy (IoU >= 0.5 of the picked box), what picking a candidate at random scores
         (`acc_chance`), and the picked boxes."""
