@@ -39,7 +39,7 @@ def _run_vqa(args) -> dict:
 def _run_refcoco(args) -> dict:
     splits = [s for s in args.splits.split(",") if s] if args.splits else None
     return build_refcoco(args.refs, args.instances, args.out, splits=splits, image_id_format=args.image_id_format,
-                         max_json_bytes=args.max_json_bytes)
+                         detections=args.detections, max_json_bytes=args.max_json_bytes)
 
 
 def _run_vcr(args) -> dict:
@@ -113,6 +113,8 @@ def _add_refcoco_karpathy(kinds) -> None:
                                                    "conversion (a list of refs)")
     ref.add_argument("--instances", required=True, help="the dataset's instances.json (images, annotations)")
     ref.add_argument("--splits", help="comma-separated splits to write (default: all in the refs)")
+    ref.add_argument("--detections", help="ALBEF's detections JSON ({image id: [[x, y, w, h], ...]}): each "
+                                          "example's candidate boxes for ALBEF grounding")
     kar = kinds.add_parser("karpathy", help="Karpathy split JSON (dataset_coco.json, dataset_flickr30k.json) -> "
                                             "retrieval task folders")
     kar.add_argument("--karpathy", required=True, help="dataset_coco.json or dataset_flickr30k.json")

@@ -130,11 +130,32 @@ def _ref_target(ref: Any, sizes: dict, anns: dict, fmt: str) -> tuple[Optional[d
     return {"image_id": image_id, "target": target, "box": box, "width": w, "height": h}, None
 
 
+def read_detections(path: str | Path, skipped: Counter, max_bytes: int = DEFAULT_MAX_JSON_BYTES) -> dict:
+    """ALBEF's detections file ({image id: [[x, y, w, h, ...], ...]}) -> {image id: candidate boxes}: each
+    detection's first four numbers, w and h > 0, at most MAX_BOXES per image; bad ones counted, not kept."""
+    from data.tasks.records import MAX_BOXES
+
+    data = read_json(path, "--detections file", max_bytes)
+    if not isinstance(data, dict):
+        raise ValueError(f"--detections {path}: expected a JSON object {{image id: [[x, y, w, h], ...]}}")
+    out = {}
+    for image, dets in data.items():
+        dets = dets if isinstance(dets, list) else [dets]
+        boxes = [b for b in (_box(d[:4]) if isinstance(d, list) else None for d in dets)
+                 if b is not None and b[2] > 0 and b[3] > 0]
+        if len(boxes) < len(dets):
+            skipped["bad_detection"] += len(dets) - len(boxes)
+        if boxes and as_id(image) is not None:
+            out[as_id(image)] = boxes[:MAX_BOXES]
+    return out
+
+
 def build_refcoco(refs: str | Path, instances: str | Path, out: str | Path, *,
                   splits: Optional[Iterable[str]] = None, image_id_format: str = "{}",
-                  max_json_bytes: int = DEFAULT_MAX_JSON_BYTES) -> dict:
+                  detections: Optional[str | Path] = None, max_json_bytes: int = DEFAULT_MAX_JSON_BYTES) -> dict:
     """RefCOCO/+/g refs (pickle or JSON) + COCO instances -> `re` task folders `<out>/<split>`
-    (module docstring); `splits`: write only these (default: every split the refs have)."""
+    (module docstring); `splits`: write only these (default: every split the refs have); `detections`: ALBEF's
+    detections file, whose boxes become each example's candidate `boxes` (ALBEF grounding)."""
     check_id_format(image_id_format)
     wanted = set(splits) if splits else None
     unknown = sorted((wanted or set()) - set(REFCOCO_SPLITS))
@@ -142,6 +163,7 @@ def build_refcoco(refs: str | Path, instances: str | Path, out: str | Path, *,
         raise ValueError(f"--splits {', '.join(unknown)}: RefCOCO splits are {', '.join(REFCOCO_SPLITS)}")
     build = TaskBuild("re")
     sizes, anns = read_instances(instances, build.skipped, max_json_bytes)
+    dets = read_detections(detections, build.skipped, max_json_bytes) if detections else None
     for ref in load_refs(refs, max_json_bytes):
         shared, reason = _ref_target(ref, sizes, anns, image_id_format)
         if reason:
@@ -149,6 +171,9 @@ def build_refcoco(refs: str | Path, instances: str | Path, out: str | Path, *,
             continue
         if wanted is not None and ref["split"] not in wanted:
             continue
+        if dets is not None and as_id(ref["image_id"]) in dets:
+            shared = {**shared, "boxes": dets[as_id(ref["image_id"])]}
         add_sentences(build, ref["split"], ref["sentences"], ("sent_id", "sent"), shared)
     return build.write(out, meta={"source": "RefCOCO", "refs": str(refs), "instances": str(instances),
-                                  "image_id_format": image_id_format, "boxes": "ground truth, instances order"})
+                                  "image_id_format": image_id_format, "boxes": "ground truth, instances order",
+                                  "detections": str(detections) if detections else None})

@@ -226,6 +226,20 @@ def test_refcoco_split_filter(tmp_path):
     assert _read(tmp_path / "out" / "testA", "re")[0]["image_id"] == "COCO_train2014_000000000002"
 
 
+def test_refcoco_detections_become_candidate_boxes(tmp_path):
+    dets = {"1": [[0, 0, 10, 10, 0.9], [5, 5, 20, 30]], "2": [[1, 2, 0, 4], "x", [1, 2, 3]] + [[0, 0, 1, 1]] * 101,
+            "9": [[0, 0, 1, 1]]}
+    s = build_refcoco(_json(tmp_path / "refs.json", REFS), _json(tmp_path / "inst.json", INSTANCES),
+                      tmp_path / "out", detections=_json(tmp_path / "dets.json", dets))
+    train, test = _read(tmp_path / "out" / "train", "re"), _read(tmp_path / "out" / "testA", "re")
+    assert [r["boxes"] for r in train] == [[[0.0, 0.0, 10.0, 10.0], [5.0, 5.0, 20.0, 30.0]]] * 2  # score dropped
+    assert test[0]["boxes"] == [[0.0, 0.0, 1.0, 1.0]] * 100  # the zero-width, bad and short ones out; capped
+    assert s["skipped"] == {**REF_SKIPPED, "bad_detection": 3}
+    with pytest.raises(ValueError, match="expected a JSON object"):
+        build_refcoco(_json(tmp_path / "refs.json", REFS), _json(tmp_path / "inst.json", INSTANCES),
+                      tmp_path / "o2", detections=_json(tmp_path / "bad.json", [[0, 0, 1, 1]]))
+
+
 class _Evil:
     def __init__(self, marker: Path):
         self.marker = marker
