@@ -115,11 +115,17 @@ def collate_albef_retrieval(samples: Sequence[PixelSample], rng: np.random.Gener
     attn_mask, image_ids (batch-local, equal = same image), image_index (the image's id hash, for the
     queue), n_images (distinct images, host int), n_items."""
     views, captions = augmented_pairs(samples, pixels, rng)
-    input_ids, attn = caption_batch([pre_caption(c) for c in captions], tok, max_txt_len, sep=False)
-    ids = [s.image_id for s in samples]
+    return _retrieval_batch(views, captions, [s.image_id for s in samples], tok, max_txt_len, "retrieval",
+                            keys=[s.key for s in samples])
+
+
+def _retrieval_batch(views: list, texts: list[str], image_ids: list[str], tok, max_txt_len: int, task: str,
+                     **extra) -> dict:
+    """Pictures with their texts in ALBEF's downstream form and the image indices retrieval's losses read."""
+    input_ids, attn = caption_batch([pre_caption(t) for t in texts], tok, max_txt_len, sep=False)
     return {"pixels": torch.stack(views), "input_ids": torch.from_numpy(input_ids), "attn_mask": torch.from_numpy(attn),
-            "image_ids": batch_image_index(ids), "image_index": image_index(ids), "n_images": len(set(ids)),
-            "keys": [s.key for s in samples], "image_keys": ids, "n_items": len(samples), "task": "retrieval"}
+            "image_ids": batch_image_index(image_ids), "image_index": image_index(image_ids),
+            "n_images": len(set(image_ids)), "image_keys": image_ids, "n_items": len(views), "task": task, **extra}
 
 
 def picture_views(samples: Sequence[tuple[dict, list]], pixels: PixelConfig, rng: np.random.Generator,
@@ -143,11 +149,8 @@ def collate_albef_grounding(samples: Sequence[tuple[dict, list]], rng: np.random
     retrieval fine-tuning batch (`collate_albef_retrieval`'s keys; the expression mirrored with its picture),
     for scoring the resized picture with its expression and the example ids."""
     views, texts, _ = picture_views(samples, pixels, rng, train)
-    input_ids, attn = caption_batch([pre_caption(t) for t in texts], tok, max_txt_len, sep=False)
-    ids = [r["image_id"] for r, _ in samples]
-    return {"pixels": torch.stack(views), "input_ids": torch.from_numpy(input_ids), "attn_mask": torch.from_numpy(attn),
-            "image_ids": batch_image_index(ids), "image_index": image_index(ids), "n_images": len(set(ids)),
-            "ids": [r["id"] for r, _ in samples], "image_keys": ids, "n_items": len(samples), "task": "grounding"}
+    return _retrieval_batch(views, texts, [r["image_id"] for r, _ in samples], tok, max_txt_len, "grounding",
+                            ids=[r["id"] for r, _ in samples])
 
 
 ALBEF_VE_LABELS = ("contradiction", "neutral", "entailment")

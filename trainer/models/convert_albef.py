@@ -50,6 +50,10 @@ _OUR_TEXT_LAYER = re.compile(r"^(layer|fusion)\.(\d+)\.(.+)$")
 _ALBEF_TEXT_LAYER = re.compile(r"^bert\.encoder\.layer\.(\d+)\.(.+)$")
 _HEADS = ("itm_head", "ta_head")
 """Student-only heads, named as ALBEF's (`ta_head`: NLVR2's text-assignment model)."""
+_AS_IS = ("vision_proj", "text_proj", "cls_head")
+"""Parts of the student and the teacher named as ALBEF's (`cls_head`: its VE and NLVR2 models)."""
+_ENCODERS = ("visual_encoder", "text_encoder", "text_decoder")
+"""Parts renamed part by part (`text_decoder`: VQA's answer decoder)."""
 _QUEUES = {"queues.image_queue": "image_queue", "queues.text_queue": "text_queue", "queues.ptr": "queue_ptr",
            "queues.idx_queue": "idx_queue"}
 _RESHAPED = {"queues.ptr": (1,), "queues.idx_queue": (1, -1)}
@@ -173,7 +177,7 @@ def export_albef_state_dict(student: Mapping[str, Tensor], teacher: Optional[Map
     out: StateDict = {}
     for suffix, sd in (("", student), ("_m", teacher or {})):
         out.update({f"visual_encoder{suffix}.{k}": v for k, v in vit_to_albef(_part(sd, "visual_encoder")).items()})
-        for name in ("vision_proj", "text_proj", "cls_head"):  # cls_head: ALBEF's VE model (`model_ve`)
+        for name in _AS_IS:
             out.update({f"{name}{suffix}.{k}": v for k, v in _part(sd, name).items()})
         text = text_to_albef(_part(sd, "text_encoder"), text_layers, max_positions) if sd else {}
         out.update({f"text_encoder{suffix}.{k}": v for k, v in text.items()})
@@ -187,8 +191,7 @@ def export_albef_state_dict(student: Mapping[str, Tensor], teacher: Optional[Map
     for ours, theirs in _QUEUES.items():
         if teacher is not None and ours in teacher:  # the index queue only in retrieval fine-tuning
             out[theirs] = teacher[ours].reshape(_RESHAPED[ours]) if ours in _RESHAPED else teacher[ours]
-    named = ("visual_encoder.", "text_encoder.", "text_decoder.", "vision_proj.", "text_proj.", "itm_head.", "ta_head.",
-             "cls_head.", "temp")
+    named = tuple(f"{p}." for p in _ENCODERS + _AS_IS + _HEADS) + ("temp",)
     leftover = [k for k in student if not k.startswith(named)]
     if leftover:
         raise ValueError(f"keys with no ALBEF name: {listed(leftover)}")
@@ -211,7 +214,7 @@ def import_albef_state_dict(sd: Mapping[str, Tensor], vit_module_keys: List[str]
         out.update({f"visual_encoder.{k}": v for k, v in vit.items()})
         for text in ("text_encoder", "text_decoder"):
             out.update({f"{text}.{k}": v for k, v in text_from_albef(_part(sd, f"{text}{suffix}")).items()})
-        for name in ("vision_proj", "text_proj", "cls_head"):
+        for name in _AS_IS:
             out.update({f"{name}.{k}": v for k, v in _part(sd, f"{name}{suffix}").items()})
         models.append(out)
     student, teacher = models
@@ -223,8 +226,7 @@ def import_albef_state_dict(sd: Mapping[str, Tensor], vit_module_keys: List[str]
         for ours, theirs in _QUEUES.items():
             if theirs in sd:
                 teacher[ours] = sd[theirs].reshape(_IMPORTED_SHAPE.get(ours, sd[theirs].shape))
-    known = ("visual_encoder", "text_encoder", "text_decoder", "vision_proj", "text_proj", "cls_head")
-    prefixes = tuple(f"{p}{s}." for p in known for s in ("", "_m")) + tuple(f"{h}." for h in _HEADS)
+    prefixes = tuple(f"{p}{s}." for p in _ENCODERS + _AS_IS for s in ("", "_m")) + tuple(f"{h}." for h in _HEADS)
     leftover = [k for k in sd if not k.startswith(prefixes) and k not in ("temp", *_QUEUES.values())]
     if leftover:
         raise ValueError(f"keys with no counterpart in ours: {listed(leftover)}")

@@ -39,6 +39,8 @@ class PictureTaskFolders:
     task: str
     folder_task: Optional[str] = None
     """The kind of task folder read, where it is not `task` (grounding reads RE folders)."""
+    predictions_task: Optional[str] = None
+    """The predictions file `vlpt evaluate` writes, where it is not `task`'s."""
     ramp_alpha = False
     """Distillation weight ramped from 0 over the first epoch (ALBEF's `warm_up`)."""
 
@@ -101,6 +103,19 @@ class PictureTaskFolders:
     @classmethod
     def evaluation_config(cls, cfg, split: Optional[str]):
         return task_data.evaluation_config(cfg, split)
+
+    def evaluation_model(self, checkpoint: str, info):
+        """The model at `checkpoint`, loaded by the task's rules, on the device in eval mode."""
+        raise NotImplementedError
+
+    def evaluate(self, checkpoint: str, tok, info) -> Evaluation:
+        """The weights at `checkpoint` scored on finetune.val (metrics and the predictions file's payload)."""
+        model = self.evaluation_model(checkpoint, info)
+        skipped: dict[str, int] = {}
+        examples = self.val_folder.examples
+        found = self.score(model, tok, examples, info, skipped)
+        return Evaluation(self.predictions_task or self.task, self.cfg.finetune.val, len(examples), found.metrics,
+                          found.predictions, {**self.val_folder.skipped, **skipped})
 
 
 class AlbefClassifierRecipe(PictureTaskFolders, Recipe):
@@ -218,14 +233,9 @@ class AlbefClassifierRecipe(PictureTaskFolders, Recipe):
     def score(self, engine, tok, examples: list[dict], info, skipped: dict[str, int]):
         raise NotImplementedError
 
-    def evaluate(self, checkpoint: str, tok, info) -> Evaluation:
-        model = load_for_evaluation(self.checkpoint_model(), checkpoint, info.device, self.cfg.precision.torch_dtype,
-                                    self.missing_head_hint, adapt=self.adapt(), dropped=self.dropped)
-        skipped: dict[str, int] = {}
-        examples = self.val_folder.examples
-        found = self.score(model, tok, examples, info, skipped)
-        return Evaluation(self.task, self.cfg.finetune.val, len(examples), found.metrics, found.predictions,
-                          {**self.val_folder.skipped, **skipped})
+    def evaluation_model(self, checkpoint: str, info):
+        return load_for_evaluation(self.checkpoint_model(), checkpoint, info.device, self.cfg.precision.torch_dtype,
+                                   self.missing_head_hint, adapt=self.adapt(), dropped=self.dropped)
 
     def _prefixes(self, keys: list[str]) -> str:
         """The `dropped` prefixes `keys` fell under, for one log line (`text_encoder.cls.*, temp`)."""

@@ -1,6 +1,6 @@
 """ALBEF's fine-tuning (docs/downstream.md, "ALBEF retrieval", "ALBEF visual entailment", "ALBEF NLVR2",
-"ALBEF VQA", "ALBEF grounding"): one recipe per task (`ta`: NLVR2's text-assignment pretraining), registered here as the family's
-`finetune` recipe, which picks the config's task's (`for_config`)."""
+"ALBEF VQA", "ALBEF grounding"): one recipe per task (`ta`: NLVR2's text-assignment pretraining), registered
+here as the family's `finetune` recipe, which picks the config's task's (`for_config`)."""
 from __future__ import annotations
 
 import importlib

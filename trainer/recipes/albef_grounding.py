@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from data.collate_albef import collate_albef_grounding
+from data.loader import add_counts
 from trainer import downstream_metrics as m
 from trainer.downstream_eval import SplitScores, example_outputs
 from trainer.grounding import grounded_box, itm_gradcam
@@ -21,7 +22,6 @@ from trainer.models.albef_finetune_load import load_for_evaluation
 from trainer.recipes.albef import AlbefRecipe
 from trainer.recipes.albef_classify import PictureTaskFolders
 from trainer.recipes.albef_retrieval import AlbefRetrievalRecipe
-from trainer.recipes.base import Evaluation
 
 TASK = "grounding"
 NO_BOXES = "no_candidate_boxes"
@@ -34,6 +34,7 @@ class AlbefGroundingRecipe(PictureTaskFolders, AlbefRetrievalRecipe):
     tasks = (TASK,)
     task = TASK
     folder_task = "re"
+    predictions_task = "re"  # RE's predictions file: id, picked box, its IoU
     ramp_alpha = True
 
     def __init__(self, cfg) -> None:
@@ -65,7 +66,7 @@ class AlbefGroundingRecipe(PictureTaskFolders, AlbefRetrievalRecipe):
         (`acc_chance`), and the picked boxes."""
         usable = [r for r in examples if "boxes" in r]
         if len(usable) < len(examples):
-            skipped[NO_BOXES] = skipped.get(NO_BOXES, 0) + len(examples) - len(usable)
+            add_counts(skipped, {NO_BOXES: len(examples) - len(usable)})
         predict = functools.partial(itm_gradcam, layer=self.cfg.finetune.gradcam_layer)
         cams = example_outputs(engine, self.collate(TASK, tok, train=False), predict, usable, self.store, info,
                                self.cfg.finetune.eval_batch_size, skipped)
@@ -80,13 +81,7 @@ class AlbefGroundingRecipe(PictureTaskFolders, AlbefRetrievalRecipe):
                                                    for r in used]))
         return SplitScores(metrics, {"ids": [r["id"] for r in used], "boxes": boxes, "gold": gold})
 
-    def evaluate(self, checkpoint: str, tok, info) -> Evaluation:
-        """The weights at `checkpoint` (a grounding run, or any ALBEF retrieval or pretraining checkpoint)
-        scored on finetune.val; RE's predictions file (`predictions.json`: id, box, iou)."""
-        model = load_for_evaluation(self.checkpoint_model(), checkpoint, info.device, self.cfg.precision.torch_dtype)
-        skipped: dict[str, int] = {}
-        examples = self.val_folder.examples
-        found = self.score(model, tok, examples, info, skipped)
-        return Evaluation("re", self.cfg.finetune.val, len(examples), found.metrics, found.predictions,
-                          {**self.val_folder.skipped, **skipped})
+    def evaluation_model(self, checkpoint: str, info):
+        """A grounding run, or any ALBEF retrieval or pretraining checkpoint (its MLM head dropped)."""
+        return load_for_evaluation(self.checkpoint_model(), checkpoint, info.device, self.cfg.precision.torch_dtype)
 

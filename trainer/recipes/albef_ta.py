@@ -59,8 +59,8 @@ class AlbefTextAssignmentRecipe(AlbefRecipe):
         model = self.checkpoint_model()
         source = self.cfg.finetune.init_from
         if source:
-            loaded = read_into(model, source, "finetune.init_from", adapt=two_image_layers(self.cfg.model.fusion_layers),
-                               new=NEW, dropped=NOT_IN_TA)
+            adapt = two_image_layers(self.cfg.model.fusion_layers)
+            loaded = read_into(model, source, "finetune.init_from", adapt=adapt, new=NEW, dropped=NOT_IN_TA)
             log.info("initialised from %s: %d tensors (fusion layers doubled where the source has one image); "
                      "ta_head.*: %s; its momentum model is not used", loaded.where, len(loaded.student_keys),
                      "loaded" if any(k.startswith(NEW) for k in loaded.student_keys) else "new")

@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 
 from data.collate_albef import answer_batch, collate_albef_vqa
+from data.loader import add_counts
 from trainer.downstream_eval import classifier_scores
 from trainer.models.albef_finetune_load import decoder_from_fusion
 from trainer.models.albef_vqa import AlbefVqa
@@ -57,7 +58,7 @@ class AlbefVqaRecipe(AlbefClassifierRecipe):
         if folder is not None:
             answered = [r for r in folder.examples if r.get("labels")]
             if len(answered) < len(folder.examples):
-                folder.skipped[NO_ANSWER] = folder.skipped.get(NO_ANSWER, 0) + len(folder.examples) - len(answered)
+                add_counts(folder.skipped, {NO_ANSWER: len(folder.examples) - len(answered)})
             folder.examples = answered
             if not answered:
                 raise ValueError(f"finetune.train={self.cfg.finetune.train}: no question has an answer in the "
