@@ -55,8 +55,7 @@ def _check_vqa(r: dict, num_labels: int) -> Optional[str]:
     weights = r.get("weights", scores)  # ALBEF's answer weights (optional): the share of annotators
     if not isinstance(weights, list) or len(weights) != len(labels):
         return "bad_field"
-    if not all(isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s) and 0 <= s <= 1
-               for s in scores + weights):
+    if not all(_is_finite_number(s) and 0 <= s <= 1 for s in scores + weights):
         return "bad_label"
     return None
 
@@ -71,9 +70,19 @@ MAX_BOXES = 100
 """Most candidate boxes of one RE example (ALBEF grounding's detections; RefCOCO's detectors keep 100)."""
 
 
+def _is_finite_number(value: Any) -> bool:
+    """An int or float that is finite as a float (JSON ints have no size limit: 1 followed by 400 zeros
+    overflows math.isfinite)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def _is_box(box: Any) -> bool:
-    return isinstance(box, list) and len(box) == 4 and all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box)
+    return isinstance(box, list) and len(box) == 4 and all(_is_finite_number(v) for v in box)
 
 
 def _check_re(r: dict) -> Optional[str]:
