@@ -37,12 +37,16 @@ demo-finetune: $(STAMP) runs/demo/checkpoints/latest demo_data/tasks/vcr/val/man
 demo_pixels/train/manifest.json: | $(STAMP)
 	$(VENV)/bin/vlpt demo-data --pixels
 
-demo-albef: $(STAMP) demo_pixels/train/manifest.json
+# The demo's stand-in for ALBEF's DeiT: a ViT trained on pictures of other scenes (docs/models.md).
+runs/demo-vit/config.json: | $(STAMP)
+	$(VENV)/bin/vlpt demo-vit
+
+demo-albef: $(STAMP) demo_pixels/train/manifest.json runs/demo-vit/config.json
 	$(VENV)/bin/vlpt pretrain --config configs/pretrain/demo-albef.yaml
 
 # ALBEF retrieval, VE, NLVR2, VQA and grounding fine-tuned from the `make demo-albef` checkpoint and from scratch
 # (docs/downstream.md); the task folders are the region demo's, joined to the pixel demo's pictures of the same scenes.
-runs/demo-albef/checkpoints/latest: | $(STAMP) demo_pixels/train/manifest.json
+runs/demo-albef/checkpoints/latest: | $(STAMP) demo_pixels/train/manifest.json runs/demo-vit/config.json
 	$(VENV)/bin/vlpt pretrain --config configs/pretrain/demo-albef.yaml
 
 demo-finetune-albef: $(STAMP) runs/demo-albef/checkpoints/latest demo_data/tasks/vcr/val/manifest.json

@@ -98,6 +98,27 @@ def cmd_demo_data(args, extra: list[str]) -> int:
     return 0
 
 
+def cmd_demo_vit(args, extra: list[str]) -> int:
+    from trainer.config import load_config
+    from trainer.demo_vit import DemoVitSettings, train_demo_vit
+
+    cfg = load_config(args.config, split_overrides(extra))
+    if cfg.model.arch != "albef":
+        raise ConfigError(f"{args.config}: model.arch is {cfg.model.arch!r}; demo-vit trains an ALBEF image encoder")
+    out = args.out or cfg.model.init_from_vit
+    if not out:
+        raise ConfigError(f"{args.config}: no model.init_from_vit to write to; pass --out")
+    if os.path.isfile(os.path.join(out, "config.json")) and not args.force:
+        print(f"{out} already holds a ViT (use --force to train it again)")
+        return 0
+    try:
+        settings = DemoVitSettings(scenes=args.scenes, steps=args.steps, seed=args.seed)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    print(f"demo ViT written to {out}: {train_demo_vit(cfg.model, out, settings)}")
+    return 0
+
+
 def _write_demo_tasks(out: str, common: dict) -> None:
     from data.demo_scenes import DEFAULT_NOISE_STD
     from data.tasks.demo import write_demo_tasks
@@ -381,6 +402,19 @@ def _add_demo_data(sub) -> None:
     sp.set_defaults(fn=cmd_demo_data)
 
 
+def _add_demo_vit(sub) -> None:
+    sp = sub.add_parser("demo-vit", help="train the pixel demo's image encoder (its stand-in for ALBEF's DeiT) on "
+                                         "pictures of its own scenes; writes the model.init_from_vit directory")
+    sp.add_argument("--config", default="configs/pretrain/demo-albef.yaml",
+                    help="an ALBEF config: its model.vision_* sizes, and its model.init_from_vit as the output")
+    sp.add_argument("--out", help="write the ViT here instead of the config's model.init_from_vit")
+    sp.add_argument("--scenes", type=int, default=6000, help="pictures (the first 500 held out to measure)")
+    sp.add_argument("--steps", type=int, default=800)
+    sp.add_argument("--seed", type=int, default=7, help="scene stream; the demo data's is 0")
+    sp.add_argument("--force", action="store_true", help="train again over an existing directory")
+    sp.set_defaults(fn=cmd_demo_vit)
+
+
 def _add_shards(sub) -> None:
     sp = sub.add_parser("shards", help="build webdataset shards + manifest from COCO, region npz or TSV data")
     shard_sub = sp.add_subparsers(dest="source", required=True)
@@ -509,6 +543,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_commands(sub)
     _add_demo_data(sub)
     _add_demo_finetune(sub)
+    _add_demo_vit(sub)
     _add_shards(sub)
     _add_tasks(sub)
     _add_vocab(sub)

@@ -141,6 +141,21 @@ def test_hard_negatives_never_share_the_image_and_follow_the_weights():
     assert torch.allclose(freq, expected, atol=4 * math.sqrt(0.25 / draws))
 
 
+def test_random_negatives_are_uniform_over_the_other_images_whatever_the_similarity():
+    b, draws = 5, 6000
+    ids = torch.tensor([0, 1, 0, 2, 3])
+    sim = torch.randn(b, b, generator=torch.Generator().manual_seed(2)) * 5  # hard weights far from uniform
+    gen = torch.Generator().manual_seed(0)
+    counts = torch.zeros(b, b)
+    for _ in range(draws):
+        neg_text, neg_image = albef.sample_hard_negatives(sim, sim, ids, generator=gen, hard=False)
+        assert not (ids[neg_text] == ids).any() and not (ids[neg_image] == ids).any()
+        counts[torch.arange(b), neg_image] += 1
+    other = (ids[:, None] != ids[None, :]).float()  # [b, b]
+    expected = other / other.sum(1, keepdim=True)
+    assert torch.allclose(counts / draws, expected, atol=4 * math.sqrt(0.25 / draws))
+
+
 def test_itm_labels_are_positives_then_two_negatives_each():
     assert albef.itm_labels(2, torch.device("cpu")).tolist() == [1, 1, 0, 0, 0, 0]
 

@@ -126,9 +126,9 @@ def test_negatives_are_drawn_with_shifted_weights_and_never_from_the_same_image(
     seen = {}
     real_sample, real_itc = albef.sample_hard_negatives, albef.itc_loss
 
-    def sample_spy(sim_i2t, sim_t2i, image_ids, generator=None):
-        seen.update(sim_i2t=sim_i2t, sim_t2i=sim_t2i, image_ids=image_ids)
-        return real_sample(sim_i2t, sim_t2i, image_ids, generator)
+    def sample_spy(sim_i2t, sim_t2i, image_ids, generator=None, hard=True):
+        seen.update(sim_i2t=sim_i2t, sim_t2i=sim_t2i, image_ids=image_ids, hard=hard)
+        return real_sample(sim_i2t, sim_t2i, image_ids, generator, hard)
 
     def itc_spy(*args, **kwargs):
         seen["itc"] = real_itc(*args, **kwargs)
@@ -136,7 +136,7 @@ def test_negatives_are_drawn_with_shifted_weights_and_never_from_the_same_image(
 
     with mock.patch.object(albef, "sample_hard_negatives", sample_spy), mock.patch.object(albef, "itc_loss", itc_spy):
         albef_retrieval_losses(model, batch, targets_for(batch))
-    assert RETRIEVAL_WEIGHT_SHIFT == 1e-4
+    assert RETRIEVAL_WEIGHT_SHIFT == 1e-4 and seen["hard"] is True  # model.itm_negatives: hard, ALBEF's
     torch.testing.assert_close(seen["sim_i2t"], seen["itc"].sim_i2t[:, :6] + 1e-4)
     torch.testing.assert_close(seen["sim_t2i"], seen["itc"].sim_t2i[:, :6] + 1e-4)
     weights = albef.hard_negative_weights(seen["sim_i2t"], seen["image_ids"])
@@ -148,6 +148,23 @@ def test_negatives_are_drawn_with_shifted_weights_and_never_from_the_same_image(
                                                           torch.Generator().manual_seed(seed))
         idx = batch["image_index"]
         assert (idx[neg_text] != idx).all() and (idx[neg_image] != idx).all()
+
+
+def test_random_itm_negatives_reach_the_sampler_from_the_model_config():
+    import dataclasses
+
+    model = Albef(dataclasses.replace(TINY, itm_negatives="random"), mlm_head=False)
+    batch = tiny_batch(["a", "a", "b", "b", "c", "a"])
+    flags = []
+    real_sample = albef.sample_hard_negatives
+
+    def sample_spy(*args, hard=True):
+        flags.append(hard)
+        return real_sample(*args, hard=hard)
+
+    with mock.patch.object(albef, "sample_hard_negatives", sample_spy):
+        albef_retrieval_losses(model, batch, targets_for(batch))
+    assert flags == [False]
 
 
 def test_a_micro_batch_of_one_image_is_refused_with_the_keys_to_change():
@@ -195,7 +212,8 @@ def test_position_grid_is_resized_to_the_model_image_size():
 
 @pytest.mark.parametrize("task", ["retrieval", "ve", "nlvr2", "ta", "vqa", "grounding"])
 def test_the_demo_configs_fit_the_demo_pretraining_checkpoint(task):
-    """configs/finetune/demo-albef-<task>.yaml loads the `make demo-albef` run: the same model section."""
+    """configs/finetune/demo-albef-<task>.yaml loads the `make demo-albef` run: the same model section, less the
+    ViT directory the pretraining started from; the tasks that train ITM draw its negatives as the pretraining did."""
     import dataclasses
 
     from trainer.config import load_config
@@ -203,7 +221,11 @@ def test_the_demo_configs_fit_the_demo_pretraining_checkpoint(task):
     finetune = load_config(str(REPO / f"configs/finetune/demo-albef-{task}.yaml"))
     pretrain = load_config(str(REPO / "configs/pretrain/demo-albef.yaml"))
     assert (finetune.stage, finetune.tasks) == ("finetune", {task: 1.0})
-    assert dataclasses.asdict(finetune.model) == dataclasses.asdict(pretrain.model)
+    assert pretrain.model.init_from_vit == str(REPO / "runs/demo-vit") and finetune.model.init_from_vit is None
+    trains_itm = task in ("retrieval", "grounding")
+    assert (finetune.model.itm_negatives == pretrain.model.itm_negatives) == trains_itm
+    assert finetune.model == dataclasses.replace(pretrain.model, init_from_vit=None,
+                                                 itm_negatives=finetune.model.itm_negatives)
     assert finetune.finetune.init_from == str(REPO / "runs/demo-albef")
 
 

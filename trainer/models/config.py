@@ -133,6 +133,10 @@ class AlbefConfig:
     alpha_warmup_steps: Optional[int] = None
     """alpha ramps linearly from 0 over this many optimizer steps; None = the first epoch
     (training samples / global batch), as ALBEF."""
+    itm_negatives: Literal["hard", "random"] = "hard"
+    """ITM's negative pairs: `hard` draws them by ITC similarity (ALBEF); `random` uniformly among the
+    other images' pairs, for from-scratch fusion layers that hard negatives leave at the label prior
+    (docs/models.md, "ALBEF ITM in the pixel demo")."""
     k_test: int = 256
     """Retrieval evaluation: ITC top-k candidates re-scored by ITM (ALBEF: 256 on COCO); R@K
     is exact for K <= k_test and a lower bound above it."""

@@ -109,15 +109,18 @@ def hard_negative_weights(sim: Tensor, image_ids: Tensor) -> Tensor:
 
 @torch.no_grad()
 def sample_hard_negatives(sim_i2t: Tensor, sim_t2i: Tensor, image_ids: Tensor,
-                          generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+                          generator: torch.Generator | None = None, hard: bool = True) -> tuple[Tensor, Tensor]:
     """One negative text per image and one negative image per text, drawn with one
     `torch.multinomial` per direction over the whole batch (no loop, no host sync).
+    `hard=False` (`model.itm_negatives: random`) draws uniformly among the other images' pairs instead.
 
     sim_i2t, sim_t2i  [B, B] student similarities among this rank's pairs (ITC's columns of this
                       rank's block), whose fused embeddings are at hand
     image_ids         [B] pairs with equal ids show the same image and are never negatives
     Returns (negative text index per image [B], negative image index per text [B]).
     """
+    if not hard:  # softmax of a constant row: uniform, with the same-image exclusion kept
+        sim_i2t, sim_t2i = torch.zeros_like(sim_i2t), torch.zeros_like(sim_t2i)
     neg_text = torch.multinomial(hard_negative_weights(sim_i2t, image_ids), 1, generator=generator)[:, 0]
     neg_image = torch.multinomial(hard_negative_weights(sim_t2i, image_ids), 1, generator=generator)[:, 0]
     return neg_text, neg_image

@@ -91,7 +91,8 @@ def hard_negative_itm(model, image: Tensor, text: Tensor, batch: dict, sim_i2t: 
     """Summed CE and correct count over b positives, b (image, hard negative text) and b
     (hard negative image, text) pairs."""
     mask = batch["attn_mask"]
-    neg_text, neg_image = objectives.sample_hard_negatives(sim_i2t, sim_t2i, batch["image_ids"], generator)
+    neg_text, neg_image = objectives.sample_hard_negatives(sim_i2t, sim_t2i, batch["image_ids"], generator,
+                                                           hard=model.config.itm_negatives == "hard")
     fused = model.text_encoder.fuse(torch.cat([text, text[neg_text], text]),
                                     torch.cat([mask, mask[neg_text], mask]),
                                     torch.cat([image, image, image[neg_image]]))  # [3b, L, H]
