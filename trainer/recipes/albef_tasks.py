@@ -88,8 +88,8 @@ def task_result(model, b: int, losses: dict[str, Tensor], itm_correct: Tensor, c
 
 def hard_negative_itm(model, image: Tensor, text: Tensor, batch: dict, sim_i2t: Tensor, sim_t2i: Tensor,
                       generator: torch.Generator) -> tuple[Tensor, Tensor]:
-    """Summed CE and correct count over b positives, b (image, hard negative text) and b
-    (hard negative image, text) pairs."""
+    """Summed CE and correct count over b positives, b (image, negative text) and b (negative image, text)
+    pairs; negatives drawn by ITC similarity, or uniformly with `model.itm_negatives: random`."""
     mask = batch["attn_mask"]
     neg_text, neg_image = objectives.sample_hard_negatives(sim_i2t, sim_t2i, batch["image_ids"], generator,
                                                            hard=model.config.itm_negatives == "hard")
