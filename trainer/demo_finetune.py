@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 from trainer.config import load_config
@@ -20,13 +20,16 @@ class DemoFamily:
     """task -> metric (docs/downstream.md, "Evaluation and metrics"); its keys are the family's demo tasks."""
     pretrained_by: str
     """The command that made the checkpoint the runs start from."""
+    prepared_by: dict[str, str] = field(default_factory=dict)
+    """task -> a step run first from the same start (pretrained or scratch), whose run the task then starts from
+    (ALBEF's NLVR2 after text assignment)."""
 
 
 FAMILIES = {
     "uniter": DemoFamily("demo-{}.yaml", {"vqa": "score", "ve": "acc", "retrieval": "img_r1", "nlvr2": "acc",
                                           "re": "index_acc", "vcr": "q_ar_acc"}, "make demo"),
     "albef": DemoFamily("demo-albef-{}.yaml", {"retrieval": "t2i_r1", "ve": "acc", "nlvr2": "acc", "vqa": "score",
-                                               "grounding": "acc"}, "make demo-albef"),
+                                               "grounding": "acc"}, "make demo-albef", {"nlvr2": "ta"}),
 }
 
 
@@ -42,13 +45,15 @@ def chance_level(val_folder: Optional[str]) -> Optional[float]:
     return float(chance) if isinstance(chance, (int, float)) and not isinstance(chance, bool) else None
 
 
-def run_one(config: str, overrides: list[str], run_dir: str, from_scratch: bool) -> tuple[dict, Optional[str]]:
-    """The run's held-out metrics (`val/` taken off their names) and its held-out task folder."""
+def run_one(config: str, overrides: list[str], run_dir: str, from_scratch: bool,
+            start: Optional[str] = None) -> tuple[dict, Optional[str]]:
+    """The run's held-out metrics (`val/` taken off their names) and its held-out task folder; `start`: the
+    run to start from instead of the config's `finetune.init_from`."""
     from trainer.run import pretrain
 
     extra = [f"--train.run_dir={run_dir}"] + list(overrides)  # a finished run re-validates, no steps
-    if from_scratch:
-        extra.append("--finetune.init_from=null")
+    if start or from_scratch:
+        extra.append(f"--finetune.init_from={start or 'null'}")
     cfg = load_config(config, extra)
     summary = pretrain(cfg)
     return {k[len("val/"):]: v for k, v in summary.items() if k.startswith("val/")}, cfg.finetune.val
@@ -81,9 +86,9 @@ def demo_finetune(config_dir: str, out: str, tasks: Optional[tuple[str, ...]] = 
 def _runs(demo: DemoFamily, config_dir: str, out: str, tasks: tuple[str, ...], overrides: tuple[str, ...]) -> list[dict]:
     rows = []
     for task in tasks:
-        config = os.path.join(config_dir, demo.config_name.format(task))
-        pre, val = run_one(config, list(overrides), os.path.join(out, task), from_scratch=False)
-        scratch, _ = run_one(config, list(overrides), os.path.join(out, f"{task}-scratch"), from_scratch=True)
+        pre, val = _run_task(demo, config_dir, task, list(overrides), os.path.join(out, task), from_scratch=False)
+        scratch, _ = _run_task(demo, config_dir, task, list(overrides), os.path.join(out, f"{task}-scratch"),
+                               from_scratch=True)
         metric = f"{task}_{demo.headline[task]}"
         # A run that measures its own chance level reports it (ALBEF retrieval, grounding: `<metric>_chance`);
         # otherwise the task folder's manifest says it.
@@ -92,6 +97,18 @@ def _runs(demo: DemoFamily, config_dir: str, out: str, tasks: tuple[str, ...], o
                      "scratch": scratch.get(metric), "chance": chance, "all_pretrained": pre, "all_scratch": scratch})
         print(format_table(rows, demo.pretrained_by), flush=True)
     return rows
+
+
+def _run_task(demo: DemoFamily, config_dir: str, task: str, overrides: list[str], run_dir: str,
+              from_scratch: bool) -> tuple[dict, Optional[str]]:
+    """One column of a task's row: its preparing step first when the family names one (`<run_dir>-<step>`)."""
+    config = os.path.join(config_dir, demo.config_name.format(task))
+    step = demo.prepared_by.get(task)
+    if step is None:
+        return run_one(config, overrides, run_dir, from_scratch)
+    prep_dir = f"{run_dir}-{step}"
+    run_one(os.path.join(config_dir, demo.config_name.format(step)), overrides, prep_dir, from_scratch)
+    return run_one(config, overrides, run_dir, from_scratch=False, start=prep_dir)
 
 
 def _cell(value: Optional[float]) -> str:

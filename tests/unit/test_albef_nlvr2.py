@@ -151,6 +151,12 @@ def test_partner_weights_are_the_softmax_of_picture_similarities_over_0_07():
     torch.testing.assert_close(model.partner_weights(image), want)
 
 
+def test_random_negatives_make_text_assignment_partners_uniform():
+    model = TextAssignment(TINY.__class__(**{**TWO.__dict__, "itm_negatives": "random"}))
+    want = torch.full((4, 4), 0.25).fill_diagonal_(0)
+    torch.testing.assert_close(model.partner_weights(torch.randn(4, 5, 32)), want)
+
+
 def test_text_assignment_loss_is_the_summed_ce_of_the_drawn_pairs():
     torch.manual_seed(5)
     model = TextAssignment(TWO).eval()

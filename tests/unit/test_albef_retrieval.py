@@ -213,7 +213,8 @@ def test_position_grid_is_resized_to_the_model_image_size():
 @pytest.mark.parametrize("task", ["retrieval", "ve", "nlvr2", "ta", "vqa", "grounding"])
 def test_the_demo_configs_fit_the_demo_pretraining_checkpoint(task):
     """configs/finetune/demo-albef-<task>.yaml loads the `make demo-albef` run: the same model section, less the
-    ViT directory the pretraining started from; the tasks that train ITM draw its negatives as the pretraining did."""
+    ViT directory the pretraining started from; the tasks that draw negatives (ITM, text assignment's partners) draw
+    them as the pretraining did."""
     import dataclasses
 
     from trainer.config import load_config
@@ -222,8 +223,8 @@ def test_the_demo_configs_fit_the_demo_pretraining_checkpoint(task):
     pretrain = load_config(str(REPO / "configs/pretrain/demo-albef.yaml"))
     assert (finetune.stage, finetune.tasks) == ("finetune", {task: 1.0})
     assert pretrain.model.init_from_vit == str(REPO / "runs/demo-vit") and finetune.model.init_from_vit is None
-    trains_itm = task in ("retrieval", "grounding")
-    assert (finetune.model.itm_negatives == pretrain.model.itm_negatives) == trains_itm
+    draws_negatives = task in ("retrieval", "grounding", "ta")
+    assert (finetune.model.itm_negatives == pretrain.model.itm_negatives) == draws_negatives
     assert finetune.model == dataclasses.replace(pretrain.model, init_from_vit=None,
                                                  itm_negatives=finetune.model.itm_negatives)
     assert finetune.finetune.init_from == str(REPO / "runs/demo-albef")

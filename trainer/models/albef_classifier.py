@@ -112,10 +112,13 @@ class TextAssignment(nn.Module):
 
     @torch.no_grad()
     def partner_weights(self, image: Tensor) -> Tensor:
-        """[B, B] fp32: softmax over the batch of the pictures' similarity / 0.07, the diagonal zeroed."""
+        """[B, B] fp32: softmax over the batch of the pictures' similarity / 0.07, the diagonal zeroed; uniform
+        with `model.itm_negatives: random` (partners are TA's negatives)."""
         feat = F.normalize(self.vision_proj(image[:, 0]).float(), dim=-1)  # [B, D]
-        weights = torch.softmax(feat @ feat.t() / TA_TEMPERATURE, dim=1)
-        return weights.fill_diagonal_(0)
+        sim = feat @ feat.t() / TA_TEMPERATURE  # [B, B]
+        if self.config.itm_negatives == "random":
+            sim = torch.zeros_like(sim)
+        return torch.softmax(sim, dim=1).fill_diagonal_(0)
 
     def logits(self, batch: dict, image: Tensor, left: Tensor, right: Tensor) -> Tensor:
         """[B, 3] fp32 logits of caption b against pictures (left[b], right[b]) of `image` [B, 1+P, Hv]."""
