@@ -22,13 +22,13 @@ not its annotation's). A problem of a whole ref counts once; one of a sentence, 
 """
 from __future__ import annotations
 
-import math
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from data.tasks.official import (DEFAULT_MAX_JSON_BYTES, TaskBuild, _regular_file, add_sentences, as_id,
                                  check_id_format, format_image_id, read_json)
+from data.tasks.records import is_finite_number
 from data.tasks.safe_pickle import load_restricted
 
 REFCOCO_SPLITS = ("train", "val", "test", "testA", "testB", "testC")
@@ -92,15 +92,9 @@ def read_instances(path: str | Path, skipped: Counter, max_bytes: int = DEFAULT_
 
 
 def _box(bbox: Any) -> Optional[list[float]]:
-    if not isinstance(bbox, list) or len(bbox) != 4:
+    if not isinstance(bbox, list) or len(bbox) != 4 or not all(is_finite_number(v) for v in bbox):
         return None
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox):
-        return None
-    try:
-        box = [float(v) for v in bbox]
-    except OverflowError:  # an int beyond float's range
-        return None
-    return box if all(math.isfinite(v) for v in box) else None
+    return [float(v) for v in bbox]
 
 
 def _ref_target(ref: Any, sizes: dict, anns: dict, fmt: str) -> tuple[Optional[dict], Optional[str]]:

@@ -55,7 +55,7 @@ def _check_vqa(r: dict, num_labels: int) -> Optional[str]:
     weights = r.get("weights", scores)  # ALBEF's answer weights (optional): the share of annotators
     if not isinstance(weights, list) or len(weights) != len(labels):
         return "bad_field"
-    if not all(_is_finite_number(s) and 0 <= s <= 1 for s in scores + weights):
+    if not all(is_finite_number(s) and 0 <= s <= 1 for s in scores + weights):
         return "bad_label"
     return None
 
@@ -70,7 +70,7 @@ MAX_BOXES = 100
 """Most candidate boxes of one RE example (ALBEF grounding's detections; RefCOCO's detectors keep 100)."""
 
 
-def _is_finite_number(value: Any) -> bool:
+def is_finite_number(value: Any) -> bool:
     """An int or float that is finite as a float (JSON ints have no size limit: 1 followed by 400 zeros
     overflows math.isfinite)."""
     if not isinstance(value, (int, float)) or isinstance(value, bool):
@@ -82,7 +82,7 @@ def _is_finite_number(value: Any) -> bool:
 
 
 def _is_box(box: Any) -> bool:
-    return isinstance(box, list) and len(box) == 4 and all(_is_finite_number(v) for v in box)
+    return isinstance(box, list) and len(box) == 4 and all(is_finite_number(v) for v in box)
 
 
 def _check_re(r: dict) -> Optional[str]:
